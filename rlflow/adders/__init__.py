@@ -1,0 +1,1 @@
+"""Adders: steps -> trainable items (placeholder)."""

@@ -1,0 +1,67 @@
+"""One small error hierarchy for everything rlflow raises on purpose.
+
+    RLFlowError            base of all of them
+    ├── UsageError         a bad argument or an impossible configuration (also a ValueError)
+    │   └── SpecError      an array whose field, shape or dtype differs from its spec
+    ├── ClosedError        the component was closed
+    ├── Timeout            a blocking call ran past its deadline (also a TimeoutError)
+    └── WorkerError        user code failed in another process or thread; carries its traceback
+
+Messages name the field, the expected and the actual value: use `mismatch` to build them.
+"""
+
+from __future__ import annotations
+
+
+class RLFlowError(Exception):
+    """Base class of every error rlflow raises on purpose."""
+
+
+class UsageError(RLFlowError, ValueError):
+    """A bad argument, an unknown option or a configuration that cannot work."""
+
+
+class SpecError(UsageError):
+    """An array (or a space) that does not match its spec: wrong field, shape or dtype."""
+
+
+class ClosedError(RLFlowError):
+    """The component was closed and cannot be used any more."""
+
+
+class Timeout(RLFlowError, TimeoutError):
+    """A blocking call (table insert/sample, queue get, worker reply) ran past its deadline."""
+
+
+class WorkerError(RLFlowError):
+    """User code raised in another process or thread.
+
+    `remote_traceback` holds the formatted traceback from where it happened, `where` says which
+    worker / env index / actor it was.
+    """
+
+    def __init__(self, message: str, remote_traceback: str = "", where: str = ""):
+        self.remote_traceback = remote_traceback
+        self.where = where
+        text = message
+        if where:
+            text = f"{where}: {text}"
+        if remote_traceback:
+            text = f"{text}\n\n--- traceback from {where or 'the worker'} ---\n{remote_traceback}"
+        super().__init__(text)
+
+    def __reduce__(self):  # keep the fields when the error crosses a process boundary
+        return (_rebuild_worker_error, (self.__class__, self.args[0], self.remote_traceback, self.where))
+
+
+def _rebuild_worker_error(cls, text, remote_traceback, where):
+    err = cls.__new__(cls)
+    RLFlowError.__init__(err, text)
+    err.remote_traceback = remote_traceback
+    err.where = where
+    return err
+
+
+def mismatch(what: str, field: str, expected, actual) -> str:
+    """The standard message: `<what> '<field>': expected <expected>, got <actual>`."""
+    return f"{what} '{field}': expected {expected}, got {actual}"

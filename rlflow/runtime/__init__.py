@@ -1,0 +1,1 @@
+"""Runtimes: where components live and how data crosses between them."""

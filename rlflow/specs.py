@@ -1,0 +1,194 @@
+"""Array specs: the shape and dtype of one item of a field, without the batch axis.
+
+Specs come from Gymnasium spaces (`from_space`) and from a policy's extras (`from_extras`). Nested
+spaces (Dict, Tuple) become named fields: a nested spec is a dict of specs, and `flatten` turns it
+into flat field names joined with "/" (`obs/position`, `obs/0`), which is what tables store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+import numpy as np
+from gymnasium import spaces
+
+from rlflow.errors import SpecError, mismatch
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """The shape and dtype of one item of a field (no batch axis)."""
+
+    shape: tuple
+    dtype: np.dtype
+
+    def __init__(self, shape=(), dtype=np.float32):
+        object.__setattr__(self, "shape", tuple(int(d) for d in shape))
+        object.__setattr__(self, "dtype", np.dtype(dtype))
+
+    def zeros(self, batch_shape=()) -> np.ndarray:
+        """A zero array of this spec with `batch_shape` in front."""
+        return np.zeros(tuple(batch_shape) + self.shape, dtype=self.dtype)
+
+    def validate(self, array, field: str, batch_ndim: int = 1, what: str = "field") -> np.ndarray:
+        """Return `array` if it has `batch_ndim` leading axes then this spec's shape and dtype.
+
+        Raises SpecError naming the field, the expected and the actual shape or dtype. Python
+        scalars and lists are accepted when they convert to the exact dtype without loss of kind.
+        """
+        a = np.asarray(array)
+        if a.shape[batch_ndim:] != self.shape or a.ndim != batch_ndim + len(self.shape):
+            expected = ("B",) * batch_ndim + self.shape
+            raise SpecError(mismatch(what, field, f"shape {_fmt_shape(expected)}", f"shape {a.shape}"))
+        if a.dtype != self.dtype:
+            if not np.can_cast(a.dtype, self.dtype, casting="same_kind") or a.dtype.kind != self.dtype.kind:
+                raise SpecError(mismatch(what, field, f"dtype {self.dtype}", f"dtype {a.dtype}"))
+        return a
+
+    def __repr__(self):
+        return f"ArraySpec(shape={self.shape}, dtype={self.dtype.name})"
+
+
+Spec = Union[ArraySpec, Mapping[str, "Spec"]]
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def from_space(space: spaces.Space) -> Spec:
+    """The spec of one element of a Gymnasium space.
+
+    Box -> its shape and dtype; Discrete -> () int64; MultiDiscrete -> nvec's shape, int64;
+    MultiBinary -> its shape, int8; Dict -> {key: spec}; Tuple -> {"0": spec, "1": spec, ...}.
+    Any other space (Text, Graph, Sequence, OneOf) has no fixed-size array and raises SpecError.
+    """
+    if isinstance(space, spaces.Box):
+        return ArraySpec(space.shape, space.dtype)
+    if isinstance(space, spaces.Discrete):
+        return ArraySpec((), space.dtype or np.int64)
+    if isinstance(space, spaces.MultiDiscrete):
+        return ArraySpec(space.nvec.shape, space.dtype or np.int64)
+    if isinstance(space, spaces.MultiBinary):
+        return ArraySpec(space.shape, space.dtype or np.int8)
+    if isinstance(space, spaces.Dict):
+        return {str(k): from_space(s) for k, s in space.spaces.items()}
+    if isinstance(space, spaces.Tuple):
+        return {str(i): from_space(s) for i, s in enumerate(space.spaces)}
+    raise SpecError(
+        mismatch("space", type(space).__name__,
+                 "Box, Discrete, MultiDiscrete, MultiBinary, Dict or Tuple (fixed-size arrays)",
+                 f"{space!r}, which has no array spec")
+    )
+
+
+def from_extras(extras: Mapping[str, Any] | None, batch_ndim: int = 1) -> dict[str, ArraySpec]:
+    """Specs of a policy's extras, from one batched example (field -> array with a batch axis).
+
+    Nested dicts are flattened into "a/b" names, like observations.
+    """
+    if not extras:
+        return {}
+    out = {}
+    for name, value in flatten(extras).items():
+        a = np.asarray(value)
+        if a.ndim < batch_ndim:
+            raise SpecError(mismatch("extras field", name, f"an array with {batch_ndim} batch axis",
+                                     f"shape {a.shape}"))
+        out[name] = ArraySpec(a.shape[batch_ndim:], a.dtype)
+    return out
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """Flatten nested dicts / tuples / lists of arrays (or specs) into {"prefix/key": leaf}.
+
+    A leaf at the top level is returned as {prefix: leaf}.
+    """
+    out: dict = {}
+    _flatten_into(tree, prefix, out)
+    return out
+
+
+def _flatten_into(tree, prefix, out):
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            _flatten_into(v, f"{prefix}/{k}" if prefix else str(k), out)
+    elif isinstance(tree, (tuple, list)) and not isinstance(tree, ArraySpec):
+        for i, v in enumerate(tree):
+            _flatten_into(v, f"{prefix}/{i}" if prefix else str(i), out)
+    else:
+        out[prefix] = tree
+
+
+def unflatten(flat: Mapping[str, Any], prefix: str):
+    """Inverse of `flatten` for one prefix: `unflatten(batch, "obs")` gives the nested observation.
+
+    Returns the leaf itself when `prefix` names a leaf. Tuple spaces come back as dicts keyed "0", "1"...
+    """
+    if prefix in flat:
+        return flat[prefix]
+    head = prefix + "/"
+    out: dict = {}
+    for name, value in flat.items():
+        if not name.startswith(head):
+            continue
+        parts = name[len(head):].split("/")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    if not out:
+        raise SpecError(mismatch("field", prefix, f"one of {sorted(flat)}", "no such field"))
+    return out
+
+
+def zeros(spec: Spec, batch_shape=()):
+    """Zero arrays shaped like `spec` (nested like it) with `batch_shape` in front."""
+    if isinstance(spec, ArraySpec):
+        return spec.zeros(batch_shape)
+    return {k: zeros(s, batch_shape) for k, s in spec.items()}
+
+
+def validate_batch(data: Mapping[str, Any], specs: Mapping[str, ArraySpec], what: str = "field",
+                   batch_ndim: int = 1) -> dict[str, np.ndarray]:
+    """Check a flat batch (field -> array) against flat specs: same fields, shapes, dtypes and one
+    common batch size. Returns the arrays; raises SpecError naming the first difference."""
+    missing = [k for k in specs if k not in data]
+    extra = [k for k in data if k not in specs]
+    if missing or extra:
+        field = (missing or extra)[0]
+        raise SpecError(mismatch(what, field, f"fields {sorted(specs)}",
+                                 f"fields {sorted(data)} (missing {missing}, unknown {extra})"))
+    out = {}
+    batch = None
+    for name, spec in specs.items():
+        a = spec.validate(data[name], name, batch_ndim=batch_ndim, what=what)
+        if batch is None:
+            batch = a.shape[:batch_ndim]
+        elif a.shape[:batch_ndim] != batch:
+            raise SpecError(mismatch(what, name, f"batch size {batch} like the other fields",
+                                     f"batch size {a.shape[:batch_ndim]}"))
+        out[name] = a
+    return out
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What a policy, an adder or a table needs to know of a vector env, before any data exists.
+
+    `observation` / `action` are the specs of ONE env's observation and action (nested for Dict and
+    Tuple spaces); `num_envs` is the number of rows a full step has (agents x envs for multi-agent).
+    """
+
+    observation: Spec
+    action: Spec
+    num_envs: int
+    observation_space: Any = None
+    action_space: Any = None
+    agents: tuple = ()
+
+    @classmethod
+    def from_spaces(cls, observation_space, action_space, num_envs: int, agents=()) -> "EnvSpec":
+        return cls(from_space(observation_space), from_space(action_space), int(num_envs),
+                   observation_space, action_space, tuple(agents))
