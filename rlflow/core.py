@@ -36,12 +36,26 @@ class Step:
                 other row it equals `obs`. So `next_obs = final_obs`, always, for every row.
     env_ids     int64 [B], which envs (rows of the full batch) these are: arange(num_envs) except in
                 pool mode, where a step returns only the envs that finished first.
-    alive       bool [B] or None. Multi-agent: rows that are live this step (an agent that has not
-                yet acted, is dead, or is waiting for its turn is not). None means all rows are live.
+    alive       bool [B] or None (None: every row is live). Multi-agent: `alive[r]` says row r's
+                agent acts next: its `obs` is live and its action in the next `step` call is
+                applied. Rows not alive (dead agents, agents waiting for their turn) get actions
+                that are ignored.
     action_mask optional int8 [B, n_actions], legal actions (PettingZoo classic games).
     info        optional extra per-step data (dict of arrays); adders ignore it.
 
     After `reset`, reward is 0 and both flags are False for every row.
+
+    Which rows carry an outcome. A row's `reward`, flags and `final_obs` are meaningful where the row
+    is alive or done; the reward is everything that row's agent received since it last acted (turn-
+    based games accumulate it). Done rows are reported even when their agent does not act next (the
+    other player at the end of a board game). Rows neither alive nor done carry nothing (reward 0).
+
+    The adder rule that follows, per row r present in the step (see Adder):
+      1. if r has an open transition (it acted earlier) and (alive[r] or done[r]): close it with
+         (reward[r], terminated[r], truncated[r], final_obs[r]);
+      2. if alive[r]: r's stream continues from obs[r] (a new episode if done[r]), and the action the
+         policy picks for r is the next open transition's action; otherwise r's stream is idle.
+    Single-agent envs have alive=None: every row is alive, done rows restart at once (autoreset).
     """
 
     obs: Any
