@@ -1,0 +1,203 @@
+"""DQN on CartPole-v1 with rlflow and PyTorch.
+
+    python examples/dqn.py                        # trains until solved (eval >= 475) or 100k steps
+    python examples/dqn.py --backend process      # the same experiment, actors in processes
+
+rlflow moves the data (env -> actor -> adder -> replay table -> learner -> params -> actor);
+this file holds only what is DQN: a Q-network, an epsilon-greedy policy and the learner.
+Hyperparameters follow rl-zoo's CartPole-v1 DQN settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rlflow as rf
+from rlflow.torch_utils import load_params, module_params
+
+
+@dataclass
+class Args:
+    env: str = "CartPole-v1"
+    """Gymnasium env id"""
+    seed: int = 0
+    total_steps: int = 100_000
+    """env steps at most"""
+    backend: str = "local"
+    """local | process"""
+    num_actors: int = 1
+    """actor processes (backend=process)"""
+    lr: float = 2.3e-3
+    batch_size: int = 64
+    buffer_size: int = 100_000
+    learning_starts: int = 1_000
+    """random warm-up steps; the learner starts once the table holds this many items"""
+    samples_per_insert: float = 32.0
+    """rl-zoo: 128 gradient steps of 64 every 256 env steps"""
+    gamma: float = 0.99
+    target_update: int = 128
+    """learner steps between target-network copies"""
+    eps_start: float = 1.0
+    eps_end: float = 0.04
+    eps_steps: int = 8_000
+    """env steps over which epsilon decays linearly"""
+    hidden: int = 256
+    eval_every: int = 2_000
+    eval_episodes: int = 20
+    target_return: float = 475.0
+    """stop once the greedy policy's mean return reaches this (<= 0: never stop early)"""
+    threads: int = 1
+    """torch threads (small networks run fastest on one)"""
+    log_dir: str = ""
+    """write figures.csv (and TensorBoard files if tensorboardX is installed) here"""
+
+
+def q_network(spec: rf.EnvSpec, hidden: int) -> nn.Module:
+    n_obs = int(np.prod(spec.observation.shape))
+    n_actions = int(spec.action_space.n)
+    return nn.Sequential(nn.Linear(n_obs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, n_actions))
+
+
+# ---------------------------------------------------------------- DQN: the algorithm-specific part
+class EpsilonGreedy(rf.Policy):
+    def __init__(self, spec: rf.EnvSpec, args: Args, greedy: bool = False):
+        self.q, self.args, self.greedy, self.steps = q_network(spec, args.hidden), args, greedy, 0
+        self.n_actions = int(spec.action_space.n)
+
+    def act(self, obs):
+        a = self.args
+        eps = 0.0 if self.greedy else max(a.eps_end, a.eps_start - (a.eps_start - a.eps_end) * self.steps / a.eps_steps)
+        self.steps += len(obs)
+        with torch.no_grad():
+            greedy = self.q(torch.as_tensor(obs)).argmax(1).numpy()
+        explore = np.random.random(len(obs)) < eps
+        return np.where(explore, np.random.randint(self.n_actions, size=len(obs)), greedy)
+
+    def set_params(self, params):
+        load_params(self.q, params)
+
+
+class DQN(rf.Learner):
+    def __init__(self, spec: rf.EnvSpec, args: Args):
+        self.q = q_network(spec, args.hidden)
+        self.target = copy.deepcopy(self.q)
+        self.opt = torch.optim.Adam(self.q.parameters(), lr=args.lr)
+        self.args, self.steps = args, 0
+
+    def step(self, batch):
+        obs, next_obs = torch.as_tensor(batch["obs"]), torch.as_tensor(batch["next_obs"])
+        action = torch.as_tensor(batch["action"]).long()
+        with torch.no_grad():   # discount is 0 where the episode terminated, gamma on truncation
+            target = torch.as_tensor(batch["reward"]) + torch.as_tensor(batch["discount"]) * self.target(next_obs).max(1).values
+        q = self.q(obs).gather(1, action[:, None]).squeeze(1)
+        loss = F.smooth_l1_loss(q, target)
+        self.opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.q.parameters(), 10.0)
+        self.opt.step()
+        self.steps += 1
+        if self.steps % self.args.target_update == 0:
+            self.target.load_state_dict(self.q.state_dict())
+        return {"loss": loss.item()}
+
+    def get_params(self):
+        return module_params(self.q)
+
+    def state_dict(self):
+        return {"q": self.q.state_dict(), "target": self.target.state_dict(),
+                "opt": self.opt.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.q.load_state_dict(state["q"]), self.target.load_state_dict(state["target"])
+        self.opt.load_state_dict(state["opt"])
+        self.steps = state["steps"]
+# ---------------------------------------------------------------- end of the DQN-specific part
+
+
+class PolicyFactory:
+    """Picklable factories, so process backends can build a policy in every actor."""
+
+    def __init__(self, args: Args, greedy: bool = False):
+        self.args, self.greedy = args, greedy
+
+    def __call__(self, spec):
+        torch.set_num_threads(self.args.threads)
+        return EpsilonGreedy(spec, self.args, self.greedy)
+
+
+class LearnerFactory:
+    def __init__(self, args: Args):
+        self.args = args
+
+    def __call__(self, spec):
+        return DQN(spec, self.args)
+
+
+class TableFactory:
+    def __init__(self, args: Args):
+        self.args = args
+
+    def __call__(self, item_specs):
+        a = self.args
+        return rf.Table(capacity=a.buffer_size, sampler=rf.selectors.Uniform(seed=a.seed),
+                        remover=rf.selectors.Fifo(), specs=item_specs,
+                        rate_limiter=rf.rate_limiters.SampleToInsertRatio(
+                            samples_per_insert=a.samples_per_insert, min_size_to_sample=a.learning_starts,
+                            error_buffer=a.batch_size * a.samples_per_insert))
+
+
+def experiment(args: Args) -> rf.Experiment:
+    return rf.Experiment(
+        env=args.env,
+        policy=PolicyFactory(args),
+        learner=LearnerFactory(args),
+        adder=rf.adders.Transition(discount=args.gamma),
+        table=TableFactory(args),
+        batch_size=args.batch_size,
+        warmup_steps=args.learning_starts,
+        seed=args.seed,
+        eval_policy=PolicyFactory(args, greedy=True),
+        eval_every=args.eval_every,
+        eval_episodes=args.eval_episodes,
+        target_return=args.target_return if args.target_return > 0 else None,
+    )
+
+
+def parse_args(argv=None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Args):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    result = rf.run(experiment(args), backend=args.backend, num_actors=args.num_actors,
+                    max_env_steps=args.total_steps, log_dir=args.log_dir or None)
+    # Final evaluation of the trained Q-network, greedy, on fresh seeds.
+    venv = rf.envs.make(args.env, num_envs=args.eval_episodes)
+    policy = EpsilonGreedy(venv.spec, args, greedy=True)
+    policy.set_params(result.learner.get_params())
+    final = rf.evaluate(policy, venv, episodes=args.eval_episodes, seed=args.seed + 12_345)
+    venv.close()
+    f = result.figures
+    solved = f"solved at {result.solved_at:,} env steps" if result.solved_at else "not solved"
+    print(f"trained {f['env_steps']:,.0f} env steps, {f['learner_steps']:,.0f} learner steps in "
+          f"{f['wall_time']:.1f} s ({solved})")
+    print(f"final evaluation: mean return {final['mean_return']:.1f} +- {final['std_return']:.1f} "
+          f"over {final['episodes']} episodes")
+    return result, final
+
+
+if __name__ == "__main__":
+    main()

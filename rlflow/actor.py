@@ -1,0 +1,193 @@
+"""The Actor: a policy acting on a vector env, feeding an adder, whose items go to a sink (a table's
+insert, or a queue to one).
+
+    actor = Actor(policy, venv, adder, sink=table.insert, warmup_steps=1_000, seed=0)
+    actor.reset()
+    while running:
+        actor.step()                 # one vector step: act, env step, adder, sink; returns env steps
+        actor.update_params()        # pulls new learner params through a ParamClient, if due
+
+Warm-up: for the first `warmup_steps` env steps the policy is still called (its extras are kept) but
+its actions are replaced by uniform random ones (legal ones where the step has an action mask).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Optional
+
+import numpy as np
+from gymnasium import spaces
+
+from rlflow.core import Adder, Policy, Step
+from rlflow.errors import UsageError, mismatch
+
+
+def split_policy_output(out):
+    """`policy.act` returns actions or (actions, extras)."""
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise UsageError(mismatch("policy output", "act", "actions or (actions, extras)",
+                                      f"a tuple of {len(out)}"))
+        return out[0], (out[1] or {})
+    return out, {}
+
+
+def random_actions(space: spaces.Space, n: int, rng: np.random.Generator, action_mask=None):
+    """`n` uniform random actions from a single-env action space (legal ones under `action_mask`)."""
+    if isinstance(space, spaces.Discrete):
+        if action_mask is not None:
+            mask = np.asarray(action_mask, dtype=bool)
+            u = rng.random(mask.shape) * mask
+            return (np.argmax(u, axis=1) + space.start).astype(space.dtype)
+        return rng.integers(space.start, space.start + space.n, size=n).astype(space.dtype)
+    if isinstance(space, spaces.Box):
+        low = np.where(np.isfinite(space.low), space.low, -1.0)
+        high = np.where(np.isfinite(space.high), space.high, 1.0)
+        if np.issubdtype(space.dtype, np.integer):
+            return rng.integers(low, high + 1, size=(n,) + space.shape).astype(space.dtype)
+        return rng.uniform(low, high, size=(n,) + space.shape).astype(space.dtype)
+    if isinstance(space, spaces.MultiDiscrete):
+        return (space.start + (rng.random((n,) + space.nvec.shape) * space.nvec).astype(np.int64)
+                ).astype(space.dtype)
+    if isinstance(space, spaces.MultiBinary):
+        return rng.integers(0, 2, size=(n,) + tuple(space.shape)).astype(space.dtype)
+    raise UsageError(mismatch("action space", type(space).__name__,
+                              "Discrete, Box, MultiDiscrete or MultiBinary for random warm-up", space))
+
+
+class EpisodeStats:
+    """Returns and lengths of finished episodes, per row, vectorized."""
+
+    def __init__(self, window: int = 100):
+        self.returns = None
+        self.lengths = None
+        self.finished = deque(maxlen=window)
+        self.finished_lengths = deque(maxlen=window)
+        self.episodes = 0
+
+    def reset(self, num_rows: int):
+        self.returns = np.zeros(num_rows, np.float64)
+        self.lengths = np.zeros(num_rows, np.int64)
+
+    def update(self, step: Step):
+        rows = step.env_ids
+        live = step.done if step.alive is None else (step.alive | step.done)
+        self.returns[rows] += np.where(live, step.reward, 0.0)
+        self.lengths[rows] += live
+        if step.done.any():
+            ended = rows[step.done]
+            self.finished.extend(self.returns[ended].tolist())
+            self.finished_lengths.extend(self.lengths[ended].tolist())
+            self.episodes += len(ended)
+            self.returns[ended] = 0.0
+            self.lengths[ended] = 0
+
+    def mean_return(self) -> float:
+        return float(np.mean(self.finished)) if self.finished else float("nan")
+
+
+class Actor:
+    """Runs `policy` on `venv`, feeds `adder`, hands items to `sink` (see the module docstring)."""
+
+    def __init__(self, policy: Policy, venv, adder: Optional[Adder], sink: Optional[Callable] = None,
+                 warmup_steps: int = 0, seed: int = 0, param_client=None):
+        if warmup_steps < 0:
+            raise UsageError(mismatch("Actor", "warmup_steps", ">= 0", warmup_steps))
+        self.policy = policy
+        self.venv = venv
+        self.adder = adder
+        self.sink = sink
+        self.warmup_steps = int(warmup_steps)
+        self.seed = seed
+        self.param_client = param_client
+        self.rng = np.random.default_rng(seed)
+        self.env_steps = 0
+        self.items_added = 0
+        self.stats = EpisodeStats()
+        self._step: Optional[Step] = None
+        self.extras_specs = None
+
+    @property
+    def last_step(self) -> Optional[Step]:
+        return self._step
+
+    def reset(self) -> Step:
+        step = self.venv.reset(seed=self.seed)
+        self.stats.reset(self.venv.num_envs)
+        if self.adder is not None:
+            self.adder.add_first(step)
+        self._step = step
+        return step
+
+    def act(self, step: Step):
+        actions, extras = split_policy_output(self.policy.act_step(step))
+        if self.env_steps < self.warmup_steps:
+            actions = random_actions(self.venv.single_action_space, len(step), self.rng, step.action_mask)
+        return np.asarray(actions), extras
+
+    def step(self) -> int:
+        """One vector step. Returns the number of env steps taken (live rows)."""
+        if self._step is None:
+            self.reset()
+        prev = self._step
+        actions, extras = self.act(prev)
+        step = self.venv.step(actions)
+        self._step = step
+        self.stats.update(step)
+        taken = len(prev) if prev.alive is None else int(np.count_nonzero(prev.alive))
+        self.env_steps += taken
+        if self.adder is not None:
+            items = self.adder.add(actions, step, extras)
+            if items:
+                n = len(next(iter(items.values())))
+                if n and self.sink is not None:
+                    self.sink(items)
+                    self.items_added += n
+        return taken
+
+    def update_params(self) -> bool:
+        """Pull new parameters through the param client if due. Returns whether the policy changed."""
+        if self.param_client is None:
+            return False
+        got = self.param_client.poll()
+        if got is None:
+            return False
+        self.policy.set_params(got[1])
+        return True
+
+
+def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
+    """Run `policy` on `venv` and return the mean/std/min/max return and mean length of `episodes`
+    episodes. With `venv.num_envs >= episodes`, rows 0..episodes-1 each play exactly one episode
+    (no bias toward short episodes); otherwise episodes count in the order they end. Deterministic
+    for a given seed and policy."""
+    if episodes < 1:
+        raise UsageError(mismatch("evaluate", "episodes", ">= 1", episodes))
+    one_each = venv.num_envs >= episodes
+    step = venv.reset(seed=seed)
+    ret = np.zeros(venv.num_envs, np.float64)
+    length = np.zeros(venv.num_envs, np.int64)
+    counted = np.zeros(venv.num_envs, bool)
+    if one_each:
+        counted[episodes:] = True          # rows past `episodes` are not counted
+    returns: list[float] = []
+    lengths: list[int] = []
+    while len(returns) < episodes:
+        actions, _ = split_policy_output(policy.act_step(step))
+        step = venv.step(np.asarray(actions))
+        rows = step.env_ids
+        live = step.done if step.alive is None else (step.alive | step.done)
+        ret[rows] += np.where(live, step.reward, 0.0)
+        length[rows] += live
+        for r in rows[step.done]:
+            if not counted[r]:
+                returns.append(float(ret[r]))
+                lengths.append(int(length[r]))
+                counted[r] = one_each
+            ret[r] = 0.0
+            length[r] = 0
+    r = np.asarray(returns[:episodes], dtype=np.float64)
+    return {"mean_return": float(r.mean()), "std_return": float(r.std()), "min_return": float(r.min()),
+            "max_return": float(r.max()), "mean_length": float(np.mean(lengths[:episodes])),
+            "episodes": episodes}

@@ -1,0 +1,201 @@
+"""Experiment: the factories of one run, and `run`, which runs it on a backend.
+
+    result = rf.run(rf.Experiment(env="CartPole-v1", policy=make_policy, learner=make_learner,
+                                  adder=rf.adders.Transition(discount=0.99), table=make_table,
+                                  batch_size=64, warmup_steps=1_000),
+                    backend="local", max_env_steps=50_000)
+    result.learner, result.figures, result.evals
+
+The same Experiment runs unchanged on every backend: "local" (one process, deterministic for a seed),
+"process" (actors in processes, shared memory). Components are given either as objects or as
+factories; factories are what crosses into other processes:
+
+    policy   Policy | (env_spec) -> Policy       env_spec: rf.EnvSpec of the actor's vector env
+    learner  Learner | (env_spec) -> Learner
+    adder    Adder  (each actor gets its own copy)
+    table    Table  | (item_specs) -> Table       item_specs: the adder's output specs
+
+How much learning per acting is the table's rate limiter's samples per insert; no runtime invents
+its own ratio. A limiter with no ratio (MinSize) lets the learner run freely: the local runtime then
+makes one learner step per actor step, concurrent runtimes let both run at full speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from rlflow import specs as specs_lib
+from rlflow.core import Adder, Learner, Policy
+from rlflow.errors import UsageError, mismatch
+
+
+@dataclass
+class Experiment:
+    """Everything one run needs. Flat on purpose: each field is one decision."""
+
+    env: Any
+    """A Gymnasium env id, a zero-argument callable returning a Gymnasium (or PettingZoo) env."""
+    policy: Any
+    """A Policy, or a factory `(env_spec) -> Policy`. Process backends call the factory per actor."""
+    learner: Any
+    """A Learner, or a factory `(env_spec) -> Learner`."""
+    adder: Adder
+    """The adder that turns steps into items (Transition, NStepTransition, Sequence, ...)."""
+    table: Any
+    """A Table, or a factory `(item_specs) -> Table` (the adder's output specs)."""
+    batch_size: int = 256
+    """Items per learner step."""
+    num_envs: int = 1
+    """Envs per actor's vector env."""
+    env_backend: str = "serial"
+    """How each actor steps its envs: "serial" or "process" (see rf.envs.make)."""
+    env_workers: Optional[int] = None
+    """Worker processes for env_backend="process"."""
+    warmup_steps: int = 0
+    """Env steps (per actor) taken with uniform random actions before the policy's own."""
+    seed: int = 0
+    """Seeds the envs, the warm-up actions, and numpy / random / torch (if imported)."""
+    param_sync_steps: int = 1
+    """The policy delayer: actors take new learner parameters at most every this many learner steps."""
+    param_sync_seconds: Optional[float] = None
+    """... or when this many seconds have passed since their last pull (whichever comes first)."""
+    eval_policy: Any = None
+    """Policy or factory for evaluation (e.g. greedy); None: the acting policy."""
+    eval_every: int = 0
+    """Evaluate every this many env steps (0: never)."""
+    eval_episodes: int = 20
+    """Episodes per evaluation (one per env of an eval vector env)."""
+    target_return: Optional[float] = None
+    """Stop the run once an evaluation's mean return reaches this."""
+
+    def __post_init__(self):
+        for name in ("batch_size", "num_envs", "param_sync_steps", "eval_episodes"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise UsageError(mismatch("Experiment", name, "an int >= 1", repr(v)))
+        for name in ("warmup_steps", "eval_every"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 0:
+                raise UsageError(mismatch("Experiment", name, "an int >= 0", repr(v)))
+        if not isinstance(self.adder, Adder):
+            raise UsageError(mismatch("Experiment", "adder", "an rf.Adder (e.g. rf.adders.Transition)",
+                                      type(self.adder).__name__))
+        if self.target_return is not None and self.eval_every == 0:
+            raise UsageError(mismatch("Experiment", "eval_every", "> 0 when target_return is set", 0))
+
+
+@dataclass
+class RunResult:
+    """What `rf.run` returns."""
+
+    learner: Learner
+    table: Any
+    figures: dict
+    """The final figures: env_steps, learner_steps, episodes, wall_time, episode_return, ..."""
+    history: list = field(default_factory=list)
+    """The figures rows written during the run."""
+    evals: list = field(default_factory=list)
+    """(env_steps, wall_time, mean_return) of every evaluation."""
+    solved_at: Optional[int] = None
+    """Env steps at the first evaluation that reached `target_return`."""
+    solved_time: Optional[float] = None
+    """Wall time at that evaluation."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks shared by the runtimes
+# --------------------------------------------------------------------------------------------------
+def seed_all(seed: int) -> None:
+    """Seed Python's `random`, numpy's global RNG and torch's (only if torch is already imported)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
+
+
+def build(component, cls, *args):
+    """An instance of `cls` as given, or the result of calling the factory with `args`."""
+    if isinstance(component, cls):
+        return component
+    if callable(component):
+        made = component(*args)
+        if not isinstance(made, cls):
+            raise UsageError(mismatch("factory result", getattr(component, "__name__", "factory"),
+                                      f"an instance of rf.{cls.__name__}", type(made).__name__))
+        return made
+    raise UsageError(mismatch("component", cls.__name__, f"an rf.{cls.__name__} or a factory",
+                              type(component).__name__))
+
+
+def make_venv(experiment: Experiment, num_envs: Optional[int] = None, backend: Optional[str] = None):
+    from rlflow import envs
+
+    kwargs = {}
+    backend = backend or experiment.env_backend
+    if backend != "serial" and experiment.env_workers:
+        kwargs["workers"] = experiment.env_workers
+    return envs.make(experiment.env, num_envs=num_envs or experiment.num_envs, backend=backend, **kwargs)
+
+
+def extras_specs_of(policy: Policy, env_spec, first_step) -> dict:
+    """The policy's extras specs: `policy.extras_specs(env_spec)` if it has one, else one probe call."""
+    if hasattr(policy, "extras_specs"):
+        return dict(policy.extras_specs(env_spec))
+    from rlflow.actor import split_policy_output
+
+    _, extras = split_policy_output(policy.act_step(first_step))
+    return specs_lib.from_extras(extras)
+
+
+def build_table(experiment: Experiment, env_spec, extras_specs):
+    from rlflow.replay import Table
+
+    if isinstance(experiment.table, Table):
+        return experiment.table
+    item_specs = experiment.adder.item_specs(env_spec, extras_specs)
+    return build(experiment.table, Table, item_specs)
+
+
+def fresh_adder(experiment: Experiment) -> Adder:
+    return copy.deepcopy(experiment.adder)
+
+
+# --------------------------------------------------------------------------------------------------
+BACKENDS = ("local", "process")
+
+
+def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Optional[int] = None,
+        max_learner_steps: Optional[int] = None, max_seconds: Optional[float] = None,
+        num_actors: int = 1, log_dir: Optional[str] = None, progress: bool = True,
+        progress_every: float = 2.0, **backend_options) -> RunResult:
+    """Run `experiment` on `backend` until a limit (env steps, learner steps, seconds) or its
+    `target_return` is reached. At least one limit or a target must be given."""
+    if not isinstance(experiment, Experiment):
+        raise UsageError(mismatch("run", "experiment", "an rf.Experiment", type(experiment).__name__))
+    if backend not in BACKENDS:
+        raise UsageError(mismatch("run", "backend", f"one of {BACKENDS}", repr(backend)))
+    if max_env_steps is None and max_learner_steps is None and max_seconds is None \
+            and experiment.target_return is None:
+        raise UsageError("run: give at least one of max_env_steps, max_learner_steps, max_seconds "
+                         "or the experiment's target_return, else the run never ends")
+    if num_actors < 1:
+        raise UsageError(mismatch("run", "num_actors", ">= 1", num_actors))
+    limits = dict(max_env_steps=max_env_steps, max_learner_steps=max_learner_steps,
+                  max_seconds=max_seconds, log_dir=log_dir, progress=progress,
+                  progress_every=progress_every)
+    if backend == "local":
+        if num_actors != 1:
+            raise UsageError(mismatch("run", "num_actors", "1 with backend='local'", num_actors))
+        from rlflow.runtime.local import run_local
+
+        return run_local(experiment, **limits, **backend_options)
+    from rlflow.runtime.process import run_process
+
+    return run_process(experiment, num_actors=num_actors, **limits, **backend_options)

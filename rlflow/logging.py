@@ -1,0 +1,111 @@
+"""Run figures: a progress line on the terminal, a CSV file, and TensorBoard when tensorboardX is
+installed.
+
+    logger = Logger(directory="runs/dqn", progress_every=2.0)
+    logger.write({"env_steps": 1000, "env_steps_per_s": 5120.0, "return": 21.5})   # each is optional
+    logger.close()
+
+`write` takes a flat dict of numbers; the CSV's columns are the union of all keys seen (the file is
+rewritten with the wider header when a new key appears). Progress lines go to stderr at most every
+`progress_every` seconds (and always when `force=True`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import time
+from typing import Mapping, Optional
+
+_SHORT = [
+    ("env_steps", "env steps", "{:,.0f}"),
+    ("env_steps_per_s", "steps/s", "{:,.0f}"),
+    ("learner_steps", "learner steps", "{:,.0f}"),
+    ("learner_steps_per_s", "learn/s", "{:,.0f}"),
+    ("samples_per_insert", "samples/insert", "{:.1f}"),
+    ("episodes", "episodes", "{:,.0f}"),
+    ("episode_return", "return", "{:.1f}"),
+    ("eval_return", "eval return", "{:.1f}"),
+    ("table_size", "table", "{:,.0f}"),
+    ("param_lag", "param lag", "{:,.0f}"),
+]
+
+
+def format_progress(row: Mapping[str, float]) -> str:
+    parts = []
+    for key, label, fmt in _SHORT:
+        v = row.get(key)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        parts.append(f"{label} {fmt.format(v)}")
+    return " | ".join(parts)
+
+
+class Logger:
+    """Writes figures to a progress line, a CSV file (`<directory>/figures.csv`) and TensorBoard."""
+
+    def __init__(self, directory: Optional[str] = None, progress_every: Optional[float] = 2.0,
+                 tensorboard: bool = True, stream=None, step_key: str = "env_steps"):
+        self.directory = directory
+        self.progress_every = progress_every
+        self.stream = stream if stream is not None else sys.stderr
+        self.step_key = step_key
+        self._last_progress = -float("inf")
+        self._rows: list[dict] = []
+        self._columns: list[str] = []
+        self._csv_file = None
+        self._csv = None
+        self._tb = None
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+            if tensorboard:
+                try:
+                    from tensorboardX import SummaryWriter  # optional
+                except ImportError:
+                    SummaryWriter = None
+                if SummaryWriter is not None:
+                    self._tb = SummaryWriter(logdir=directory)
+
+    @property
+    def csv_path(self) -> Optional[str]:
+        return os.path.join(self.directory, "figures.csv") if self.directory else None
+
+    def write(self, row: Mapping[str, float], force: bool = False) -> None:
+        row = {k: float(v) for k, v in row.items() if v is not None}
+        if self.directory:
+            self._write_csv(row)
+            if self._tb is not None:
+                step = int(row.get(self.step_key, len(self._rows)))
+                for k, v in row.items():
+                    if k != self.step_key:
+                        self._tb.add_scalar(k, v, step)
+        now = time.monotonic()
+        if self.progress_every is not None and (force or now - self._last_progress >= self.progress_every):
+            self._last_progress = now
+            print(format_progress(row), file=self.stream, flush=True)
+
+    def _write_csv(self, row):
+        new = [k for k in row if k not in self._columns]
+        self._rows.append(row)
+        if new or self._csv is None:
+            self._columns.extend(new)
+            if self._csv_file is not None:
+                self._csv_file.close()
+            self._csv_file = open(self.csv_path, "w", newline="")
+            self._csv = csv.DictWriter(self._csv_file, fieldnames=self._columns)
+            self._csv.writeheader()
+            for r in self._rows:
+                self._csv.writerow(r)
+        else:
+            self._csv.writerow(row)
+        self._csv_file.flush()
+
+    def close(self) -> None:
+        if self._csv_file is not None:
+            self._csv_file.close()
+            self._csv_file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

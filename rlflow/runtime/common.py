@@ -1,0 +1,125 @@
+"""Pieces every runtime shares: the learner step, evaluation, figures and stop conditions."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import numpy as np
+
+from rlflow.actor import evaluate
+from rlflow.core import Learner, Policy
+from rlflow.errors import UsageError, mismatch
+from rlflow.experiment import Experiment, build, make_venv
+from rlflow.logging import Logger
+
+
+class LearnerDriver:
+    """Samples from the table, steps the learner, writes back priorities, publishes parameters
+    every `experiment.param_sync_steps` learner steps."""
+
+    def __init__(self, learner: Learner, table, batch_size: int, store, publish_every: int,
+                 sampler=None):
+        self.learner = learner
+        self.table = table
+        self.batch_size = batch_size
+        self.store = store
+        self.publish_every = publish_every
+        self.sample = sampler or (lambda: table.sample(batch_size))
+        self.steps = 0
+        self.last_metrics: dict = {}
+
+    def publish(self) -> None:
+        if self.store is not None:
+            self.store.publish(self.learner.get_params(), self.steps)
+
+    def step(self) -> dict:
+        sample = self.sample()
+        metrics = self.learner.step(sample)
+        metrics = dict(metrics) if metrics else {}
+        priorities = metrics.pop("priorities", None)
+        if priorities is not None:
+            priorities = np.asarray(priorities, dtype=np.float64)
+            if priorities.shape != (len(sample),):
+                raise UsageError(mismatch("learner metrics", "priorities", f"shape ({len(sample)},)",
+                                          f"shape {priorities.shape}"))
+            self.table.update_priorities(sample.keys, priorities)
+        self.steps += 1
+        self.last_metrics = metrics
+        if self.steps % self.publish_every == 0:
+            self.publish()
+        return metrics
+
+
+class Evaluator:
+    """Evaluates the learner's current parameters on a separate vector env (one episode per env)."""
+
+    def __init__(self, experiment: Experiment, env_spec, seed: int):
+        self.experiment = experiment
+        self.venv = make_venv(experiment, num_envs=experiment.eval_episodes, backend="serial")
+        source = experiment.eval_policy if experiment.eval_policy is not None else experiment.policy
+        self.policy = build(source, Policy, self.venv.spec)
+        self.seed = seed
+        self.results: list = []
+
+    def __call__(self, params, env_steps: int, wall_time: float) -> float:
+        if params is not None:
+            self.policy.set_params(params)
+        out = evaluate(self.policy, self.venv, self.experiment.eval_episodes, seed=self.seed)
+        self.results.append((int(env_steps), float(wall_time), out["mean_return"]))
+        return out["mean_return"]
+
+    def close(self):
+        self.venv.close()
+
+
+class Limits:
+    """When a run stops."""
+
+    def __init__(self, max_env_steps, max_learner_steps, max_seconds):
+        self.max_env_steps = max_env_steps
+        self.max_learner_steps = max_learner_steps
+        self.max_seconds = max_seconds
+
+    def reached(self, env_steps: int, learner_steps: int, elapsed: float) -> bool:
+        return ((self.max_env_steps is not None and env_steps >= self.max_env_steps)
+                or (self.max_learner_steps is not None and learner_steps >= self.max_learner_steps)
+                or (self.max_seconds is not None and elapsed >= self.max_seconds))
+
+
+class Figures:
+    """Rates over the interval since the last row, and the row itself."""
+
+    def __init__(self):
+        self.t0 = time.monotonic()
+        self._last = (self.t0, 0, 0)
+
+    def due(self, every: float) -> bool:
+        return time.monotonic() - self._last[0] >= every
+
+    def row(self, env_steps, learner_steps, table, episodes, episode_return, extra=None) -> dict:
+        now = time.monotonic()
+        t, e, l = self._last
+        dt = max(now - t, 1e-9)
+        self._last = (now, env_steps, learner_steps)
+        stats = table.stats() if hasattr(table, "stats") else {}
+        inserts = stats.get("inserts", 0)
+        row = {
+            "env_steps": env_steps,
+            "env_steps_per_s": (env_steps - e) / dt,
+            "learner_steps": learner_steps,
+            "learner_steps_per_s": (learner_steps - l) / dt,
+            "samples_per_insert": stats.get("samples", 0) / inserts if inserts else math.nan,
+            "table_size": len(table),
+            "episodes": episodes,
+            "episode_return": episode_return,
+            "wall_time": now - self.t0,
+        }
+        if extra:
+            row.update(extra)
+        return row
+
+
+def make_logger(log_dir: Optional[str], progress: bool, progress_every: float) -> Logger:
+    return Logger(directory=log_dir, progress_every=progress_every if progress else None)

@@ -1,0 +1,131 @@
+"""The local runtime: actor, table and learner in one process, one thread, deterministic for a seed.
+
+    actor.reset()
+    while not done:
+        actor.step()                  # its items go to insert(): if the rate limiter refuses the
+                                      # insert, the learner steps until it admits it
+        learn while table.can_sample(batch_size)   # a limiter with a ratio (SampleToInsertRatio, Queue)
+                                      # sets how much; one with none (MinSize): one learner step
+        actor.update_params()         # the policy delayer: every param_sync_steps learner steps
+
+A limiter that refuses both the insert and the sample would block forever in one thread: that is
+reported as a UsageError naming the limiter's state.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from rlflow.actor import Actor
+from rlflow.core import Learner, Policy
+from rlflow.errors import UsageError
+from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
+                               make_venv, seed_all)
+from rlflow.runtime.common import Evaluator, Figures, LearnerDriver, Limits, make_logger
+from rlflow.sync import ParamClient, ParamStore
+
+
+def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None, max_seconds=None,
+              log_dir=None, progress=True, progress_every=2.0) -> RunResult:
+    exp = experiment
+    seed_all(exp.seed)
+    venv = make_venv(exp)
+    evaluator = None
+    logger = make_logger(log_dir, progress, progress_every)
+    try:
+        spec = venv.spec
+        policy = build(exp.policy, Policy, spec)
+        learner = build(exp.learner, Learner, spec)
+        adder = fresh_adder(exp)
+        store = ParamStore()
+        client = ParamClient(store, every_learner_steps=exp.param_sync_steps,
+                             every_seconds=exp.param_sync_seconds)
+        actor = Actor(policy, venv, adder, sink=None, warmup_steps=exp.warmup_steps, seed=exp.seed,
+                      param_client=client)
+        first = actor.reset()
+        table = build_table(exp, spec, None if _is_table(exp.table) else extras_specs_of(policy, spec, first))
+        driver = LearnerDriver(learner, table, exp.batch_size, store, exp.param_sync_steps)
+        driver.publish()                      # version 0: the actors start from the learner's params
+        actor.update_params()
+        if exp.eval_every:
+            evaluator = Evaluator(exp, spec, seed=exp.seed + 1_000_003)
+
+        def learn_once():
+            driver.step()
+
+        def insert(items):
+            n = len(next(iter(items.values())))
+            while not table.can_insert(n):
+                if not table.can_sample(exp.batch_size):
+                    raise UsageError(f"local run: the rate limiter admits neither an insert of {n} "
+                                     f"items nor a sample of {exp.batch_size} "
+                                     f"(table stats {table.stats()}); this configuration deadlocks "
+                                     f"in one thread")
+                learn_once()
+            table.insert(items)
+
+        actor.sink = insert
+        free_running = getattr(table.rate_limiter, "samples_per_insert", None) is None
+        limits = Limits(max_env_steps, max_learner_steps, max_seconds)
+        figures = Figures()
+        history, solved_at, solved_time, eval_return = [], None, None, float("nan")
+        next_eval = exp.eval_every
+        t0 = time.monotonic()
+        while True:
+            actor.step()
+            if free_running:
+                if table.can_sample(exp.batch_size):
+                    learn_once()
+            else:
+                while table.can_sample(exp.batch_size):
+                    learn_once()
+                    if max_learner_steps is not None and driver.steps >= max_learner_steps:
+                        break
+            actor.update_params()
+            elapsed = time.monotonic() - t0
+            evaluated = False
+            if evaluator is not None and actor.env_steps >= next_eval:
+                next_eval += exp.eval_every
+                eval_return = evaluator(learner.get_params(), actor.env_steps, elapsed)
+                evaluated = True
+                if exp.target_return is not None and eval_return >= exp.target_return and solved_at is None:
+                    solved_at, solved_time = actor.env_steps, elapsed
+            stop = (limits.reached(actor.env_steps, driver.steps, elapsed) or solved_at is not None)
+            row = None
+            if evaluated or stop or figures.due(progress_every):
+                row = figures.row(actor.env_steps, driver.steps, table, actor.stats.episodes,
+                                  actor.stats.mean_return(),
+                                  {"eval_return": eval_return, "param_lag": client.lag(),
+                                   **_floats(driver.last_metrics)})
+                history.append(row)
+                logger.write(row, force=evaluated or stop)
+            if stop:
+                break
+        final = dict(history[-1]) if history else {}
+        final["wall_time"] = time.monotonic() - t0
+        return RunResult(learner=learner, table=table, figures=final, history=history,
+                         evals=list(evaluator.results) if evaluator else [], solved_at=solved_at,
+                         solved_time=solved_time)
+    finally:
+        logger.close()
+        venv.close()
+        if evaluator is not None:
+            evaluator.close()
+
+
+def _is_table(x) -> bool:
+    from rlflow.replay import Table
+
+    return isinstance(x, Table)
+
+
+def _floats(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[k] = float(np.asarray(v))
+        except (TypeError, ValueError):
+            continue
+    return out
