@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+from gymnasium import spaces
+
+import rlflow as rf
+from rlflow.errors import SpecError
+from rlflow.specs import ArraySpec, flatten, from_extras, from_space, unflatten, validate_batch
+
+
+@pytest.mark.parametrize("space, expected", [
+    (spaces.Box(-1, 1, (3, 2), np.float32), ArraySpec((3, 2), np.float32)),
+    (spaces.Box(0, 255, (84, 84), np.uint8), ArraySpec((84, 84), np.uint8)),
+    (spaces.Discrete(5), ArraySpec((), np.int64)),
+    (spaces.MultiDiscrete([3, 4, 5]), ArraySpec((3,), np.int64)),
+    (spaces.MultiDiscrete([[2, 3], [4, 5]]), ArraySpec((2, 2), np.int64)),
+    (spaces.MultiBinary(6), ArraySpec((6,), np.int8)),
+    (spaces.MultiBinary([2, 3]), ArraySpec((2, 3), np.int8)),
+])
+def test_spec_of_every_leaf_space(space, expected):
+    spec = from_space(space)
+    assert spec == expected
+    sample = np.asarray(space.sample())
+    assert sample.shape == spec.shape and sample.dtype == spec.dtype
+
+
+def test_dict_and_tuple_spaces_become_named_fields():
+    space = spaces.Dict({"pos": spaces.Box(-1, 1, (2,)), "inner": spaces.Tuple((spaces.Discrete(3),
+                                                                             spaces.MultiBinary(4)))})
+    spec = from_space(space)
+    assert spec == {"pos": ArraySpec((2,), np.float32),
+                    "inner": {"0": ArraySpec((), np.int64), "1": ArraySpec((4,), np.int8)}}
+    flat = flatten(spec, "obs")
+    assert flat == {"obs/pos": ArraySpec((2,), np.float32), "obs/inner/0": ArraySpec((), np.int64),
+                    "obs/inner/1": ArraySpec((4,), np.int8)}
+    batch = {k: s.zeros((5,)) for k, s in flat.items()}
+    nested = unflatten(batch, "obs")
+    assert nested["pos"].shape == (5, 2) and nested["inner"]["1"].shape == (5, 4)
+
+
+@pytest.mark.parametrize("space", [spaces.Text(10), spaces.Graph(spaces.Box(0, 1, (2,)), None)])
+def test_spaces_without_array_spec_raise(space):
+    with pytest.raises(SpecError, match=type(space).__name__):
+        from_space(space)
+
+
+def test_extras_specs_drop_the_batch_axis():
+    extras = {"log_prob": np.zeros(8, np.float32), "state": {"h": np.zeros((8, 16), np.float32)}}
+    assert from_extras(extras) == {"log_prob": ArraySpec((), np.float32),
+                                   "state/h": ArraySpec((16,), np.float32)}
+
+
+def test_validate_names_field_expected_and_actual():
+    specs = {"obs": ArraySpec((4,), np.float32), "action": ArraySpec((), np.int64)}
+    ok = {"obs": np.zeros((3, 4), np.float32), "action": np.zeros(3, np.int64)}
+    assert set(validate_batch(ok, specs)) == {"obs", "action"}
+    with pytest.raises(SpecError, match=r"'obs'.*\(B, 4\).*\(3, 5\)"):
+        validate_batch({**ok, "obs": np.zeros((3, 5), np.float32)}, specs)
+    with pytest.raises(SpecError, match=r"'action'.*int64.*float32"):
+        validate_batch({**ok, "action": np.zeros(3, np.float32)}, specs)
+    with pytest.raises(SpecError, match="missing"):
+        validate_batch({"obs": ok["obs"]}, specs)
+    with pytest.raises(SpecError, match="batch size"):
+        validate_batch({**ok, "action": np.zeros(2, np.int64)}, specs)
+
+
+def test_env_spec_from_spaces():
+    spec = rf.EnvSpec.from_spaces(spaces.Box(-1, 1, (4,)), spaces.Discrete(2), 8)
+    assert spec.num_envs == 8 and spec.action == ArraySpec((), np.int64)
