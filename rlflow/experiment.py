@@ -105,7 +105,7 @@ class RunResult:
     solved_at: Optional[int] = None
     """Env steps at the first evaluation that reached `target_return`."""
     solved_time: Optional[float] = None
-    """Wall time at that evaluation."""
+    """Training wall time (evaluation time excluded) at that evaluation."""
 
 
 # --------------------------------------------------------------------------------------------------

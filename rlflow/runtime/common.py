@@ -62,12 +62,16 @@ class Evaluator:
         self.policy = build(source, Policy, self.venv.spec)
         self.seed = seed
         self.results: list = []
+        self.seconds = 0.0
+        """time spent evaluating, so runs can report training time without it"""
 
     def __call__(self, params, env_steps: int, wall_time: float) -> float:
+        t = time.monotonic()
         if params is not None:
             self.policy.set_params(params)
         out = evaluate(self.policy, self.venv, self.experiment.eval_episodes, seed=self.seed)
         self.results.append((int(env_steps), float(wall_time), out["mean_return"]))
+        self.seconds += time.monotonic() - t
         return out["mean_return"]
 
     def close(self):

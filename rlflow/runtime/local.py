@@ -88,10 +88,11 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
             evaluated = False
             if evaluator is not None and actor.env_steps >= next_eval:
                 next_eval += exp.eval_every
+                train_time = elapsed - evaluator.seconds       # evaluation time excluded
                 eval_return = evaluator(learner.get_params(), actor.env_steps, elapsed)
                 evaluated = True
                 if exp.target_return is not None and eval_return >= exp.target_return and solved_at is None:
-                    solved_at, solved_time = actor.env_steps, elapsed
+                    solved_at, solved_time = actor.env_steps, train_time
             stop = (limits.reached(actor.env_steps, driver.steps, elapsed) or solved_at is not None)
             row = None
             if evaluated or stop or figures.due(progress_every):
@@ -105,6 +106,7 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
                 break
         final = dict(history[-1]) if history else {}
         final["wall_time"] = time.monotonic() - t0
+        final["eval_seconds"] = evaluator.seconds if evaluator else 0.0
         return RunResult(learner=learner, table=table, figures=final, history=history,
                          evals=list(evaluator.results) if evaluator else [], solved_at=solved_at,
                          solved_time=solved_time)
