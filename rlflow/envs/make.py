@@ -1,0 +1,183 @@
+"""`rf.envs.make`: one function from "an environment" to a vector env on any backend."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from rlflow.errors import UsageError, mismatch
+
+BACKENDS = ("serial", "process", "pool")
+
+
+class GymMake:
+    """A picklable factory: `gymnasium.make(env_id, **kwargs)`."""
+
+    def __init__(self, env_id: str, kwargs: dict):
+        self.env_id = env_id
+        self.kwargs = dict(kwargs)
+
+    def __call__(self):
+        import gymnasium as gym
+
+        return gym.make(self.env_id, **self.kwargs)
+
+    def __repr__(self):
+        return f"GymMake({self.env_id!r}, {self.kwargs})"
+
+
+class CopyOf:
+    """A picklable factory returning a deep copy of an env instance (what `make` does with instances)."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def __call__(self):
+        return copy.deepcopy(self.env)
+
+
+class _Call:
+    def __init__(self, fn, kwargs):
+        self.fn = fn
+        self.kwargs = kwargs
+
+    def __call__(self):
+        return self.fn(**self.kwargs)
+
+
+class _Given:
+    """Returns the probe env the first time (not picklable on purpose: serial backend only)."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def __call__(self):
+        env, self.env = self.env, None
+        if env is None:
+            raise UsageError("this env instance was already used")
+        return env
+
+
+def kind_of(env) -> str:
+    """"gym", "parallel" (PettingZoo ParallelEnv) or "aec" (PettingZoo AECEnv)."""
+    import gymnasium as gym
+
+    if isinstance(env, gym.Env):
+        return "gym"
+    try:
+        from pettingzoo.utils.env import AECEnv, ParallelEnv
+    except ImportError:  # pragma: no cover - pettingzoo is optional
+        AECEnv = ParallelEnv = ()
+    if AECEnv and isinstance(env, AECEnv):
+        return "aec"
+    if ParallelEnv and isinstance(env, ParallelEnv):
+        return "parallel"
+    if isinstance(env, gym.vector.VectorEnv):
+        raise UsageError(mismatch("argument", "env", "a single Gymnasium env (rlflow makes the vector "
+                                  "env)", f"a Gymnasium vector env {type(env).__name__}"))
+    raise UsageError(mismatch("argument", "env", "a Gymnasium env id, a Gymnasium Env, a PettingZoo "
+                              "AECEnv / ParallelEnv, or a zero-argument callable returning one",
+                              f"{type(env).__name__} {env!r:.80}"))
+
+
+def vector_class(kind: str):
+    if kind == "gym":
+        from rlflow.envs.vector import SerialVectorEnv
+
+        return SerialVectorEnv
+    from rlflow.envs import pettingzoo as pz
+
+    return pz.ParallelVectorEnv if kind == "parallel" else pz.AECVectorEnv
+
+
+def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = None,
+         batch_size: int | None = None, seed: int | None = None, start_method: str | None = None,
+         **kwargs: Any):
+    """A vector env of `num_envs` copies of `env`, returning `rf.Step` records.
+
+    env         a Gymnasium env id (`gymnasium.make(env, **kwargs)`), a zero-argument callable
+                returning a Gymnasium Env (wrappers included) or a PettingZoo AECEnv / ParallelEnv
+                (called with `**kwargs`), or an env instance. An instance is used as env 0 by the
+                serial backend and every other env is a `copy.deepcopy` of it; the process backend
+                pickles it into its workers (prefer a callable).
+    num_envs    how many envs (a multi-agent env gives num_envs x agents rows).
+    backend     "serial": all envs in this process, one after another.
+                "process": worker processes, each stepping a slice of the envs into shared memory.
+                "pool": "process" with `batch_size` < num_envs (EnvPool's async mode): `step`
+                returns the `batch_size` envs that finished first; see ProcessVectorEnv.
+    workers     process backends: how many worker processes (default: the largest divisor of
+                num_envs not above the number of CPUs).
+    batch_size  pool mode: envs per returned step (a multiple of the envs per worker).
+    seed        the seed of the first `reset()` called without one.
+    start_method "fork" (default on Linux while this process runs one thread) or "spawn" (else);
+                with "spawn" the env (id, callable or instance) must be picklable.
+    """
+    if backend not in BACKENDS:
+        raise UsageError(mismatch("argument", "backend", f"one of {BACKENDS}", repr(backend)))
+    if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
+        raise UsageError(mismatch("argument", "num_envs", "an int >= 1", repr(num_envs)))
+    if backend == "serial":
+        for name, value in (("workers", workers), ("batch_size", batch_size), ("start_method", start_method)):
+            if value is not None:
+                raise UsageError(mismatch("argument", name, "None with backend='serial'", repr(value)))
+
+    # one factory per env, plus a probe env to read the spaces from
+    if isinstance(env, str):
+        factory = GymMake(env, kwargs)
+        probe = factory()
+        given = False
+    elif callable(env) and not _is_env(env):
+        factory = _Call(env, kwargs) if kwargs else env
+        probe = factory()
+        given = False
+    else:
+        if kwargs:
+            raise UsageError(mismatch("argument", "kwargs", "none with an env instance",
+                                      f"{sorted(kwargs)}"))
+        factory = CopyOf(env)
+        probe = env
+        given = True
+    try:
+        kind = kind_of(probe)
+    except BaseException:
+        if not given:
+            _close(probe)
+        raise
+    cls = vector_class(kind)
+
+    if backend == "serial":
+        fns = [_Given(probe)] + [CopyOf(env) if given else factory for _ in range(num_envs - 1)]
+        return cls(fns, seed=seed)
+
+    layout = cls.layout_of(probe)
+    if not given:
+        _close(probe)
+    if batch_size is None and backend == "pool":
+        raise UsageError(mismatch("argument", "batch_size", "an int < num_envs with backend='pool'", None))
+    if workers is None:
+        cpus = os.cpu_count() or 1
+        workers = max(d for d in range(1, min(num_envs, cpus) + 1) if num_envs % d == 0)
+    from rlflow.runtime.env_workers import ProcessVectorEnv
+
+    return ProcessVectorEnv(cls, [factory] * num_envs, layout, workers=workers, batch_size=batch_size,
+                            seed=seed, start_method=start_method)
+
+
+def _is_env(obj) -> bool:
+    import gymnasium as gym
+
+    if isinstance(obj, gym.Env):
+        return True
+    try:
+        from pettingzoo.utils.env import AECEnv, ParallelEnv
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, (AECEnv, ParallelEnv))
+
+
+def _close(env):
+    try:
+        env.close()
+    except Exception:
+        pass

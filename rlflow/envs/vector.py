@@ -1,0 +1,432 @@
+"""The one stepping implementation: N envs stepped as one batch into preallocated arrays.
+
+Every transport runs the classes of this module: the serial backend runs one of them over all N envs
+in the caller's process; the process backend (`rlflow.runtime.env_workers`) runs one per worker over
+that worker's slice of envs, with its arrays placed in shared memory, so a step writes its results
+in place where the parent reads them.
+
+A vector env fills these row arrays (B rows: one per env, or one per (env, agent) for multi-agent):
+
+    obs/<leaf>        [B, ...]  what the policy acts on next (the new episode's first obs after a reset)
+    final_obs/<leaf>  [B, ...]  the obs this step's transition ends in (the true last obs where done)
+    reward            float32 [B]
+    terminated        bool [B]
+    truncated         bool [B]
+    alive             bool [B]            multi-agent only
+    action_mask       int8 [B, n]         only where the env gives masks
+    actions           [B, ...]            the input of `step` (the process backend writes it here)
+
+Same-step autoreset, for one env row i (single-agent):
+
+    step t:   obs_t --a_t--> env.step -> o, r, terminated, truncated
+              not done:  obs[i] = o          final_obs[i] = o
+              done:      obs[i] = reset()    final_obs[i] = o      (the true last observation)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from gymnasium import spaces
+
+from rlflow.core import Step
+from rlflow.errors import ClosedError, SpecError, UsageError, mismatch
+from rlflow.specs import ArraySpec, EnvSpec, from_space
+
+__all__ = ["Layout", "VectorEnv", "SerialVectorEnv", "ObsBuffer"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout: what the arrays of a vector env look like, known from the spaces before any env runs
+# --------------------------------------------------------------------------------------------------
+def _leaves(spec, path=()):
+    """[(path, ArraySpec)] of a (nested) spec; Tuple spaces have integer path keys."""
+    if isinstance(spec, ArraySpec):
+        return [(path, spec)]
+    out = []
+    for k, s in spec.items():
+        out.extend(_leaves(s, path + (k,)))
+    return out
+
+
+def _space_paths(space, path=()):
+    """Like `_leaves`, but with the keys that index the env's own observation (int for Tuple)."""
+    if isinstance(space, spaces.Dict):
+        out = []
+        for k, s in space.spaces.items():
+            out.extend(_space_paths(s, path + (k,)))
+        return out
+    if isinstance(space, spaces.Tuple):
+        out = []
+        for i, s in enumerate(space.spaces):
+            out.extend(_space_paths(s, path + (i,)))
+        return out
+    return [path]
+
+
+class Layout:
+    """The single-row spaces of a vector env and the row arrays they need.
+
+    observation_space  the space of one row's obs (for masked PettingZoo games: the "observation" part)
+    action_space       the space of one row's action (a fixed-size array space)
+    agents             () for single-agent envs, else the agent names of one env (rows env-major)
+    mask_shape         shape of one row's action mask, or None
+    """
+
+    def __init__(self, observation_space, action_space, agents=(), mask_shape=None):
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.agents = tuple(agents)
+        self.mask_shape = None if mask_shape is None else tuple(mask_shape)
+        self.obs_spec = from_space(observation_space)
+        act = from_space(action_space)
+        if not isinstance(act, ArraySpec):
+            raise UsageError(mismatch("space", "action_space", "a Box, Discrete, MultiDiscrete or "
+                                      "MultiBinary action space", repr(action_space)))
+        self.action_spec = act
+        self.obs_paths = _space_paths(observation_space)
+        self.obs_leaves = _leaves(self.obs_spec)   # (flat path, spec), same order as obs_paths
+
+    @property
+    def multi_agent(self) -> bool:
+        return bool(self.agents)
+
+    @property
+    def rows_per_env(self) -> int:
+        return max(1, len(self.agents))
+
+    def array_specs(self, rows: int) -> dict[str, tuple[tuple, np.dtype]]:
+        """name -> (shape, dtype) of every row array for `rows` rows."""
+        out = {}
+        for prefix in ("obs", "final_obs"):
+            for path, spec in self.obs_leaves:
+                name = "/".join([prefix, *map(str, path)])
+                out[name] = ((rows,) + spec.shape, spec.dtype)
+        out["reward"] = ((rows,), np.dtype(np.float32))
+        out["terminated"] = ((rows,), np.dtype(bool))
+        out["truncated"] = ((rows,), np.dtype(bool))
+        if self.multi_agent:
+            out["alive"] = ((rows,), np.dtype(bool))
+        if self.mask_shape is not None:
+            out["action_mask"] = ((rows,) + self.mask_shape, np.dtype(np.int8))
+        out["actions"] = ((rows,) + self.action_spec.shape, self.action_spec.dtype)
+        return out
+
+    def allocate(self, rows: int) -> dict[str, np.ndarray]:
+        return {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.array_specs(rows).items()}
+
+    def env_spec(self, rows: int) -> EnvSpec:
+        return EnvSpec.from_spaces(self.observation_space, self.action_space, rows, agents=self.agents)
+
+    def __eq__(self, other):
+        return (isinstance(other, Layout) and self.observation_space == other.observation_space
+                and self.action_space == other.action_space and self.agents == other.agents
+                and self.mask_shape == other.mask_shape)
+
+
+class ObsBuffer:
+    """One (possibly nested) observation stored as flat leaf arrays with a leading row axis.
+
+    `write(i, value)` stores one env's observation in row i; `tree(index)` returns the nested
+    structure (the array itself for a flat space, a dict for Dict, a tuple for Tuple) of copies.
+    """
+
+    def __init__(self, layout: Layout, arrays: dict[str, np.ndarray], prefix: str):
+        self.paths = layout.obs_paths
+        self.arrays = [arrays["/".join([prefix, *map(str, p)])] for p, _ in layout.obs_leaves]
+        self.flat = self.paths == [()]
+        self.space = layout.observation_space
+
+    def write(self, i, value):
+        if self.flat:
+            self.arrays[0][i] = value
+            return
+        for path, arr in zip(self.paths, self.arrays):
+            v = value
+            for key in path:
+                v = v[key]
+            arr[i] = v
+
+    def write_all(self, values: Sequence):
+        """Rows 0..len(values)-1 at once (a list of per-env observations)."""
+        if self.flat:
+            self.arrays[0][: len(values)] = values
+            return
+        for i, v in enumerate(values):
+            self.write(i, v)
+
+    def copy_to(self, other: "ObsBuffer"):
+        for a, b in zip(self.arrays, other.arrays):
+            np.copyto(b, a)
+
+    def tree(self, index=None):
+        arrays = [a.copy() if index is None else a[index] for a in self.arrays]
+        if self.flat:
+            return arrays[0]
+        return _build(self.space, iter(arrays))
+
+
+def _build(space, it):
+    if isinstance(space, spaces.Dict):
+        return {k: _build(s, it) for k, s in space.spaces.items()}
+    if isinstance(space, spaces.Tuple):
+        return tuple(_build(s, it) for s in space.spaces)
+    return next(it)
+
+
+# --------------------------------------------------------------------------------------------------
+# The base class: public API, action checks, Step records, episode statistics
+# --------------------------------------------------------------------------------------------------
+class VectorEnv:
+    """A batch of environments behind one `reset` / `step`, speaking `rf.Step` records.
+
+        venv = rf.envs.make("CartPole-v1", num_envs=16)        # backend="serial" | "process" | "pool"
+        step = venv.reset(seed=0)                              # env i is reset with seed 0 + i
+        while ...:
+            step = venv.step(policy(step.obs))                 # actions: [len(step), *action_shape]
+        venv.close()                                           # or: with rf.envs.make(...) as venv:
+
+    Attributes: `num_envs` (rows of a full step: envs, or envs x agents for multi-agent envs),
+    `single_observation_space`, `single_action_space`, `spec` (an `rf.specs.EnvSpec`), `closed`.
+
+    `step(actions)` takes one action per row of the previous returned Step (the same rows, in the same
+    order) and checks their shape and dtype: a wrong shape raises SpecError naming 'actions'.
+
+    `Step.info` holds two per-row arrays: `episode_return` (float32) and `episode_length` (int64), the
+    totals of the row's episode so far including this step; where `step.done`, the totals of the
+    episode that just ended. For multi-agent rows, the length counts steps where the row was alive or
+    done.
+    """
+
+    num_envs: int
+    layout: Layout
+
+    def __init__(self, layout: Layout, num_rows: int, seed=None):
+        self.layout = layout
+        self.num_envs = int(num_rows)
+        self.single_observation_space = layout.observation_space
+        self.single_action_space = layout.action_space
+        self.spec = layout.env_spec(self.num_envs)
+        self._default_seed = seed
+        self._closed = False
+        self._all_ids = np.arange(self.num_envs, dtype=np.int64)
+        self._all_ids.flags.writeable = False
+        self._expected_rows = self.num_envs
+        self._ret = np.zeros(self.num_envs, np.float64)
+        self._len = np.zeros(self.num_envs, np.int64)
+        act = layout.action_spec
+        self._act_shape = act.shape
+        self._act_dtype = act.dtype
+
+    # ---- public API -----------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def reset(self, seed: int | None = None) -> Step:
+        """Reset every env (env i with `seed + i` when a seed is given) and return all rows."""
+        self._check_open()
+        if seed is None and self._default_seed is not None:
+            seed, self._default_seed = self._default_seed, None
+        if seed is not None and not isinstance(seed, (int, np.integer)):
+            raise UsageError(mismatch("argument", "seed", "an int or None", repr(seed)))
+        self._ret[:] = 0
+        self._len[:] = 0
+        step = self._reset(None if seed is None else int(seed))
+        self._expected_rows = len(step)
+        return step
+
+    def step(self, actions) -> Step:
+        """Apply one action per row of the previous Step; return the next Step (same-step autoreset)."""
+        self._check_open()
+        return self._step(self.check_actions(actions, self._expected_rows))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(num_envs={self.num_envs}, obs={self.single_observation_space}, "
+                f"action={self.single_action_space}{', closed' if self._closed else ''})")
+
+    # ---- helpers for subclasses -----------------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise ClosedError(f"{type(self).__name__} is closed")
+
+    def check_actions(self, actions, rows: int) -> np.ndarray:
+        """`actions` as an array of shape [rows, *action_shape] and the action dtype, or SpecError."""
+        a = np.asarray(actions)
+        expected = (rows,) + self._act_shape
+        if a.shape != expected:
+            raise SpecError(mismatch("argument", "actions", f"shape {expected} (one action per row of "
+                                     "the previous step)", f"shape {a.shape}"))
+        if a.dtype != self._act_dtype:
+            if a.dtype.kind != self._act_dtype.kind and not (
+                    a.dtype.kind in "iub" and self._act_dtype.kind in "iu"):
+                raise SpecError(mismatch("argument", "actions", f"dtype {self._act_dtype}",
+                                         f"dtype {a.dtype}"))
+            a = a.astype(self._act_dtype)
+        return a
+
+    def _make_step(self, arrays: dict, obs: ObsBuffer, final: ObsBuffer, ids=None, index=None) -> Step:
+        """A Step of copies of `arrays` (all rows, or rows `index`), with episode statistics."""
+        take = (lambda a: a.copy()) if index is None else (lambda a: a[index])
+        reward = take(arrays["reward"])
+        terminated = take(arrays["terminated"])
+        truncated = take(arrays["truncated"])
+        alive = take(arrays["alive"]) if "alive" in arrays else None
+        mask = take(arrays["action_mask"]) if "action_mask" in arrays else None
+        ids = self._all_ids if ids is None else ids
+        done = terminated | truncated
+        # episode statistics, vectorized over the rows
+        sel = slice(None) if index is None else ids
+        ret = self._ret[sel] + reward
+        counted = 1 if alive is None else (alive | done)
+        length = self._len[sel] + counted
+        self._ret[sel] = np.where(done, 0.0, ret)
+        self._len[sel] = np.where(done, 0, length)
+        info = {"episode_return": ret.astype(np.float32), "episode_length": length}
+        return Step(obs=obs.tree(index), reward=reward, terminated=terminated, truncated=truncated,
+                    final_obs=final.tree(index), env_ids=ids, alive=alive, action_mask=mask, info=info)
+
+    # ---- what a subclass implements -------------------------------------------------------------
+    def _reset(self, seed) -> Step:
+        raise NotImplementedError
+
+    def _step(self, actions: np.ndarray) -> Step:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
+
+
+class _InPlace(VectorEnv):
+    """A vector env that runs its envs in this process and writes results into row arrays.
+
+    `arrays` may be given (views into shared memory: that is how a worker process runs it); otherwise
+    they are allocated. Subclasses implement `reset_rows(seed)` and `step_rows(actions)`, which only
+    write the arrays; `reset` / `step` wrap them into Step records.
+    """
+
+    def __init__(self, env_fns: Sequence[Callable[[], Any]], layout: Layout | None = None,
+                 arrays: dict | None = None, seed_offset: int = 0, seed=None, envs=None):
+        if envs is None:
+            if not env_fns:
+                raise UsageError(mismatch("argument", "env_fns", "at least one env factory", "none"))
+            envs = []
+            try:
+                for fn in env_fns:
+                    envs.append(fn())
+            except BaseException:
+                for e in envs:
+                    _safe_close(e)
+                raise
+        self.envs = list(envs)
+        if layout is None:
+            layout = self.layout_of(self.envs[0])
+        for i, e in enumerate(self.envs[1:], 1):
+            other = self.layout_of(e)
+            if other != layout:
+                raise UsageError(mismatch("env", f"env {i}", f"the spaces of env 0 "
+                                          f"({layout.observation_space}, {layout.action_space})",
+                                          f"({other.observation_space}, {other.action_space})"))
+        rows = len(self.envs) * layout.rows_per_env
+        super().__init__(layout, rows, seed=seed)
+        self.seed_offset = int(seed_offset)
+        self.arrays = layout.allocate(rows) if arrays is None else arrays
+        self._obs = ObsBuffer(layout, self.arrays, "obs")
+        self._final = ObsBuffer(layout, self.arrays, "final_obs")
+        self._setup()
+
+    @staticmethod
+    def layout_of(env) -> Layout:
+        raise NotImplementedError
+
+    def _setup(self):
+        pass
+
+    def _reset(self, seed):
+        self.reset_rows(seed)
+        return self._make_step(self.arrays, self._obs, self._final)
+
+    def _step(self, actions):
+        self.step_rows(actions)
+        return self._make_step(self.arrays, self._obs, self._final)
+
+    def _close(self):
+        for e in self.envs:
+            _safe_close(e)
+
+    def reset_rows(self, seed) -> None:
+        raise NotImplementedError
+
+    def step_rows(self, actions: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+def _safe_close(env):
+    try:
+        env.close()
+    except Exception:
+        pass
+
+
+class SerialVectorEnv(_InPlace):
+    """N Gymnasium envs stepped one after another in this process (same-step autoreset).
+
+    For env row i at each `step`:
+
+        o, r, term, trunc, _ = envs[i].step(actions[i])     # wrappers (TimeLimit, ...) included
+        final_obs[i] = o
+        obs[i]       = envs[i].reset()[0] if term or trunc else o
+
+    `reset(seed)` resets env i with `seed + seed_offset + i` (the process backend passes each worker
+    its first env index as `seed_offset`, so seeded episodes are the same on every backend). After an
+    autoreset the env is reset without a seed: its own generator, seeded at the first reset, goes on.
+    """
+
+    @staticmethod
+    def layout_of(env) -> Layout:
+        return Layout(env.observation_space, env.action_space)
+
+    def _setup(self):
+        self._scalar_actions = self._act_shape == () and self._act_dtype.kind in "iu"
+        self._obs_flat = self._obs.arrays[0] if self._obs.flat else None
+
+    def reset_rows(self, seed) -> None:
+        off = self.seed_offset
+        first = [e.reset(seed=None if seed is None else seed + off + i)[0] for i, e in enumerate(self.envs)]
+        self._obs.write_all(first)
+        self._obs.copy_to(self._final)
+        a = self.arrays
+        a["reward"][:] = 0
+        a["terminated"][:] = False
+        a["truncated"][:] = False
+
+    def step_rows(self, actions: np.ndarray) -> None:
+        acts = actions.tolist() if self._scalar_actions else actions
+        results = [env.step(act) for env, act in zip(self.envs, acts)]
+        obs_l, rew_l, term_l, trunc_l, _ = zip(*results)
+        a = self.arrays
+        if self._obs_flat is not None:
+            self._obs_flat[:] = obs_l
+        else:
+            self._obs.write_all(obs_l)
+        a["reward"][:] = rew_l
+        term = a["terminated"]
+        trunc = a["truncated"]
+        term[:] = term_l
+        trunc[:] = trunc_l
+        self._obs.copy_to(self._final)                 # final_obs = obs: the true last obs where done
+        if any(term_l) or any(trunc_l):
+            for i in np.flatnonzero(term | trunc).tolist():
+                self._obs.write(i, self.envs[i].reset()[0])   # same-step autoreset

@@ -1,0 +1,160 @@
+"""Serial vector env: the one stepping implementation, checked against single envs stepped by hand."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium import spaces
+from hypothesis import given, settings, strategies as st
+
+import rlflow as rf
+from rlflow.errors import ClosedError, SpecError, UsageError
+
+
+class Scripted(gym.Env):
+    """obs = [tag, episode, t, last action]; the episode length is drawn at reset from the seeded
+    generator; even episodes terminate at their end, odd ones are truncated."""
+
+    observation_space = spaces.Box(-1e9, 1e9, (4,), np.float32)
+    action_space = spaces.Discrete(5)
+
+    def __init__(self, tag=0, max_len=6):
+        self.tag = tag
+        self.max_len = max_len
+        self.episode = -1
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.episode += 1
+        self.t = 0
+        self.length = int(self.np_random.integers(1, self.max_len + 1))
+        return self._obs(0), {}
+
+    def _obs(self, a):
+        return np.array([self.tag, self.episode, self.t, a], np.float32)
+
+    def step(self, action):
+        assert self.action_space.contains(action), action
+        self.t += 1
+        end = self.t >= self.length
+        term = end and self.episode % 2 == 0
+        trunc = end and not term
+        return self._obs(int(action)), float(self.t + 10 * int(action)), term, trunc, {}
+
+
+def reference(envs, seed, actions):
+    """Step single envs by hand: list of per-step (obs, reward, term, trunc, final_obs)."""
+    out = []
+    obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(envs)])
+    for acts in actions:
+        o, r, te, tr, fo = [], [], [], [], []
+        for e, a in zip(envs, acts):
+            x, rew, t1, t2, _ = e.step(int(a))
+            fo.append(x)
+            if t1 or t2:
+                x = e.reset()[0]
+            o.append(x), r.append(rew), te.append(t1), tr.append(t2)
+        out.append((np.stack(o), np.array(r, np.float32), np.array(te), np.array(tr), np.stack(fo)))
+    return obs, out
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 5), seed=st.integers(0, 1000), steps=st.integers(1, 25), data=st.data())
+def test_serial_matches_reference(n, seed, steps, data):
+    actions = data.draw(st.lists(st.lists(st.integers(0, 4), min_size=n, max_size=n),
+                                 min_size=steps, max_size=steps))
+    ref_first, ref = reference([Scripted(i) for i in range(n)], seed, actions)
+    tags = iter(range(n))
+    with rf.envs.make(lambda: Scripted(next(tags)), n) as venv:
+        step = venv.reset(seed=seed)
+        np.testing.assert_array_equal(step.obs, ref_first)
+        np.testing.assert_array_equal(step.final_obs, ref_first)
+        assert not step.done.any() and (step.reward == 0).all()
+        for acts, (o, r, te, tr, fo) in zip(actions, ref):
+            step = venv.step(np.array(acts))
+            np.testing.assert_array_equal(step.obs, o)
+            np.testing.assert_array_equal(step.reward, r)
+            np.testing.assert_array_equal(step.terminated, te)
+            np.testing.assert_array_equal(step.truncated, tr)
+            np.testing.assert_array_equal(step.final_obs, fo)
+            np.testing.assert_array_equal(step.env_ids, np.arange(n))
+            assert step.reward.dtype == np.float32 and step.terminated.dtype == bool
+            assert step.alive is None
+
+
+def test_final_obs_on_termination_and_truncation():
+    with rf.envs.make(lambda: Scripted(0, max_len=1), 1) as venv:
+        venv.reset(seed=0)
+        s = venv.step([3])                        # episode 0 ends at t=1: terminated
+        assert s.terminated[0] and not s.truncated[0]
+        np.testing.assert_array_equal(s.final_obs[0], [0, 0, 1, 3])   # true last obs
+        np.testing.assert_array_equal(s.obs[0], [0, 1, 0, 0])         # next episode's first obs
+        s = venv.step([2])                        # episode 1 ends: truncated
+        assert s.truncated[0] and not s.terminated[0]
+        np.testing.assert_array_equal(s.final_obs[0], [0, 1, 1, 2])
+        np.testing.assert_array_equal(s.obs[0], [0, 2, 0, 0])
+        assert s.info["episode_return"][0] == 21 and s.info["episode_length"][0] == 1
+
+
+def test_time_limit_wrapper_truncates_with_final_obs():
+    venv = rf.envs.make("CartPole-v1", 2, max_episode_steps=5)
+    venv.reset(seed=1)
+    for t in range(5):
+        s = venv.step(np.zeros(2, np.int64))
+    assert s.done.all()
+    assert not np.array_equal(s.obs, s.final_obs)
+    venv.close()
+
+
+def test_same_seed_same_episodes():
+    runs = []
+    for _ in range(2):
+        with rf.envs.make("CartPole-v1", 3) as venv:
+            rng = np.random.default_rng(0)
+            obs = [venv.reset(seed=7).obs]
+            for _ in range(60):
+                obs.append(venv.step(rng.integers(0, 2, 3)).obs)
+            runs.append(np.stack(obs))
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_dict_observations():
+    class DictEnv(Scripted):
+        observation_space = spaces.Dict({"a": spaces.Box(-1e9, 1e9, (4,), np.float32),
+                                         "b": spaces.Discrete(3)})
+
+        def _obs(self, a):
+            return {"a": super()._obs(a), "b": self.t % 3}
+
+    with rf.envs.make(DictEnv, 2) as venv:
+        s = venv.reset(seed=0)
+        assert set(s.obs) == {"a", "b"} and s.obs["a"].shape == (2, 4) and s.obs["b"].shape == (2,)
+        s = venv.step([1, 1])
+        np.testing.assert_array_equal(s.final_obs["b"], [1, 1])
+
+
+def test_errors():
+    venv = rf.envs.make("CartPole-v1", 2)
+    venv.reset()
+    with pytest.raises(SpecError, match="actions.*expected shape \\(2,\\).*got shape \\(3,\\)"):
+        venv.step(np.zeros(3, np.int64))
+    with pytest.raises(SpecError, match="actions.*dtype"):
+        venv.step(np.zeros(2, np.float32))
+    venv.close()
+    assert venv.closed
+    with pytest.raises(ClosedError):
+        venv.step(np.zeros(2, np.int64))
+    with pytest.raises(UsageError, match="backend"):
+        rf.envs.make("CartPole-v1", 2, backend="threads")
+    with pytest.raises(UsageError, match="num_envs"):
+        rf.envs.make("CartPole-v1", 0)
+    with pytest.raises(UsageError, match="env"):
+        rf.envs.make(42, 1)
+
+
+def test_env_instance_and_wrappers():
+    env = gym.wrappers.RecordEpisodeStatistics(gym.make("CartPole-v1"))
+    with rf.envs.make(env, 3) as venv:
+        assert venv.envs[0] is env and venv.envs[1] is not env
+        s = venv.reset(seed=0)
+        assert s.obs.shape == (3, 4)
+        venv.step(np.ones(3, np.int64))
