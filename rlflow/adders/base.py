@@ -1,0 +1,348 @@
+"""What every rlflow adder shares: the row rule of `rf.Step`, input validation, spec bookkeeping.
+
+A subclass sees the stream of one vector env as three vectorized events, each on a set of rows
+(int64 arrays of row ids, indices into per-row state arrays of size `num_rows`):
+
+    _open(rows, action, extras)   rows that acted in the previous step: a transition opens with the
+                                  observation the row last started from (`_start`), this action and
+                                  these extras (flat dicts field -> [k, ...])
+    _close(rows, reward, terminated, truncated, final_obs)
+                                  rows whose open transition ends now (alive or done); returns items
+    _start(rows, obs, new_episode) rows alive now: their stream continues from `obs`
+    _before_open(rows, extras)    every row of the previous step (alive or not) with its extras, once
+                                  per `add` before `_open` (Rollout takes its bootstrap values here)
+
+`add` runs _before_open -> _open -> _close -> _start, in that order, and concatenates the items of
+_before_open and _close. Rows that are present but neither alive nor done are idle: no event.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from rlflow.core import Adder, Step
+from rlflow.errors import SpecError, UsageError, mismatch
+from rlflow.specs import ArraySpec, EnvSpec, flatten
+
+_EMPTY: dict = {}
+
+
+def _flat_specs(spec, prefix: str) -> dict[str, ArraySpec]:
+    return {k: v for k, v in flatten(spec, prefix).items()}
+
+
+def _concat(parts: list[dict[str, np.ndarray]], specs: dict[str, ArraySpec]) -> dict[str, np.ndarray]:
+    """One item batch from several (same fields); zero rows when there are none."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return {k: s.zeros((0,)) for k, s in specs.items()}
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+class RowAdder(Adder):
+    """Base class: validation, per-row bookkeeping and the row rule; subclasses hold the items.
+
+    Subclasses implement `_allocate()` (called once the data's specs are known), `_item_fields()`
+    (field -> spec of the emitted items, from `self.obs_specs`, `self.action_specs`,
+    `self.extras_specs`), `_open`, `_close`, `_start` and optionally `_before_open`, `_reset_rows`.
+    """
+
+    #: extras fields that the adder itself needs (Rollout: "value", "final_value").
+    required_extras: tuple = ()
+
+    def __init__(self):
+        self._declared_obs: Optional[dict[str, ArraySpec]] = None
+        self._declared_action: Optional[dict[str, ArraySpec]] = None
+        self._declared_extras: Optional[dict[str, ArraySpec]] = None
+        self._clear()
+
+    # ---------------------------------------------------------------- specs
+    def item_specs(self, env_spec: EnvSpec, extras_specs: Mapping[str, Any] | None = None
+                   ) -> dict[str, ArraySpec]:
+        """The specs of the items this adder emits (flat field names), known before any data.
+
+        Also records them: the data fed later must match them (else SpecError naming the field).
+        """
+        obs = _flat_specs(env_spec.observation, "obs")
+        act = _flat_specs(env_spec.action, "action")
+        ext = _flat_specs(dict(extras_specs or {}), "")
+        for name, s in list(obs.items()) + list(act.items()) + list(ext.items()):
+            if not isinstance(s, ArraySpec):
+                raise SpecError(mismatch("spec", name, "an ArraySpec", repr(s)))
+        self._check_extras_names(ext)
+        self._declared_obs, self._declared_action, self._declared_extras = obs, act, ext
+        return self._item_fields_for(obs, act, ext)
+
+    def _item_fields_for(self, obs, act, ext) -> dict[str, ArraySpec]:
+        saved = self.obs_specs, self.action_specs, self.extras_specs
+        self.obs_specs, self.action_specs, self.extras_specs = obs, act, ext
+        try:
+            return self._item_fields()
+        finally:
+            self.obs_specs, self.action_specs, self.extras_specs = saved
+
+    def _check_extras_names(self, ext: Mapping[str, Any]):
+        missing = [k for k in self.required_extras if k not in ext]
+        if missing:
+            raise SpecError(mismatch("extras field", missing[0], f"extras holding {list(self.required_extras)}",
+                                     f"extras {sorted(ext)}"))
+        reserved = self._reserved_names()
+        for k in ext:
+            if k in reserved or k.split("/")[0] in ("obs", "next_obs", "action"):
+                raise SpecError(mismatch("extras field", k, f"a name other than the item fields {sorted(reserved)}",
+                                         f"'{k}'"))
+
+    def _reserved_names(self) -> set:
+        return {"obs", "next_obs", "action", "reward", "discount", "mask", "is_first", "terminated",
+                "truncated", "advantage", "return", "next_value"}
+
+    # ---------------------------------------------------------------- state
+    def _clear(self):
+        self.num_rows = 0
+        self.obs_specs: Optional[dict[str, ArraySpec]] = None
+        self.action_specs: Optional[dict[str, ArraySpec]] = None
+        self.extras_specs: Optional[dict[str, ArraySpec]] = None
+        self._specs: Optional[dict[str, ArraySpec]] = None
+        self._started = False
+        self._prev_ids: Optional[np.ndarray] = None
+        self._prev_alive: Optional[np.ndarray] = None   # None: every previous row alive
+        self._open_rows: Optional[np.ndarray] = None     # bool [num_rows]: has an open transition
+
+    def reset(self) -> None:
+        """Forget all partial streams (the next call must be `add_first`)."""
+        self._started = False
+        self._prev_ids = None
+        self._prev_alive = None
+
+    # ---------------------------------------------------------------- validation
+    def _flat_obs(self, obs, prefix: str, n: int, field_what: str) -> dict[str, np.ndarray]:
+        flat = flatten(obs, prefix)
+        specs = self.obs_specs if prefix == "obs" else None
+        if specs is None:
+            return flat
+        if len(flat) != len(specs) or any(k not in specs for k in flat):
+            raise SpecError(mismatch(field_what, prefix, f"fields {sorted(specs)}", f"fields {sorted(flat)}"))
+        out = {}
+        for k, s in specs.items():
+            a = flat[k]
+            if not isinstance(a, np.ndarray):
+                a = np.asarray(a)
+            if a.shape[1:] != s.shape or a.shape[0] != n or a.ndim != len(s.shape) + 1:
+                raise SpecError(mismatch(field_what, k, f"shape {(n,) + s.shape}", f"shape {a.shape}"))
+            out[k] = a
+        return out
+
+    def _validate_step(self, step: Step, first: bool) -> tuple:
+        ids = np.asarray(step.env_ids)
+        n = len(ids)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise SpecError(mismatch("step", "env_ids", "an int array [B]", f"{ids.dtype} shape {ids.shape}"))
+        if first:
+            if n == 0:
+                raise UsageError(mismatch("step", "env_ids", "at least one row in the first step", "0 rows"))
+            if not np.array_equal(ids, np.arange(n)):
+                raise UsageError(mismatch("step", "env_ids", f"arange({n}) in the first (reset) step",
+                                          f"{ids.tolist()}"))
+            full = True
+        else:
+            full = n == self.num_rows and bool((ids == self._all_rows).all())
+            if not full and n and (ids.min() < 0 or ids.max() >= self.num_rows):
+                raise SpecError(mismatch("step", "env_ids", f"ids in [0, {self.num_rows})",
+                                         f"min {ids.min()}, max {ids.max()}"))
+        for name in ("reward", "terminated", "truncated"):
+            a = getattr(step, name)
+            if np.shape(a) != (n,):
+                raise SpecError(mismatch("step", name, f"shape ({n},)", f"shape {np.shape(a)}"))
+        alive = step.alive
+        if alive is not None:
+            alive = np.asarray(alive)
+            if alive.shape != (n,) or alive.dtype != np.bool_:
+                raise SpecError(mismatch("step", "alive", f"bool shape ({n},)", f"{alive.dtype} shape {alive.shape}"))
+            if alive.all():
+                alive = None
+        return ids, n, full, alive
+
+    def _validate_action_extras(self, actions, extras, n: int):
+        act = flatten(actions, "action")
+        if self.action_specs is None:   # first add: take the specs from the data (or the declaration)
+            specs = self._declared_action
+            if specs is None:
+                specs = {}
+                for k, a in act.items():
+                    a = np.asarray(a)
+                    if a.ndim < 1:
+                        raise SpecError(mismatch("action", k, f"an array with a batch axis of {n}",
+                                                 f"shape {a.shape}"))
+                    specs[k] = ArraySpec(a.shape[1:], a.dtype)
+            self.action_specs = specs
+        out_a = {}
+        if len(act) != len(self.action_specs) or any(k not in self.action_specs for k in act):
+            raise SpecError(mismatch("action", "action", f"fields {sorted(self.action_specs)}",
+                                     f"fields {sorted(act)}"))
+        for k, s in self.action_specs.items():
+            a = act[k]
+            if not isinstance(a, np.ndarray):
+                a = np.asarray(a)
+            if a.shape[:1] != (n,) or a.shape[1:] != s.shape:
+                raise SpecError(mismatch("action", k, f"shape {(n,) + s.shape} (one row per row of the previous step)",
+                                         f"shape {a.shape}"))
+            if a.dtype != s.dtype and (a.dtype.kind != s.dtype.kind and not (
+                    a.dtype.kind in "iu" and s.dtype.kind in "iu")):
+                raise SpecError(mismatch("action", k, f"dtype {s.dtype}", f"dtype {a.dtype}"))
+            out_a[k] = a
+        ext = flatten(extras, "") if extras else _EMPTY
+        if self.extras_specs is None:
+            specs = self._declared_extras
+            if specs is None:
+                specs = {}
+                for k, a in ext.items():
+                    a = np.asarray(a)
+                    if a.ndim < 1:
+                        raise SpecError(mismatch("extras field", k, f"an array with a batch axis of {n}",
+                                                 f"shape {a.shape}"))
+                    specs[k] = ArraySpec(a.shape[1:], a.dtype)
+                self._check_extras_names(specs)
+            self.extras_specs = specs
+        specs = self.extras_specs
+        if len(ext) != len(specs) or any(k not in specs for k in ext):
+            extra = sorted(set(ext) - set(specs))
+            missing = sorted(set(specs) - set(ext))
+            raise SpecError(mismatch("extras field", (extra or missing)[0],
+                                     f"the same extras fields in every call: {sorted(specs)}",
+                                     f"{sorted(ext)} (new {extra}, missing {missing})"))
+        out_e = {}
+        for k, s in specs.items():
+            a = ext[k]
+            if not isinstance(a, np.ndarray):
+                a = np.asarray(a)
+            if a.shape[:1] != (n,) or a.shape[1:] != s.shape:
+                raise SpecError(mismatch("extras field", k, f"shape {(n,) + s.shape}", f"shape {a.shape}"))
+            if a.dtype != s.dtype and a.dtype.kind != s.dtype.kind:
+                raise SpecError(mismatch("extras field", k, f"dtype {s.dtype}", f"dtype {a.dtype}"))
+            out_e[k] = a
+        return out_a, out_e
+
+    # ---------------------------------------------------------------- the contract
+    def add_first(self, step: Step) -> None:
+        """Start (or restart) every row's stream from a `reset` step. Open transitions are dropped."""
+        first_time = self.obs_specs is None
+        ids, n, _, alive = self._validate_step(step, first=True)
+        if first_time:
+            flat = flatten(step.obs, "obs")
+            specs = {}
+            for k, a in flat.items():
+                a = np.asarray(a)
+                if a.ndim < 1 or a.shape[0] != n:
+                    raise SpecError(mismatch("observation", k, f"an array with a batch axis of {n}",
+                                             f"shape {a.shape}"))
+                specs[k] = ArraySpec(a.shape[1:], a.dtype)
+            if self._declared_obs is not None:
+                for k, s in self._declared_obs.items():
+                    if k not in specs:
+                        raise SpecError(mismatch("observation", k, f"fields {sorted(self._declared_obs)}",
+                                                 f"fields {sorted(specs)}"))
+                    if specs[k].shape != s.shape:
+                        raise SpecError(mismatch("observation", k, f"shape {(n,) + s.shape}",
+                                                 f"shape {(n,) + specs[k].shape}"))
+                if len(specs) != len(self._declared_obs):
+                    raise SpecError(mismatch("observation", "obs", f"fields {sorted(self._declared_obs)}",
+                                             f"fields {sorted(specs)}"))
+                specs = dict(self._declared_obs)
+            self.obs_specs = specs
+            self.num_rows = n
+            self._all_rows = np.arange(n, dtype=np.int64)
+        elif n != self.num_rows:
+            raise UsageError(mismatch("add_first", "env_ids", f"{self.num_rows} rows (as in the first reset)",
+                                      f"{n} rows"))
+        obs = self._flat_obs(step.obs, "obs", n, "observation")
+        self._open_rows = np.zeros(self.num_rows, bool)
+        self._allocated = False          # fresh per-row state at the next add (specs complete then)
+        rows = self._all_rows if alive is None else self._all_rows[alive]
+        self._pending_first = (rows, obs if alive is None else {k: v[alive] for k, v in obs.items()})
+        self._prev_ids = self._all_rows
+        self._prev_alive = alive
+        self._started = True
+
+    def add(self, actions, step: Step, extras: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """Feed one vector step; return the items that are ready (field -> [k, ...], k >= 0)."""
+        if not self._started:
+            raise UsageError(mismatch("adder", "add", "add_first(step) after a reset before add",
+                                      "add without add_first" if self._prev_ids is None else "add after reset()"))
+        prev_ids, prev_alive = self._prev_ids, self._prev_alive
+        act, ext = self._validate_action_extras(actions, extras, len(prev_ids))
+        ids, n, full, alive = self._validate_step(step, first=False)
+        obs = self._flat_obs(step.obs, "obs", n, "observation")
+        final = self._flat_obs(step.final_obs, "obs", n, "final observation")
+        if not self._allocated:
+            self._specs = self._item_fields()
+            self._allocate()
+            self._allocated = True
+            rows, o = self._pending_first
+            self._start(rows, o, None)
+        out = []
+        before = self._before_open(prev_ids, ext)
+        if before:
+            out.append(before)
+        # 1. the rows of the previous step that were alive acted: open their transitions
+        if prev_alive is None:
+            self._open(prev_ids, act, ext)
+            self._open_rows[prev_ids] = True
+        elif prev_alive.any():
+            r = prev_ids[prev_alive]
+            self._open(r, {k: v[prev_alive] for k, v in act.items()}, {k: v[prev_alive] for k, v in ext.items()})
+            self._open_rows[r] = True
+        # 2. close the open transitions of rows that are alive or done
+        term = np.asarray(step.terminated, bool)
+        trunc = np.asarray(step.truncated, bool)
+        done = term | trunc
+        reward = step.reward
+        if full and alive is None and self._open_rows.all():
+            rows = ids
+            closing = None
+        else:
+            closing = self._open_rows[ids]
+            if alive is not None:
+                closing &= alive | done
+            rows = ids[closing]
+        if closing is None:
+            items = self._close(rows, reward, term, trunc, done, final)
+            self._open_rows[:] = False
+        elif len(rows):
+            items = self._close(rows, reward[closing], term[closing], trunc[closing], done[closing],
+                                {k: v[closing] for k, v in final.items()})
+            self._open_rows[rows] = False
+        else:
+            items = None
+        if items:
+            out.append(items)
+        # 3. rows alive now continue from obs
+        if alive is None:
+            self._start(ids, obs, done)
+        elif alive.any():
+            self._start(ids[alive], {k: v[alive] for k, v in obs.items()}, done[alive])
+        self._prev_ids = ids
+        self._prev_alive = alive
+        return _concat(out, self._specs)
+
+    # ---------------------------------------------------------------- hooks
+    def _item_fields(self) -> dict[str, ArraySpec]:
+        raise NotImplementedError
+
+    def _allocate(self) -> None:
+        raise NotImplementedError
+
+    def _before_open(self, rows: np.ndarray, extras: dict) -> Optional[dict]:
+        return None
+
+    def _open(self, rows: np.ndarray, action: dict, extras: dict) -> None:
+        raise NotImplementedError
+
+    def _close(self, rows, reward, terminated, truncated, done, final_obs) -> Optional[dict]:
+        raise NotImplementedError
+
+    def _start(self, rows: np.ndarray, obs: dict, new_episode: Optional[np.ndarray]) -> None:
+        raise NotImplementedError
