@@ -1,0 +1,257 @@
+"""Every adder against a slow, obviously-right reference (plain Python per row, per episode lists),
+on random schedules from `rlflow.testing.FakeVectorEnv`: terminations, truncations, agents that wait
+or die early (alive masks), pool-mode subsets of env_ids, nested observations.
+
+The adders' items are compared with the reference's as multisets: both are sorted by their first
+observation (which names row, episode and step) and then compared field by field."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+import rlflow as rf
+from rlflow import adders
+from rlflow.errors import SpecError, UsageError
+from rlflow.specs import flatten
+from rlflow.testing import FakePolicy, FakeVectorEnv
+
+
+# ------------------------------------------------------------------------------------------------
+# the reference: record every row's stream of transitions with plain Python
+# ------------------------------------------------------------------------------------------------
+def _row(tree, i):
+    return {k: np.asarray(v)[i] for k, v in flatten(tree, "obs").items()}
+
+
+def _row_flat(flat, i):
+    return {k: np.asarray(v)[i] for k, v in flat.items()}
+
+
+class Recorder:
+    """Applies the row rule of rf.Step, one row at a time, and keeps each row's transitions:
+    dicts with obs, action, extras, reward, terminated, truncated, next_obs, next_extras."""
+
+    def add_first(self, step):
+        self.cur, self.open, self.awaiting = {}, {}, {}
+        self.streams = {int(r): [] for r in step.env_ids}
+        for i, r in enumerate(step.env_ids):
+            if step.alive is None or step.alive[i]:
+                self.cur[int(r)] = _row(step.obs, i)
+        self.prev = step
+
+    def add(self, actions, step, extras):
+        extras = flatten(extras or {}, "")
+        prev = self.prev
+        for i, r in enumerate(prev.env_ids):
+            r = int(r)
+            if r in self.awaiting:
+                self.awaiting.pop(r)["next_extras"] = _row_flat(extras, i)
+            if prev.alive is None or prev.alive[i]:
+                self.open[r] = {"obs": self.cur[r], "action": np.asarray(actions)[i],
+                                "extras": _row_flat(extras, i)}
+        for i, r in enumerate(step.env_ids):
+            r = int(r)
+            alive = step.alive is None or bool(step.alive[i])
+            done = bool(step.terminated[i] or step.truncated[i])
+            if r in self.open and (alive or done):
+                tr = self.open.pop(r)
+                tr.update(reward=float(step.reward[i]), terminated=bool(step.terminated[i]),
+                          truncated=bool(step.truncated[i]), next_obs=_row(step.final_obs, i))
+                self.streams[r].append(tr)
+                self.awaiting[r] = tr
+            if alive:
+                self.cur[r] = _row(step.obs, i)
+        self.prev = step
+
+    def episodes(self, row):
+        """The row's episodes: (list of transitions, ended?)."""
+        out, ep = [], []
+        for tr in self.streams[row]:
+            ep.append(tr)
+            if tr["terminated"] or tr["truncated"]:
+                out.append((ep, True))
+                ep = []
+        if ep:
+            out.append((ep, False))
+        return out
+
+
+def _transition_item(tr):
+    item = dict(tr["obs"])
+    item["action"] = tr["action"]
+    item.update(tr["extras"])
+    return item
+
+
+def ref_nstep(rec, n, gamma):
+    items = []
+    for row in rec.streams:
+        for ep, ended in rec.episodes(row):
+            for i in range(len(ep)):
+                if i + n > len(ep) and not ended:
+                    continue                      # window not complete yet
+                window = ep[i:i + n]
+                item = _transition_item(ep[i])
+                item["reward"] = sum(gamma ** k * tr["reward"] for k, tr in enumerate(window))
+                terminated = any(tr["terminated"] for tr in window)
+                item["discount"] = 0.0 if terminated else gamma ** len(window)
+                item.update({"next_" + k: v for k, v in window[-1]["next_obs"].items()})
+                items.append(item)
+    return items
+
+
+# ------------------------------------------------------------------------------------------------
+# running and comparing
+# ------------------------------------------------------------------------------------------------
+def run(adder, env, policy, steps, seed=0):
+    rec = Recorder()
+    step = env.reset(seed=seed)
+    adder.add_first(step)
+    rec.add_first(step)
+    got = []
+    for _ in range(steps):
+        actions, extras = policy.act_step(step)
+        step = env.step(actions)
+        out = adder.add(actions, step, extras)
+        got.append(out)
+        rec.add(actions, step, extras)
+    if not got:
+        return {}, rec
+    specs = adder._specs
+    for out in got:   # every call returns the same fields, with zero rows when nothing is ready
+        assert set(out) == set(specs), (sorted(out), sorted(specs))
+        for k, s in specs.items():
+            assert out[k].shape[1:] == s.shape and out[k].dtype == s.dtype, (k, out[k].shape, out[k].dtype, s)
+    merged = {k: np.concatenate([o[k] for o in got]) for k in specs}
+    return merged, rec
+
+
+def _key(item):
+    keys = sorted(k for k in item if k == "obs" or k.startswith("obs/"))
+    return tuple(np.concatenate([np.asarray(item[k], np.float64).ravel() for k in keys]).tolist())
+
+
+def assert_same_items(got: dict, expected: list[dict]):
+    n = len(next(iter(got.values()))) if got else 0
+    assert n == len(expected), f"{n} items, expected {len(expected)}"
+    got_items = [{k: v[i] for k, v in got.items()} for i in range(n)]
+    got_items.sort(key=_key)
+    expected = sorted(expected, key=_key)
+    for g, e in zip(got_items, expected):
+        assert set(g) == set(e), (sorted(g), sorted(e))
+        for k in e:
+            np.testing.assert_allclose(np.asarray(g[k], np.float64), np.asarray(e[k], np.float64),
+                                       rtol=1e-5, atol=1e-5, err_msg=f"field {k}")
+
+
+schedules = st.fixed_dictionaries({
+    "num_envs": st.integers(1, 6),
+    "seed": st.integers(0, 2**31 - 1),
+    "multi_agent": st.booleans(),
+    "pool": st.booleans(),
+    "dict_obs": st.booleans(),
+    "p_terminate": st.sampled_from([0.0, 0.05, 0.2, 0.5]),
+    "p_truncate": st.sampled_from([0.0, 0.05, 0.2]),
+})
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def make(sched):
+    sched = dict(sched)
+    seed = sched.pop("seed")
+    env = FakeVectorEnv(seed=seed, **sched)
+    return env, FakePolicy(env.spec, seed=seed + 1), seed
+
+
+# ------------------------------------------------------------------------------------------------
+# transitions
+# ------------------------------------------------------------------------------------------------
+@SETTINGS
+@given(sched=schedules, n=st.integers(1, 4), gamma=st.sampled_from([0.0, 0.5, 0.99, 1.0]),
+       steps=st.integers(0, 40))
+def test_nstep_matches_reference(sched, n, gamma, steps):
+    env, policy, seed = make(sched)
+    adder = adders.NStepTransition(n, gamma)
+    got, rec = run(adder, env, policy, steps, seed)
+    assert_same_items(got, ref_nstep(rec, n, gamma))
+
+
+def test_transition_is_one_step():
+    env = FakeVectorEnv(3, seed=1, p_terminate=0.2, p_truncate=0.2)
+    a = adders.Transition(0.9)
+    got, rec = run(a, env, FakePolicy(env.spec, seed=2), 50, seed=1)
+    assert_same_items(got, ref_nstep(rec, 1, 0.9))
+    # truncation bootstraps, termination does not
+    term = np.array([tr["terminated"] for s in rec.streams.values() for tr in s])
+    trunc = np.array([tr["truncated"] for s in rec.streams.values() for tr in s])
+    assert term.any() and trunc.any()
+    assert set(np.unique(got["discount"]).tolist()) == {0.0, np.float32(0.9)}
+
+
+def test_item_specs_match_items_nested():
+    env = FakeVectorEnv(2, seed=0, dict_obs=True)
+    policy = FakePolicy(env.spec, seed=0)
+    a = adders.NStepTransition(3, 0.99)
+    extras_specs = {"value": rf.ArraySpec((), np.float32), "final_value": rf.ArraySpec((), np.float32),
+                    "log_prob": rf.ArraySpec((), np.float32), "state": rf.ArraySpec((2,), np.float32)}
+    specs = a.item_specs(env.spec, extras_specs)
+    assert set(specs) == {"obs/pos", "obs/t", "action", "reward", "discount", "next_obs/pos", "next_obs/t",
+                          "value", "final_value", "log_prob", "state"}
+    got, _ = run(a, env, policy, 30)
+    for k, s in specs.items():
+        assert got[k].shape[1:] == s.shape and got[k].dtype == s.dtype
+
+
+# ------------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------------
+ALL_ADDERS = [lambda: adders.Transition(0.9), lambda: adders.NStepTransition(3, 0.9)]
+
+
+@pytest.mark.parametrize("make_adder", ALL_ADDERS)
+def test_errors_name_the_field(make_adder):
+    env = FakeVectorEnv(3, seed=0)
+    policy = FakePolicy(env.spec, seed=0)
+    a = make_adder()
+    step = env.reset()
+    actions, extras = policy.act_step(step)
+    nxt = env.step(actions)
+    with pytest.raises(UsageError, match="add_first"):
+        a.add(actions, nxt, extras)
+    a.add_first(step)
+    with pytest.raises(SpecError, match=r"action 'action': expected shape \(3,\)"):
+        a.add(actions[:2], nxt, extras)
+    with pytest.raises(SpecError, match="action 'action': expected dtype"):
+        a.add(actions.astype(np.float32) + 0.5, nxt, extras)
+    a.add(actions, nxt, extras)
+    actions, extras = policy.act_step(nxt)
+    nxt2 = env.step(actions)
+    with pytest.raises(SpecError, match="extras field 'bogus'"):
+        a.add(actions, nxt2, dict(extras, bogus=np.zeros(3, np.float32)))
+    with pytest.raises(SpecError, match="extras field 'value'"):
+        a.add(actions, nxt2, {k: v for k, v in extras.items() if k != "value"})
+    with pytest.raises(SpecError, match="extras field 'state': expected shape"):
+        a.add(actions, nxt2, dict(extras, state=np.zeros((3, 3), np.float32)))
+    a.reset()
+    with pytest.raises(UsageError, match="add_first"):
+        a.add(actions, nxt2, extras)
+
+
+def test_declared_specs_are_enforced():
+    env = FakeVectorEnv(2, seed=0)
+    a = adders.Transition(0.9)
+    a.item_specs(env.spec, {"value": rf.ArraySpec((), np.float32)})
+    step = env.reset()
+    a.add_first(step)
+    with pytest.raises(SpecError, match="extras field 'log_prob'"):
+        a.add(np.zeros(2, np.int64), env.step(np.zeros(2, np.int64)),
+              {"value": np.zeros(2, np.float32), "log_prob": np.zeros(2, np.float32)})
+
+
+def test_constructor_validation():
+    with pytest.raises(UsageError, match="'n'"):
+        adders.NStepTransition(0, 0.9)
+    with pytest.raises(UsageError, match="'discount'"):
+        adders.Transition(1.5)
