@@ -373,6 +373,15 @@ class _InPlace(VectorEnv):
         raise NotImplementedError
 
 
+def note_env_index(exc: BaseException, index: int) -> None:
+    """Mark an env's exception with the env's index (read back by the process backend)."""
+    try:
+        exc.rlflow_env_index = index
+        exc.add_note(f"(raised by env {index})")
+    except Exception:  # pragma: no cover - exotic exception types
+        pass
+
+
 def _safe_close(env):
     try:
         env.close()
@@ -404,7 +413,13 @@ class SerialVectorEnv(_InPlace):
 
     def reset_rows(self, seed) -> None:
         off = self.seed_offset
-        first = [e.reset(seed=None if seed is None else seed + off + i)[0] for i, e in enumerate(self.envs)]
+        first = []
+        try:
+            for i, e in enumerate(self.envs):
+                first.append(e.reset(seed=None if seed is None else seed + off + i)[0])
+        except Exception as exc:
+            note_env_index(exc, off + len(first))
+            raise
         self._obs.write_all(first)
         self._obs.copy_to(self._final)
         a = self.arrays
@@ -414,7 +429,13 @@ class SerialVectorEnv(_InPlace):
 
     def step_rows(self, actions: np.ndarray) -> None:
         acts = actions.tolist() if self._scalar_actions else actions
-        results = [env.step(act) for env, act in zip(self.envs, acts)]
+        results = []
+        try:
+            for env, act in zip(self.envs, acts):
+                results.append(env.step(act))
+        except Exception as exc:
+            note_env_index(exc, self.seed_offset + len(results))
+            raise
         obs_l, rew_l, term_l, trunc_l, _ = zip(*results)
         a = self.arrays
         if self._obs_flat is not None:
@@ -429,4 +450,8 @@ class SerialVectorEnv(_InPlace):
         self._obs.copy_to(self._final)                 # final_obs = obs: the true last obs where done
         if any(term_l) or any(trunc_l):
             for i in np.flatnonzero(term | trunc).tolist():
-                self._obs.write(i, self.envs[i].reset()[0])   # same-step autoreset
+                try:
+                    self._obs.write(i, self.envs[i].reset()[0])   # same-step autoreset
+                except Exception as exc:
+                    note_env_index(exc, self.seed_offset + i)
+                    raise

@@ -1,0 +1,330 @@
+"""The process backend of vector envs: worker processes over shared memory, and its pool mode.
+
+Each of W workers runs the same in-place vector env class as the serial backend (SerialVectorEnv,
+or a PettingZoo one) over its contiguous slice of the N envs, with that class's row arrays placed in
+one shared-memory block. A step is:
+
+    parent                                   worker w (rows lo:hi)
+    ------                                   ---------------------
+    actions[lo:hi] = a  (shared memory)
+    write 1 byte "s" to w's socket  ───────▶ read 1 byte (blocks; no spinning)
+                                             venv.step_rows(actions[lo:hi])  -> writes obs, reward,
+                                             terminated, truncated, final_obs in place
+    read 1 byte (blocks) ◀────────────────── write 1 byte "k"   (or "e" + the pickled traceback)
+    Step = copies of the shared rows
+
+Nothing is pickled per step. Seeds for `reset` travel in a small shared array beside the rows.
+
+Faults. A worker whose env raises replies "e" with its traceback and the env index; a worker that
+dies closes its socket, which the parent reads as end-of-file (never a hang). Both raise
+`rlflow.errors.WorkerError` in the parent, after which the vector env is closed: it stops every
+worker and frees the shared memory. Workers ignore SIGINT (Ctrl-C reaches the parent, which closes
+them), die with the parent (Linux: PR_SET_PDEATHSIG), and `close()`, garbage collection and
+interpreter exit (a weakref finalizer) stop and reap them.
+
+Start method. "fork" on Linux while the parent runs a single Python thread (cheap, and the shared
+block is an anonymous mapping, so nothing is ever named in /dev/shm); "spawn" otherwise (the envs'
+factories must be picklable; the block is a named segment "rlflow_*" that the parent unlinks as
+soon as every worker has attached).
+
+Pool mode (`batch_size=k < N`, EnvPool's async mode). Each worker owns N/W envs and k must be a
+multiple of that. `reset()` returns all N rows (env_ids = arange(N)). Each `step(actions)` takes
+actions for the rows of the previous returned Step (after reset: all N), starts those workers, and
+returns the rows of the first k/(N/W) workers to finish (a worker already finished but not yet
+returned counts first), with `env_ids` saying which envs they are:
+
+    reset()        -> rows of workers 0 1 2 3          env_ids 0..7      (N=8, W=4, k=4)
+    step(a[0..7])  -> workers 2 0 finished first       env_ids 4 5 0 1
+    step(a for 4 5 0 1) -> workers 1 3 (still running, now done) ...
+
+So each env's stream is a strict alternation of (its rows returned, its actions given), and an
+adder keyed by env_ids keeps every stream straight.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+import weakref
+from collections import deque
+
+import numpy as np
+
+from rlflow.envs.vector import Layout, ObsBuffer, VectorEnv
+from rlflow.errors import UsageError, WorkerError, mismatch
+from rlflow.runtime.shm import SharedArrays
+
+__all__ = ["ProcessVectorEnv", "default_start_method"]
+
+_STEP, _RESET, _CLOSE = b"s", b"r", b"c"
+_OK, _ERR = b"k", b"e"
+_NO_SEED = np.iinfo(np.int64).min
+
+
+def default_start_method() -> str:
+    """"fork" on Linux while only one Python thread runs (forking threads can deadlock), else "spawn"."""
+    if sys.platform.startswith("linux") and threading.active_count() == 1:
+        return "fork"
+    return "spawn"
+
+
+class ProcessVectorEnv(VectorEnv):
+    """N envs in W worker processes, stepped over shared memory; optional pool mode (see module doc).
+
+    `cls` is the in-place vector env class each worker runs over its slice (SerialVectorEnv,
+    ParallelVectorEnv, AECVectorEnv); `env_fns` one zero-argument factory per env; `layout` the
+    spaces (read from a probe env by `rf.envs.make`). Seeded resets give the same episodes as the
+    serial backend: env i is reset with `seed + i` on every backend.
+    """
+
+    def __init__(self, cls, env_fns, layout: Layout, workers: int, batch_size=None, seed=None,
+                 start_method=None):
+        n = len(env_fns)
+        if not isinstance(workers, int) or not 1 <= workers <= n:
+            raise UsageError(mismatch("argument", "workers", f"an int in [1, num_envs={n}]", repr(workers)))
+        self.num_workers = workers
+        rpe = layout.rows_per_env
+        if batch_size is None or batch_size == n:
+            self.batch_size = n
+            bounds = np.linspace(0, n, workers + 1).round().astype(int)   # near-equal slices
+        else:
+            if n % workers:
+                raise UsageError(mismatch("argument", "workers", f"a divisor of num_envs={n} in pool "
+                                          "mode", workers))
+            epw = n // workers
+            if not isinstance(batch_size, int) or not (0 < batch_size < n) or batch_size % epw:
+                raise UsageError(mismatch("argument", "batch_size", f"a multiple of the envs per worker "
+                                          f"({epw}) below num_envs={n}", repr(batch_size)))
+            self.batch_size = batch_size
+            bounds = np.arange(0, n + 1, epw)
+        self.pool = self.batch_size < n
+        self._env_bounds = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        self._row_bounds = [(a * rpe, b * rpe) for a, b in self._env_bounds]
+        super().__init__(layout, n * rpe, seed=seed)
+        method = start_method or default_start_method()
+        if method not in ("fork", "spawn", "forkserver"):
+            raise UsageError(mismatch("argument", "start_method", "'fork', 'spawn' or 'forkserver'",
+                                      repr(method)))
+        self.start_method = method
+        ctx = mp.get_context(method)
+
+        specs = layout.array_specs(self.num_envs)
+        specs["seed"] = ((workers,), np.dtype(np.int64))
+        self._block = SharedArrays(specs, named=method != "fork")
+        self.arrays = {k: v for k, v in self._block.arrays.items() if k != "seed"}
+        self._seeds = self._block.arrays["seed"]
+        self._actions = self.arrays["actions"]
+        self._obs = ObsBuffer(layout, self.arrays, "obs")
+        self._final = ObsBuffer(layout, self.arrays, "final_obs")
+
+        self._procs, self._conns, self._fds = [], [], []
+        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, self._block)
+        try:
+            for w, ((e0, e1), (r0, r1)) in enumerate(zip(self._env_bounds, self._row_bounds)):
+                parent_end, child_end = ctx.Pipe(duplex=True)
+                inherited = list(self._conns) if method == "fork" else []
+                p = ctx.Process(target=_worker_main, name=f"rlflow-env-worker-{w}", daemon=True,
+                                args=(w, cls, list(env_fns[e0:e1]), layout, self._block.handle(),
+                                      (r0, r1), e0, child_end, inherited))
+                p.start()
+                child_end.close()      # the worker holds the only other end: its death reads as EOF
+                self._procs.append(p)
+                self._conns.append(parent_end)
+                self._fds.append(parent_end.fileno())
+            for w in range(workers):
+                self._recv(w)          # each worker replies once its envs are built
+            self._block.unlink()       # every worker has attached: nothing left to leak by name
+        except BaseException:
+            self.close()
+            raise
+        self._ids_of = [np.arange(r0, r1, dtype=np.int64) for r0, r1 in self._row_bounds]
+        self._busy: set[int] = set()     # stepping, result not read
+        self._ready: deque[int] = deque()  # result read, rows not yet returned (pool mode)
+        self._last: list[int] = list(range(workers))   # workers whose rows the last Step returned
+
+    # ---- transport --------------------------------------------------------------------------------
+    def _send(self, w, msg):
+        try:
+            os.write(self._fds[w], msg)
+        except OSError:
+            self._fail(w, "died (its socket is closed)")
+
+    def _recv(self, w):
+        try:
+            msg = os.read(self._fds[w], 1)
+        except OSError:
+            msg = b""
+        if msg == _OK:
+            return
+        if msg == _ERR:
+            try:
+                tb, env_index = pickle.loads(self._conns[w].recv_bytes())
+            except Exception:
+                tb, env_index = "(the traceback could not be read)", None
+            where = f"env worker {w}" + ("" if env_index is None else f", env {env_index}")
+            self.close()
+            raise WorkerError("an environment raised an exception", tb, where)
+        self._fail(w, "died" if not msg else f"sent an unknown message {msg!r}")
+
+    def _fail(self, w, what):
+        p = self._procs[w]
+        p.join(timeout=1.0)
+        code = p.exitcode
+        e0, e1 = self._env_bounds[w]
+        self.close()
+        raise WorkerError(f"the worker process {what} (exit code {code}"
+                          f"{', signal ' + signal.Signals(-code).name if code and code < 0 else ''})",
+                          "", f"env worker {w} (envs {e0}..{e1 - 1}, pid {p.pid})")
+
+    # ---- VectorEnv ----------------------------------------------------------------------------------
+    def _reset(self, seed):
+        for w in list(self._busy):     # pool mode: let running steps finish first
+            self._recv(w)
+        self._busy.clear()
+        self._ready.clear()
+        for w, (e0, _) in enumerate(self._env_bounds):
+            self._seeds[w] = _NO_SEED if seed is None else seed
+        for w in range(self.num_workers):
+            self._send(w, _RESET)
+        for w in range(self.num_workers):
+            self._recv(w)
+        self._last = list(range(self.num_workers))
+        return self._make_step(self.arrays, self._obs, self._final)
+
+    def _step(self, actions):
+        if not self.pool:
+            np.copyto(self._actions, actions)
+            for w in range(self.num_workers):
+                self._send(w, _STEP)
+            for w in range(self.num_workers):
+                self._recv(w)
+            return self._make_step(self.arrays, self._obs, self._final)
+        # pool mode: actions belong to the rows of the workers returned last
+        j = 0
+        for w in self._last:
+            r0, r1 = self._row_bounds[w]
+            self._actions[r0:r1] = actions[j:j + r1 - r0]
+            j += r1 - r0
+            self._send(w, _STEP)
+            self._busy.add(w)
+        need = self.batch_size // (self._env_bounds[0][1] - self._env_bounds[0][0])
+        while len(self._ready) < need:
+            busy = sorted(self._busy)
+            done = mpc.wait([self._conns[w] for w in busy])
+            for w in busy:
+                if self._conns[w] in done:
+                    self._recv(w)
+                    self._busy.discard(w)
+                    self._ready.append(w)
+        chosen = [self._ready.popleft() for _ in range(need)]
+        self._last = chosen
+        index = np.concatenate([self._ids_of[w] for w in chosen])
+        step = self._make_step(self.arrays, self._obs, self._final, ids=index, index=index)
+        self._expected_rows = len(index)
+        return step
+
+    def _close(self):
+        self._finalizer()
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids."""
+        return [p.pid for p in self._procs]
+
+
+def _shutdown(procs, conns, block):
+    """Stop and reap every worker, close the sockets, free the shared block. Safe to call twice."""
+    for c in conns:
+        try:
+            os.write(c.fileno(), _CLOSE)
+        except (OSError, ValueError):
+            pass
+    for p in procs:
+        p.join(timeout=2.0)
+        if p.exitcode is None:
+            p.terminate()
+            p.join(timeout=1.0)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+    for c in conns:
+        try:
+            c.close()
+        except OSError:
+            pass
+    for p in procs:
+        try:
+            p.close()
+        except ValueError:
+            pass
+    procs.clear()
+    conns.clear()
+    block.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker process
+# --------------------------------------------------------------------------------------------------
+def _die_with_parent():
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
+        except Exception:  # pragma: no cover
+            pass
+
+
+def _worker_main(w, cls, env_fns, layout, handle, rows, env_offset, conn, inherited):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is the parent's to handle
+    _die_with_parent()
+    for c in inherited:                                # other workers' parent ends (fork)
+        c.close()
+    fd = conn.fileno()
+    venv = None
+
+    def reply_error(exc):
+        index = getattr(exc, "rlflow_env_index", None)
+        payload = pickle.dumps((traceback.format_exc(), index))
+        try:
+            os.write(fd, _ERR)
+            conn.send_bytes(payload)
+        except OSError:
+            pass
+
+    try:
+        block = SharedArrays.attach(handle)
+        r0, r1 = rows
+        arrays = {k: v[r0:r1] for k, v in block.arrays.items() if k != "seed"}
+        seeds = block.arrays["seed"]
+        venv = cls(env_fns, layout=layout, arrays=arrays, seed_offset=env_offset)
+        actions = arrays["actions"]
+        os.write(fd, _OK)
+        while True:
+            msg = os.read(fd, 1)
+            if msg == _STEP:
+                venv.step_rows(actions)
+            elif msg == _RESET:
+                seed = int(seeds[w])
+                venv.reset_rows(None if seed == _NO_SEED else seed)
+            else:                                      # close, or the parent is gone
+                break
+            os.write(fd, _OK)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    except BaseException as exc:                       # noqa: BLE001 - forwarded to the parent
+        reply_error(exc)
+    finally:
+        if venv is not None:
+            venv.close()
+        try:
+            conn.close()
+        except OSError:
+            pass
