@@ -1,6 +1,599 @@
-"""The Table (placeholder until the replay work lands)."""
+"""The Table: fixed-capacity columnar storage + a sampler + a remover + a rate limiter."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Mapping
+
+import numpy as np
+
+from rlflow.core import Sample
+from rlflow.errors import ClosedError, SpecError, Timeout, UsageError, mismatch
+from rlflow.replay import rate_limiters as _rl
+from rlflow.replay import selectors as _sel
+from rlflow.specs import ArraySpec
+
+_I64 = np.int64
+_ndarray = np.ndarray
+
+
+def _positive_int(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UsageError(mismatch("argument", name, "an integer >= 1", repr(value)))
+    return int(value)
 
 
 class Table:
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("Table is not built yet")
+    """Items in preallocated columns, chosen by a sampler, evicted by a remover, paced by a limiter.
+
+        table = Table(capacity, sampler=Uniform(), remover=Fifo(), rate_limiter=MinSize(1),
+                      max_times_sampled=0, specs=None)
+        keys   = table.insert({"obs": obs[n, ...], ...}, priorities=None)   # int64 [n]
+        sample = table.sample(256)            # .keys [256] int64, .probabilities [256], .data
+        table.update_priorities(sample.keys, new_priorities)
+
+    Storage. One numpy array per field, shape [capacity, *spec.shape]. `specs` (field -> ArraySpec)
+    fixes the fields up front; with `specs=None` the first insert fixes them (its shapes and dtypes)
+    and every later insert is checked against them. A sample returns copies.
+
+    Keys. Every inserted item gets the next int64 key (0, 1, 2, ... per table). A key is valid until
+    its item is removed; `update_priorities` / `delete` of a removed key are ignored (they never
+    touch the item now in that slot); a key never issued is a UsageError.
+
+    Life of an item:
+
+        insert ──▶ in sampler and remover ──▶ sampled k times ──▶ removed when
+                                                 k == max_times_sampled (if > 0),
+                                                 or evicted by the remover when an insert finds
+                                                 the table full, or deleted
+
+    Priorities default to 1.0. The sampler and the remover both see every item and its priority.
+
+    Blocking. `insert` waits while the rate limiter refuses it, `sample(n)` while the limiter
+    refuses n draws or (for a sampler that draws distinct items: Fifo, Lifo, heaps) fewer than n
+    items are present, or (with max_times_sampled) fewer than n draws remain. `timeout=None` waits
+    indefinitely, as Reverb does; past the deadline `rlflow.errors.Timeout` says what it waited
+    for; `close()` wakes every waiter with ClosedError. Waits are on a condition variable: they
+    never spin. A request that can never be met (n > capacity, or more than the limiter ever
+    allows) is a UsageError at once.
+
+    Batches. A sample of n draws the n ids in one call of the sampler. With max_times_sampled > 0
+    and a sampler that draws with replacement, an item is never returned more often than it has
+    draws left: if the batch would break that, it is redrawn one item at a time (Reverb's order:
+    draw, count, remove when exhausted).
+
+    Every public method holds one lock: inserting and sampling threads may run at once.
+    """
+
+    def __init__(self, capacity: int, sampler=None, remover=None, rate_limiter=None,
+                 max_times_sampled: int = 0, specs: Mapping[str, ArraySpec] | None = None):
+        capacity = _positive_int("capacity", capacity)
+        sampler = _sel.Uniform() if sampler is None else sampler
+        remover = _sel.Fifo() if remover is None else remover
+        rate_limiter = _rl.MinSize(1) if rate_limiter is None else rate_limiter
+        for name, obj, cls in (("sampler", sampler, _sel.core.Selector), ("remover", remover, _sel.core.Selector),
+                               ("rate_limiter", rate_limiter, _rl.core.RateLimiter)):
+            if not isinstance(obj, cls):
+                raise UsageError(mismatch("argument", name, f"an instance of {cls.__module__}.{cls.__name__}",
+                                          f"{type(obj).__name__}"))
+            if getattr(obj, "_rlflow_table", None) is not None:
+                raise UsageError(f"argument '{name}': this {type(obj).__name__} already belongs to a table; "
+                                 f"give each table its own")
+        if sampler is remover:
+            raise UsageError("argument 'remover': the same selector object cannot be both sampler and "
+                             "remover; pass two instances")
+        if isinstance(max_times_sampled, (bool, np.bool_)) or not isinstance(max_times_sampled, (int, np.integer)) \
+                or max_times_sampled < 0:
+            raise UsageError(mismatch("argument", "max_times_sampled", "an integer >= 0 (0: no limit)",
+                                      repr(max_times_sampled)))
+        min_size = getattr(rate_limiter, "min_size_to_sample", None)
+        if min_size is not None and min_size > capacity:
+            raise UsageError(
+                f"table would deadlock: rate limiter min_size_to_sample={min_size} > capacity={capacity}, "
+                f"so sampling could never start")
+        if len(sampler) or len(remover) or getattr(rate_limiter, "inserts", 0):
+            raise UsageError("sampler, remover and rate_limiter must be fresh (empty) when a table is built")
+        self.capacity = capacity
+        self.sampler = sampler
+        self.remover = remover
+        self.rate_limiter = rate_limiter
+        self.max_times_sampled = int(max_times_sampled)
+        for obj in (sampler, remover, rate_limiter):
+            obj._rlflow_table = True
+        for sel in (sampler, remover):
+            if hasattr(sel, "reserve"):
+                sel.reserve(capacity)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiters = 0
+        self._closed = False
+        # slots
+        self._slot_key = np.full(capacity, -1, dtype=_I64)
+        self._times = np.zeros(capacity, dtype=_I64)
+        self._prio = np.zeros(capacity, dtype=np.float64)
+        self._free = np.arange(capacity - 1, -1, -1, dtype=_I64)  # stack; top = end = lowest slot
+        self._nfree = capacity
+        self._key_slot: dict[int, int] = {}
+        self._next_key = 0
+        self._budget = 0  # draws left before max_times_sampled removes items (when > 0)
+        self._last = (None, None)  # (keys, slots) of the last sample: fast path of update_priorities
+        self._stats = {"inserts": 0, "samples": 0, "deletes": 0, "evictions": 0, "expired": 0}
+        self._specs = None
+        self._storage: dict[str, np.ndarray] = {}
+        self._cols: list = []
+        if specs is not None:
+            self._allocate(self._check_specs(specs))
+
+    # ---- presets --------------------------------------------------------------------------------
+    @classmethod
+    def queue(cls, size: int, specs=None) -> "Table":
+        """A FIFO queue of at most `size` unread items: each item is read once, oldest first.
+
+        Fifo sampler, Fifo remover, max_times_sampled=1, rate_limiters.Queue(size)."""
+        return cls(size, _sel.Fifo(), _sel.Fifo(), _rl.Queue(size), max_times_sampled=1, specs=specs)
+
+    @classmethod
+    def stack(cls, size: int, specs=None) -> "Table":
+        """A LIFO stack of at most `size` unread items: each item is read once, newest first.
+
+        Lifo sampler, Lifo remover, max_times_sampled=1, rate_limiters.Queue(size)."""
+        return cls(size, _sel.Lifo(), _sel.Lifo(), _rl.Queue(size), max_times_sampled=1, specs=specs)
+
+    # ---- specs and storage ----------------------------------------------------------------------
+    @staticmethod
+    def _check_specs(specs):
+        if not isinstance(specs, Mapping) or not specs:
+            raise UsageError(mismatch("argument", "specs", "a non-empty flat dict field -> ArraySpec",
+                                      repr(specs)))
+        for k, v in specs.items():
+            if not isinstance(k, str) or not isinstance(v, ArraySpec):
+                raise UsageError(mismatch("spec", str(k), "an ArraySpec under a str field name", repr(v)))
+        return dict(specs)
+
+    def _allocate(self, specs):
+        self._storage = {k: np.zeros((self.capacity,) + s.shape, dtype=s.dtype) for k, s in specs.items()}
+        self._cols = [(k, self._storage[k], s.shape, s.dtype) for k, s in specs.items()]
+        self._fast_shapes = {k: (1,) + s.shape for k, s in specs.items()}
+        self._specs = specs
+
+    @property
+    def specs(self) -> dict | None:
+        """field -> ArraySpec of the stored items (None until the first insert if not given)."""
+        return None if self._specs is None else dict(self._specs)
+
+    def _validate(self, items):
+        """items -> (list of arrays in column order, n). Raises SpecError naming the field."""
+        if not isinstance(items, Mapping):
+            raise UsageError(mismatch("argument", "items", "a mapping field -> array", type(items).__name__))
+        specs = self._specs
+        if len(items) != len(specs) or any(k not in specs for k in items):
+            missing = [k for k in specs if k not in items]
+            extra = [k for k in items if k not in specs]
+            field = (missing or extra)[0]
+            raise SpecError(mismatch("field", field, f"fields {sorted(specs)}",
+                                     f"fields {sorted(items)} (missing {missing}, unknown {extra})"))
+        arrays = []
+        n = None
+        for name, store, shape, dtype in self._cols:
+            a = items[name]
+            if not (a.__class__ is _ndarray and a.dtype is dtype and a.shape[1:] == shape
+                    and a.ndim == len(shape) + 1):
+                a = specs[name].validate(a, name)
+            if n is None:
+                n = a.shape[0]
+            elif a.shape[0] != n:
+                raise SpecError(mismatch("field", name, f"batch size {n} like the other fields",
+                                         f"batch size {a.shape[0]}"))
+            arrays.append(a)
+        return arrays, n
+
+    # ---- checks ---------------------------------------------------------------------------------
+    @staticmethod
+    def _check_priorities(priorities, n):
+        p = np.asarray(priorities, dtype=np.float64)
+        if p.ndim == 0 or p.shape != (n,):
+            raise UsageError(mismatch("argument", "priorities", f"shape ({n},)", f"shape {p.shape}"))
+        ok = np.isfinite(p) & (p >= 0)
+        if not ok.all():
+            i = int(np.argmin(ok))
+            raise UsageError(mismatch("argument", "priorities", "finite values >= 0",
+                                      f"{p[i]} at index {i}"))
+        return p
+
+    def _check_keys(self, keys, what):
+        k = np.asarray(keys)
+        if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
+            raise UsageError(mismatch("argument", what, "a 1-d integer array of keys",
+                                      f"shape {k.shape} dtype {k.dtype}"))
+        return k.astype(_I64, copy=False)
+
+    def _check_issued(self, keys):
+        if len(keys) and (keys.min() < 0 or keys.max() >= self._next_key):
+            bad = keys[(keys < 0) | (keys >= self._next_key)][0]
+            raise UsageError(mismatch("argument", "keys", f"keys issued by this table (0..{self._next_key - 1})",
+                                      f"key {int(bad)}, never issued"))
+
+    def _check_open(self):
+        if self._closed:
+            raise ClosedError("the table is closed")
+
+    # ---- waiting --------------------------------------------------------------------------------
+    def _wait(self, ok, timeout, why):
+        """Wait (lock held) until ok(); Timeout with why() past the deadline."""
+        if timeout is not None:
+            timeout = float(timeout)
+            if timeout < 0 or timeout != timeout:
+                raise UsageError(mismatch("argument", "timeout", "None or a number >= 0", timeout))
+            deadline = time.monotonic() + timeout
+        self._waiters += 1
+        try:
+            while not ok():
+                if self._closed:
+                    raise ClosedError("the table was closed while waiting")
+                if timeout is None:
+                    self._cond.wait()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise Timeout(f"timed out after {timeout:g} s: {why()}")
+                    self._cond.wait(left)
+            if self._closed:
+                raise ClosedError("the table was closed while waiting")
+        finally:
+            self._waiters -= 1
+
+    def _notify(self):
+        if self._waiters:
+            self._cond.notify_all()
+
+    # ---- insert ---------------------------------------------------------------------------------
+    def insert(self, items: Mapping[str, np.ndarray], priorities=None, timeout: float | None = None) -> np.ndarray:
+        """Store a batch (field -> array [n, ...]); returns the n new keys (int64)."""
+        if self._closed:
+            raise ClosedError("the table is closed")
+        if self._specs is None:
+            self._first_specs(items)
+        arrays, n = self._validate(items)
+        if n == 0:
+            return np.empty(0, dtype=_I64)
+        if priorities is None:
+            p = None
+        else:
+            p = self._check_priorities(priorities, n)
+        if n > self.capacity:
+            raise UsageError(mismatch("argument", "items", f"at most capacity={self.capacity} rows",
+                                      f"{n} rows"))
+        limiter = self.rate_limiter
+        if not getattr(limiter, "insert_feasible", lambda n: True)(n):
+            raise UsageError(f"an insert of {n} items can never go ahead under {limiter!r}")
+        with self._lock:
+            if not limiter.can_insert(n):
+                self._wait(lambda: limiter.can_insert(n), timeout, lambda: self._why_insert(n))
+            elif self._closed:
+                raise ClosedError("the table is closed")
+            if n == 1:
+                return self._store1(arrays, 1.0 if p is None else float(p[0]))
+            return self._store(arrays, n, p)
+
+    def _why_insert(self, n):
+        f = getattr(self.rate_limiter, "why_not_insert", None)
+        return f(n) if f else f"rate limiter {self.rate_limiter!r} refuses an insert of {n}"
+
+    def _first_specs(self, items):
+        if not isinstance(items, Mapping) or not items:
+            raise UsageError(mismatch("argument", "items", "a non-empty mapping field -> array", repr(items)))
+        specs = {}
+        for k, v in items.items():
+            if not isinstance(k, str):
+                raise UsageError(mismatch("argument", "items", "str field names", repr(k)))
+            a = np.asarray(v)
+            if a.ndim < 1 or a.dtype == object:
+                raise SpecError(mismatch("field", k, "an array with a leading batch axis", f"shape {a.shape} "
+                                         f"dtype {a.dtype}"))
+            specs[k] = ArraySpec(a.shape[1:], a.dtype)
+        with self._lock:
+            if self._specs is None:
+                self._allocate(specs)
+
+    def _evict(self, k):
+        """Free k slots by asking the remover for victims (lock held)."""
+        remover = self.remover
+        distinct = not getattr(remover, "with_replacement", True)
+        while k > 0:
+            ids, _ = remover.sample(k)
+            ids = np.asarray(ids, dtype=_I64)
+            if not distinct:  # a remover drawing with replacement may repeat ids: keep the first of each
+                _, first = np.unique(ids, return_index=True)
+                ids = ids[np.sort(first)]
+            self._remove_slots(ids)
+            self._stats["evictions"] += len(ids)
+            k -= len(ids)
+
+    def _remove_slots(self, slots):
+        """Remove the items in `slots` from everything (lock held); slots are distinct and live."""
+        k = len(slots)
+        if k == 0:
+            return
+        self.sampler.remove(slots)
+        self.remover.remove(slots)
+        keys = self._slot_key[slots]
+        pop = self._key_slot.pop
+        for key in keys.tolist():
+            pop(key)
+        self._slot_key[slots] = -1
+        if self.max_times_sampled:
+            self._budget -= int((self.max_times_sampled - self._times[slots]).sum())
+        nf = self._nfree
+        self._free[nf:nf + k] = slots
+        self._nfree = nf + k
+        self.rate_limiter.on_delete(k)
+
+    def _store1(self, arrays, priority):
+        """Fast path of _store for one item (lock held)."""
+        if self._nfree == 0:
+            self._evict(1)
+        self._nfree -= 1
+        slot = int(self._free[self._nfree])
+        i = 0
+        for col in self._cols:
+            col[1][slot] = arrays[i][0]
+            i += 1
+        key = self._next_key
+        self._next_key = key + 1
+        self._slot_key[slot] = key
+        self._times[slot] = 0
+        self._prio[slot] = priority
+        self._key_slot[key] = slot
+        sampler, remover = self.sampler, self.remover
+        if hasattr(sampler, "add1"):
+            sampler.add1(slot, priority)
+        else:
+            sampler.add(np.array([slot], dtype=_I64), np.array([priority]))
+        if hasattr(remover, "add1"):
+            remover.add1(slot, priority)
+        else:
+            remover.add(np.array([slot], dtype=_I64), np.array([priority]))
+        self._budget += self.max_times_sampled
+        self.rate_limiter.on_insert(1)
+        self._stats["inserts"] += 1
+        if self._waiters:
+            self._cond.notify_all()
+        return np.arange(key, key + 1, dtype=_I64)
+
+    def _store(self, arrays, n, p):
+        if self._nfree < n:
+            self._evict(n - self._nfree)
+        nf = self._nfree - n
+        slots = self._free[nf:self._nfree][::-1].copy()
+        self._nfree = nf
+        for (name, store, shape, dtype), a in zip(self._cols, arrays):
+            store[slots] = a
+        key = self._next_key
+        keys = np.arange(key, key + n, dtype=_I64)
+        self._next_key = key + n
+        self._slot_key[slots] = keys
+        self._times[slots] = 0
+        pr = np.ones(n) if p is None else p
+        self._prio[slots] = pr
+        self._key_slot.update(zip(keys.tolist(), slots.tolist()))
+        self.sampler.add(slots, pr)
+        self.remover.add(slots, pr)
+        self._budget += self.max_times_sampled * n
+        self.rate_limiter.on_insert(n)
+        self._stats["inserts"] += n
+        self._notify()
+        return keys
+
+    # ---- sample ---------------------------------------------------------------------------------
+    def _distinct(self):
+        return not getattr(self.sampler, "with_replacement", True)
+
+    def can_sample(self, n: int = 1) -> bool:
+        """Whether a sample of n would go ahead now without waiting."""
+        with self._lock:
+            return self._can_sample(n)
+
+    def _can_sample(self, n):
+        size = self._size()
+        if size == 0 or not self.rate_limiter.can_sample(n):
+            return False
+        if self._distinct() and size < n:
+            return False
+        if self.max_times_sampled and self._budget < n:
+            return False
+        return True
+
+    def can_insert(self, n: int = 1) -> bool:
+        """Whether an insert of n would go ahead now without waiting."""
+        with self._lock:
+            return not self._closed and self.rate_limiter.can_insert(n)
+
+    def _why_sample(self, n):
+        size = self._size()
+        if size and self.rate_limiter.can_sample(n):
+            if self._distinct() and size < n:
+                return (f"table holds {size} items, the {type(self.sampler).__name__} sampler draws "
+                        f"{n} distinct items")
+            return (f"items have {self._budget} draws left before max_times_sampled="
+                    f"{self.max_times_sampled} removes them, sampling needs {n}")
+        f = getattr(self.rate_limiter, "why_not_sample", None)
+        if f:
+            return f(n)
+        return f"table holds {size} items; rate limiter {self.rate_limiter!r} refuses a sample of {n}"
+
+    def sample(self, n: int, timeout: float | None = None) -> Sample:
+        """Draw n items: keys [n] int64, probabilities [n] float64, data field -> [n, ...] (copies)."""
+        if self._closed:
+            raise ClosedError("the table is closed")
+        n = _positive_int("n", n)
+        if n > self.capacity:
+            raise UsageError(mismatch("argument", "n", f"at most capacity={self.capacity}", n))
+        limiter = self.rate_limiter
+        if not getattr(limiter, "sample_feasible", lambda n: True)(n):
+            raise UsageError(f"a sample of {n} items can never go ahead under {limiter!r}")
+        with self._lock:
+            if not self._can_sample(n):
+                self._wait(lambda: self._can_sample(n), timeout, lambda: self._why_sample(n))
+            elif self._closed:
+                raise ClosedError("the table is closed")
+            mts = self.max_times_sampled
+            slots, probs = self.sampler.sample(n)
+            slots = np.asarray(slots, dtype=_I64)
+            if mts:
+                u, c = np.unique(slots, return_counts=True)
+                if (self._times[u] + c > mts).any():
+                    slots, probs = self._sample_one_by_one(n)
+                else:
+                    self._times[u] += c
+                    self._budget -= n
+            else:
+                if self._distinct():
+                    self._times[slots] += 1
+                else:
+                    np.add.at(self._times, slots, 1)
+            keys = self._slot_key[slots]
+            data = {name: store[slots] for name, store, _, _ in self._cols}
+            if mts:
+                done = np.unique(slots)
+                done = done[self._times[done] >= mts]
+                if len(done):
+                    self._remove_slots(done)
+                    self._stats["expired"] += len(done)
+            limiter.on_sample(n)
+            self._stats["samples"] += n
+            self._last = (keys, slots)
+            if self._waiters:
+                self._cond.notify_all()
+            return Sample(keys, np.asarray(probs, dtype=np.float64), data)
+
+    def _sample_one_by_one(self, n):
+        """Reverb's order for max_times_sampled: draw one, count it, remove it when exhausted."""
+        mts = self.max_times_sampled
+        out_s, out_p = [], []
+        expired = []
+        for _ in range(n):
+            s, p = self.sampler.sample(1)
+            s = int(s[0])
+            out_s.append(s)
+            out_p.append(float(p[0]))
+            self._times[s] += 1
+            self._budget -= 1
+            if self._times[s] >= mts:  # take it out of the sampler now; finish the removal below
+                self.sampler.remove(np.array([s], dtype=_I64))
+                expired.append(s)
+        for s in expired:  # put back so _remove_slots finds it in both selectors
+            self.sampler.add(np.array([s], dtype=_I64), np.array([self._prio[s]]))
+        return np.asarray(out_s, dtype=_I64), np.asarray(out_p)
+
+    # ---- priorities and deletes -----------------------------------------------------------------
+    def _slots_of(self, keys):
+        """Slots of live keys, -1 where the key's item was removed (lock held)."""
+        lk, ls = self._last
+        if lk is not None and len(lk) == len(keys) and (lk is keys or np.array_equal(lk, keys)):
+            slots = ls.copy()
+        else:
+            get = self._key_slot.get
+            slots = np.fromiter((get(k, -1) for k in keys.tolist()), dtype=_I64, count=len(keys))
+        live = slots >= 0
+        live[live] = self._slot_key[slots[live]] == keys[live]
+        slots[~live] = -1
+        return slots
+
+    def update_priorities(self, keys, priorities) -> None:
+        """Set new priorities (finite, >= 0) for keys; keys of removed items are ignored. If a key
+        appears more than once, its last priority wins."""
+        self._check_open()
+        keys = self._check_keys(keys, "keys")
+        p = self._check_priorities(priorities, len(keys))
+        if len(keys) == 0:
+            return
+        with self._lock:
+            self._check_issued(keys)
+            slots = self._slots_of(keys)
+            live = slots >= 0
+            if not live.all():
+                slots, p = slots[live], p[live]
+            if len(slots) > 1:
+                order = np.sort(slots)
+                if (order[1:] == order[:-1]).any():  # keep the last priority of a repeated key
+                    u, first = np.unique(slots[::-1], return_index=True)
+                    slots, p = u, p[::-1][first]
+            if len(slots) == 0:
+                return
+            self._prio[slots] = p
+            self.sampler.update_priorities(slots, p)
+            self.remover.update_priorities(slots, p)
+
+    def delete(self, keys) -> int:
+        """Remove the items of `keys` (removed ones are ignored); returns how many were removed."""
+        self._check_open()
+        keys = self._check_keys(keys, "keys")
+        with self._lock:
+            self._check_issued(keys)
+            slots = self._slots_of(keys)
+            slots = np.unique(slots[slots >= 0])
+            self._remove_slots(slots)
+            self._stats["deletes"] += len(slots)
+            self._notify()
+            return len(slots)
+
+    def priorities(self, keys) -> np.ndarray:
+        """The current priorities of keys (NaN for removed ones)."""
+        keys = self._check_keys(keys, "keys")
+        with self._lock:
+            self._check_issued(keys)
+            slots = self._slots_of(keys)
+            out = np.full(len(keys), np.nan)
+            out[slots >= 0] = self._prio[slots[slots >= 0]]
+            return out
+
+    # ---- size, stats, close ---------------------------------------------------------------------
+    def _size(self):
+        return self.capacity - self._nfree
+
+    def __len__(self) -> int:
+        return self.capacity - self._nfree
+
+    def stats(self) -> dict:
+        """Counters: inserts, samples (items drawn), deletes (by `delete`), evictions (by the remover),
+        expired (by max_times_sampled), size, capacity, and the rate limiter's error if it has one."""
+        with self._lock:
+            out = dict(self._stats, size=self._size(), capacity=self.capacity)
+            diff = getattr(self.rate_limiter, "diff", None)
+            if diff is not None:
+                out["diff"] = float(diff)
+            return out
+
+    def close(self) -> None:
+        """Refuse further calls; callers blocked in insert/sample get ClosedError."""
+        with self._lock:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"Table(capacity={self.capacity}, size={len(self)}, sampler={self.sampler!r}, "
+                f"remover={self.remover!r}, rate_limiter={self.rate_limiter!r}, "
+                f"max_times_sampled={self.max_times_sampled})")
+
+    # ---- checkpoints (see checkpoint.py) --------------------------------------------------------
+    def save(self, directory) -> None:
+        """Write a checkpoint to `directory` atomically (a temporary directory beside it, renamed)."""
+        from rlflow.replay import checkpoint
+        checkpoint.save(self, directory)
+
+    @classmethod
+    def load(cls, directory) -> "Table":
+        """Rebuild a table saved with `save`: data, keys, priorities, selectors, counters, RNGs."""
+        from rlflow.replay import checkpoint
+        return checkpoint.load(cls, directory)

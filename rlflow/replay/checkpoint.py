@@ -1,0 +1,193 @@
+"""Table checkpoints: a directory of .npy files and one JSON file, written atomically.
+
+    <dir>/table.json        format, capacity, max_times_sampled, specs, counters, next key, and for
+                            the sampler, remover and rate limiter: class, constructor config, state
+                            (scalars, including numpy Generator states)
+    <dir>/slot_keys.npy     key of each slot (-1: free)           [capacity] int64
+    <dir>/times.npy         times each slot's item was sampled    [capacity] int64
+    <dir>/priorities.npy    priority of each slot's item          [capacity] float64
+    <dir>/free.npy          the free-slot stack (bottom first)    [n_free] int64
+    <dir>/field_<i>.npy     field i of the live slots, in slot order
+    <dir>/<part>.<name>.npy array entries of a selector's state_dict
+
+The files are written into a temporary directory beside <dir>, then renamed into place
+(`os.replace`), so a crash leaves either the old checkpoint or the new one, never half of one.
+The same table state always gives the same bytes (sorted JSON keys, np.save), so
+save -> load -> save gives identical files.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import os
+import pickle
+import shutil
+import uuid
+
+import numpy as np
+
+from rlflow.errors import UsageError
+from rlflow.specs import ArraySpec
+
+FORMAT = 1
+
+
+def _class_path(obj) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _import(path: str):
+    module, _, qualname = path.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _jsonable(v):
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _part(name, obj, tmp) -> dict:
+    """Describe a selector / rate limiter; its array state goes to <name>.<key>.npy files."""
+    entry = {"class": _class_path(obj)}
+    if hasattr(obj, "config"):
+        entry["config"] = _jsonable(obj.config())
+    else:  # a user's class without config(): pickle the object itself
+        with open(os.path.join(tmp, f"{name}.pkl"), "wb") as f:
+            pickle.dump(obj, f, protocol=4)
+    state, arrays = {}, []
+    for k, v in obj.state_dict().items():
+        if isinstance(v, np.ndarray):
+            np.save(os.path.join(tmp, f"{name}.{k}.npy"), v, allow_pickle=False)
+            arrays.append(k)
+        else:
+            state[k] = _jsonable(v)
+    entry["state"] = state
+    entry["arrays"] = sorted(arrays)
+    return entry
+
+
+def _restore_part(name, entry, directory):
+    if "config" in entry:
+        obj = _import(entry["class"])(**entry["config"])
+    else:
+        with open(os.path.join(directory, f"{name}.pkl"), "rb") as f:
+            obj = pickle.load(f)
+    state = dict(entry["state"])
+    for k in entry["arrays"]:
+        state[k] = np.load(os.path.join(directory, f"{name}.{k}.npy"), allow_pickle=False)
+    return obj, state
+
+
+def save(table, directory) -> None:
+    target = os.path.abspath(os.fspath(directory))
+    parent, base = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
+    os.mkdir(tmp)
+    try:
+        with table._lock:
+            _write(table, tmp)
+        _fsync_dir_files(tmp)
+        if os.path.exists(target):
+            old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir_files(d):
+    for name in sorted(os.listdir(d)):
+        fd = os.open(os.path.join(d, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write(table, tmp):
+    if table._specs is None:
+        specs, fields = None, []
+    else:
+        fields = list(table._specs)
+        specs = {k: {"shape": list(s.shape), "dtype": s.dtype.str} for k, s in table._specs.items()}
+    live = np.flatnonzero(table._slot_key >= 0)
+    np.save(os.path.join(tmp, "slot_keys.npy"), table._slot_key, allow_pickle=False)
+    np.save(os.path.join(tmp, "times.npy"), table._times, allow_pickle=False)
+    np.save(os.path.join(tmp, "priorities.npy"), table._prio, allow_pickle=False)
+    np.save(os.path.join(tmp, "free.npy"), table._free[:table._nfree], allow_pickle=False)
+    for i, name in enumerate(fields):
+        np.save(os.path.join(tmp, f"field_{i}.npy"), table._storage[name][live], allow_pickle=False)
+    meta = {
+        "format": FORMAT,
+        "capacity": table.capacity,
+        "max_times_sampled": table.max_times_sampled,
+        "fields": fields,
+        "specs": specs,
+        "next_key": table._next_key,
+        "budget": table._budget,
+        "stats": _jsonable(table._stats),
+        "sampler": _part("sampler", table.sampler, tmp),
+        "remover": _part("remover", table.remover, tmp),
+        "rate_limiter": _part("rate_limiter", table.rate_limiter, tmp),
+    }
+    with open(os.path.join(tmp, "table.json"), "w") as f:
+        json.dump(meta, f, sort_keys=True, indent=1)
+        f.write("\n")
+
+
+def load(cls, directory):
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.exists(os.path.join(directory, "table.json")):
+        parent, base = os.path.split(directory)
+        olds = glob.glob(os.path.join(parent, f".{base}.old-*"))  # a save died between its renames
+        if len(olds) == 1 and os.path.exists(os.path.join(olds[0], "table.json")):
+            directory = olds[0]
+        else:
+            raise UsageError(f"no table checkpoint in {directory!r} (table.json is missing)")
+    with open(os.path.join(directory, "table.json")) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise UsageError(f"table checkpoint format {meta.get('format')!r} in {directory!r}, expected {FORMAT}")
+    sampler, s_state = _restore_part("sampler", meta["sampler"], directory)
+    remover, r_state = _restore_part("remover", meta["remover"], directory)
+    limiter, l_state = _restore_part("rate_limiter", meta["rate_limiter"], directory)
+    specs = None
+    if meta["specs"] is not None:
+        specs = {k: ArraySpec(meta["specs"][k]["shape"], np.dtype(meta["specs"][k]["dtype"])) for k in meta["fields"]}
+    table = cls(meta["capacity"], sampler, remover, limiter, meta["max_times_sampled"], specs=specs)
+    sampler.load_state_dict(s_state)
+    remover.load_state_dict(r_state)
+    limiter.load_state_dict(l_state)
+    slot_key = np.load(os.path.join(directory, "slot_keys.npy"))
+    table._slot_key[:] = slot_key
+    table._times[:] = np.load(os.path.join(directory, "times.npy"))
+    table._prio[:] = np.load(os.path.join(directory, "priorities.npy"))
+    free = np.load(os.path.join(directory, "free.npy"))
+    table._free[:len(free)] = free
+    table._nfree = len(free)
+    live = np.flatnonzero(slot_key >= 0)
+    for i, name in enumerate(meta["fields"]):
+        table._storage[name][live] = np.load(os.path.join(directory, f"field_{i}.npy"))
+    table._key_slot = dict(zip(slot_key[live].tolist(), live.tolist()))
+    table._next_key = int(meta["next_key"])
+    table._budget = int(meta["budget"])
+    table._stats = {k: int(v) for k, v in meta["stats"].items()}
+    return table
