@@ -102,6 +102,86 @@ def ref_nstep(rec, n, gamma):
     return items
 
 
+def _with_first(rec, row, continuing):
+    """Segments of the row's stream as (list of (transition, is_first), ended?): one per episode,
+    or the whole stream as one segment when `continuing`."""
+    segs = [([(tr, i == 0) for i, tr in enumerate(ep)], ended) for ep, ended in rec.episodes(row)]
+    if continuing:
+        return [([x for seg, _ in segs for x in seg], False)]
+    return segs
+
+
+def _step_item(tr, first, gamma):
+    d = _transition_item(tr)
+    d["reward"] = tr["reward"]
+    d["discount"] = 0.0 if tr["terminated"] else gamma
+    d["mask"] = True
+    d["is_first"] = first
+    d.update({"next_" + k: v for k, v in tr["next_obs"].items()})
+    return d
+
+
+def _stack(steps, length):
+    pad = {k: np.zeros_like(np.asarray(v)) for k, v in steps[0].items()}
+    steps = steps + [pad] * (length - len(steps))
+    return {k: np.stack([np.asarray(s[k]) for s in steps]) for k in steps[0]}
+
+
+def ref_sequence(rec, length, period, gamma, end_behavior):
+    items = []
+    for row in rec.streams:
+        for seg, ended in _with_first(rec, row, end_behavior == "continue"):
+            steps = [_step_item(tr, first, gamma) for tr, first in seg]
+            for s in range(0, len(steps), period):
+                if s + length <= len(steps):
+                    items.append(_stack(steps[s:s + length], length))
+                else:
+                    if ended and end_behavior == "pad":
+                        items.append(_stack(steps[s:], length))
+                    break
+    return items
+
+
+def ref_episode(rec, max_length, gamma):
+    items = []
+    for row in rec.streams:
+        for ep, ended in rec.episodes(row):
+            if ended:
+                steps = [_step_item(tr, False, gamma) for tr in ep]
+                for st_ in steps:
+                    del st_["is_first"]
+                items.append(_stack(steps, max_length))
+    return items
+
+
+def ref_rollout(rec, length, gamma, lam):
+    items = []
+    for row, stream in rec.streams.items():
+        for s in range(0, len(stream) - length + 1, length):
+            frag = stream[s:s + length]
+            if "next_extras" not in frag[-1]:
+                continue                          # V' after the last step not given yet
+            adv = [0.0] * length
+            a = 0.0
+            for t in reversed(range(length)):
+                tr = frag[t]
+                v = float(tr["extras"]["value"])
+                v_next = float(tr["next_extras"]["final_value"])
+                delta = tr["reward"] + gamma * v_next * (not tr["terminated"]) - v
+                done = tr["terminated"] or tr["truncated"]
+                a = delta + gamma * lam * (not done) * a
+                adv[t] = a
+            steps = []
+            for t, tr in enumerate(frag):
+                d = _transition_item(tr)
+                del d["final_value"]
+                d.update(reward=tr["reward"], terminated=tr["terminated"], truncated=tr["truncated"],
+                         advantage=adv[t], **{"return": adv[t] + float(tr["extras"]["value"])})
+                steps.append(d)
+            items.append(_stack(steps, length))
+    return items
+
+
 # ------------------------------------------------------------------------------------------------
 # running and comparing
 # ------------------------------------------------------------------------------------------------
@@ -207,7 +287,9 @@ def test_item_specs_match_items_nested():
 # ------------------------------------------------------------------------------------------------
 # errors
 # ------------------------------------------------------------------------------------------------
-ALL_ADDERS = [lambda: adders.Transition(0.9), lambda: adders.NStepTransition(3, 0.9)]
+ALL_ADDERS = [lambda: adders.Transition(0.9), lambda: adders.NStepTransition(3, 0.9),
+              lambda: adders.Sequence(4, 2), lambda: adders.Sequence(3, 1, end_behavior="continue"),
+              lambda: adders.Episode(50), lambda: adders.Rollout(4, 0.99, 0.95)]
 
 
 @pytest.mark.parametrize("make_adder", ALL_ADDERS)
@@ -255,3 +337,68 @@ def test_constructor_validation():
         adders.NStepTransition(0, 0.9)
     with pytest.raises(UsageError, match="'discount'"):
         adders.Transition(1.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# sequences, episodes, rollouts
+# ------------------------------------------------------------------------------------------------
+@SETTINGS
+@given(sched=schedules, length=st.integers(1, 5), period=st.integers(1, 5),
+       end_behavior=st.sampled_from(["pad", "truncate", "continue"]), gamma=st.sampled_from([0.5, 1.0]),
+       steps=st.integers(0, 40))
+def test_sequence_matches_reference(sched, length, period, end_behavior, gamma, steps):
+    env, policy, seed = make(sched)
+    adder = adders.Sequence(length, period, discount=gamma, end_behavior=end_behavior)
+    got, rec = run(adder, env, policy, steps, seed)
+    assert_same_items(got, ref_sequence(rec, length, period, gamma, end_behavior))
+
+
+@SETTINGS
+@given(sched=schedules, gamma=st.sampled_from([0.5, 1.0]), steps=st.integers(0, 40))
+def test_episode_matches_reference(sched, gamma, steps):
+    env, policy, seed = make(sched)
+    adder = adders.Episode(max_length=41, discount=gamma)
+    got, rec = run(adder, env, policy, steps, seed)
+    assert_same_items(got, ref_episode(rec, 41, gamma))
+
+
+@SETTINGS
+@given(sched=schedules, length=st.integers(1, 6), gamma=st.sampled_from([0.0, 0.9, 1.0]),
+       lam=st.sampled_from([0.0, 0.95, 1.0]), steps=st.integers(0, 40))
+def test_rollout_matches_reference(sched, length, gamma, lam, steps):
+    env, policy, seed = make(sched)
+    adder = adders.Rollout(length, discount=gamma, gae_lambda=lam)
+    got, rec = run(adder, env, policy, steps, seed)
+    assert_same_items(got, ref_rollout(rec, length, gamma, lam))
+
+
+def test_episode_longer_than_max_length_raises():
+    env = FakeVectorEnv(2, seed=0, p_terminate=0.0, p_truncate=0.0)
+    a = adders.Episode(max_length=3)
+    with pytest.raises(UsageError, match="max_length"):
+        run(a, env, FakePolicy(env.spec, seed=0), 10)
+
+
+def test_rollout_needs_values():
+    env = FakeVectorEnv(2, seed=0)
+    with pytest.raises(SpecError, match="final_value"):
+        adders.Rollout(4, 0.99).item_specs(env.spec, {"value": rf.ArraySpec((), np.float32)})
+    a = adders.Rollout(4, 0.99)
+    step = env.reset()
+    a.add_first(step)
+    actions = FakePolicy(env.spec, seed=0, extras=False).act_step(step)
+    with pytest.raises(SpecError, match="extras field 'value'"):
+        a.add(actions, env.step(actions), {"log_prob": np.zeros(2, np.float32)})
+
+
+def test_sequence_truncation_bootstraps_inside_continue_window():
+    """A truncated step inside a "continue" window keeps its discount and its true final obs."""
+    env = FakeVectorEnv(1, seed=5, p_terminate=0.0, p_truncate=0.3)
+    got, rec = run(adders.Sequence(6, 6, discount=0.9, end_behavior="continue"), env,
+                   FakePolicy(env.spec, seed=5), 60, seed=5)
+    first = got["is_first"]
+    assert first[:, 1:].any()
+    w, t = np.nonzero(first[:, 1:])           # step t ends an episode inside window w
+    assert np.all(got["discount"][w, t] == np.float32(0.9))
+    assert np.all(got["next_obs"][w, t, 3] == 1.0)          # is_final: the true final observation
+    assert np.all(got["obs"][w, t + 1, 2] == 0.0)           # the next step starts an episode

@@ -346,3 +346,78 @@ class RowAdder(Adder):
 
     def _start(self, rows: np.ndarray, obs: dict, new_episode: Optional[np.ndarray]) -> None:
         raise NotImplementedError
+
+
+class TrajectoryAdder(RowAdder):
+    """Base of the adders whose items are runs of consecutive steps of one row (Sequence, Episode,
+    Rollout): every row keeps its last `capacity` steps in ring buffers [num_rows, capacity, ...].
+
+    Step k of a row's current segment (k counts from 0 at the segment's start: the episode for
+    Sequence(pad/truncate) and Episode, the whole stream for Sequence(continue) and Rollout) lives in
+    slot k % capacity. `_start` writes its observation, `_open` its action, extras and is_first,
+    `_close` its reward, flags and next observation, then advances the row's count.
+    `_gather(rows, starts, valid, length)` copies windows out: [W, length, ...], zero past `valid`.
+    """
+
+    store_next_obs = True
+
+    def _ring_capacity(self) -> int:
+        raise NotImplementedError
+
+    def _allocate(self) -> None:
+        R, C = self.num_rows, self._ring_capacity()
+        self._cap = C
+        self._obs = {k: s.zeros((R, C)) for k, s in self.obs_specs.items()}
+        self._act = {k: s.zeros((R, C)) for k, s in self.action_specs.items()}
+        self._ext = {k: s.zeros((R, C)) for k, s in self.extras_specs.items()}
+        self._nobs = ({"next_" + k: s.zeros((R, C)) for k, s in self.obs_specs.items()}
+                      if self.store_next_obs else {})
+        self._rew = np.zeros((R, C), np.float32)
+        self._term = np.zeros((R, C), bool)
+        self._trunc = np.zeros((R, C), bool)
+        self._first = np.zeros((R, C), bool)
+        self._count = np.zeros(R, np.int64)          # steps in the row's current segment
+        self._new_episode = np.ones(R, bool)         # the next step opened starts an episode
+        self._arange_cap = np.arange(C, dtype=np.int64)
+
+    def _start(self, rows, obs, new_episode) -> None:
+        slot = self._count[rows] % self._cap
+        for k, a in obs.items():
+            self._obs[k][rows, slot] = a
+
+    def _open(self, rows, action, extras) -> None:
+        slot = self._count[rows] % self._cap
+        for k, a in action.items():
+            self._act[k][rows, slot] = a
+        for k, a in extras.items():
+            self._ext[k][rows, slot] = a
+        self._first[rows, slot] = self._new_episode[rows]
+        self._new_episode[rows] = False
+
+    def _record_close(self, rows, reward, terminated, truncated, done, final_obs) -> np.ndarray:
+        """Write the closing step's outcome; returns the slots written. Advances the counts."""
+        count = self._count[rows]
+        slot = count % self._cap
+        self._rew[rows, slot] = reward
+        self._term[rows, slot] = terminated
+        self._trunc[rows, slot] = truncated
+        for k, a in final_obs.items():
+            if self.store_next_obs:
+                self._nobs["next_" + k][rows, slot] = a
+        self._count[rows] = count + 1
+        if done.any():
+            self._new_episode[rows[done]] = True
+        return slot
+
+    def _gather(self, rows, starts, valid, length: int, bufs: dict) -> dict:
+        """Windows of `length` steps of rows `rows` from segment step `starts` on; steps at or past
+        `valid` are zero."""
+        offs = self._arange_cap[:length] if length <= self._cap else np.arange(length)
+        idx = (starts[:, None] + offs) % self._cap                      # [W, length]
+        r = rows[:, None]
+        out = {k: b[r, idx] for k, b in bufs.items()}
+        pad = offs[None, :] >= valid[:, None]
+        if pad.any():
+            for a in out.values():
+                a[pad] = 0
+        return out, ~pad
