@@ -123,7 +123,7 @@ class ProcessVectorEnv(VectorEnv):
         self._obs = ObsBuffer(layout, self.arrays, "obs")
         self._final = ObsBuffer(layout, self.arrays, "final_obs")
 
-        self._procs, self._conns, self._fds = [], [], []
+        self._procs, self._conns, self._fds, self._pids = [], [], [], []
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, self._block)
         try:
             for w, ((e0, e1), (r0, r1)) in enumerate(zip(self._env_bounds, self._row_bounds)):
@@ -135,6 +135,7 @@ class ProcessVectorEnv(VectorEnv):
                 p.start()
                 child_end.close()      # the worker holds the only other end: its death reads as EOF
                 self._procs.append(p)
+                self._pids.append(p.pid)
                 self._conns.append(parent_end)
                 self._fds.append(parent_end.fileno())
             for w in range(workers):
@@ -175,12 +176,12 @@ class ProcessVectorEnv(VectorEnv):
     def _fail(self, w, what):
         p = self._procs[w]
         p.join(timeout=1.0)
-        code = p.exitcode
+        code, pid = p.exitcode, p.pid
         e0, e1 = self._env_bounds[w]
         self.close()
         raise WorkerError(f"the worker process {what} (exit code {code}"
                           f"{', signal ' + signal.Signals(-code).name if code and code < 0 else ''})",
-                          "", f"env worker {w} (envs {e0}..{e1 - 1}, pid {p.pid})")
+                          "", f"env worker {w} (envs {e0}..{e1 - 1}, pid {pid})")
 
     # ---- VectorEnv ----------------------------------------------------------------------------------
     def _reset(self, seed):
@@ -235,7 +236,7 @@ class ProcessVectorEnv(VectorEnv):
     @property
     def pids(self) -> list[int]:
         """The worker processes' ids."""
-        return [p.pid for p in self._procs]
+        return list(self._pids)
 
 
 def _shutdown(procs, conns, block):

@@ -1,0 +1,250 @@
+"""Process and pool backends: same episodes as serial, faults, clean shutdown, pool streams."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import rlflow as rf
+from rlflow.errors import SpecError, UsageError, WorkerError
+
+from test_envs import Scripted
+
+pytestmark = pytest.mark.multiprocess
+
+
+class Tagged(Scripted):
+    """Scripted env whose tag is its reset seed (env i gets seed + i), so obs[:, 0] names the env."""
+
+    def reset(self, seed=None, options=None):
+        if seed is not None:
+            self.tag = seed
+        return super().reset(seed=seed, options=options)
+
+
+class Exploding(Scripted):
+    def step(self, action):
+        if int(action) == 4:
+            raise RuntimeError("boom from the env")
+        return super().step(action)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _rlflow_segments():
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith("rlflow_"))
+
+
+def _run(venv, seed, actions):
+    out = [venv.reset(seed=seed)]
+    for a in actions:
+        out.append(venv.step(a))
+    return out
+
+
+def _assert_same(a, b):
+    for s, t in zip(a, b):
+        for f in ("obs", "reward", "terminated", "truncated", "final_obs", "env_ids", "alive", "action_mask"):
+            x, y = getattr(s, f), getattr(t, f)
+            if x is None:
+                assert y is None, f
+            else:
+                np.testing.assert_array_equal(x, y, err_msg=f)
+        np.testing.assert_array_equal(s.info["episode_return"], t.info["episode_return"])
+
+
+@pytest.mark.parametrize("env,n,workers", [(Tagged, 7, 3), (Tagged, 4, 1), ("CartPole-v1", 6, 2)])
+def test_process_matches_serial(env, n, workers):
+    rng = np.random.default_rng(1)
+    high = 5 if env is Tagged else 2
+    actions = rng.integers(0, high, (80, n))
+    with rf.envs.make(env, n) as serial:
+        ref = _run(serial, 3, actions)
+    with rf.envs.make(env, n, backend="process", workers=workers) as proc:
+        assert proc.num_workers == workers and proc.spec == serial.spec
+        got = _run(proc, 3, actions)
+        pids = proc.pids
+    _assert_same(ref, got)
+    assert not any(_alive(p) for p in pids)
+
+
+def test_process_rejects_bad_actions_and_arguments():
+    with rf.envs.make("CartPole-v1", 4, backend="process", workers=2) as venv:
+        venv.reset(seed=0)
+        with pytest.raises(SpecError, match="actions.*expected shape \\(4,\\).*got shape \\(2, 2\\)"):
+            venv.step(np.zeros((2, 2), np.int64))
+        venv.step(np.zeros(4, np.int64))          # still usable after a rejected call
+    with pytest.raises(UsageError, match="batch_size"):
+        rf.envs.make("CartPole-v1", 4, backend="pool")
+    with pytest.raises(UsageError, match="batch_size"):
+        rf.envs.make("CartPole-v1", 4, backend="pool", workers=2, batch_size=3)
+    with pytest.raises(UsageError, match="workers"):
+        rf.envs.make("CartPole-v1", 4, backend="process", workers=5)
+    with pytest.raises(UsageError, match="workers"):
+        rf.envs.make("CartPole-v1", 4, backend="serial", workers=2)
+
+
+def test_worker_exception_is_worker_error_and_cleans_up():
+    venv = rf.envs.make(Exploding, 4, backend="process", workers=2)
+    pids = venv.pids
+    venv.reset(seed=0)
+    venv.step(np.zeros(4, np.int64))
+    with pytest.raises(WorkerError) as info:
+        venv.step(np.array([0, 0, 4, 0]))
+    err = info.value
+    assert "boom from the env" in err.remote_traceback and "RuntimeError" in err.remote_traceback
+    assert "env worker 1" in err.where and "env 2" in err.where
+    assert venv.closed
+    assert not any(_alive(p) for p in pids)
+
+
+def test_worker_killed_is_worker_error():
+    venv = rf.envs.make("CartPole-v1", 4, backend="process", workers=2)
+    venv.reset(seed=0)
+    pids = venv.pids
+    os.kill(pids[1], signal.SIGKILL)
+    time.sleep(0.1)
+    with pytest.raises(WorkerError, match="died.*SIGKILL"):
+        for _ in range(3):
+            venv.step(np.zeros(4, np.int64))
+    assert venv.closed and not any(_alive(p) for p in pids)
+
+
+def test_factory_error_at_start_is_worker_error():
+    calls = []
+
+    def factory():
+        calls.append(1)
+        if len(calls) > 1:                  # the probe env (in this process) works, workers fail
+            raise ValueError("cannot build this env")
+        return gym.make("CartPole-v1")
+
+    with pytest.raises(WorkerError, match="cannot build this env"):
+        rf.envs.make(factory, 2, backend="process", workers=2)
+
+
+@pytest.mark.slow
+def test_spawn_matches_serial_and_leaves_no_segment():
+    actions = np.random.default_rng(0).integers(0, 5, (30, 4))
+    with rf.envs.make(Tagged, 4) as serial:
+        ref = _run(serial, 0, actions)
+    before = _rlflow_segments()
+    with rf.envs.make(Tagged, 4, backend="process", workers=2, start_method="spawn") as venv:
+        assert venv.start_method == "spawn"
+        assert _rlflow_segments() == before            # unlinked as soon as the workers attached
+        got = _run(venv, 0, actions)
+        pids = venv.pids
+    _assert_same(ref, got)
+    assert not any(_alive(p) for p in pids)
+
+
+CHILD = textwrap.dedent("""
+    import sys, numpy as np, rlflow as rf
+    venv = rf.envs.make("CartPole-v1", 4, backend="process", workers=2, start_method=sys.argv[1])
+    venv.reset(seed=0)
+    print(" ".join(map(str, venv.pids)), flush=True)
+    mode = sys.argv[2]
+    if mode == "loop":
+        while True:
+            venv.step(np.zeros(4, np.int64))
+    elif mode == "exit":
+        venv.step(np.zeros(4, np.int64))       # interpreter exit without close()
+    elif mode == "raise":
+        raise SystemExit("user code failed")
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,mode", [("fork", "loop"), ("spawn", "loop"), ("fork", "exit"),
+                                         ("fork", "raise")])
+def test_sigint_and_exit_leave_nothing(method, mode):
+    before = _rlflow_segments()
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, method, mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2, proc.stderr.read()
+        if mode == "loop":
+            time.sleep(0.3)
+            os.killpg(proc.pid, signal.SIGINT)      # Ctrl-C: the whole process group
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if mode == "loop":
+        assert "KeyboardInterrupt" in proc.stderr.read()
+    deadline = time.time() + 5
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)
+    assert _rlflow_segments() == before
+
+
+def test_pool_mode_streams():
+    n, workers, k = 8, 4, 4
+    epw = n // workers
+    rng = np.random.default_rng(0)
+    refs = [Tagged() for _ in range(n)]
+    expected = [e.reset(seed=10 + i)[0] for i, e in enumerate(refs)]
+    with rf.envs.make(Tagged, n, backend="pool", workers=workers, batch_size=k) as venv:
+        assert venv.pool and venv.num_envs == n
+        step = venv.reset(seed=10)
+        np.testing.assert_array_equal(step.env_ids, np.arange(n))
+        seen = set()
+        for _ in range(60):
+            np.testing.assert_array_equal(step.obs[:, 0], 10 + step.env_ids)   # rows name their env
+            for row, i in enumerate(step.env_ids):
+                np.testing.assert_array_equal(step.obs[row], expected[i])
+            actions = rng.integers(0, 5, len(step))
+            # the reference: each env stepped by hand with the actions given to it
+            for a, i in zip(actions, step.env_ids):
+                o, r, te, tr, _ = refs[i].step(int(a))
+                expected[i] = (o, r, te, tr)
+            step = venv.step(actions)
+            assert len(step) == k and len(set(step.env_ids.tolist())) == k
+            ids = step.env_ids.reshape(-1, epw)
+            assert (ids[:, 0] % epw == 0).all() and (np.diff(ids, axis=1) == 1).all()   # whole workers
+            seen.update(step.env_ids.tolist())
+            for row, i in enumerate(step.env_ids):
+                o, r, te, tr = expected[i]
+                np.testing.assert_array_equal(step.final_obs[row], o)
+                assert step.reward[row] == r and step.terminated[row] == te and step.truncated[row] == tr
+                expected[i] = refs[i].reset()[0] if te or tr else o
+        assert seen == set(range(n))
+        with pytest.raises(SpecError, match="actions"):
+            venv.step(np.zeros(n, np.int64))       # the last step returned k rows, not n
+        step = venv.reset(seed=0)                   # a reset in the middle of pool mode drains the pool
+        assert len(step) == n
+
+
+def test_pool_mode_through_an_adder_into_a_table():
+    with rf.envs.make(Tagged, 6, backend="pool", workers=3, batch_size=2) as venv:
+        adder = rf.adders.Transition(discount=0.9)
+        table = rf.Table(capacity=1000, specs=adder.item_specs(venv.spec))
+        step = venv.reset(seed=0)
+        adder.add_first(step)
+        rng = np.random.default_rng(0)
+        for _ in range(100):
+            actions = rng.integers(0, 5, len(step))
+            step = venv.step(actions)
+            items = adder.add(actions, step)
+            if len(items["reward"]):
+                table.insert(items)
+        data = table.sample(len(table)).data
+    # every transition stays inside one env's stream: same tag, t advances by one (or the episode ended)
+    np.testing.assert_array_equal(data["obs"][:, 0], data["next_obs"][:, 0])
+    np.testing.assert_array_equal(data["next_obs"][:, 2], data["obs"][:, 2] + 1)
+    np.testing.assert_array_equal(data["next_obs"][:, 3], data["action"])
