@@ -4,7 +4,7 @@
 
 All agents must share one observation space and one action space. Where an agent's observation is a
 dict {"observation": ..., "action_mask": ...} (PettingZoo classic games), `Step.obs` holds the
-"observation" part and `Step.action_mask` the mask. `Step.alive[r]` says row r's agent acts next;
+"observation" part and `Step.action_mask` the mask (all zeros in rows not alive). `Step.alive[r]` says row r's agent acts next;
 actions for rows not alive are ignored. PettingZoo is imported only by the envs themselves: this
 module needs nothing beyond numpy and gymnasium.
 
@@ -94,6 +94,10 @@ class _AgentBatched(_InPlace):
         a["truncated"][:] = False
         self._alive[:] = False
 
+    def _masks_of_idle_rows(self):
+        if self._has_mask:
+            self._mask[~self._alive] = 0        # rows that do not act next have no legal action
+
     def _actions_list(self, actions):
         return actions.tolist() if self._scalar_actions else actions
 
@@ -113,6 +117,7 @@ class ParallelVectorEnv(_AgentBatched):
                 note_env_index(exc, self.seed_offset + e)
                 raise
             self._start(e, env, obs, done=None)
+        self._masks_of_idle_rows()
 
     def _start(self, e, env, obs, done):
         base = e * self.num_agents
@@ -150,6 +155,7 @@ class ParallelVectorEnv(_AgentBatched):
             except Exception as exc:
                 note_env_index(exc, self.seed_offset + e)
                 raise
+        self._masks_of_idle_rows()
 
 
 class AECVectorEnv(_AgentBatched):
@@ -164,6 +170,7 @@ class AECVectorEnv(_AgentBatched):
             except Exception as exc:
                 note_env_index(exc, self.seed_offset + e)
                 raise
+        self._masks_of_idle_rows()
 
     def _start(self, e, env, done):
         """Every agent's row gets the new episode's observation (final_obs too, unless done now);
@@ -216,3 +223,4 @@ class AECVectorEnv(_AgentBatched):
                 note_env_index(exc, self.seed_offset + e)
                 raise
             base += self.num_agents
+        self._masks_of_idle_rows()

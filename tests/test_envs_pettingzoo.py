@@ -1,0 +1,243 @@
+"""PettingZoo envs as agent-batched vector envs: row semantics, both APIs, both backends, into a table."""
+
+import numpy as np
+import pytest
+from gymnasium import spaces
+from pettingzoo.utils.env import ParallelEnv
+
+import rlflow as rf
+from rlflow.errors import UsageError
+
+tictactoe_v3 = pytest.importorskip("pettingzoo.classic.tictactoe_v3")
+simple_spread_v3 = pytest.importorskip("mpe2.simple_spread_v3")
+
+
+def ttt():
+    return tictactoe_v3.env()
+
+
+def spread_aec():
+    return simple_spread_v3.env(N=3, max_cycles=7)
+
+
+def spread_parallel():
+    return simple_spread_v3.parallel_env(N=3, max_cycles=7)
+
+
+def legal_actions(step, rng):
+    """A random legal action per row (0 for rows whose mask is empty: they are not alive)."""
+    out = np.zeros(len(step), np.int64)
+    for r, m in enumerate(step.action_mask):
+        if m.any():
+            out[r] = rng.choice(np.flatnonzero(m))
+    return out
+
+
+class Dying(ParallelEnv):
+    """3 agents; agent k's episode ends after k + 1 steps (agent 2 truncated, the others terminated).
+    obs = [agent, episode, t]; reward = 10 * agent + t."""
+
+    metadata = {"name": "dying_v0"}
+    possible_agents = ["a0", "a1", "a2"]
+
+    def __init__(self):
+        self.episode = -1
+
+    def observation_space(self, agent):
+        return spaces.Box(-1e9, 1e9, (3,), np.float32)
+
+    def action_space(self, agent):
+        return spaces.Discrete(2)
+
+    def _obs(self, g):
+        return np.array([self.possible_agents.index(g), self.episode, self.t], np.float32)
+
+    def reset(self, seed=None, options=None):
+        self.episode += 1
+        self.t = 0
+        self.agents = list(self.possible_agents)
+        return {g: self._obs(g) for g in self.agents}, {g: {} for g in self.agents}
+
+    def step(self, actions):
+        assert set(actions) == set(self.agents), (actions, self.agents)
+        self.t += 1
+        obs = {g: self._obs(g) for g in actions}
+        rew = {g: 10.0 * self.possible_agents.index(g) + self.t for g in actions}
+        end = {g: self.t >= self.possible_agents.index(g) + 1 for g in actions}
+        term = {g: end[g] and g != "a2" for g in actions}
+        trunc = {g: end[g] and g == "a2" for g in actions}
+        self.agents = [g for g in self.agents if not end[g]]
+        return obs, rew, term, trunc, {g: {} for g in actions}
+
+
+def test_parallel_rows_agents_die_then_autoreset():
+    with rf.envs.make(Dying, 2) as venv:
+        assert venv.num_envs == 6 and venv.spec.agents == ("a0", "a1", "a2")
+        s = venv.reset(seed=0)
+        assert s.alive.all() and s.action_mask is None
+        a = np.zeros(6, np.int64)
+        s = venv.step(a)                                       # t=1: a0 terminates
+        np.testing.assert_array_equal(s.terminated, [1, 0, 0] * 2)
+        np.testing.assert_array_equal(s.alive, [0, 1, 1] * 2)
+        np.testing.assert_array_equal(s.reward, [1, 11, 21] * 2)
+        np.testing.assert_array_equal(s.final_obs[0], [0, 0, 1])
+        s = venv.step(a)                                       # t=2: a1 terminates, a0 idle
+        np.testing.assert_array_equal(s.terminated, [0, 1, 0] * 2)
+        np.testing.assert_array_equal(s.alive, [0, 0, 1] * 2)
+        np.testing.assert_array_equal(s.reward, [0, 12, 22] * 2)
+        s = venv.step(a)                                       # t=3: a2 truncated -> autoreset
+        np.testing.assert_array_equal(s.truncated, [0, 0, 1] * 2)
+        np.testing.assert_array_equal(s.terminated, [0] * 6)
+        assert s.alive.all()
+        np.testing.assert_array_equal(s.final_obs[2], [2, 0, 3])      # the true last obs
+        np.testing.assert_array_equal(s.obs[:3], [[0, 1, 0], [1, 1, 0], [2, 1, 0]])   # new episode
+        np.testing.assert_array_equal(s.final_obs[:2], s.obs[:2])     # rows not done: final = obs
+        np.testing.assert_array_equal(s.info["episode_return"][2], 21 + 22 + 23)
+
+
+def test_parallel_mpe_matches_the_env_stepped_by_hand():
+    rng = np.random.default_rng(0)
+    actions = rng.integers(0, 5, (20, 2 * 3))
+    envs = [spread_parallel() for _ in range(2)]
+    obs = [e.reset(seed=5 + i)[0] for i, e in enumerate(envs)]
+    with rf.envs.make(spread_parallel, 2) as venv:
+        s = venv.reset(seed=5)
+        np.testing.assert_array_equal(s.obs, np.concatenate([[o[g] for g in e.possible_agents]
+                                                             for o, e in zip(obs, envs)]))
+        for acts in actions:
+            s = venv.step(acts)
+            for i, e in enumerate(envs):
+                agents = e.possible_agents
+                o, r, te, tr, _ = e.step({g: int(acts[3 * i + k]) for k, g in enumerate(agents)})
+                rows = slice(3 * i, 3 * i + 3)
+                np.testing.assert_array_equal(s.final_obs[rows], [o[g] for g in agents])
+                np.testing.assert_allclose(s.reward[rows], [r[g] for g in agents], rtol=1e-6)
+                np.testing.assert_array_equal(s.truncated[rows], [tr[g] for g in agents])
+                if not e.agents:
+                    o = e.reset()[0]
+                np.testing.assert_array_equal(s.obs[rows], [o[g] for g in agents])
+                assert s.alive[rows].all()
+
+
+def test_aec_tictactoe_rows_and_returns_match_agent_iter_replay():
+    """Per-agent episode returns seen through the vector env equal those of a replay of the same
+    actions through PettingZoo's own agent_iter loop."""
+    rng = np.random.default_rng(1)
+    n = 3
+    applied = [[] for _ in range(n)]           # actions applied per env, in order
+    returns = [[] for _ in range(n)]           # (agent, episode return) per env, in order of ending
+    with rf.envs.make(ttt, n) as venv:
+        s = venv.reset(seed=0)
+        for _ in range(60):
+            assert s.alive.reshape(n, 2).sum(1).tolist() == [1] * n        # one player to move
+            assert (s.action_mask[~s.alive] == 0).all()
+            acts = legal_actions(s, rng)
+            for r in np.flatnonzero(s.alive):
+                applied[r // 2].append(int(acts[r]))
+            s = venv.step(acts)
+            done = s.done.reshape(n, 2)
+            assert (done[:, 0] == done[:, 1]).all()                  # the game ends for both at once
+            for r in np.flatnonzero(s.done):
+                returns[r // 2].append((r % 2, float(s.info["episode_return"][r])))
+            assert (s.reward.reshape(n, 2)[done].reshape(-1, 2).sum(1) == 0).all()   # zero-sum
+    for i in range(n):
+        env = ttt()
+        env.reset(seed=i)
+        it = iter(applied[i])
+        ref, totals = [], {g: 0.0 for g in env.possible_agents}
+        finished = False
+        while not finished:
+            for g in env.agent_iter():
+                _, rew, te, tr, _ = env.last()
+                totals[g] += rew
+                if te or tr:
+                    ref.append((env.possible_agents.index(g), totals[g]))
+                    totals[g] = 0.0
+                    env.step(None)
+                    continue
+                a = next(it, None)
+                if a is None:
+                    finished = True
+                    break
+                env.step(a)
+            else:
+                env.reset()
+        got = sorted(returns[i])
+        assert sorted(ref[:len(got)]) == got and len(got) >= 2
+
+
+@pytest.mark.parametrize("fn", [spread_aec, spread_parallel, ttt])
+@pytest.mark.multiprocess
+def test_process_backend_matches_serial(fn):
+    rng = np.random.default_rng(2)
+    runs = []
+    for backend, kw in (("serial", {}), ("process", {"workers": 2})):
+        with rf.envs.make(fn, 4, backend=backend, **kw) as venv:
+            s = venv.reset(seed=3)
+            out = [s]
+            for _ in range(25):
+                acts = legal_actions(s, rng) if s.action_mask is not None else rng.integers(0, 5, len(s))
+                s = venv.step(acts)
+                out.append(s)
+            runs.append(out)
+        rng = np.random.default_rng(2)
+    for a, b in zip(*runs):
+        for f in ("obs", "reward", "terminated", "truncated", "final_obs", "alive", "action_mask"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_array_equal(x, y, err_msg=f)
+
+
+def test_aec_spread_reports_everyone_done_at_truncation():
+    with rf.envs.make(spread_aec, 1) as venv:
+        s = venv.reset(seed=0)
+        truncs = []
+        for t in range(3 * 7 + 3):
+            assert s.alive.sum() == 1
+            s = venv.step(np.zeros(3, np.int64))
+            truncs.append(s.truncated.copy())
+        truncs = np.array(truncs)
+        end = int(np.flatnonzero(truncs.any(1))[0])
+        assert truncs[end].all()                   # all three agents at once, in the same step
+        assert s.reward.dtype == np.float32
+
+
+def test_agents_with_different_spaces_are_rejected():
+    simple_adversary_v3 = pytest.importorskip("mpe2.simple_adversary_v3")
+    with pytest.raises(UsageError, match="observation_space.*share one space"):
+        rf.envs.make(simple_adversary_v3.parallel_env, 1)
+
+
+@pytest.mark.parametrize("fn,backend", [(ttt, "serial"), (spread_aec, "serial"),
+                                        (spread_parallel, "serial"),
+                                        pytest.param(ttt, "process", marks=pytest.mark.multiprocess),
+                                        pytest.param(spread_parallel, "process",
+                                                     marks=pytest.mark.multiprocess)])
+def test_through_an_adder_into_a_table(fn, backend):
+    rng = np.random.default_rng(0)
+    kw = {"workers": 2} if backend == "process" else {}
+    with rf.envs.make(fn, 2, backend=backend, **kw) as venv:
+        adder = rf.adders.Transition(discount=0.5)
+        specs = adder.item_specs(venv.spec)
+        table = rf.Table(capacity=10_000, specs=specs)
+        s = venv.reset(seed=0)
+        adder.add_first(s)
+        acted = 0
+        for _ in range(40):
+            acts = legal_actions(s, rng) if s.action_mask is not None else rng.integers(0, 5, len(s))
+            acted += int(s.alive.sum())
+            s = venv.step(acts)
+            items = adder.add(acts, s)
+            if len(items["reward"]):
+                table.insert(items)
+        n = len(table)
+        open_now = int(s.alive.sum())             # rows whose last action has no outcome yet
+        assert n == acted - open_now
+        data = table.sample(n).data
+        if fn is ttt:
+            terminal = data["discount"] == 0
+            assert terminal.any() and set(np.unique(data["reward"][terminal])) <= {-1.0, 0.0, 1.0}
+            assert (data["reward"][~terminal] == 0).all()
+        else:
+            assert (data["discount"] == 0.5).all()   # MPE only truncates: always bootstrap
