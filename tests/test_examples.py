@@ -1,0 +1,24 @@
+"""Examples run as a user runs them, with a tiny budget (learning is measured in benchmarks/)."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+pytest.importorskip("torch", reason="the examples use PyTorch (pip install -e '.[torch]')")
+
+
+@pytest.mark.slow
+def test_dqn_example_runs_and_reports(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "dqn.py"), "--total-steps", "1500", "--learning-starts", "200",
+         "--eval-every", "1000", "--eval-episodes", "3", "--hidden", "32", "--log-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "final evaluation: mean return" in out.stdout
+    assert "env steps" in out.stderr                      # live progress lines
+    header = (tmp_path / "figures.csv").read_text().splitlines()[0]
+    assert "env_steps" in header and "loss" in header

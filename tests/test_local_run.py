@@ -1,0 +1,123 @@
+"""The local runtime: deterministic for a seed, rate-limited learning, clear errors."""
+
+import numpy as np
+import pytest
+
+import rlflow as rf
+from rlflow.errors import UsageError
+
+
+class LinearQPolicy(rf.Policy):
+    """Epsilon-greedy over a linear Q function, numpy only (uses the global numpy RNG, which the
+    runtime seeds)."""
+
+    def __init__(self, spec):
+        self.w = np.zeros((int(np.prod(spec.observation.shape)), int(spec.action_space.n)), np.float32)
+
+    def act(self, obs):
+        greedy = np.argmax(obs @ self.w, axis=1)
+        explore = np.random.random(len(obs)) < 0.2
+        return np.where(explore, np.random.randint(self.w.shape[1], size=len(obs)), greedy)
+
+    def set_params(self, params):
+        self.w = params[0].copy()
+
+
+class LinearQLearner(rf.Learner):
+    def __init__(self, spec):
+        self.w = np.zeros((int(np.prod(spec.observation.shape)), int(spec.action_space.n)), np.float32)
+        self.steps = 0
+        self.seen = []
+
+    def step(self, batch):
+        obs, a = batch["obs"], batch["action"]
+        target = batch["reward"] + batch["discount"] * (batch["next_obs"] @ self.w).max(1)
+        q = (obs @ self.w)[np.arange(len(a)), a]
+        err = target - q
+        for i in range(len(a)):
+            self.w[:, a[i]] += 0.01 * err[i] * obs[i]
+        self.steps += 1
+        self.seen.append(batch.keys.copy())
+        return {"loss": float(np.mean(err ** 2))}
+
+    def get_params(self):
+        return [self.w]
+
+
+def uniform_table(specs):
+    return rf.Table(capacity=500, sampler=rf.selectors.Uniform(seed=0), remover=rf.selectors.Fifo(),
+                    rate_limiter=rf.rate_limiters.SampleToInsertRatio(
+                        samples_per_insert=4.0, min_size_to_sample=64, error_buffer=64.0), specs=specs)
+
+
+def experiment(seed=0, table=uniform_table, num_envs=4):
+    return rf.Experiment(env="CartPole-v1", policy=LinearQPolicy, learner=LinearQLearner,
+                         adder=rf.adders.Transition(discount=0.99), table=table, batch_size=16,
+                         num_envs=num_envs, warmup_steps=100, seed=seed)
+
+
+def snapshot(tmp_path, table, name):
+    d = tmp_path / name
+    table.save(str(d))
+    return {p.name: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_table_contents(tmp_path):
+    a = rf.run(experiment(seed=3), max_env_steps=1_500, progress=False)
+    b = rf.run(experiment(seed=3), max_env_steps=1_500, progress=False)
+    c = rf.run(experiment(seed=4), max_env_steps=1_500, progress=False)
+    assert a.figures["env_steps"] == b.figures["env_steps"] >= 1_500
+    sa, sb, sc = (snapshot(tmp_path, r.table, n) for r, n in ((a, "a"), (b, "b"), (c, "c")))
+    assert sa == sb
+    assert sa != sc
+    assert np.array_equal(a.learner.w, b.learner.w)
+    assert all(np.array_equal(x, y) for x, y in zip(a.learner.seen, b.learner.seen))
+
+
+def test_samples_per_insert_follows_the_rate_limiter():
+    r = rf.run(experiment(), max_env_steps=2_000, progress=False)
+    stats = r.table.stats()
+    # SampleToInsertRatio(4, min_size 64, error_buffer 64): samples stay within the buffer of
+    # 4 * (inserts - 64)
+    expected = 4.0 * (stats["inserts"] - 64)
+    assert abs(stats["samples"] - expected) <= 64 + 16
+    assert r.figures["learner_steps"] == stats["samples"] // 16
+
+
+def test_truncation_reaches_the_table_with_discount():
+    # CartPole truncates at 500 steps; with a short TimeLimit many episodes are cut, not ended.
+    import gymnasium as gym
+
+    def short():
+        return gym.wrappers.TimeLimit(gym.make("CartPole-v1").unwrapped, max_episode_steps=5)
+
+    def table(specs):
+        return rf.Table(capacity=1_000, rate_limiter=rf.rate_limiters.MinSize(64), specs=specs)
+
+    exp = experiment(table=table)
+    exp.env = short
+    r = rf.run(exp, max_env_steps=400, progress=False)
+    s = r.table.sample(len(r.table), timeout=1.0)
+    assert np.any(s["discount"] == np.float32(0.99))      # truncated and ordinary steps bootstrap
+    terminal = s["discount"] == 0
+    # every item with discount 0 ends in a terminal CartPole state (pole down or cart out)
+    x, theta = s["next_obs"][terminal, 0], s["next_obs"][terminal, 2]
+    assert np.all((np.abs(x) > 2.4) | (np.abs(theta) > 0.2095))
+
+
+def test_a_deadlocking_limiter_is_reported():
+    def queue_table(specs):
+        return rf.Table(capacity=8, sampler=rf.selectors.Fifo(), remover=rf.selectors.Fifo(),
+                        rate_limiter=rf.rate_limiters.Queue(8), max_times_sampled=1, specs=specs)
+
+    exp = experiment(table=queue_table, num_envs=4)
+    exp.batch_size = 16                     # a queue of 8 can never hold a batch of 16
+    with pytest.raises(UsageError, match="deadlock"):
+        rf.run(exp, max_env_steps=1_000, progress=False)
+
+
+def test_run_needs_a_limit():
+    with pytest.raises(UsageError, match="max_env_steps"):
+        rf.run(experiment())
+    with pytest.raises(UsageError, match="backend"):
+        rf.run(experiment(), backend="threads", max_env_steps=10)
