@@ -72,7 +72,7 @@ class EpisodeStats:
 
     def update(self, step: Step):
         rows = step.env_ids
-        live = step.done if step.alive is None else (step.alive | step.done)
+        live = True if step.alive is None else (step.alive | step.done)
         self.returns[rows] += np.where(live, step.reward, 0.0)
         self.lengths[rows] += live
         if step.done.any():
@@ -177,7 +177,7 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
         actions, _ = split_policy_output(policy.act_step(step))
         step = venv.step(np.asarray(actions))
         rows = step.env_ids
-        live = step.done if step.alive is None else (step.alive | step.done)
+        live = True if step.alive is None else (step.alive | step.done)
         ret[rows] += np.where(live, step.reward, 0.0)
         length[rows] += live
         for r in rows[step.done]:
