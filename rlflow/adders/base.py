@@ -29,6 +29,25 @@ from rlflow.specs import ArraySpec, EnvSpec, flatten
 _EMPTY: dict = {}
 
 
+def _flat(tree, prefix: str) -> dict:
+    """`specs.flatten`, with a shortcut for the common case of a plain array."""
+    if type(tree) is np.ndarray:
+        return {prefix: tree}
+    return flatten(tree, prefix)
+
+
+def _flat_extras(extras) -> dict:
+    """Flat extras; a dict of plain arrays (the common case) is returned as it is."""
+    if not extras:
+        return _EMPTY
+    if type(extras) is dict:
+        for v in extras.values():
+            if type(v) is not np.ndarray:
+                return flatten(extras, "")
+        return extras
+    return flatten(extras, "")
+
+
 def _flat_specs(spec, prefix: str) -> dict[str, ArraySpec]:
     return {k: v for k, v in flatten(spec, prefix).items()}
 
@@ -111,6 +130,8 @@ class RowAdder(Adder):
         self._prev_ids: Optional[np.ndarray] = None
         self._prev_alive: Optional[np.ndarray] = None   # None: every previous row alive
         self._open_rows: Optional[np.ndarray] = None     # bool [num_rows]: has an open transition
+        self._prev_full = False       # the previous step had every row, all alive
+        self._full_call = False       # this add call: every row opens, closes and starts, in order
 
     def reset(self) -> None:
         """Forget all partial streams (the next call must be `add_first`)."""
@@ -120,10 +141,15 @@ class RowAdder(Adder):
 
     # ---------------------------------------------------------------- validation
     def _flat_obs(self, obs, prefix: str, n: int, field_what: str) -> dict[str, np.ndarray]:
-        flat = flatten(obs, prefix)
-        specs = self.obs_specs if prefix == "obs" else None
-        if specs is None:
-            return flat
+        specs = self.obs_specs
+        leaf = specs.get("obs") if len(specs) == 1 else None
+        if leaf is not None and type(obs) is np.ndarray:          # the common case: one array
+            if obs.shape != (n,) + leaf.shape:
+                raise SpecError(mismatch(field_what, "obs", f"shape {(n,) + leaf.shape}", f"shape {obs.shape}"))
+            if obs.dtype != leaf.dtype and obs.dtype.kind != leaf.dtype.kind:
+                raise SpecError(mismatch(field_what, "obs", f"dtype {leaf.dtype}", f"dtype {obs.dtype}"))
+            return {"obs": obs}
+        flat = _flat(obs, prefix)
         if len(flat) != len(specs) or any(k not in specs for k in flat):
             raise SpecError(mismatch(field_what, prefix, f"fields {sorted(specs)}", f"fields {sorted(flat)}"))
         out = {}
@@ -131,8 +157,10 @@ class RowAdder(Adder):
             a = flat[k]
             if not isinstance(a, np.ndarray):
                 a = np.asarray(a)
-            if a.shape[1:] != s.shape or a.shape[0] != n or a.ndim != len(s.shape) + 1:
+            if a.shape != (n,) + s.shape:
                 raise SpecError(mismatch(field_what, k, f"shape {(n,) + s.shape}", f"shape {a.shape}"))
+            if a.dtype != s.dtype and a.dtype.kind != s.dtype.kind:
+                raise SpecError(mismatch(field_what, k, f"dtype {s.dtype}", f"dtype {a.dtype}"))
             out[k] = a
         return out
 
@@ -149,25 +177,30 @@ class RowAdder(Adder):
                                           f"{ids.tolist()}"))
             full = True
         else:
-            full = n == self.num_rows and bool((ids == self._all_rows).all())
+            full = n == self.num_rows and (ids.tobytes() == self._all_bytes if ids.dtype == np.int64
+                                           else bool((ids == self._all_rows).all()))
             if not full and n and (ids.min() < 0 or ids.max() >= self.num_rows):
                 raise SpecError(mismatch("step", "env_ids", f"ids in [0, {self.num_rows})",
                                          f"min {ids.min()}, max {ids.max()}"))
+        shape = (n,)
         for name in ("reward", "terminated", "truncated"):
             a = getattr(step, name)
-            if np.shape(a) != (n,):
-                raise SpecError(mismatch("step", name, f"shape ({n},)", f"shape {np.shape(a)}"))
+            if getattr(a, "shape", None) != shape:
+                raise SpecError(mismatch("step", name, f"an array of shape ({n},)", f"{type(a).__name__} "
+                                         f"of shape {np.shape(a)}"))
+            if name != "reward" and a.dtype != np.bool_:
+                raise SpecError(mismatch("step", name, "dtype bool", f"dtype {a.dtype}"))
         alive = step.alive
         if alive is not None:
             alive = np.asarray(alive)
             if alive.shape != (n,) or alive.dtype != np.bool_:
                 raise SpecError(mismatch("step", "alive", f"bool shape ({n},)", f"{alive.dtype} shape {alive.shape}"))
-            if alive.all():
+            if np.count_nonzero(alive) == n:
                 alive = None
         return ids, n, full, alive
 
     def _validate_action_extras(self, actions, extras, n: int):
-        act = flatten(actions, "action")
+        act = _flat(actions, "action")
         if self.action_specs is None:   # first add: take the specs from the data (or the declaration)
             specs = self._declared_action
             if specs is None:
@@ -194,7 +227,7 @@ class RowAdder(Adder):
                     a.dtype.kind in "iu" and s.dtype.kind in "iu")):
                 raise SpecError(mismatch("action", k, f"dtype {s.dtype}", f"dtype {a.dtype}"))
             out_a[k] = a
-        ext = flatten(extras, "") if extras else _EMPTY
+        ext = _flat_extras(extras)
         if self.extras_specs is None:
             specs = self._declared_extras
             if specs is None:
@@ -255,6 +288,7 @@ class RowAdder(Adder):
             self.obs_specs = specs
             self.num_rows = n
             self._all_rows = np.arange(n, dtype=np.int64)
+            self._all_bytes = self._all_rows.tobytes()
         elif n != self.num_rows:
             raise UsageError(mismatch("add_first", "env_ids", f"{self.num_rows} rows (as in the first reset)",
                                       f"{n} rows"))
@@ -265,6 +299,7 @@ class RowAdder(Adder):
         self._pending_first = (rows, obs if alive is None else {k: v[alive] for k, v in obs.items()})
         self._prev_ids = self._all_rows
         self._prev_alive = alive
+        self._prev_full = alive is None
         self._started = True
 
     def add(self, actions, step: Step, extras: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
@@ -282,51 +317,64 @@ class RowAdder(Adder):
             self._allocate()
             self._allocated = True
             rows, o = self._pending_first
+            self._full_call = len(rows) == self.num_rows
             self._start(rows, o, None)
+        term = np.asarray(step.terminated, bool)
+        trunc = np.asarray(step.truncated, bool)
+        done = term | trunc
+        reward = step.reward
         out = []
+        # the common case: every row of the full batch is alive now and acted in the previous step
+        self._full_call = full_call = full and alive is None and self._prev_full
+        if full_call:
+            before = self._before_open(ids, ext)
+            if before:
+                out.append(before)
+            self._open(ids, act, ext)
+            items = self._close(ids, reward, term, trunc, done, final)
+            if items:
+                out.append(items)
+            self._start(ids, obs, done)
+        else:
+            self._partial_add(prev_ids, prev_alive, act, ext, ids, alive, obs, final, reward, term, trunc,
+                              done, out)
+        self._prev_ids = ids
+        self._prev_alive = alive
+        self._prev_full = full and alive is None
+        return _concat(out, self._specs)
+
+    def _partial_add(self, prev_ids, prev_alive, act, ext, ids, alive, obs, final, reward, term, trunc, done, out):
+        """The row rule of rf.Step for any subset of rows and any alive mask (see the module doc)."""
+        open_rows = self._open_rows
+        if self._prev_full:     # every row was alive: all closed (open_rows is not kept on the fast path)
+            open_rows[:] = False
         before = self._before_open(prev_ids, ext)
         if before:
             out.append(before)
         # 1. the rows of the previous step that were alive acted: open their transitions
         if prev_alive is None:
             self._open(prev_ids, act, ext)
-            self._open_rows[prev_ids] = True
-        elif prev_alive.any():
+            open_rows[prev_ids] = True
+        elif np.count_nonzero(prev_alive):
             r = prev_ids[prev_alive]
             self._open(r, {k: v[prev_alive] for k, v in act.items()}, {k: v[prev_alive] for k, v in ext.items()})
-            self._open_rows[r] = True
+            open_rows[r] = True
         # 2. close the open transitions of rows that are alive or done
-        term = np.asarray(step.terminated, bool)
-        trunc = np.asarray(step.truncated, bool)
-        done = term | trunc
-        reward = step.reward
-        if full and alive is None and self._open_rows.all():
-            rows = ids
-            closing = None
-        else:
-            closing = self._open_rows[ids]
-            if alive is not None:
-                closing &= alive | done
-            rows = ids[closing]
-        if closing is None:
-            items = self._close(rows, reward, term, trunc, done, final)
-            self._open_rows[:] = False
-        elif len(rows):
+        closing = open_rows[ids]
+        if alive is not None:
+            closing &= alive | done
+        rows = ids[closing]
+        if len(rows):
             items = self._close(rows, reward[closing], term[closing], trunc[closing], done[closing],
                                 {k: v[closing] for k, v in final.items()})
-            self._open_rows[rows] = False
-        else:
-            items = None
-        if items:
-            out.append(items)
+            open_rows[rows] = False
+            if items:
+                out.append(items)
         # 3. rows alive now continue from obs
         if alive is None:
             self._start(ids, obs, done)
-        elif alive.any():
+        elif np.count_nonzero(alive):
             self._start(ids[alive], {k: v[alive] for k, v in obs.items()}, done[alive])
-        self._prev_ids = ids
-        self._prev_alive = alive
-        return _concat(out, self._specs)
 
     # ---------------------------------------------------------------- hooks
     def _item_fields(self) -> dict[str, ArraySpec]:
@@ -405,7 +453,7 @@ class TrajectoryAdder(RowAdder):
             if self.store_next_obs:
                 self._nobs["next_" + k][rows, slot] = a
         self._count[rows] = count + 1
-        if done.any():
+        if np.count_nonzero(done):
             self._new_episode[rows[done]] = True
         return slot
 
@@ -417,7 +465,7 @@ class TrajectoryAdder(RowAdder):
         r = rows[:, None]
         out = {k: b[r, idx] for k, b in bufs.items()}
         pad = offs[None, :] >= valid[:, None]
-        if pad.any():
+        if np.count_nonzero(pad):
             for a in out.values():
                 a[pad] = 0
         return out, ~pad

@@ -56,7 +56,7 @@ class Episode(TrajectoryAdder):
 
     def _open(self, rows, action, extras) -> None:
         over = self._count[rows] >= self.max_length
-        if over.any():
+        if np.count_nonzero(over):
             r = int(rows[np.argmax(over)])
             raise UsageError(mismatch("Episode", "max_length",
                                       f"episodes of at most {self.max_length} steps",
@@ -65,7 +65,7 @@ class Episode(TrajectoryAdder):
 
     def _close(self, rows, reward, terminated, truncated, done, final_obs):
         self._record_close(rows, reward, terminated, truncated, done, final_obs)
-        if not done.any():
+        if not np.count_nonzero(done):
             return None
         drows = rows[done]
         T = self._count[drows]

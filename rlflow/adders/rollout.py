@@ -89,14 +89,14 @@ class Rollout(TrajectoryAdder):
     def _before_open(self, rows, extras):
         slot = self._awaiting[rows]
         has = slot >= 0
-        if not has.any():
+        if not np.count_nonzero(has):
             return None
         r = rows[has]
         self._next_value[r, slot[has]] = extras["final_value"][has]
         self._awaiting[r] = -1
         count = self._count[r]
         ready = count % self.length == 0        # the fragment's last step just got its V'
-        if not ready.any():
+        if not np.count_nonzero(ready):
             return None
         return self._emit(r[ready], count[ready] - self.length)
 

@@ -92,15 +92,15 @@ class Sequence(TrajectoryAdder):
         if p > 1:
             full &= s % p == 0
         parts = []
-        if full.any():
+        if np.count_nonzero(full):
             parts.append((rows[full], s[full], np.full(int(full.sum()), L)))
-        if self.end_behavior != "continue" and done.any():
+        if self.end_behavior != "continue" and np.count_nonzero(done):
             T = k[done]
             drows = rows[done]
             if self.end_behavior == "pad":
                 nxt = np.where(T < L, 0, ((T - L) // p + 1) * p)
                 m = nxt < T
-                if m.any():
+                if np.count_nonzero(m):
                     parts.append((drows[m], nxt[m], (T - nxt)[m]))
             self._count[drows] = 0
         if not parts:

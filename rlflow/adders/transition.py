@@ -68,25 +68,57 @@ class NStepTransition(RowAdder):
         self._act = {k: s.zeros((R, n)) for k, s in self.action_specs.items()}
         self._ext = {k: s.zeros((R, n)) for k, s in self.extras_specs.items()}
         self._ret = np.zeros((R, n), np.float64)
-        self._age = np.full((R, n), -1, np.int64)       # -1: free slot; else steps summed so far
+        self._age = None              # [R, n] off lockstep: -1 free slot, else steps summed so far
         self._head = np.zeros(R, np.int64)              # slot of the row's latest observation
         g = self.discount
         self._gpow_acc = np.append(g ** np.arange(n, dtype=np.float64), 0.0)  # [-1] -> 0 for free slots
         self._gpow = (g ** np.arange(n + 1, dtype=np.float64)).astype(np.float32)
-        self._ones_n = np.ones(n, bool)
+        # lockstep state (see _lockstep): one head, a valid flag per entry, ages per slot
+        self._lock, self._h = True, 0
+        self._valid = np.zeros((R, n), bool)
+        j = np.arange(n)
+        self._w_by_head = np.stack([g ** ((h - j) % n) for h in range(n)])     # gamma^(age before close)
+        self._age_by_head = np.stack([(h - j) % n + 1 for h in range(n)])      # age after the close
+        self._disc_n = np.full(R, self._gpow[n], np.float32)
+
+    # Lockstep: while every call is a full one (all rows alive, in env_ids order), all rows share
+    # one head `self._h`, so every entry of ring slot j has the same age (h - j) % n + 1 after a
+    # close: the ring is addressed by basic slicing and a valid flag per entry replaces the ages.
+    # The first partial call writes the state out to per-row heads and ages, and the general path
+    # takes over until add_first.
+    def _lockstep(self) -> bool:
+        if self._lock:
+            if self._full_call:
+                return True
+            self._head[:] = self._h
+            ages = self._age_by_head[(self._h - 1) % self.n]      # as of the last close
+            self._age = np.where(self._valid, ages[None, :], -1)
+            self._lock = False
+        return False
 
     def _start(self, rows, obs, new_episode) -> None:
+        if self._lockstep():
+            self._h = h = (self._h + 1) % self.n
+            for k, a in obs.items():
+                self._obs[k][:, h] = a
+            return
         h = self._head[rows]
         h += 1
-        if self.n > 1:
-            h %= self.n
-        else:
-            h[:] = 0
+        h %= self.n
         self._head[rows] = h
         for k, a in obs.items():
             self._obs[k][rows, h] = a
 
     def _open(self, rows, action, extras) -> None:
+        if self._lockstep():
+            h = self._h
+            for k, a in action.items():
+                self._act[k][:, h] = a
+            for k, a in extras.items():
+                self._ext[k][:, h] = a
+            self._valid[:, h] = True
+            self._ret[:, h] = 0.0
+            return
         h = self._head[rows]
         for k, a in action.items():
             self._act[k][rows, h] = a
@@ -97,25 +129,55 @@ class NStepTransition(RowAdder):
 
     def _close(self, rows, reward, terminated, truncated, done, final_obs):
         n = self.n
+        if self._lockstep():
+            h = self._h
+            self._ret += np.multiply.outer(reward, self._w_by_head[h])
+            valid = self._valid
+            s = (h + 1) % n                                   # the oldest slot: age n now
+            if not np.count_nonzero(done):
+                col = valid[:, s]
+                if np.count_nonzero(col) == len(col):                                 # the usual case: one item per row
+                    out = {k: b[:, s].copy() for k, b in self._obs.items()}
+                    out.update({k: b[:, s].copy() for k, b in self._act.items()})
+                    out["reward"] = self._ret[:, s].astype(np.float32)
+                    out["discount"] = self._disc_n.copy()
+                    for k, a in final_obs.items():
+                        out["next_" + k] = a.copy()
+                    out.update({k: b[:, s].copy() for k, b in self._ext.items()})
+                    col[:] = False
+                    return out
+                ci = np.flatnonzero(col)
+                slot = np.full(len(ci), s)
+            else:
+                emit = valid & done[:, None]
+                emit[:, s] |= valid[:, s]
+                ci, slot = np.nonzero(emit)
+            if not len(ci):
+                return None
+            valid[ci, slot] = False
+            return self._emit(ci, slot, self._age_by_head[h][slot], ci, terminated, final_obs)
         age = self._age[rows]                                   # [k, n]
         self._ret[rows] += self._gpow_acc[age] * np.asarray(reward, np.float64)[:, None]
         age += age >= 0
         full = age == n
-        if done.any():
+        if np.count_nonzero(done):
             full |= done[:, None] & (age > 0)
         ci, slot = np.nonzero(full)
         if not len(ci):
             self._age[rows] = age
             return None
-        r = rows[ci]
         m = age[ci, slot]
         age[ci, slot] = -1
         self._age[rows] = age
+        return self._emit(rows[ci], slot, m, ci, terminated, final_obs)
+
+    def _emit(self, r, slot, m, ci, terminated, final_obs):
+        """Items of ring entries (r, slot) that summed m steps; ci: their rows in this close."""
         out = {k: b[r, slot] for k, b in self._obs.items()}
         out.update({k: b[r, slot] for k, b in self._act.items()})
         out["reward"] = self._ret[r, slot].astype(np.float32)
         disc = self._gpow[m]
-        if terminated.any():
+        if np.count_nonzero(terminated):
             disc[terminated[ci]] = 0.0
         out["discount"] = disc
         for k, a in final_obs.items():
