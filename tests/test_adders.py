@@ -7,6 +7,8 @@ observation (which names row, episode and step) and then compared field by field
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -185,13 +187,17 @@ def ref_rollout(rec, length, gamma, lam):
 # ------------------------------------------------------------------------------------------------
 # running and comparing
 # ------------------------------------------------------------------------------------------------
-def run(adder, env, policy, steps, seed=0):
+def run(adder, env, policy, steps, seed=0, switch_at=None):
+    """Drive adder and reference side by side. At step `switch_at` the env turns into a pool-mode
+    multi-agent env (the adders leave their full-batch fast path with state in flight)."""
     rec = Recorder()
     step = env.reset(seed=seed)
     adder.add_first(step)
     rec.add_first(step)
     got = []
-    for _ in range(steps):
+    for i in range(steps):
+        if i == switch_at:
+            env.pool = env.multi_agent = True
         actions, extras = policy.act_step(step)
         step = env.step(actions)
         out = adder.add(actions, step, extras)
@@ -227,6 +233,7 @@ def assert_same_items(got: dict, expected: list[dict]):
 
 
 schedules = st.fixed_dictionaries({
+    "switch_at": st.one_of(st.none(), st.integers(0, 30)),
     "num_envs": st.integers(1, 6),
     "seed": st.integers(0, 2**31 - 1),
     "multi_agent": st.booleans(),
@@ -235,14 +242,15 @@ schedules = st.fixed_dictionaries({
     "p_terminate": st.sampled_from([0.0, 0.05, 0.2, 0.5]),
     "p_truncate": st.sampled_from([0.0, 0.05, 0.2]),
 })
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=int(os.environ.get("RLFLOW_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def make(sched):
     sched = dict(sched)
     seed = sched.pop("seed")
+    switch_at = sched.pop("switch_at")
     env = FakeVectorEnv(seed=seed, **sched)
-    return env, FakePolicy(env.spec, seed=seed + 1), seed
+    return env, FakePolicy(env.spec, seed=seed + 1), seed, switch_at
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,9 +260,9 @@ def make(sched):
 @given(sched=schedules, n=st.integers(1, 4), gamma=st.sampled_from([0.0, 0.5, 0.99, 1.0]),
        steps=st.integers(0, 40))
 def test_nstep_matches_reference(sched, n, gamma, steps):
-    env, policy, seed = make(sched)
+    env, policy, seed, switch_at = make(sched)
     adder = adders.NStepTransition(n, gamma)
-    got, rec = run(adder, env, policy, steps, seed)
+    got, rec = run(adder, env, policy, steps, seed, switch_at)
     assert_same_items(got, ref_nstep(rec, n, gamma))
 
 
@@ -270,18 +278,33 @@ def test_transition_is_one_step():
     assert set(np.unique(got["discount"]).tolist()) == {0.0, np.float32(0.9)}
 
 
-def test_item_specs_match_items_nested():
+EXTRAS_SPECS = {"value": rf.ArraySpec((), np.float32), "final_value": rf.ArraySpec((), np.float32),
+                "log_prob": rf.ArraySpec((), np.float32), "state": rf.ArraySpec((2,), np.float32)}
+
+
+def test_item_specs_nstep_nested():
     env = FakeVectorEnv(2, seed=0, dict_obs=True)
-    policy = FakePolicy(env.spec, seed=0)
-    a = adders.NStepTransition(3, 0.99)
-    extras_specs = {"value": rf.ArraySpec((), np.float32), "final_value": rf.ArraySpec((), np.float32),
-                    "log_prob": rf.ArraySpec((), np.float32), "state": rf.ArraySpec((2,), np.float32)}
-    specs = a.item_specs(env.spec, extras_specs)
+    specs = adders.NStepTransition(3, 0.99).item_specs(env.spec, EXTRAS_SPECS)
     assert set(specs) == {"obs/pos", "obs/t", "action", "reward", "discount", "next_obs/pos", "next_obs/t",
                           "value", "final_value", "log_prob", "state"}
-    got, _ = run(a, env, policy, 30)
+    assert specs["obs/pos"] == rf.ArraySpec((4,), np.float32) and specs["action"] == rf.ArraySpec((), np.int64)
+
+
+@pytest.mark.parametrize("make_adder", [
+    lambda: adders.Transition(0.9), lambda: adders.NStepTransition(3, 0.9),
+    lambda: adders.Sequence(4, 2), lambda: adders.Sequence(3, 1, end_behavior="continue"),
+    lambda: adders.Episode(80), lambda: adders.Rollout(4, 0.99, 0.95)])
+@pytest.mark.parametrize("dict_obs", [False, True])
+def test_item_specs_match_items(make_adder, dict_obs):
+    """item_specs, known before any data, describe exactly what add returns (a table can be built first)."""
+    env = FakeVectorEnv(3, seed=0, dict_obs=dict_obs, p_terminate=0.3)
+    a = make_adder()
+    specs = a.item_specs(env.spec, EXTRAS_SPECS)
+    got, _ = run(a, env, FakePolicy(env.spec, seed=0), 30)
+    assert list(got) == list(specs)
+    assert len(got["reward"]) > 0
     for k, s in specs.items():
-        assert got[k].shape[1:] == s.shape and got[k].dtype == s.dtype
+        assert got[k].shape[1:] == s.shape and got[k].dtype == s.dtype, (k, got[k].shape, s)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,18 +370,18 @@ def test_constructor_validation():
        end_behavior=st.sampled_from(["pad", "truncate", "continue"]), gamma=st.sampled_from([0.5, 1.0]),
        steps=st.integers(0, 40))
 def test_sequence_matches_reference(sched, length, period, end_behavior, gamma, steps):
-    env, policy, seed = make(sched)
+    env, policy, seed, switch_at = make(sched)
     adder = adders.Sequence(length, period, discount=gamma, end_behavior=end_behavior)
-    got, rec = run(adder, env, policy, steps, seed)
+    got, rec = run(adder, env, policy, steps, seed, switch_at)
     assert_same_items(got, ref_sequence(rec, length, period, gamma, end_behavior))
 
 
 @SETTINGS
 @given(sched=schedules, gamma=st.sampled_from([0.5, 1.0]), steps=st.integers(0, 40))
 def test_episode_matches_reference(sched, gamma, steps):
-    env, policy, seed = make(sched)
+    env, policy, seed, switch_at = make(sched)
     adder = adders.Episode(max_length=41, discount=gamma)
-    got, rec = run(adder, env, policy, steps, seed)
+    got, rec = run(adder, env, policy, steps, seed, switch_at)
     assert_same_items(got, ref_episode(rec, 41, gamma))
 
 
@@ -366,9 +389,9 @@ def test_episode_matches_reference(sched, gamma, steps):
 @given(sched=schedules, length=st.integers(1, 6), gamma=st.sampled_from([0.0, 0.9, 1.0]),
        lam=st.sampled_from([0.0, 0.95, 1.0]), steps=st.integers(0, 40))
 def test_rollout_matches_reference(sched, length, gamma, lam, steps):
-    env, policy, seed = make(sched)
+    env, policy, seed, switch_at = make(sched)
     adder = adders.Rollout(length, discount=gamma, gae_lambda=lam)
-    got, rec = run(adder, env, policy, steps, seed)
+    got, rec = run(adder, env, policy, steps, seed, switch_at)
     assert_same_items(got, ref_rollout(rec, length, gamma, lam))
 
 

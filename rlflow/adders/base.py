@@ -457,15 +457,28 @@ class TrajectoryAdder(RowAdder):
             self._new_episode[rows[done]] = True
         return slot
 
-    def _gather(self, rows, starts, valid, length: int, bufs: dict) -> dict:
+    def _gather(self, rows, starts, valid, length: int, bufs: dict) -> tuple[dict, np.ndarray]:
         """Windows of `length` steps of rows `rows` from segment step `starts` on; steps at or past
-        `valid` are zero."""
-        offs = self._arange_cap[:length] if length <= self._cap else np.arange(length)
-        idx = (starts[:, None] + offs) % self._cap                      # [W, length]
+        `valid` are zero. Returns (field -> [W, length, ...], mask [W, length]). Only the first
+        max(valid) steps are copied from the ring (episodes are often much shorter than the pad)."""
+        W = len(rows)
+        vmax = int(valid.max()) if W else 0
+        offs = self._arange_cap[:vmax] if vmax <= self._cap else np.arange(vmax)
+        idx = starts[:, None] + offs
+        idx %= self._cap                                                # [W, vmax]
         r = rows[:, None]
-        out = {k: b[r, idx] for k, b in bufs.items()}
-        pad = offs[None, :] >= valid[:, None]
-        if np.count_nonzero(pad):
-            for a in out.values():
-                a[pad] = 0
-        return out, ~pad
+        mask = self._arange_cap[:length][None, :] < valid[:, None] if length <= self._cap else \
+            np.arange(length)[None, :] < valid[:, None]
+        short = mask[:, :vmax]
+        some_pad = np.count_nonzero(short) != short.size
+        out = {}
+        for k, b in bufs.items():
+            g = b[r, idx]
+            if some_pad:
+                g[~short] = 0
+            if vmax < length:
+                full = np.zeros((W, length) + b.shape[2:], b.dtype)
+                full[:, :vmax] = g
+                g = full
+            out[k] = g
+        return out, mask
