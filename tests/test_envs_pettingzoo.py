@@ -223,17 +223,20 @@ def test_through_an_adder_into_a_table(fn, backend):
         table = rf.Table(capacity=10_000, specs=specs)
         s = venv.reset(seed=0)
         adder.add_first(s)
-        acted = 0
+        closed = 0
+        open_ = np.zeros(len(s), bool)          # the row rule of rf.Step, counted by hand
         for _ in range(40):
             acts = legal_actions(s, rng) if s.action_mask is not None else rng.integers(0, 5, len(s))
-            acted += int(s.alive.sum())
+            open_ |= s.alive                    # these rows act now
             s = venv.step(acts)
+            ends = open_ & (s.alive | s.done)
+            closed += int(ends.sum())
+            open_ &= ~ends
             items = adder.add(acts, s)
             if len(items["reward"]):
                 table.insert(items)
         n = len(table)
-        open_now = int(s.alive.sum())             # rows whose last action has no outcome yet
-        assert n == acted - open_now
+        assert n == closed
         data = table.sample(n).data
         if fn is ttt:
             terminal = data["discount"] == 0

@@ -65,15 +65,16 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(s.info["episode_return"], t.info["episode_return"])
 
 
-@pytest.mark.parametrize("env,n,workers", [(Tagged, 7, 3), (Tagged, 4, 1), ("CartPole-v1", 6, 2)])
-def test_process_matches_serial(env, n, workers):
+@pytest.mark.parametrize("env,n,workers,inline", [(Tagged, 7, 3, False), (Tagged, 4, 1, True),
+                                                  (Tagged, 5, 2, True), ("CartPole-v1", 6, 2, False)])
+def test_process_matches_serial(env, n, workers, inline):
     rng = np.random.default_rng(1)
     high = 5 if env is Tagged else 2
     actions = rng.integers(0, high, (80, n))
     with rf.envs.make(env, n) as serial:
         ref = _run(serial, 3, actions)
-    with rf.envs.make(env, n, backend="process", workers=workers) as proc:
-        assert proc.num_workers == workers and proc.spec == serial.spec
+    with rf.envs.make(env, n, backend="process", workers=workers, inline=inline) as proc:
+        assert proc.num_workers == workers and proc.inline == inline and proc.spec == serial.spec
         got = _run(proc, 3, actions)
         pids = proc.pids
     _assert_same(ref, got)
@@ -96,8 +97,9 @@ def test_process_rejects_bad_actions_and_arguments():
         rf.envs.make("CartPole-v1", 4, backend="serial", workers=2)
 
 
-def test_worker_exception_is_worker_error_and_cleans_up():
-    venv = rf.envs.make(Exploding, 4, backend="process", workers=2)
+@pytest.mark.parametrize("inline,where", [(False, "env worker 1"), (True, "inline slice")])
+def test_worker_exception_is_worker_error_and_cleans_up(inline, where):
+    venv = rf.envs.make(Exploding, 4, backend="process", workers=1 + (not inline), inline=inline)
     pids = venv.pids
     venv.reset(seed=0)
     venv.step(np.zeros(4, np.int64))
@@ -105,13 +107,13 @@ def test_worker_exception_is_worker_error_and_cleans_up():
         venv.step(np.array([0, 0, 4, 0]))
     err = info.value
     assert "boom from the env" in err.remote_traceback and "RuntimeError" in err.remote_traceback
-    assert "env worker 1" in err.where and "env 2" in err.where
+    assert where in err.where and "env 2" in err.where
     assert venv.closed
     assert not any(_alive(p) for p in pids)
 
 
 def test_worker_killed_is_worker_error():
-    venv = rf.envs.make("CartPole-v1", 4, backend="process", workers=2)
+    venv = rf.envs.make("CartPole-v1", 4, backend="process", workers=2, inline=True)
     venv.reset(seed=0)
     pids = venv.pids
     os.kill(pids[1], signal.SIGKILL)

@@ -93,7 +93,7 @@ def vector_class(kind: str):
 
 def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = None,
          batch_size: int | None = None, seed: int | None = None, start_method: str | None = None,
-         **kwargs: Any):
+         inline: bool | None = None, **kwargs: Any):
     """A vector env of `num_envs` copies of `env`, returning `rf.Step` records.
 
     env         a Gymnasium env id (`gymnasium.make(env, **kwargs)`), a zero-argument callable
@@ -106,9 +106,12 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
                 "process": worker processes, each stepping a slice of the envs into shared memory.
                 "pool": "process" with `batch_size` < num_envs (EnvPool's async mode): `step`
                 returns the `batch_size` envs that finished first; see ProcessVectorEnv.
-    workers     process backends: how many worker processes (default: the largest divisor of
-                num_envs not above the number of CPUs).
+    workers     process backends: how many worker processes. Default: "process": one per CPU
+                but one, with `inline` on; "pool": the largest divisor of num_envs up to the CPUs.
     batch_size  pool mode: envs per returned step (a multiple of the envs per worker).
+    inline      "process": this process steps one slice of the envs itself while the workers step
+                theirs (one wake-up less per step; what makes cheap envs pay off). Default: on when
+                workers + 1 <= min(CPUs, num_envs), so that no core is oversubscribed.
     seed        the seed of the first `reset()` called without one.
     start_method "fork" (default on Linux while this process runs one thread) or "spawn" (else);
                 with "spawn" the env (id, callable or instance) must be picklable.
@@ -118,7 +121,8 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
     if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
         raise UsageError(mismatch("argument", "num_envs", "an int >= 1", repr(num_envs)))
     if backend == "serial":
-        for name, value in (("workers", workers), ("batch_size", batch_size), ("start_method", start_method)):
+        for name, value in (("workers", workers), ("batch_size", batch_size), ("start_method", start_method),
+                            ("inline", inline)):
             if value is not None:
                 raise UsageError(mismatch("argument", name, "None with backend='serial'", repr(value)))
 
@@ -155,13 +159,22 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         _close(probe)
     if batch_size is None and backend == "pool":
         raise UsageError(mismatch("argument", "batch_size", "an int < num_envs with backend='pool'", None))
-    if workers is None:
-        cpus = os.cpu_count() or 1
-        workers = max(d for d in range(1, min(num_envs, cpus) + 1) if num_envs % d == 0)
+    cpus = min(os.cpu_count() or 1, num_envs)
+    sync = batch_size is None or batch_size == num_envs
+    if not sync:
+        inline = bool(inline)
+        if workers is None:
+            workers = max(d for d in range(1, cpus + 1) if num_envs % d == 0)
+    elif workers is None:
+        if inline is None:
+            inline = cpus >= 2
+        workers = max(1, cpus - int(inline))
+    elif inline is None:
+        inline = workers + 1 <= cpus
     from rlflow.runtime.env_workers import ProcessVectorEnv
 
     return ProcessVectorEnv(cls, [factory] * num_envs, layout, workers=workers, batch_size=batch_size,
-                            seed=seed, start_method=start_method)
+                            seed=seed, start_method=start_method, inline=inline)
 
 
 def _is_env(obj) -> bool:
