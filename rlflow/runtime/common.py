@@ -34,8 +34,11 @@ class LearnerDriver:
         if self.store is not None:
             self.store.publish(self.learner.get_params(), self.steps)
 
-    def step(self) -> dict:
-        sample = self.sample()
+    def step(self, sample=None) -> dict:
+        """One learner step on `sample` (a batch drawn elsewhere, e.g. by a prefetching thread),
+        or on a batch drawn now."""
+        if sample is None:
+            sample = self.sample()
         metrics = self.learner.step(sample)
         metrics = dict(metrics) if metrics else {}
         priorities = metrics.pop("priorities", None)

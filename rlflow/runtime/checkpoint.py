@@ -1,0 +1,228 @@
+"""Whole-run checkpoints: write the state of a run, and resume it where it stopped.
+
+    rf.run(experiment, max_env_steps=50_000, checkpoint_dir="ckpt", checkpoint_every=1_000)
+    rf.run(experiment, max_env_steps=100_000, resume="ckpt")        # carries on from the last one
+
+`checkpoint_every` counts LEARNER STEPS (an int): learner steps are where the learner's state
+changes, and counting them makes checkpoints land at the same points on every run of the local
+runtime. A checkpoint is also written when the run ends normally (limit or target reached); a run
+stopped by Ctrl-C, SIGTERM or an error keeps its last checkpoint and writes none mid-step.
+
+A checkpoint directory holds numbered checkpoints and a pointer to the newest complete one:
+
+    ckpt/LATEST                 "ckpt-000003"  (replaced atomically, after the checkpoint is complete)
+    ckpt/ckpt-000003/run.pkl    counters, RNG states (pickle)
+                    /run.json   the same counters, readable
+                    /learner.pkl   learner.state_dict() (pickle; torch tensors are fine)
+                    /table/        Table.save (the replay format: data, keys, priorities, selectors)
+
+Each checkpoint is written into a temporary directory, fsynced, renamed into place (`os.replace`),
+and only then named in LATEST (itself written to a temporary file and `os.replace`d). A crash at any
+point leaves LATEST naming a complete checkpoint; the two newest are kept. `resume=` takes the
+checkpoint directory (LATEST is followed) or one `ckpt-*` directory.
+
+What is saved and restored:
+  counters      env steps (total and per actor), learner steps, episodes, parameter version,
+                how many times the run was resumed
+  RNG states    Python's `random`, numpy's global RNG, torch's (only if torch is imported:
+                found through sys.modules, rlflow never imports it), and the local runtime's actor
+                warm-up RNG. Actor processes seed their warm-up RNG from (seed, actor, resume) instead.
+  learner       `learner.state_dict()`, restored with `load_state_dict`
+  table         its contents, keys, priorities, selector and rate limiter state (byte for byte)
+Not saved: environments' internal state (an env is not generally serializable): a resumed run
+starts fresh episodes, with seeds that differ from the first run's; adders' partial windows; in the
+process runtime, items still in the actors' rings (at most a few slots per actor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from rlflow.errors import UsageError, mismatch
+
+LATEST = "LATEST"
+FORMAT = 1
+KEEP = 2
+
+
+@dataclass
+class RunState:
+    """A loaded checkpoint."""
+
+    path: str
+    counters: dict
+    rng: dict
+    learner_state: Any
+    table: Any
+
+
+def check_options(checkpoint_dir, checkpoint_every, resume) -> Optional[int]:
+    """Validate the run's checkpoint options up front; returns checkpoint_every (int or None)."""
+    if checkpoint_every is not None:
+        if checkpoint_dir is None:
+            raise UsageError(mismatch("run", "checkpoint_every", "given together with checkpoint_dir",
+                                      f"{checkpoint_every!r} without a checkpoint_dir"))
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, np.integer)) \
+                or checkpoint_every < 1:
+            raise UsageError(mismatch("run", "checkpoint_every", "an int >= 1 (learner steps)",
+                                      repr(checkpoint_every)))
+        checkpoint_every = int(checkpoint_every)
+    if resume is not None:
+        find(resume)           # raises if there is nothing to resume from
+    return checkpoint_every
+
+
+def find(directory) -> str:
+    """The complete checkpoint that `directory` names (a checkpoint dir, or one with LATEST)."""
+    d = os.path.abspath(os.fspath(directory))
+    if os.path.exists(os.path.join(d, "run.pkl")):
+        return d
+    latest = os.path.join(d, LATEST)
+    if os.path.exists(latest):
+        with open(latest) as f:
+            name = f.read().strip()
+        path = os.path.join(d, name)
+        if os.path.exists(os.path.join(path, "run.pkl")):
+            return path
+        raise UsageError(mismatch("resume", directory, "a checkpoint directory whose LATEST names a "
+                                  "complete checkpoint", f"LATEST -> {name!r}, which is missing"))
+    raise UsageError(mismatch("run", "resume", "a checkpoint directory (with LATEST or run.pkl)",
+                              f"{directory!r}, which holds no checkpoint"))
+
+
+# ---- RNG states ------------------------------------------------------------------------------
+def capture_rng(actor_rng: Optional[np.random.Generator] = None) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state()}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        state["torch"] = torch.get_rng_state()
+    if actor_rng is not None:
+        state["actor"] = actor_rng.bit_generator.state
+    return state
+
+
+def restore_rng(state: dict, actor_rng: Optional[np.random.Generator] = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch = sys.modules.get("torch")
+    if torch is not None and "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if actor_rng is not None and "actor" in state:
+        actor_rng.bit_generator.state = state["actor"]
+
+
+# ---- writing -----------------------------------------------------------------------------------
+def _fsync_tree(d):
+    for root, _, files in os.walk(d):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _sequence(directory) -> int:
+    latest = os.path.join(directory, LATEST)
+    if os.path.exists(latest):
+        with open(latest) as f:
+            name = f.read().strip()
+        try:
+            return int(name.rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            pass
+    return 0
+
+
+def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int = KEEP) -> str:
+    """Write one checkpoint into `directory` atomically; returns its path."""
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    seq = _sequence(directory) + 1
+    name = f"ckpt-{seq:06d}"
+    tmp = os.path.join(directory, f".tmp-{name}-{uuid.uuid4().hex}")
+    os.mkdir(tmp)
+    try:
+        with open(os.path.join(tmp, "learner.pkl"), "wb") as f:
+            pickle.dump(learner.state_dict(), f, protocol=pickle.HIGHEST_PROTOCOL)
+        table.save(os.path.join(tmp, "table"))
+        meta = {"format": FORMAT, "counters": counters, "rng": rng}
+        with open(os.path.join(tmp, "run.pkl"), "wb") as f:
+            pickle.dump(meta, f, protocol=pickle.HIGHEST_PROTOCOL)
+        with open(os.path.join(tmp, "run.json"), "w") as f:
+            json.dump({"format": FORMAT, "counters": _jsonable(counters)}, f, indent=1, sort_keys=True)
+        _fsync_tree(tmp)
+        final = os.path.join(directory, name)
+        if os.path.exists(final):            # a leftover of a crash before LATEST moved on
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer = os.path.join(directory, f".{LATEST}.{uuid.uuid4().hex}")
+    with open(pointer, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer, os.path.join(directory, LATEST))
+    _prune(directory, keep, name)
+    return final
+
+
+def _prune(directory, keep, newest):
+    names = sorted(n for n in os.listdir(directory) if n.startswith("ckpt-") and n <= newest)
+    for n in names[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(directory, n), ignore_errors=True)
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    return v
+
+
+# ---- reading -----------------------------------------------------------------------------------
+def load_run(directory) -> RunState:
+    from rlflow.replay import Table
+
+    path = find(directory)
+    with open(os.path.join(path, "run.pkl"), "rb") as f:
+        meta = pickle.load(f)
+    if meta.get("format") != FORMAT:
+        raise UsageError(mismatch("checkpoint", path, f"format {FORMAT}", f"format {meta.get('format')!r}"))
+    with open(os.path.join(path, "learner.pkl"), "rb") as f:
+        learner_state = pickle.load(f)
+    table = Table.load(os.path.join(path, "table"))
+    return RunState(path=path, counters=meta["counters"], rng=meta["rng"], learner_state=learner_state,
+                    table=table)
+
+
+def actor_bases(state: Optional[RunState], num_actors: int) -> list[dict]:
+    """Where each actor's counters start: zero, or the checkpoint's per-actor counters (when the
+    checkpoint had as many actors; else actor 0 carries the totals)."""
+    zero = {"env_steps": 0, "episodes": 0, "items": 0, "rng_state": None}
+    out = [dict(zero) for _ in range(num_actors)]
+    if state is None:
+        return out
+    c = state.counters
+    per = c.get("actors") or []
+    if len(per) == num_actors:
+        return [dict(zero, **{k: v for k, v in p.items() if k in zero}) for p in per]
+    out[0].update(env_steps=int(c["env_steps"]), episodes=int(c["episodes"]))
+    return out

@@ -1,0 +1,164 @@
+"""A ParamStore in shared memory: the learner publishes, actor processes read, nobody waits.
+
+Same interface as `rlflow.sync.ParamStore` (`publish(params, version)`, `latest_version()`,
+`read() -> (version, params)`), so actors use `rlflow.sync.ParamClient` over it unchanged.
+
+Layout: a header and two buffers, each holding one copy of every parameter array (the shapes and
+dtypes of the first published parameters; any nesting of lists, tuples and dicts of arrays).
+
+    header  [active, latest, seq0, seq1, version0, version1]   int64
+    buffer 0: leaf arrays      buffer 1: leaf arrays
+
+Writer (one: the learner), a seqlock per buffer with double buffering:
+
+    b = 1 - active
+    seq[b] += 1            (odd: buffer b is being written)
+    copy params into buffer b;  version[b] = v
+    seq[b] += 1            (even: buffer b is consistent)
+    active = b;  latest = v
+
+Reader (any number of processes, lock-free):
+
+    repeat:
+        b = active;  s1 = seq[b]          (retry if odd)
+        v = version[b];  copy buffer b out
+        s2 = seq[b]
+    until s1 == s2                        -> (v, the copy): all from one version, never torn
+
+A reader is only ever retried if the writer came back to its buffer twice during one copy, so
+retries are rare, and the writer never waits for a reader: an actor killed mid-read (SIGKILL)
+cannot block the learner, which a lock shared with actors could. The ordering argument holds for
+x86-64's total store order (stores are seen in program order, loads are not reordered with other
+loads), the platform this runs on; `tests/test_process_runtime.py` checks it across processes.
+
+The segment is named "/rlflow_<pid>_<hex>"; the store is picklable (pickling carries the name),
+and actor processes attach to it by name. The creating process unlinks the name in `close()`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from rlflow.errors import SpecError, UsageError, mismatch
+from rlflow.runtime.shm import SharedArrays
+
+_ACTIVE, _LATEST, _SEQ, _VER = 0, 1, 2, 4
+
+
+def _flatten(params, leaves: list):
+    """The structure of `params` with leaf indices in place of arrays (picklable)."""
+    if params is None:
+        return ("none",)
+    if isinstance(params, dict):
+        return ("dict", [(k, _flatten(v, leaves)) for k, v in params.items()])
+    if isinstance(params, (list, tuple)):
+        return ("tuple" if isinstance(params, tuple) else "list", [_flatten(v, leaves) for v in params])
+    leaves.append(np.asarray(params))
+    return ("leaf", len(leaves) - 1)
+
+
+def _build(tree, leaves):
+    kind = tree[0]
+    if kind == "none":
+        return None
+    if kind == "leaf":
+        return leaves[tree[1]]
+    if kind == "dict":
+        return {k: _build(v, leaves) for k, v in tree[1]}
+    out = [_build(v, leaves) for v in tree[1]]
+    return tuple(out) if kind == "tuple" else out
+
+
+class SharedParamStore:
+    """Parameters in shared memory; see the module docstring for the protocol.
+
+        store = SharedParamStore(learner.get_params())      # layout from a template
+        store.publish(learner.get_params(), version=0)
+        # in an actor process (the store pickled into it):
+        client = rf.sync.ParamClient(store, every_learner_steps=100)
+    """
+
+    def __init__(self, template):
+        leaves: list = []
+        self._tree = _flatten(template, leaves)
+        self._leaf_specs = [(tuple(a.shape), a.dtype) for a in leaves]
+        specs = {"header": ((6,), np.int64)}
+        for b in (0, 1):
+            for i, (shape, dtype) in enumerate(self._leaf_specs):
+                specs[f"b{b}_{i}"] = (shape, dtype)
+        self._block = SharedArrays(specs, named=True)
+        self._owner = True
+        self._bind()
+        self._header[:] = [0, -1, 0, 0, -1, -1]
+
+    def _bind(self):
+        a = self._block.arrays
+        self._header = a["header"]
+        n = len(self._leaf_specs)
+        self._bufs = [[a[f"b{b}_{i}"] for i in range(n)] for b in (0, 1)]
+        self.retries = 0
+
+    # ---- pickling: a reader in another process attaches by name ------------------------------
+    def __getstate__(self):
+        return {"handle": self._block.handle(), "tree": self._tree, "leaf_specs": self._leaf_specs}
+
+    def __setstate__(self, state):
+        self._block = SharedArrays.attach(state["handle"])
+        self._tree = state["tree"]
+        self._leaf_specs = state["leaf_specs"]
+        self._owner = False
+        self._bind()
+
+    # ---- the ParamStore interface ------------------------------------------------------------
+    def publish(self, params, version: int) -> None:
+        version = int(version)
+        h = self._header
+        if version <= h[_LATEST]:
+            raise UsageError(mismatch("SharedParamStore.publish", "version",
+                                      f"> {int(h[_LATEST])} (versions increase)", version))
+        leaves: list = []
+        tree = _flatten(params, leaves)
+        if tree != self._tree:
+            raise SpecError(mismatch("params", "structure", "the structure of the first published params",
+                                     "a different nesting or number of arrays"))
+        b = 1 - int(h[_ACTIVE])
+        dst = self._bufs[b]
+        for i, (a, (shape, dtype)) in enumerate(zip(leaves, self._leaf_specs)):
+            if a.shape != shape:
+                raise SpecError(mismatch("params", f"leaf {i}", f"shape {shape}", f"shape {a.shape}"))
+            if a.dtype != dtype and not np.can_cast(a.dtype, dtype, casting="same_kind"):
+                raise SpecError(mismatch("params", f"leaf {i}", f"dtype {dtype}", f"dtype {a.dtype}"))
+        h[_SEQ + b] += 1                       # odd: being written
+        for a, d in zip(leaves, dst):
+            np.copyto(d, a, casting="same_kind")
+        h[_VER + b] = version
+        h[_SEQ + b] += 1                       # even: consistent
+        h[_ACTIVE] = b
+        h[_LATEST] = version
+
+    def latest_version(self) -> int:
+        return int(self._header[_LATEST])
+
+    def read(self) -> tuple[int, Any]:
+        h = self._header
+        spins = 0
+        while True:
+            b = int(h[_ACTIVE])
+            s1 = int(h[_SEQ + b])
+            if s1 & 1 == 0:
+                version = int(h[_VER + b])
+                copies = [np.array(x, copy=True) for x in self._bufs[b]]
+                if int(h[_SEQ + b]) == s1:
+                    return version, (_build(self._tree, copies) if version >= 0 else None)
+            self.retries += 1
+            spins += 1
+            if spins > 3:
+                time.sleep(0.0001 * min(spins, 100))   # the writer is mid-copy: let it finish
+
+    def close(self) -> None:
+        """Creator: unlink the segment's name. Readers: drop the mapping."""
+        self._block.close()
+        self._bufs = [[], []]

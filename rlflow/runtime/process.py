@@ -1,0 +1,584 @@
+"""The process runtime: K actor processes, the table and the learner in this process.
+
+    rf.run(experiment, backend="process", num_actors=2, max_env_steps=100_000)
+
+Where everything lives:
+
+    actor process i  (K of them)                       this process (the learner's)
+    ----------------------------                       ----------------------------
+    venv = make_venv(experiment)  (serial, or         receiver thread i: ring i ──▶ table.insert
+           itself process-backed)                                  (blocks while the rate limiter
+    Actor(policy, venv, adder,                                      refuses: backpressure)
+          sink = RingWriter(ring i),  ────ring i────▶ sampler thread: table.sample(batch_size)
+          param_client = ParamClient(store))                        ──▶ prefetch queue (depth 2)
+    loop: actor.step(); actor.update_params()         main thread: learner.step(next batch),
+                                                        priorities back, publish params to the
+                 ◀──────── SharedParamStore ────────    store every param_sync_steps steps;
+                                                        supervise actors, evaluate, log, checkpoint
+
+* Items cross through per-actor rings of preallocated shared-memory slots (`transport.py`): no
+  pickling on the hot path; an actor blocks when its ring is full (never drops data).
+* Parameters cross through `SharedParamStore` (`params.py`): versioned, never torn, lock-free for
+  readers; each actor pulls through `rlflow.sync.ParamClient` (experiment.param_sync_steps /
+  param_sync_seconds), exactly as in the local runtime.
+* The sampler thread draws the next batch while the learner computes the current one. The table's
+  rate limiter counts a batch when it is drawn, so samples per insert hold as in the local
+  runtime; with `max_learner_steps` the sampler draws no batch past the limit.
+* Faults. An actor process that dies without an exception (killed, out of memory) is restarted,
+  up to `max_restarts` times per actor: the new one continues its counters (env steps, so no second
+  warm-up), starts fresh episodes with a new seed, and pulls the latest parameters; what the dead
+  one had published is inserted, nothing else is lost. An exception in user code on the actor side
+  (policy, env, adder) stops the run with `rlflow.errors.WorkerError` carrying its traceback; the
+  learner's exceptions propagate as they are. Ctrl-C (SIGINT) and SIGTERM stop the run within
+  seconds: actors are asked to stop, then terminated, then killed; every shared-memory segment
+  ("/dev/shm/rlflow_*") is unlinked. Actors ignore SIGINT (the terminal sends it to the whole
+  process group; this process does the stopping) and die with this process (PR_SET_PDEATHSIG).
+* Start method: "spawn" by default. Fork after torch's (or any) threads have started can deadlock,
+  and this process runs threads (receivers, sampler) by the time actors restart; spawn is safe
+  everywhere. The experiment's factories and env must therefore be picklable (module-level classes
+  or functions, like examples/dqn.py's factories); this is checked up front. `start_method="fork"`
+  or `"forkserver"` may be passed as an option.
+
+Options (keyword arguments of `rf.run(..., backend="process", ...)`):
+    max_restarts     restarts allowed per actor (default 3)
+    start_method     "spawn" (default), "forkserver" or "fork"
+    prefetch         batches the sampler draws ahead (default 2)
+    queue_slots      slots per actor ring (default: 8 if the limiter has a samples-per-insert ratio,
+                     which keeps acting close to learning; else as many as fit 32 MiB, at most 256)
+    slot_rows        rows per slot (default: the rows of one vector step)
+    checkpoint_dir, checkpoint_every, resume   see rlflow.runtime.checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Optional
+
+import numpy as np
+
+from rlflow.actor import Actor
+from rlflow.core import Learner, Policy
+from rlflow.errors import ClosedError, Timeout, UsageError, WorkerError, mismatch
+from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
+                               make_venv, seed_all)
+from rlflow.runtime import checkpoint as ckpt
+from rlflow.runtime.common import Evaluator, Figures, LearnerDriver, Limits, make_logger
+from rlflow.runtime.params import SharedParamStore
+from rlflow.runtime.shm import SharedArrays
+from rlflow.runtime.transport import Receiver, Ring, RingWriter, slot_bytes
+from rlflow.sync import ParamClient
+
+# columns of the per-actor stats rows (float64, written by the actor process)
+ENV_STEPS, ITEMS, EPISODES, RETURN, VERSION, READY, BLOCKED, NSTATS = range(8)
+STOP = 0                         # control flag: 1 = every actor should stop
+START_METHODS = ("spawn", "forkserver", "fork")
+
+
+def _actor_seed(seed: int, index: int, incarnation: int) -> int:
+    return int(seed) + 104_729 * index + 7_919 * incarnation
+
+
+# --------------------------------------------------------------------------------------------------
+# The actor process
+# --------------------------------------------------------------------------------------------------
+def _die_with_parent():
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        except Exception:  # pragma: no cover
+            pass
+
+
+def _sigterm_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, control_handle, conn,
+                parent_pid, base):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, _sigterm_exit)       # so `finally` closes the env workers
+    _die_with_parent()
+    venv = None
+    try:
+        control = SharedArrays.attach(control_handle)
+        row = control.arrays["stats"][index]
+        flags = control.arrays["control"]
+
+        def should_stop():
+            return flags[STOP] != 0 or os.getppid() != parent_pid
+
+        seed_all(seed)
+        venv = make_venv(exp)
+        policy = build(exp.policy, Policy, venv.spec)
+        adder = fresh_adder(exp)
+        adder.item_specs(venv.spec, extras_specs)      # the adder checks the data against these
+        writer = RingWriter(ring_args, should_stop=should_stop)
+        client = ParamClient(store, every_learner_steps=exp.param_sync_steps,
+                             every_seconds=exp.param_sync_seconds)
+        actor = Actor(policy, venv, adder, sink=writer.write, warmup_steps=exp.warmup_steps, seed=seed,
+                      param_client=client)
+        if base.get("rng_state") is not None:
+            actor.rng.bit_generator.state = base["rng_state"]
+        actor.env_steps = int(base["env_steps"])
+        actor.items_added = int(base["items"])
+        actor.reset()
+        actor.stats.episodes = int(base["episodes"])
+        actor.update_params()                            # the latest published parameters
+        row[VERSION] = client.version
+        row[READY] = incarnation + 1
+        episodes = actor.stats.episodes
+        while not should_stop():
+            actor.step()
+            if actor.update_params():
+                row[VERSION] = client.version
+            row[ENV_STEPS] = actor.env_steps
+            row[ITEMS] = actor.items_added
+            if actor.stats.episodes != episodes:
+                episodes = actor.stats.episodes
+                row[EPISODES] = episodes
+                row[RETURN] = actor.stats.mean_return()
+            row[BLOCKED] = writer.blocked_seconds
+    except ClosedError:
+        pass                                             # the run is stopping
+    except BaseException as exc:                         # noqa: BLE001 - forwarded to the parent
+        if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            try:
+                conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            except Exception:
+                pass
+            sys.exit(1)
+    finally:
+        if venv is not None:
+            try:
+                venv.close()
+            except Exception:
+                pass
+
+
+# --------------------------------------------------------------------------------------------------
+# The learner's process
+# --------------------------------------------------------------------------------------------------
+class _ActorHandle:
+    """One actor slot: its current process, ring, receiver thread, restarts."""
+
+    def __init__(self, index):
+        self.index = index
+        self.incarnation = -1
+        self.process = None
+        self.conn = None
+        self.ring: Optional[Ring] = None
+        self.receiver: Optional[Receiver] = None
+        self.restarts = 0
+        self.retired: list = []          # (ring, receiver) of dead incarnations
+        self.unlinked = False
+
+
+class _Sampler(threading.Thread):
+    """Draws the next batches into a queue while the learner computes (at most `limit` batches)."""
+
+    def __init__(self, table, batch_size, depth, limit, on_error):
+        super().__init__(name="rlflow-sampler", daemon=True)
+        self.table, self.batch_size, self.limit = table, batch_size, limit
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.on_error = on_error
+        self.error = None
+        self.drawn = 0
+        self._halt = threading.Event()
+
+    def stop(self):
+        self._halt.set()
+
+    def run(self):
+        try:
+            while not self._halt.is_set() and (self.limit is None or self.drawn < self.limit):
+                try:
+                    sample = self.table.sample(self.batch_size, timeout=0.2)
+                except Timeout:
+                    continue
+                self.drawn += 1
+                while not self._halt.is_set():
+                    try:
+                        self.queue.put(sample, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except ClosedError:
+            return
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+            self.on_error(e)
+
+
+def _check_picklable(exp: Experiment) -> None:
+    for f in dataclasses.fields(exp):
+        value = getattr(exp, f.name)
+        try:
+            pickle.dumps(value)
+        except Exception as e:
+            raise UsageError(mismatch("Experiment", f.name, "a picklable value (actor processes are "
+                                      "started with 'spawn': use module-level classes or functions, "
+                                      "not lambdas or local closures)", f"{value!r:.80} ({e})")) from None
+
+
+def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None, max_learner_steps=None,
+                max_seconds=None, log_dir=None, progress=True, progress_every=2.0, max_restarts: int = 3,
+                start_method: str = "spawn", prefetch: int = 2, queue_slots: Optional[int] = None,
+                slot_rows: Optional[int] = None, checkpoint_dir=None, checkpoint_every=None,
+                resume=None) -> RunResult:
+    exp = experiment
+    if start_method not in START_METHODS:
+        raise UsageError(mismatch("run", "start_method", f"one of {START_METHODS}", repr(start_method)))
+    for name, value, low in (("max_restarts", max_restarts, 0), ("prefetch", prefetch, 1),
+                             ("num_actors", num_actors, 1)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise UsageError(mismatch("run", name, f"an int >= {low}", repr(value)))
+    for name, value in (("queue_slots", queue_slots), ("slot_rows", slot_rows)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise UsageError(mismatch("run", name, "None or an int >= 1", repr(value)))
+    checkpoint_every = ckpt.check_options(checkpoint_dir, checkpoint_every, resume)
+    actor_exp = dataclasses.replace(exp, learner=None, table=None, eval_policy=None)
+    if start_method != "fork":
+        _check_picklable(actor_exp)
+    ctx = mp.get_context(start_method)
+
+    run = _ProcessRun(exp, actor_exp, ctx, num_actors, max_restarts, prefetch, queue_slots, slot_rows)
+    old_handlers = _install_signal_handlers()
+    try:
+        return run.run(max_env_steps, max_learner_steps, max_seconds, log_dir, progress, progress_every,
+                       checkpoint_dir, checkpoint_every, resume)
+    finally:
+        _ignore_signals()                # a second Ctrl-C must not interrupt the clean-up
+        try:
+            run.shutdown()
+        finally:
+            _restore_signal_handlers(old_handlers)
+
+
+def _install_signal_handlers():
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _sigterm_exit), signal.getsignal(signal.SIGINT)
+
+
+def _ignore_signals():
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _restore_signal_handlers(old):
+    if old is not None:
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
+
+
+class _ProcessRun:
+    def __init__(self, exp, actor_exp, ctx, num_actors, max_restarts, prefetch, queue_slots, slot_rows):
+        self.exp, self.actor_exp, self.ctx = exp, actor_exp, ctx
+        self.num_actors, self.max_restarts, self.prefetch = int(num_actors), int(max_restarts), int(prefetch)
+        self.queue_slots, self.slot_rows = queue_slots, slot_rows
+        self.actors = [_ActorHandle(i) for i in range(self.num_actors)]
+        self.control = None
+        self.store = None
+        self.sampler = None
+        self.evaluator = None
+        self.logger = None
+        self.errors: list = []
+        self._error_event = threading.Event()
+        self.stopping = False
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def _on_thread_error(self, e):
+        self.errors.append(e)
+        self._error_event.set()
+
+    def _start_actor(self, h: _ActorHandle, base: dict):
+        exp = self.exp
+        h.incarnation += 1
+        h.ring = Ring(self.item_specs, self.rows_per_slot, self.slots, self.ctx)
+        parent_end, child_end = self.ctx.Pipe(duplex=False)
+        seed = _actor_seed(self.seed0, h.index, h.incarnation)
+        h.process = self.ctx.Process(
+            target=_actor_main, name=f"rlflow-actor-{h.index}", daemon=False,
+            args=(h.index, h.incarnation, self.actor_exp, seed, self.extras_specs, h.ring.writer_args(),
+                  self.store, self.control.handle(), child_end, os.getpid(), base))
+        h.process.start()
+        child_end.close()
+        h.conn = parent_end
+        h.unlinked = False
+        h.receiver = Receiver(h.ring, self.table.insert, self._on_thread_error,
+                              name=f"rlflow-receiver-{h.index}.{h.incarnation}")
+        h.receiver.start()
+
+    def run(self, max_env_steps, max_learner_steps, max_seconds, log_dir, progress, progress_every,
+            checkpoint_dir, checkpoint_every, resume):
+        exp = self.exp
+        seed_all(exp.seed)
+        resumed = ckpt.load_run(resume) if resume is not None else None
+        # specs: a probe vector env and policy in this process (also the learner's env_spec)
+        probe = make_venv(exp, backend="serial")
+        try:
+            spec = probe.spec
+            policy = build(exp.policy, Policy, spec)
+            extras_specs = extras_specs_of(policy, spec, probe.reset(seed=exp.seed))
+        finally:
+            probe.close()
+        self.extras_specs = extras_specs
+        self.item_specs = fresh_adder(exp).item_specs(spec, extras_specs)
+        learner = build(exp.learner, Learner, spec)
+        table = resumed.table if resumed is not None else build_table(exp, spec, extras_specs)
+        self.table, self.learner = table, learner
+        base_learner_steps = 0
+        if resumed is not None:
+            learner.load_state_dict(resumed.learner_state)
+            ckpt.restore_rng(resumed.rng)
+            base_learner_steps = int(resumed.counters["learner_steps"])
+        self.rows_per_slot = self.slot_rows or max(1, spec.num_envs)
+        ratio = getattr(table.rate_limiter, "samples_per_insert", None)
+        if self.queue_slots:
+            self.slots = self.queue_slots
+        elif ratio is not None:
+            self.slots = 8
+        else:
+            self.slots = int(min(256, max(8, (32 << 20) // max(1, slot_bytes(self.item_specs, self.rows_per_slot)))))
+        self.seed0 = exp.seed + (0 if resumed is None else 1_000_000_007 * int(resumed.counters["resumes"] + 1))
+
+        self.logger = make_logger(log_dir, progress, progress_every)
+        self.store = SharedParamStore(learner.get_params())
+        driver = LearnerDriver(learner, table, exp.batch_size, self.store, exp.param_sync_steps)
+        driver.steps = base_learner_steps
+        driver.publish()                 # the actors start from the learner's parameters
+        K = self.num_actors
+        self.control = SharedArrays({"stats": ((K, NSTATS), np.float64), "control": ((4,), np.int64)},
+                                    named=True)
+        stats = self.control.arrays["stats"]
+        stats[:] = 0
+        bases = ckpt.actor_bases(resumed, K)
+        for h, b in zip(self.actors, bases):
+            stats[h.index, ENV_STEPS], stats[h.index, EPISODES] = b["env_steps"], b["episodes"]
+            stats[h.index, ITEMS] = b["items"]
+            self._start_actor(h, b)
+        if exp.eval_every:
+            self.evaluator = Evaluator(exp, spec, seed=exp.seed + 1_000_003)
+        limit = None if max_learner_steps is None else max(0, max_learner_steps - base_learner_steps)
+        self.sampler = _Sampler(table, exp.batch_size, self.prefetch, limit, self._on_thread_error)
+        self.sampler.start()
+
+        limits = Limits(max_env_steps, max_learner_steps, max_seconds)
+        figures = Figures()
+        figures._last = (figures.t0, int(stats[:, ENV_STEPS].sum()), driver.steps)
+        history, solved_at, solved_time, eval_return = [], None, None, float("nan")
+        env_steps = int(stats[:, ENV_STEPS].sum())
+        next_eval = (env_steps // exp.eval_every + 1) * exp.eval_every if exp.eval_every else None
+        next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every if checkpoint_every else None
+        resumes = 0 if resumed is None else int(resumed.counters["resumes"]) + 1
+        t0 = time.monotonic()
+        next_check = 0.0
+        batches = self.sampler.queue
+        while True:
+            if self.errors:
+                raise self.errors[0]
+            try:
+                sample = batches.get(timeout=0.05)
+            except queue.Empty:
+                sample = None
+            if sample is not None:
+                driver.step(sample)
+            now = time.monotonic()
+            if now >= next_check:
+                self._supervise()
+                next_check = now + 0.05
+            env_steps = int(stats[:, ENV_STEPS].sum())
+            elapsed = now - t0
+            evaluated = False
+            if next_eval is not None and env_steps >= next_eval:
+                next_eval = (env_steps // exp.eval_every + 1) * exp.eval_every
+                train_time = elapsed - self.evaluator.seconds
+                eval_return = self.evaluator(learner.get_params(), env_steps, elapsed)
+                evaluated = True
+                if exp.target_return is not None and eval_return >= exp.target_return and solved_at is None:
+                    solved_at, solved_time = env_steps, train_time
+            if next_ckpt is not None and driver.steps >= next_ckpt:
+                next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every
+                self._checkpoint(checkpoint_dir, driver, resumes)
+            stop = limits.reached(env_steps, driver.steps, elapsed) or solved_at is not None
+            if evaluated or stop or figures.due(progress_every):
+                row = figures.row(env_steps, driver.steps, table, int(stats[:, EPISODES].sum()),
+                                  self._mean_return(), {"eval_return": eval_return, **self._live(),
+                                                        **_floats(driver.last_metrics)})
+                history.append(row)
+                self.logger.write(row, force=evaluated or stop)
+            if stop:
+                break
+        self._stop_actors()
+        if checkpoint_dir is not None:
+            self._checkpoint(checkpoint_dir, driver, resumes)
+        final = dict(history[-1]) if history else {}
+        final["env_steps"] = int(stats[:, ENV_STEPS].sum())
+        final["wall_time"] = time.monotonic() - t0
+        final["eval_seconds"] = self.evaluator.seconds if self.evaluator else 0.0
+        final["actor_restarts"] = sum(h.restarts for h in self.actors)
+        return RunResult(learner=learner, table=table, figures=final, history=history,
+                         evals=list(self.evaluator.results) if self.evaluator else [], solved_at=solved_at,
+                         solved_time=solved_time)
+
+    # ---- figures -----------------------------------------------------------------------------
+    def _mean_return(self) -> float:
+        s = self.control.arrays["stats"]
+        w = np.minimum(s[:, EPISODES], 100.0)
+        if w.sum() == 0:
+            return math.nan
+        return float((s[:, RETURN] * w).sum() / w.sum())
+
+    def _live(self) -> dict:
+        s = self.control.arrays["stats"]
+        latest = self.store.latest_version()
+        out = {}
+        lags, depths = [], []
+        for h in self.actors:
+            lag = float(max(0.0, latest - s[h.index, VERSION])) if s[h.index, READY] else math.nan
+            depth = h.ring.depth() if h.ring is not None else 0
+            out[f"param_lag_{h.index}"] = lag
+            out[f"queue_depth_{h.index}"] = float(depth)
+            lags.append(lag)
+            depths.append(depth)
+        finite = [x for x in lags if not math.isnan(x)]
+        out["param_lag"] = max(finite) if finite else math.nan
+        out["queue_depth"] = float(sum(depths))
+        out["queue_capacity"] = float(self.slots * len(self.actors))
+        out["prefetch_depth"] = float(self.sampler.queue.qsize()) if self.sampler else 0.0
+        out["actor_blocked_s"] = float(s[:, BLOCKED].sum())
+        out["actor_restarts"] = float(sum(h.restarts for h in self.actors))
+        return out
+
+    # ---- supervision -------------------------------------------------------------------------
+    def _supervise(self):
+        stats = self.control.arrays["stats"]
+        for h in self.actors:
+            if not h.unlinked and stats[h.index, READY] == h.incarnation + 1:
+                h.ring.unlink()          # the actor has attached: no name left to leak
+                h.unlinked = True
+            p = h.process
+            if p.exitcode is None:
+                continue
+            message = None
+            try:
+                if h.conn.poll():
+                    message = h.conn.recv()
+            except (EOFError, OSError):
+                message = None
+            where = f"actor {h.index} (pid {p.pid})"
+            if message is not None and message[0] == "error":
+                raise WorkerError(message[1], message[2], where)
+            code = p.exitcode
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            if h.restarts >= self.max_restarts:
+                raise WorkerError(f"the actor process died ({how}) and was already restarted "
+                                  f"{h.restarts} times (max_restarts={self.max_restarts})", "", where)
+            h.restarts += 1
+            self.logger.stream.write(f"rlflow: {where} died ({how}); restarting it "
+                                     f"({h.restarts}/{self.max_restarts})\n")
+            h.receiver.drain_and_stop()  # insert what it published, then exit
+            h.retired.append((h.ring, h.receiver))
+            h.conn.close()
+            p.join()
+            p.close()
+            base = {"env_steps": int(stats[h.index, ENV_STEPS]), "episodes": int(stats[h.index, EPISODES]),
+                    "items": int(stats[h.index, ITEMS]), "rng_state": None}
+            stats[h.index, READY] = 0
+            self._start_actor(h, base)
+
+    def _checkpoint(self, directory, driver, resumes):
+        stats = self.control.arrays["stats"]
+        counters = {"env_steps": int(stats[:, ENV_STEPS].sum()), "learner_steps": driver.steps,
+                    "episodes": int(stats[:, EPISODES].sum()), "param_version": self.store.latest_version(),
+                    "resumes": resumes,
+                    "actors": [{"env_steps": int(stats[i, ENV_STEPS]), "episodes": int(stats[i, EPISODES]),
+                                "items": int(stats[i, ITEMS]), "rng_state": None} for i in range(len(stats))]}
+        ckpt.save_run(directory, learner=self.learner, table=self.table, counters=counters,
+                      rng=ckpt.capture_rng())
+
+    # ---- shutting down -----------------------------------------------------------------------
+    def _stop_actors(self, grace: float = 3.0):
+        if self.control is not None and self.control.arrays:
+            self.control.arrays["control"][STOP] = 1
+        procs = [h.process for h in self.actors if h.process is not None]
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
+            except ValueError:
+                pass
+        for p in procs:
+            try:
+                if p.exitcode is None:
+                    p.terminate()
+            except ValueError:
+                pass
+        for p in procs:
+            try:
+                p.join(timeout=2.0)
+                if p.exitcode is None:
+                    p.kill()
+                    p.join()
+            except ValueError:
+                pass
+
+    def shutdown(self):
+        """Stop everything this run started; safe to call in any state."""
+        self.stopping = True
+        try:
+            self._stop_actors()
+        finally:
+            threads = []
+            if self.sampler is not None:
+                self.sampler.stop()
+                threads.append(self.sampler)
+            for h in self.actors:
+                for ring, rec in h.retired + [(h.ring, h.receiver)]:
+                    if rec is not None:
+                        rec.stop()
+                        threads.append(rec)
+            for t in threads:
+                t.join(timeout=5.0)
+            for h in self.actors:
+                for ring, _ in h.retired + [(h.ring, h.receiver)]:
+                    if ring is not None:
+                        ring.close()
+                if h.conn is not None:
+                    h.conn.close()
+                if h.process is not None:
+                    try:
+                        h.process.close()
+                    except ValueError:
+                        pass
+            if self.store is not None:
+                self.store.close()
+            if self.control is not None:
+                self.control.close()
+            if self.evaluator is not None:
+                self.evaluator.close()
+            if self.logger is not None:
+                self.logger.close()
+
+
+def _floats(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[k] = float(np.asarray(v))
+        except (TypeError, ValueError):
+            continue
+    return out

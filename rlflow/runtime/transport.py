@@ -1,0 +1,229 @@
+"""Item transport from an actor process to the learner's process: a ring of shared-memory slots.
+
+One ring per actor process (single producer, single consumer). Its S slots are preallocated in
+one shared-memory block, shaped by the adder's item specs: field f of slot s is an array
+[slot_rows, *spec.shape]. Nothing is pickled per item or per step:
+
+    actor process (RingWriter.write)              learner process (RingReader, receiver thread)
+    --------------------------------              ---------------------------------------------
+    free.acquire()     (blocks while all S        full.acquire()      (blocks while nothing is
+                        slots wait: backpressure)                       published)
+    slot[w][:n] = items   (in place)              table.insert(slot[r][:n])   (blocks while the
+    rows[w] = n                                                          rate limiter says no)
+    full.release() ──────────────────────────────▶ free.release()  ───────▶ (a slot is free again)
+
+Backpressure is explicit and nothing is dropped: when the table's rate limiter refuses inserts,
+the receiver blocks in `table.insert`, the ring fills, and the actor blocks in `free.acquire`.
+Both semaphores are POSIX semaphores (multiprocessing's), which are also memory barriers, so a
+slot's contents are visible to the reader before its `full` token is. Waits use timeouts only to
+notice a stop request or a dead peer; nothing spins.
+
+A batch of more than `slot_rows` items is split over several slots. `depth()` (published minus
+consumed slots) is what the figures report as the queue depth.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Mapping, Optional
+
+import numpy as np
+
+from rlflow.errors import ClosedError, SpecError, Timeout, UsageError, mismatch
+from rlflow.runtime.shm import SharedArrays
+from rlflow.specs import ArraySpec
+
+_HEAD, _TAIL = 0, 1          # counters: slots published (writer), slots consumed (reader)
+
+
+def slot_bytes(specs: Mapping[str, ArraySpec], slot_rows: int) -> int:
+    return sum(int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize for s in specs.values()) * slot_rows
+
+
+class Ring:
+    """The parent's side: owns the shared block and the two semaphores of one actor's ring.
+
+    `ctx` is the multiprocessing context that starts the actor process; `writer_args()` is what the
+    actor process needs (pass it as a Process argument: semaphores cross only while spawning).
+    """
+
+    def __init__(self, specs: Mapping[str, ArraySpec], slot_rows: int, slots: int, ctx):
+        if not specs:
+            raise UsageError(mismatch("Ring", "specs", "a non-empty dict field -> ArraySpec", repr(specs)))
+        if slot_rows < 1 or slots < 1:
+            raise UsageError(mismatch("Ring", "slot_rows/slots", ">= 1", (slot_rows, slots)))
+        self.specs = dict(specs)
+        self.slot_rows = int(slot_rows)
+        self.slots = int(slots)
+        arrays = {"_rows": ((self.slots,), np.int64), "_counters": ((2,), np.int64)}
+        self._fields = list(self.specs)
+        for i, (name, s) in enumerate(self.specs.items()):
+            arrays[f"f{i}"] = ((self.slots, self.slot_rows) + s.shape, s.dtype)
+        self.block = SharedArrays(arrays, named=True)
+        self.free = ctx.Semaphore(self.slots)
+        self.full = ctx.Semaphore(0)
+
+    def writer_args(self):
+        return (self.block.handle(), self._fields, self.specs, self.slot_rows, self.slots, self.free,
+                self.full)
+
+    def reader(self) -> "RingReader":
+        return RingReader(self)
+
+    def depth(self) -> int:
+        c = self.block.arrays.get("_counters")
+        return 0 if c is None else int(c[_HEAD] - c[_TAIL])
+
+    def unlink(self) -> None:
+        """Remove the segment's name once the writer has attached (its mapping stays valid)."""
+        self.block.unlink()
+
+    def close(self) -> None:
+        self.block.close()
+
+
+class RingReader:
+    """Consumer side (learner process): `get` a published slot, read its views, `release` it."""
+
+    def __init__(self, ring: Ring):
+        self.ring = ring
+        a = ring.block.arrays
+        self._rows = a["_rows"]
+        self._counters = a["_counters"]
+        self._cols = [(name, a[f"f{i}"]) for i, name in enumerate(ring._fields)]
+        self._next = 0
+
+    def get(self, timeout: Optional[float]) -> Optional[dict]:
+        """The next published slot as field -> view [n, ...] (valid until `release`), or None if
+        none was published within `timeout`."""
+        if not self.ring.full.acquire(timeout=timeout):
+            return None
+        s = self._next
+        n = int(self._rows[s])
+        return {name: arr[s, :n] for name, arr in self._cols}
+
+    def release(self) -> None:
+        self._next = (self._next + 1) % self.ring.slots
+        self._counters[_TAIL] += 1
+        self.ring.free.release()
+
+
+class RingWriter:
+    """Producer side (actor process): `write(items)` copies a batch into free slots in place.
+
+    `should_stop()` is polled while waiting for a free slot (every `poll` seconds); when it says
+    True, `write` raises ClosedError. Fields, shapes and dtypes are checked against the specs (no
+    silent broadcasting)."""
+
+    def __init__(self, args, should_stop=lambda: False, poll: float = 0.2):
+        handle, fields, specs, slot_rows, slots, free, full = args
+        self.block = SharedArrays.attach(handle)
+        a = self.block.arrays
+        self.specs = specs
+        self.slot_rows = slot_rows
+        self.slots = slots
+        self.free, self.full = free, full
+        self._rows = a["_rows"]
+        self._counters = a["_counters"]
+        self._cols = [(name, a[f"f{i}"], specs[name]) for i, name in enumerate(fields)]
+        self._next = 0
+        self._should_stop = should_stop
+        self._poll = poll
+        self.blocked_seconds = 0.0
+
+    def _check(self, items) -> int:
+        if len(items) != len(self._cols) or any(name not in items for name, _, _ in self._cols):
+            missing = [name for name, _, _ in self._cols if name not in items]
+            extra = [k for k in items if k not in self.specs]
+            field = (missing or extra or ["?"])[0]
+            raise SpecError(mismatch("item field", field, f"fields {sorted(self.specs)}",
+                                     f"fields {sorted(items)} (missing {missing}, unknown {extra})"))
+        n = None
+        for name, _, spec in self._cols:
+            a = items[name]
+            if not (a.__class__ is np.ndarray and a.shape[1:] == spec.shape and a.ndim == len(spec.shape) + 1
+                    and a.dtype == spec.dtype):
+                a = spec.validate(a, name, what="item field")
+            if n is None:
+                n = a.shape[0]
+            elif a.shape[0] != n:
+                raise SpecError(mismatch("item field", name, f"batch size {n} like the other fields",
+                                         f"batch size {a.shape[0]}"))
+        return n or 0
+
+    def _acquire(self):
+        if self.free.acquire(block=False):
+            return
+        import time
+
+        t = time.monotonic()
+        while not self.free.acquire(timeout=self._poll):
+            if self._should_stop():
+                raise ClosedError("the run is stopping")
+        self.blocked_seconds += time.monotonic() - t
+
+    def write(self, items: Mapping[str, np.ndarray]) -> None:
+        n = self._check(items)
+        start = 0
+        while start < n:
+            k = min(self.slot_rows, n - start)
+            self._acquire()
+            s = self._next
+            for name, arr, _ in self._cols:
+                arr[s, :k] = items[name][start:start + k]
+            self._rows[s] = k
+            self._next = (s + 1) % self.slots
+            self._counters[_HEAD] += 1
+            self.full.release()
+            start += k
+
+    __call__ = write
+
+
+class Receiver(threading.Thread):
+    """Learner process: moves one ring's slots into the table (`insert(items)` blocks while the
+    rate limiter refuses; `insert(items, timeout=...)`). Exits when `stop` is set and the ring is drained, or when told the
+    writer is gone (`drain_and_stop`). An exception is kept in `.error` and `on_error` is called."""
+
+    def __init__(self, ring: Ring, insert, on_error, name: str):
+        super().__init__(name=name, daemon=True)
+        self.ring = ring
+        self.reader = ring.reader()
+        self.insert = insert
+        self.on_error = on_error
+        self.error: Optional[BaseException] = None
+        self.items = 0
+        self._halt = threading.Event()
+        self._drain = threading.Event()
+
+    def drain_and_stop(self):
+        """The writer is dead: insert what it published, then exit."""
+        self._drain.set()
+
+    def stop(self):
+        self._halt.set()
+
+    def run(self):
+        try:
+            while not self._halt.is_set():
+                draining = self._drain.is_set()
+                items = self.reader.get(timeout=0 if draining else 0.1)
+                if items is None:
+                    if draining:
+                        return
+                    continue
+                n = len(next(iter(items.values())))
+                while True:            # the rate limiter may refuse for a while: wait in steps,
+                    try:               # so a stop request is noticed (the table stays open)
+                        self.insert(items, timeout=0.2)
+                        break
+                    except Timeout:
+                        if self._halt.is_set():
+                            return
+                self.items += n
+                self.reader.release()
+        except ClosedError:
+            return
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+            self.on_error(e)
