@@ -296,7 +296,8 @@ class RowAdder(Adder):
         self._open_rows = np.zeros(self.num_rows, bool)
         self._allocated = False          # fresh per-row state at the next add (specs complete then)
         rows = self._all_rows if alive is None else self._all_rows[alive]
-        self._pending_first = (rows, obs if alive is None else {k: v[alive] for k, v in obs.items()})
+        # copied: the env may write its next step into the same buffers before our first add
+        self._pending_first = (rows, {k: v.copy() if alive is None else v[alive] for k, v in obs.items()})
         self._prev_ids = self._all_rows
         self._prev_alive = alive
         self._prev_full = alive is None

@@ -34,10 +34,11 @@ class NStepTransition(RowAdder):
     Each row (env, or agent x env) is its own stream: rows that are not alive are skipped and their
     window resumes when they next act; in pool mode the rows of a step are indexed by `env_ids`.
 
-    State: ring buffers [num_rows, n, ...] with a per-row head; every event is vectorized over rows.
-    A transition's accumulated return `ret` and age `m` live in its ring slot; each close adds
-    gamma^m * r to every open slot of the row, and emits the slots that reached m = n, or all of
-    them when the episode ended.
+    State: ring buffers [num_rows, n, ...]; every event is vectorized over rows, no per-row Python.
+    A transition's accumulated return and age m live in its ring slot; each close adds gamma^m * r
+    to every open slot of the row, and emits the slots that reached m = n, or all of them when the
+    episode ended. While every step holds every row, all alive (single-agent), the rows share one
+    head and the ring is addressed by slicing (lockstep); otherwise each row has its own head.
     """
 
     def __init__(self, n: int, discount: float):
