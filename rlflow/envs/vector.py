@@ -285,16 +285,22 @@ class VectorEnv:
         truncated = take(arrays["truncated"])
         alive = take(arrays["alive"]) if "alive" in arrays else None
         mask = take(arrays["action_mask"]) if "action_mask" in arrays else None
-        ids = self._all_ids if ids is None else ids
         done = terminated | truncated
         # episode statistics, vectorized over the rows
-        sel = slice(None) if index is None else ids
-        ret = self._ret[sel] + reward
-        counted = 1 if alive is None else (alive | done)
-        length = self._len[sel] + counted
-        self._ret[sel] = np.where(done, 0.0, ret)
-        self._len[sel] = np.where(done, 0, length)
-        info = {"episode_return": ret.astype(np.float32), "episode_length": length}
+        if index is None:
+            ids = self._all_ids
+            self._ret += reward
+            self._len += 1 if alive is None else (alive | done)
+            info = {"episode_return": self._ret.astype(np.float32), "episode_length": self._len.copy()}
+            if done.any():
+                self._ret[done] = 0.0
+                self._len[done] = 0
+        else:
+            ret = self._ret[ids] + reward
+            length = self._len[ids] + (1 if alive is None else (alive | done))
+            self._ret[ids] = np.where(done, 0.0, ret)
+            self._len[ids] = np.where(done, 0, length)
+            info = {"episode_return": ret.astype(np.float32), "episode_length": length}
         return Step(obs=obs.tree(index), reward=reward, terminated=terminated, truncated=truncated,
                     final_obs=final.tree(index), env_ids=ids, alive=alive, action_mask=mask, info=info)
 
