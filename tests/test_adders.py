@@ -24,11 +24,11 @@ from rlflow.testing import FakePolicy, FakeVectorEnv
 # the reference: record every row's stream of transitions with plain Python
 # ------------------------------------------------------------------------------------------------
 def _row(tree, i):
-    return {k: np.asarray(v)[i] for k, v in flatten(tree, "obs").items()}
+    return {k: np.array(np.asarray(v)[i]) for k, v in flatten(tree, "obs").items()}
 
 
 def _row_flat(flat, i):
-    return {k: np.asarray(v)[i] for k, v in flat.items()}
+    return {k: np.array(np.asarray(v)[i]) for k, v in flat.items()}
 
 
 class Recorder:
@@ -425,3 +425,36 @@ def test_sequence_truncation_bootstraps_inside_continue_window():
     assert np.all(got["discount"][w, t] == np.float32(0.9))
     assert np.all(got["next_obs"][w, t, 3] == 1.0)          # is_final: the true final observation
     assert np.all(got["obs"][w, t + 1, 2] == 0.0)           # the next step starts an episode
+
+
+class InPlaceEnv:
+    """Hands out every step in the same arrays, overwritten in place (like a shared-memory env)."""
+
+    def __init__(self, env):
+        self.env, self.spec = env, env.spec
+        n = env.num_envs
+        self.bufs = {"obs": np.zeros((n, 4), np.float32), "final_obs": np.zeros((n, 4), np.float32),
+                     "reward": np.zeros(n, np.float32), "terminated": np.zeros(n, bool),
+                     "truncated": np.zeros(n, bool), "env_ids": np.arange(n)}
+
+    def _wrap(self, step):
+        for k, b in self.bufs.items():
+            b[...] = getattr(step, k)
+        return rf.Step(alive=step.alive, **self.bufs)
+
+    def reset(self, seed=None):
+        return self._wrap(self.env.reset(seed))
+
+    def step(self, actions):
+        return self._wrap(self.env.step(actions))
+
+
+@pytest.mark.parametrize("make_adder,reference", [
+    (lambda: adders.NStepTransition(3, 0.9), lambda rec: ref_nstep(rec, 3, 0.9)),
+    (lambda: adders.Sequence(4, 2, 0.9), lambda rec: ref_sequence(rec, 4, 2, 0.9, "pad")),
+    (lambda: adders.Episode(100, 0.9), lambda rec: ref_episode(rec, 100, 0.9)),
+    (lambda: adders.Rollout(4, 0.9, 0.9), lambda rec: ref_rollout(rec, 4, 0.9, 0.9))])
+def test_env_buffers_reused_in_place(make_adder, reference):
+    env = InPlaceEnv(FakeVectorEnv(4, seed=7, p_terminate=0.2, p_truncate=0.1))
+    got, rec = run(make_adder(), env, FakePolicy(env.spec, seed=7), 60, seed=7)
+    assert_same_items(got, reference(rec))
