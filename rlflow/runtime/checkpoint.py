@@ -226,3 +226,32 @@ def actor_bases(state: Optional[RunState], num_actors: int) -> list[dict]:
         return [dict(zero, **{k: v for k, v in p.items() if k in zero}) for p in per]
     out[0].update(env_steps=int(c["env_steps"]), episodes=int(c["episodes"]))
     return out
+
+
+# ---- the local runtime's side (kept here so local.py stays short) --------------------------------
+def env_seed(seed: int, state: Optional[RunState]) -> int:
+    """The seed of the envs' first reset: the experiment's, or a different one per resume."""
+    return int(seed) if state is None else int(seed) + 1_000_000_007 * (int(state.counters["resumes"]) + 1)
+
+
+def resume_local(state: Optional[RunState], learner, actor, driver) -> int:
+    """Restore the learner and the counters of a one-actor run; returns the resume count."""
+    if state is None:
+        return 0
+    learner.load_state_dict(state.learner_state)
+    c = state.counters
+    driver.steps = int(c["learner_steps"])
+    base = actor_bases(state, 1)[0]
+    actor.env_steps = int(base["env_steps"])
+    actor.items_added = int(base["items"])
+    actor.stats.episodes = int(base["episodes"])
+    return int(c["resumes"]) + 1
+
+
+def save_local(directory, learner, table, actor, driver, store, resumes: int) -> str:
+    counters = {"env_steps": int(actor.env_steps), "learner_steps": int(driver.steps),
+                "episodes": int(actor.stats.episodes), "param_version": int(store.latest_version()),
+                "resumes": int(resumes),
+                "actors": [{"env_steps": int(actor.env_steps), "episodes": int(actor.stats.episodes),
+                            "items": int(actor.items_added), "rng_state": None}]}
+    return save_run(directory, learner=learner, table=table, counters=counters, rng=capture_rng(actor.rng))

@@ -23,13 +23,18 @@ from rlflow.core import Learner, Policy
 from rlflow.errors import UsageError
 from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
                                make_venv, seed_all)
+from rlflow.runtime import checkpoint as ckpt
 from rlflow.runtime.common import Evaluator, Figures, LearnerDriver, Limits, make_logger
 from rlflow.sync import ParamClient, ParamStore
 
 
 def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None, max_seconds=None,
-              log_dir=None, progress=True, progress_every=2.0) -> RunResult:
+              log_dir=None, progress=True, progress_every=2.0, checkpoint_dir=None, checkpoint_every=None,
+              resume=None) -> RunResult:
+    """`checkpoint_dir` / `checkpoint_every` (learner steps) / `resume`: see rlflow.runtime.checkpoint."""
     exp = experiment
+    checkpoint_every = ckpt.check_options(checkpoint_dir, checkpoint_every, resume)
+    resumed = ckpt.load_run(resume) if resume is not None else None
     seed_all(exp.seed)
     venv = make_venv(exp)
     evaluator = None
@@ -42,11 +47,15 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
         store = ParamStore()
         client = ParamClient(store, every_learner_steps=exp.param_sync_steps,
                              every_seconds=exp.param_sync_seconds)
-        actor = Actor(policy, venv, adder, sink=None, warmup_steps=exp.warmup_steps, seed=exp.seed,
-                      param_client=client)
+        actor = Actor(policy, venv, adder, sink=None, warmup_steps=exp.warmup_steps,
+                      seed=ckpt.env_seed(exp.seed, resumed), param_client=client)
         first = actor.reset()
-        table = build_table(exp, spec, None if _is_table(exp.table) else extras_specs_of(policy, spec, first))
+        if resumed is None:
+            table = build_table(exp, spec, None if _is_table(exp.table) else extras_specs_of(policy, spec, first))
+        else:
+            table = resumed.table
         driver = LearnerDriver(learner, table, exp.batch_size, store, exp.param_sync_steps)
+        resumes = ckpt.resume_local(resumed, learner, actor, driver)   # counters go on from the checkpoint
         driver.publish()                      # version 0: the actors start from the learner's params
         actor.update_params()
         if exp.eval_every:
@@ -71,7 +80,10 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
         limits = Limits(max_env_steps, max_learner_steps, max_seconds)
         figures = Figures()
         history, solved_at, solved_time, eval_return = [], None, None, float("nan")
-        next_eval = exp.eval_every
+        next_eval = (actor.env_steps // exp.eval_every + 1) * exp.eval_every if exp.eval_every else 0
+        next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every if checkpoint_every else None
+        if resumed is not None:
+            ckpt.restore_rng(resumed.rng, actor.rng)
         t0 = time.monotonic()
         while True:
             actor.step()
@@ -93,6 +105,9 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
                 evaluated = True
                 if exp.target_return is not None and eval_return >= exp.target_return and solved_at is None:
                     solved_at, solved_time = actor.env_steps, train_time
+            if next_ckpt is not None and driver.steps >= next_ckpt:
+                next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every
+                ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes)
             stop = (limits.reached(actor.env_steps, driver.steps, elapsed) or solved_at is not None)
             row = None
             if evaluated or stop or figures.due(progress_every):
@@ -104,6 +119,8 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
                 logger.write(row, force=evaluated or stop)
             if stop:
                 break
+        if checkpoint_dir is not None:
+            ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes)
         final = dict(history[-1]) if history else {}
         final["wall_time"] = time.monotonic() - t0
         final["eval_seconds"] = evaluator.seconds if evaluator else 0.0

@@ -353,7 +353,7 @@ class _ProcessRun:
             self.slots = 8
         else:
             self.slots = int(min(256, max(8, (32 << 20) // max(1, slot_bytes(self.item_specs, self.rows_per_slot)))))
-        self.seed0 = exp.seed + (0 if resumed is None else 1_000_000_007 * int(resumed.counters["resumes"] + 1))
+        self.seed0 = ckpt.env_seed(exp.seed, resumed)
 
         self.logger = make_logger(log_dir, progress, progress_every)
         self.store = SharedParamStore(learner.get_params())
