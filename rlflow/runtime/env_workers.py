@@ -25,7 +25,8 @@ Faults. A worker whose env raises replies "e" with its traceback and the env ind
 dies closes its socket, which the parent reads as end-of-file (never a hang). Both raise
 `rlflow.errors.WorkerError` in the parent, after which the vector env is closed: it stops every
 worker and frees the shared memory. Workers ignore SIGINT (Ctrl-C reaches the parent, which closes
-them), die with the parent (Linux: PR_SET_PDEATHSIG), and `close()`, garbage collection and
+them; a KeyboardInterrupt inside `step` or `reset` closes the vector env, whose replies are out of
+step by then), die with the parent (Linux: PR_SET_PDEATHSIG), and `close()`, garbage collection and
 interpreter exit (a weakref finalizer) stop and reap them.
 
 Start method. "fork" on Linux while the parent runs a single Python thread (cheap, and the shared
@@ -205,6 +206,20 @@ class ProcessVectorEnv(VectorEnv):
 
     # ---- VectorEnv ----------------------------------------------------------------------------------
     def _reset(self, seed):
+        try:
+            return self._reset_workers(seed)
+        except KeyboardInterrupt:       # the replies are out of step now: stop the workers
+            self.close()
+            raise
+
+    def _step(self, actions):
+        try:
+            return self._step_workers(actions)
+        except KeyboardInterrupt:
+            self.close()
+            raise
+
+    def _reset_workers(self, seed):
         for w in list(self._busy):     # pool mode: let running steps finish first
             self._recv(w)
         self._busy.clear()
@@ -219,7 +234,7 @@ class ProcessVectorEnv(VectorEnv):
         self._last = list(range(self.num_workers))
         return self._make_step(self.arrays, self._obs, self._final)
 
-    def _step(self, actions):
+    def _step_workers(self, actions):
         if not self.pool:
             np.copyto(self._actions, actions)
             for w in range(self.num_workers):
