@@ -183,11 +183,12 @@ def load(cls, directory):
     free = np.load(os.path.join(directory, "free.npy"))
     table._free[:len(free)] = free
     table._nfree = len(free)
+    table._free_sorted = bool(len(free) < 2 or (np.diff(free) < 0).all())
     live = np.flatnonzero(slot_key >= 0)
     for i, name in enumerate(meta["fields"]):
         table._storage[name][live] = np.load(os.path.join(directory, f"field_{i}.npy"))
-    table._key_slot = dict(zip(slot_key[live].tolist(), live.tolist()))
     table._next_key = int(meta["next_key"])
+    table._reindex()
     table._budget = int(meta["budget"])
     table._stats = {k: int(v) for k, v in meta["stats"].items()}
     return table

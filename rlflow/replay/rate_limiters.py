@@ -30,7 +30,7 @@ def _number(name, value, *, integer=False, positive=False, allow_inf=False):
 
 
 class RateLimiter(core.RateLimiter):
-    """Holds `error = inserts * samples_per_insert - samples` inside [min_diff, max_diff].
+    r"""Holds `error = inserts * samples_per_insert - samples` inside [min_diff, max_diff].
 
     Counters: `inserts`, `samples` (items drawn, so a sample of n counts n) and `deletes` (items
     evicted, deleted or removed after `max_times_sampled`); `size = inserts - deletes`.

@@ -58,6 +58,19 @@ class _Base(core.Selector):
         """Constructor arguments (JSON-able)."""
         return {}
 
+    # Fast paths the table uses; it guarantees the ids are absent / present and priorities valid.
+    def add1(self, i: int, priority: float = 1.0) -> None:
+        self.add(np.array([i], dtype=_I64), np.array([priority]))
+
+    def add_range(self, start: int, n: int, priorities=None) -> None:
+        self.add(np.arange(start, start + n, dtype=_I64), np.ones(n) if priorities is None else priorities)
+
+    def _update(self, ids, priorities) -> None:
+        self.update_priorities(ids, priorities)
+
+    def _remove(self, ids) -> None:
+        self.remove(ids)
+
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
@@ -113,14 +126,25 @@ class Uniform(_Base):
         self._pos[i] = s
         self._size = s + 1
 
+    def add_range(self, start, n, priorities=None):
+        s = self._size
+        self._items[s:s + n] = np.arange(start, start + n, dtype=_I64)
+        self._pos[start:start + n] = np.arange(s, s + n, dtype=_I64)
+        self._size = s + n
+
     def remove(self, ids):
         ids = _ids(ids)
         if len(ids) == 0:
             return
-        pos, items = self._pos, self._items
+        pos = self._pos
         if ids.max() >= len(pos) or (pos[ids] < 0).any() or len(np.unique(ids)) != len(ids):
             raise UsageError(f"Uniform.remove: ids {ids.tolist()} include ids not present")
-        if len(ids) <= 16:
+        self._remove(ids)
+
+    def _remove(self, ids):
+        """Each removed id's place is taken by an id from the end (in order of position)."""
+        pos, items = self._pos, self._items
+        if len(ids) <= 4:
             for i in ids.tolist():
                 j = pos[i]
                 last = items[self._size - 1]
@@ -128,14 +152,17 @@ class Uniform(_Base):
                 pos[last] = j
                 pos[i] = -1
                 self._size -= 1
-        else:
-            keep = np.ones(self._size, dtype=bool)
-            keep[pos[ids]] = False
-            kept = items[:self._size][keep]
-            pos[ids] = -1
-            self._size = len(kept)
-            items[:self._size] = kept
-            pos[kept] = np.arange(self._size)
+            return
+        s = self._size
+        s_new = s - len(ids)
+        p = pos[ids]
+        holes = np.sort(p[p < s_new])
+        pos[ids] = -1
+        tail = items[s_new:s]
+        movers = tail[pos[tail] >= 0]
+        items[holes] = movers
+        pos[movers] = holes
+        self._size = s_new
 
     def sample(self, n):
         size = self._size
@@ -225,6 +252,15 @@ class Fifo(_Base):
         self._tail = t + 1
         self._size += 1
 
+    def add_range(self, start, n, priorities=None):
+        if self._tail + n > len(self._buf):
+            self._compact(n)
+        t = self._tail
+        self._buf[t:t + n] = np.arange(start, start + n, dtype=_I64)
+        self._pos[start:start + n] = np.arange(t, t + n, dtype=_I64)
+        self._tail = t + n
+        self._size += n
+
     def remove(self, ids):
         ids = _ids(ids)
         if len(ids) == 0:
@@ -232,7 +268,10 @@ class Fifo(_Base):
         pos = self._pos
         if ids.max() >= len(pos) or (pos[ids] < 0).any() or len(np.unique(ids)) != len(ids):
             raise UsageError(f"{type(self).__name__}.remove: ids {ids.tolist()} include ids not present")
-        pos[ids] = -1
+        self._remove(ids)
+
+    def _remove(self, ids):
+        self._pos[ids] = -1
         self._size -= len(ids)
         if self._size == 0:
             self._head = self._tail = 0
@@ -338,7 +377,11 @@ class Prioritized(_Base):
         return self._size
 
     def _powered(self, p):
-        return p if self.alpha == 1.0 else np.power(p, self.alpha)
+        if self.alpha == 1.0:
+            return p
+        if self.alpha == 0.0:  # 0 ** 0 would be 1: a priority of 0 still means never drawn
+            return (p > 0).astype(np.float64)
+        return np.power(p, self.alpha)
 
     @staticmethod
     def _check(priorities, n):
@@ -372,10 +415,27 @@ class Prioritized(_Base):
             return
         if ids.max() >= len(self._present) or not self._present[ids].all() or len(np.unique(ids)) != len(ids):
             raise UsageError(f"Prioritized.remove: ids {ids.tolist()} include ids not present")
+        self._remove(ids)
+
+    def _remove(self, ids):
         self._present[ids] = False
         self._prio[ids] = 0.0
         self._tree.update(ids, np.zeros(len(ids)))
         self._size -= len(ids)
+
+    def add1(self, i, priority=1.0):
+        self._present[i] = True
+        self._prio[i] = priority
+        self._tree.update(np.array([i], dtype=_I64), self._powered(np.array([priority], dtype=np.float64)))
+        self._size += 1
+
+    def add_range(self, start, n, priorities=None):
+        ids = np.arange(start, start + n, dtype=_I64)
+        p = np.ones(n) if priorities is None else priorities
+        self._present[start:start + n] = True
+        self._prio[start:start + n] = p
+        self._tree.update(ids, self._powered(p))
+        self._size += n
 
     def update_priorities(self, ids, priorities):
         ids = _ids(ids)
@@ -384,6 +444,9 @@ class Prioritized(_Base):
             return
         if ids.max() >= len(self._present) or not self._present[ids].all():
             raise UsageError(f"Prioritized.update_priorities: ids {ids.tolist()} include ids not present")
+        self._update(ids, p)
+
+    def _update(self, ids, p):
         self._prio[ids] = p
         self._tree.update(ids, self._powered(p))
 

@@ -12,7 +12,7 @@ from rlflow.core import Sample
 from rlflow.errors import ClosedError, SpecError, Timeout, UsageError, mismatch
 from rlflow.replay import rate_limiters as _rl
 from rlflow.replay import selectors as _sel
-from rlflow.specs import ArraySpec
+from rlflow.specs import ArraySpec, validate_batch
 
 _I64 = np.int64
 _ndarray = np.ndarray
@@ -109,19 +109,44 @@ class Table:
         self._waiters = 0
         self._closed = False
         # slots
-        self._slot_key = np.full(capacity, -1, dtype=_I64)
+        # slot_key[capacity] is a sentinel slot that never matches a key
+        self._slot_key_ext = np.full(capacity + 1, -1, dtype=_I64)
+        self._slot_key_ext[capacity] = -2
+        self._slot_key = self._slot_key_ext[:capacity]
         self._times = np.zeros(capacity, dtype=_I64)
         self._prio = np.zeros(capacity, dtype=np.float64)
-        self._free = np.arange(capacity - 1, -1, -1, dtype=_I64)  # stack; top = end = lowest slot
+        # free-slot stack, top at the end. While `_free_sorted`, it decreases from bottom to top, so
+        # pops come out ascending and a batch of n pops is contiguous iff its ends differ by n - 1.
+        self._free = np.arange(capacity - 1, -1, -1, dtype=_I64)
         self._nfree = capacity
-        self._key_slot: dict[int, int] = {}
+        self._free_sorted = True
+        # key -> slot: ring[key % R] holds the slot of key (R >= 2 * capacity); a live key older than
+        # next_key - R / 2 is moved to `_old_keys` (dict) before the ring entry could be overwritten.
+        ring = 16
+        while ring < 2 * capacity:
+            ring *= 2
+        self._ring = np.full(ring, capacity, dtype=_I64)
+        self._ring_mask = ring - 1
+        self._ring_safe_until = ring  # keys below this can be issued without spilling
+        self._old_keys: dict[int, int] = {}
         self._next_key = 0
         self._budget = 0  # draws left before max_times_sampled removes items (when > 0)
-        self._last = (None, None)  # (keys, slots) of the last sample: fast path of update_priorities
         self._stats = {"inserts": 0, "samples": 0, "deletes": 0, "evictions": 0, "expired": 0}
         self._specs = None
         self._storage: dict[str, np.ndarray] = {}
-        self._cols: list = []
+        self._cols = None
+        # bound methods of the hot path (user selectors without the fast hooks get adapters)
+        self._s_add, self._r_add = sampler.add, remover.add
+        self._s_add1, self._r_add1 = (getattr(x, "add1", None) or (
+            lambda i, p, x=x: x.add(np.array([i], dtype=_I64), np.array([p]))) for x in (sampler, remover))
+        self._s_add_range, self._r_add_range = (getattr(x, "add_range", None) or (
+            lambda s0, n, p, x=x: x.add(np.arange(s0, s0 + n, dtype=_I64), np.ones(n) if p is None else p))
+            for x in (sampler, remover))
+        self._s_remove, self._r_remove = (getattr(x, "_remove", x.remove) for x in (sampler, remover))
+        self._s_update, self._r_update = (getattr(x, "_update", x.update_priorities) for x in (sampler, remover))
+        self._distinct = not getattr(sampler, "with_replacement", True)
+        self._insert_feasible = getattr(rate_limiter, "insert_feasible", None)
+        self._sample_feasible = getattr(rate_limiter, "sample_feasible", None)
         if specs is not None:
             self._allocate(self._check_specs(specs))
 
@@ -153,8 +178,8 @@ class Table:
 
     def _allocate(self, specs):
         self._storage = {k: np.zeros((self.capacity,) + s.shape, dtype=s.dtype) for k, s in specs.items()}
-        self._cols = [(k, self._storage[k], s.shape, s.dtype) for k, s in specs.items()]
-        self._fast_shapes = {k: (1,) + s.shape for k, s in specs.items()}
+        self._cols = [(k, self._storage[k], s.shape, s.dtype, (1,) + s.shape, s, len(s.shape) + 1)
+                      for k, s in specs.items()]
         self._specs = specs
 
     @property
@@ -164,47 +189,51 @@ class Table:
 
     def _validate(self, items):
         """items -> (list of arrays in column order, n). Raises SpecError naming the field."""
-        if not isinstance(items, Mapping):
+        cols = self._cols
+        if items.__class__ is not dict and not isinstance(items, Mapping):
             raise UsageError(mismatch("argument", "items", "a mapping field -> array", type(items).__name__))
-        specs = self._specs
-        if len(items) != len(specs) or any(k not in specs for k in items):
-            missing = [k for k in specs if k not in items]
-            extra = [k for k in items if k not in specs]
-            field = (missing or extra)[0]
-            raise SpecError(mismatch("field", field, f"fields {sorted(specs)}",
-                                     f"fields {sorted(items)} (missing {missing}, unknown {extra})"))
+        if len(items) != len(cols):
+            return self._validate_slow(items)
         arrays = []
-        n = None
-        for name, store, shape, dtype in self._cols:
-            a = items[name]
-            if not (a.__class__ is _ndarray and a.dtype is dtype and a.shape[1:] == shape
-                    and a.ndim == len(shape) + 1):
-                a = specs[name].validate(a, name)
-            if n is None:
-                n = a.shape[0]
-            elif a.shape[0] != n:
-                raise SpecError(mismatch("field", name, f"batch size {n} like the other fields",
-                                         f"batch size {a.shape[0]}"))
-            arrays.append(a)
+        n = -1
+        try:
+            for name, store, shape, dtype, shape1, spec, nd in cols:
+                a = items[name]
+                if a.__class__ is not _ndarray or a.dtype is not dtype or a.shape != shape1:
+                    if a.__class__ is not _ndarray or a.dtype is not dtype or a.ndim != nd or a.shape[1:] != shape:
+                        a = spec.validate(a, name)
+                if n != a.shape[0]:
+                    if n != -1:
+                        raise SpecError(mismatch("field", name, f"batch size {n} like the other fields",
+                                                 f"batch size {a.shape[0]}"))
+                    n = a.shape[0]
+                arrays.append(a)
+        except KeyError:
+            return self._validate_slow(items)
         return arrays, n
+
+    def _validate_slow(self, items):
+        validated = validate_batch(items, self._specs)
+        arrays = [validated[c[0]] for c in self._cols]
+        return arrays, arrays[0].shape[0]
 
     # ---- checks ---------------------------------------------------------------------------------
     @staticmethod
     def _check_priorities(priorities, n):
         p = np.asarray(priorities, dtype=np.float64)
-        if p.ndim == 0 or p.shape != (n,):
+        if p.shape != (n,):
             raise UsageError(mismatch("argument", "priorities", f"shape ({n},)", f"shape {p.shape}"))
-        ok = np.isfinite(p) & (p >= 0)
-        if not ok.all():
+        if not (p >= 0).all() or not np.isfinite(p).all():
+            ok = np.isfinite(p) & (p >= 0)
             i = int(np.argmin(ok))
             raise UsageError(mismatch("argument", "priorities", "finite values >= 0",
                                       f"{p[i]} at index {i}"))
         return p
 
-    def _check_keys(self, keys, what):
+    def _check_keys(self, keys):
         k = np.asarray(keys)
         if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
-            raise UsageError(mismatch("argument", what, "a 1-d integer array of keys",
+            raise UsageError(mismatch("argument", "keys", "a 1-d integer array of keys",
                                       f"shape {k.shape} dtype {k.dtype}"))
         return k.astype(_I64, copy=False)
 
@@ -249,31 +278,36 @@ class Table:
 
     # ---- insert ---------------------------------------------------------------------------------
     def insert(self, items: Mapping[str, np.ndarray], priorities=None, timeout: float | None = None) -> np.ndarray:
-        """Store a batch (field -> array [n, ...]); returns the n new keys (int64)."""
+        """Store a batch (field -> array [n, ...]); returns the n new keys (int64 [n]).
+
+        Priorities: float [n], finite and >= 0; default 1.0 for every item."""
         if self._closed:
             raise ClosedError("the table is closed")
-        if self._specs is None:
+        if self._cols is None:
             self._first_specs(items)
         arrays, n = self._validate(items)
+        if n == 1 and priorities is None:  # the lean path of one item
+            limiter = self.rate_limiter
+            with self._lock:
+                if not limiter.can_insert(1) or self._closed:
+                    self._wait(lambda: limiter.can_insert(1), timeout, lambda: self._why_insert(1))
+                return self._store1(arrays, 1.0)
         if n == 0:
+            if priorities is not None:
+                self._check_priorities(priorities, 0)
             return np.empty(0, dtype=_I64)
-        if priorities is None:
-            p = None
-        else:
-            p = self._check_priorities(priorities, n)
+        p = None if priorities is None else self._check_priorities(priorities, n)
         if n > self.capacity:
             raise UsageError(mismatch("argument", "items", f"at most capacity={self.capacity} rows",
                                       f"{n} rows"))
         limiter = self.rate_limiter
-        if not getattr(limiter, "insert_feasible", lambda n: True)(n):
+        if self._insert_feasible is not None and not self._insert_feasible(n):
             raise UsageError(f"an insert of {n} items can never go ahead under {limiter!r}")
         with self._lock:
-            if not limiter.can_insert(n):
+            if not limiter.can_insert(n) or self._closed:
                 self._wait(lambda: limiter.can_insert(n), timeout, lambda: self._why_insert(n))
-            elif self._closed:
-                raise ClosedError("the table is closed")
             if n == 1:
-                return self._store1(arrays, 1.0 if p is None else float(p[0]))
+                return self._store1(arrays, float(p[0]))
             return self._store(arrays, n, p)
 
     def _why_insert(self, n):
@@ -289,11 +323,11 @@ class Table:
                 raise UsageError(mismatch("argument", "items", "str field names", repr(k)))
             a = np.asarray(v)
             if a.ndim < 1 or a.dtype == object:
-                raise SpecError(mismatch("field", k, "an array with a leading batch axis", f"shape {a.shape} "
-                                         f"dtype {a.dtype}"))
+                raise SpecError(mismatch("field", k, "an array with a leading batch axis",
+                                         f"shape {a.shape} dtype {a.dtype}"))
             specs[k] = ArraySpec(a.shape[1:], a.dtype)
         with self._lock:
-            if self._specs is None:
+            if self._cols is None:
                 self._allocate(specs)
 
     def _evict(self, k):
@@ -315,22 +349,48 @@ class Table:
         k = len(slots)
         if k == 0:
             return
-        self.sampler.remove(slots)
-        self.remover.remove(slots)
-        keys = self._slot_key[slots]
-        pop = self._key_slot.pop
-        for key in keys.tolist():
-            pop(key)
+        self._s_remove(slots)
+        self._r_remove(slots)
         self._slot_key[slots] = -1
         if self.max_times_sampled:
             self._budget -= int((self.max_times_sampled - self._times[slots]).sum())
         nf = self._nfree
-        self._free[nf:nf + k] = slots
+        if k == 1:
+            s0 = int(slots[0])
+            if nf and self._free[nf - 1] < s0:
+                self._free_sorted = False
+            self._free[nf] = s0
+        else:
+            desc = np.sort(slots)[::-1]
+            if nf and self._free[nf - 1] < desc[0]:
+                self._free_sorted = False
+            self._free[nf:nf + k] = desc
         self._nfree = nf + k
         self.rate_limiter.on_delete(k)
 
+    def _spill(self, end_key):
+        """Before keys up to `end_key` are issued: move live keys older than end_key - R/2 from
+        the ring to `_old_keys`, so no live key's ring entry is overwritten (lock held)."""
+        live = np.flatnonzero(self._slot_key >= 0)
+        lk = self._slot_key[live]
+        old = lk < end_key - (self._ring_mask + 1) // 2
+        d = {k: s for k, s in self._old_keys.items() if self._slot_key[s] == k}  # drop removed ones
+        d.update(zip(lk[old].tolist(), live[old].tolist()))
+        self._old_keys = d
+        rest = lk[~old]
+        low = int(rest.min()) if len(rest) else end_key
+        self._ring_safe_until = low + self._ring_mask + 1
+
+    def _reindex(self):
+        """Rebuild the key -> slot index from slot_key (after a checkpoint load)."""
+        self._spill(self._next_key)
+        live = np.flatnonzero(self._slot_key >= 0)
+        lk = self._slot_key[live]
+        recent = lk >= self._ring_safe_until - (self._ring_mask + 1)
+        self._ring[lk[recent] & self._ring_mask] = live[recent]
+
     def _store1(self, arrays, priority):
-        """Fast path of _store for one item (lock held)."""
+        """Store one item (lock held)."""
         if self._nfree == 0:
             self._evict(1)
         self._nfree -= 1
@@ -340,21 +400,17 @@ class Table:
             col[1][slot] = arrays[i][0]
             i += 1
         key = self._next_key
+        if key >= self._ring_safe_until:
+            self._spill(key + 1)
         self._next_key = key + 1
         self._slot_key[slot] = key
+        self._ring[key & self._ring_mask] = slot
         self._times[slot] = 0
         self._prio[slot] = priority
-        self._key_slot[key] = slot
-        sampler, remover = self.sampler, self.remover
-        if hasattr(sampler, "add1"):
-            sampler.add1(slot, priority)
-        else:
-            sampler.add(np.array([slot], dtype=_I64), np.array([priority]))
-        if hasattr(remover, "add1"):
-            remover.add1(slot, priority)
-        else:
-            remover.add(np.array([slot], dtype=_I64), np.array([priority]))
-        self._budget += self.max_times_sampled
+        self._s_add1(slot, priority)
+        self._r_add1(slot, priority)
+        if self.max_times_sampled:
+            self._budget += self.max_times_sampled
         self.rate_limiter.on_insert(1)
         self._stats["inserts"] += 1
         if self._waiters:
@@ -362,43 +418,63 @@ class Table:
         return np.arange(key, key + 1, dtype=_I64)
 
     def _store(self, arrays, n, p):
+        """Store n > 1 items (lock held)."""
         if self._nfree < n:
             self._evict(n - self._nfree)
         nf = self._nfree - n
-        slots = self._free[nf:self._nfree][::-1].copy()
-        self._nfree = nf
-        for (name, store, shape, dtype), a in zip(self._cols, arrays):
-            store[slots] = a
+        free = self._free
         key = self._next_key
+        if key + n > self._ring_safe_until:
+            self._spill(key + n)
         keys = np.arange(key, key + n, dtype=_I64)
+        s0 = int(free[self._nfree - 1])
+        if self._free_sorted and int(free[nf]) - s0 == n - 1:  # contiguous slots s0 .. s0 + n - 1
+            self._nfree = nf
+            end = s0 + n
+            for (name, store, *_), a in zip(self._cols, arrays):
+                store[s0:end] = a
+            self._slot_key[s0:end] = keys
+            self._times[s0:end] = 0
+            self._prio[s0:end] = 1.0 if p is None else p
+            self._s_add_range(s0, n, p)
+            self._r_add_range(s0, n, p)
+            slots = None
+        else:
+            slots = free[nf:self._nfree][::-1].copy()
+            self._nfree = nf
+            for (name, store, *_), a in zip(self._cols, arrays):
+                store[slots] = a
+            self._slot_key[slots] = keys
+            self._times[slots] = 0
+            pr = np.ones(n) if p is None else p
+            self._prio[slots] = pr
+            self._s_add(slots, pr)
+            self._r_add(slots, pr)
+        r0 = key & self._ring_mask
+        if r0 + n <= len(self._ring):
+            self._ring[r0:r0 + n] = np.arange(s0, s0 + n, dtype=_I64) if slots is None else slots
+        else:
+            self._ring[keys & self._ring_mask] = np.arange(s0, s0 + n, dtype=_I64) if slots is None else slots
         self._next_key = key + n
-        self._slot_key[slots] = keys
-        self._times[slots] = 0
-        pr = np.ones(n) if p is None else p
-        self._prio[slots] = pr
-        self._key_slot.update(zip(keys.tolist(), slots.tolist()))
-        self.sampler.add(slots, pr)
-        self.remover.add(slots, pr)
-        self._budget += self.max_times_sampled * n
+        if self.max_times_sampled:
+            self._budget += self.max_times_sampled * n
         self.rate_limiter.on_insert(n)
         self._stats["inserts"] += n
-        self._notify()
+        if self._waiters:
+            self._cond.notify_all()
         return keys
 
     # ---- sample ---------------------------------------------------------------------------------
-    def _distinct(self):
-        return not getattr(self.sampler, "with_replacement", True)
-
     def can_sample(self, n: int = 1) -> bool:
         """Whether a sample of n would go ahead now without waiting."""
         with self._lock:
-            return self._can_sample(n)
+            return not self._closed and self._can_sample(n)
 
     def _can_sample(self, n):
-        size = self._size()
+        size = self.capacity - self._nfree
         if size == 0 or not self.rate_limiter.can_sample(n):
             return False
-        if self._distinct() and size < n:
+        if self._distinct and size < n:
             return False
         if self.max_times_sampled and self._budget < n:
             return False
@@ -410,9 +486,9 @@ class Table:
             return not self._closed and self.rate_limiter.can_insert(n)
 
     def _why_sample(self, n):
-        size = self._size()
+        size = len(self)
         if size and self.rate_limiter.can_sample(n):
-            if self._distinct() and size < n:
+            if self._distinct and size < n:
                 return (f"table holds {size} items, the {type(self.sampler).__name__} sampler draws "
                         f"{n} distinct items")
             return (f"items have {self._budget} draws left before max_times_sampled="
@@ -423,23 +499,28 @@ class Table:
         return f"table holds {size} items; rate limiter {self.rate_limiter!r} refuses a sample of {n}"
 
     def sample(self, n: int, timeout: float | None = None) -> Sample:
-        """Draw n items: keys [n] int64, probabilities [n] float64, data field -> [n, ...] (copies)."""
+        """Draw n items: keys [n] int64, probabilities [n] float64, data field -> [n, ...] (copies).
+
+        `info` holds "table_size" (items present before this sample)."""
         if self._closed:
             raise ClosedError("the table is closed")
-        n = _positive_int("n", n)
+        if n.__class__ is not int:
+            n = _positive_int("n", n)
+        elif n < 1:
+            raise UsageError(mismatch("argument", "n", "an integer >= 1", n))
         if n > self.capacity:
             raise UsageError(mismatch("argument", "n", f"at most capacity={self.capacity}", n))
         limiter = self.rate_limiter
-        if not getattr(limiter, "sample_feasible", lambda n: True)(n):
+        if self._sample_feasible is not None and not self._sample_feasible(n):
             raise UsageError(f"a sample of {n} items can never go ahead under {limiter!r}")
         with self._lock:
-            if not self._can_sample(n):
+            if self._closed or not self._can_sample(n):
                 self._wait(lambda: self._can_sample(n), timeout, lambda: self._why_sample(n))
-            elif self._closed:
-                raise ClosedError("the table is closed")
+            size = self.capacity - self._nfree
             mts = self.max_times_sampled
             slots, probs = self.sampler.sample(n)
-            slots = np.asarray(slots, dtype=_I64)
+            if slots.__class__ is not _ndarray or slots.dtype != _I64:
+                slots = np.asarray(slots, dtype=_I64)
             if mts:
                 u, c = np.unique(slots, return_counts=True)
                 if (self._times[u] + c > mts).any():
@@ -447,13 +528,12 @@ class Table:
                 else:
                     self._times[u] += c
                     self._budget -= n
+            elif self._distinct:
+                self._times[slots] += 1
             else:
-                if self._distinct():
-                    self._times[slots] += 1
-                else:
-                    np.add.at(self._times, slots, 1)
+                np.add.at(self._times, slots, 1)
             keys = self._slot_key[slots]
-            data = {name: store[slots] for name, store, _, _ in self._cols}
+            data = {c[0]: c[1][slots] for c in self._cols}
             if mts:
                 done = np.unique(slots)
                 done = done[self._times[done] >= mts]
@@ -462,13 +542,14 @@ class Table:
                     self._stats["expired"] += len(done)
             limiter.on_sample(n)
             self._stats["samples"] += n
-            self._last = (keys, slots)
             if self._waiters:
                 self._cond.notify_all()
-            return Sample(keys, np.asarray(probs, dtype=np.float64), data)
+        if probs.__class__ is not _ndarray or probs.dtype != np.float64:
+            probs = np.asarray(probs, dtype=np.float64)
+        return Sample(keys, probs, data, {"table_size": size})
 
     def _sample_one_by_one(self, n):
-        """Reverb's order for max_times_sampled: draw one, count it, remove it when exhausted."""
+        """Reverb's order for max_times_sampled: draw one, count it, take it out when exhausted."""
         mts = self.max_times_sampled
         out_s, out_p = [], []
         expired = []
@@ -479,32 +560,32 @@ class Table:
             out_p.append(float(p[0]))
             self._times[s] += 1
             self._budget -= 1
-            if self._times[s] >= mts:  # take it out of the sampler now; finish the removal below
-                self.sampler.remove(np.array([s], dtype=_I64))
+            if self._times[s] >= mts:  # out of the sampler now; the table removes it fully below
+                self._s_remove(np.array([s], dtype=_I64))
                 expired.append(s)
-        for s in expired:  # put back so _remove_slots finds it in both selectors
-            self.sampler.add(np.array([s], dtype=_I64), np.array([self._prio[s]]))
+        if expired:  # back in, so that _remove_slots finds it in both selectors
+            e = np.asarray(expired, dtype=_I64)
+            self._s_add(e, self._prio[e])
         return np.asarray(out_s, dtype=_I64), np.asarray(out_p)
 
     # ---- priorities and deletes -----------------------------------------------------------------
     def _slots_of(self, keys):
-        """Slots of live keys, -1 where the key's item was removed (lock held)."""
-        lk, ls = self._last
-        if lk is not None and len(lk) == len(keys) and (lk is keys or np.array_equal(lk, keys)):
-            slots = ls.copy()
-        else:
-            get = self._key_slot.get
-            slots = np.fromiter((get(k, -1) for k in keys.tolist()), dtype=_I64, count=len(keys))
-        live = slots >= 0
-        live[live] = self._slot_key[slots[live]] == keys[live]
-        slots[~live] = -1
+        """Slots of the live keys, -1 where a key's item was removed (lock held; keys issued)."""
+        slots = self._ring[keys & self._ring_mask]
+        ok = self._slot_key_ext[slots] == keys
+        if not ok.all():
+            old, sk = self._old_keys, self._slot_key
+            for i in np.flatnonzero(~ok).tolist():
+                s = old.get(int(keys[i]), -1)
+                slots[i] = s if s >= 0 and sk[s] == keys[i] else -1
         return slots
 
     def update_priorities(self, keys, priorities) -> None:
         """Set new priorities (finite, >= 0) for keys; keys of removed items are ignored. If a key
         appears more than once, its last priority wins."""
-        self._check_open()
-        keys = self._check_keys(keys, "keys")
+        if self._closed:
+            raise ClosedError("the table is closed")
+        keys = self._check_keys(keys)
         p = self._check_priorities(priorities, len(keys))
         if len(keys) == 0:
             return
@@ -522,13 +603,13 @@ class Table:
             if len(slots) == 0:
                 return
             self._prio[slots] = p
-            self.sampler.update_priorities(slots, p)
-            self.remover.update_priorities(slots, p)
+            self._s_update(slots, p)
+            self._r_update(slots, p)
 
     def delete(self, keys) -> int:
         """Remove the items of `keys` (removed ones are ignored); returns how many were removed."""
         self._check_open()
-        keys = self._check_keys(keys, "keys")
+        keys = self._check_keys(keys)
         with self._lock:
             self._check_issued(keys)
             slots = self._slots_of(keys)
@@ -540,7 +621,7 @@ class Table:
 
     def priorities(self, keys) -> np.ndarray:
         """The current priorities of keys (NaN for removed ones)."""
-        keys = self._check_keys(keys, "keys")
+        keys = self._check_keys(keys)
         with self._lock:
             self._check_issued(keys)
             slots = self._slots_of(keys)
@@ -549,9 +630,6 @@ class Table:
             return out
 
     # ---- size, stats, close ---------------------------------------------------------------------
-    def _size(self):
-        return self.capacity - self._nfree
-
     def __len__(self) -> int:
         return self.capacity - self._nfree
 
@@ -559,9 +637,9 @@ class Table:
         """Counters: inserts, samples (items drawn), deletes (by `delete`), evictions (by the remover),
         expired (by max_times_sampled), size, capacity, and the rate limiter's error if it has one."""
         with self._lock:
-            out = dict(self._stats, size=self._size(), capacity=self.capacity)
+            out = dict(self._stats, size=len(self), capacity=self.capacity)
             diff = getattr(self.rate_limiter, "diff", None)
-            if diff is not None:
+            if diff is not None and self.rate_limiter.samples_per_insert is not None:
                 out["diff"] = float(diff)
             return out
 

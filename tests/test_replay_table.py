@@ -1,0 +1,493 @@
+"""Table: insert/sample shapes, keys, eviction, max_times_sampled, presets, bad input, checkpoints."""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import rlflow as rf
+from rlflow.errors import ClosedError, SpecError, Timeout, UsageError
+from rlflow.replay import Table, importance_weights, rate_limiters, selectors
+from rlflow.specs import ArraySpec
+
+
+def batch(n, start=0):
+    i = np.arange(start, start + n)
+    return {"obs": np.stack([i, -i], 1).astype(np.float32), "action": i.astype(np.int64),
+            "reward": (i * 0.5).astype(np.float32)}
+
+
+SPECS = {"obs": ArraySpec((2,), np.float32), "action": ArraySpec((), np.int64),
+         "reward": ArraySpec((), np.float32)}
+
+
+def snapshot(t):
+    """Everything observable about a table, to check that a failed call changed nothing."""
+    with t._lock:
+        return (len(t), dict(t._stats), t._next_key, t.rate_limiter.state_dict(),
+                {k: v.copy() for k, v in t._storage.items()}, t._slot_key.copy(), t._prio.copy(),
+                repr(t.sampler.state_dict()), repr(t.remover.state_dict()))
+
+
+def same(a, b):
+    return repr(a) == repr(b)
+
+
+# ---- basics ------------------------------------------------------------------------------------------
+def test_insert_sample_shapes_and_keys():
+    t = Table(10)
+    assert t.specs is None
+    k1 = t.insert(batch(3))
+    k2 = t.insert(batch(1, 3))
+    assert k1.dtype == np.int64 and k1.tolist() == [0, 1, 2] and k2.tolist() == [3]
+    assert t.specs == SPECS and len(t) == 4 and t.capacity == 10
+    s = t.sample(5)
+    assert isinstance(s, rf.Sample) and len(s) == 5
+    assert s.keys.dtype == np.int64 and s.probabilities.dtype == np.float64
+    assert s["obs"].shape == (5, 2) and s["obs"].dtype == np.float32
+    assert s["action"].shape == (5,) and s["reward"].shape == (5,)
+    np.testing.assert_allclose(s.probabilities, 0.25)
+    assert (s["action"] == s.keys).all()  # data belongs to its key
+    s["obs"][:] = 99  # samples are copies
+    assert (t.sample(4)["obs"] != 99).all()
+    assert t.stats()["inserts"] == 4 and t.stats()["samples"] == 9 and t.stats()["size"] == 4
+
+
+def test_specs_given_up_front_and_dtype_cast():
+    t = Table(4, specs=SPECS)
+    assert t.specs == SPECS
+    b = batch(2)
+    b["reward"] = b["reward"].astype(np.float64)  # same kind: stored as float32
+    t.insert(b)
+    assert t.sample(1)["reward"].dtype == np.float32
+
+
+def test_full_table_evicts_with_remover_fifo():
+    t = Table(5, sampler=selectors.Fifo(), remover=selectors.Fifo())
+    t.insert(batch(4))
+    t.insert(batch(3, 4))  # evicts keys 0, 1
+    assert len(t) == 5 and t.stats()["evictions"] == 2
+    assert t.sample(5)["action"].tolist() == [2, 3, 4, 5, 6]
+    for i in range(7, 12):
+        t.insert(batch(1, i))
+    assert t.sample(5)["action"].tolist() == [7, 8, 9, 10, 11]
+
+
+def test_eviction_by_min_heap_remover_removes_lowest_priority():
+    t = Table(3, sampler=selectors.Uniform(seed=0), remover=selectors.MinHeap())
+    t.insert(batch(3), priorities=[5.0, 1.0, 3.0])
+    t.insert(batch(1, 3), priorities=[4.0])  # evicts key 1 (priority 1)
+    assert sorted(set(sum((t.sample(3)["action"].tolist() for _ in range(60)), []))) == [0, 2, 3]
+    t.update_priorities([0], [0.5])
+    t.insert(batch(1, 4), priorities=[9.0])  # now key 0 is lowest
+    assert sorted(set(sum((t.sample(3)["action"].tolist() for _ in range(60)), []))) == [2, 3, 4]
+
+
+def test_keys_of_removed_items_are_ignored_never_issued_raise():
+    t = Table(2, sampler=selectors.Prioritized(1.0, seed=0), remover=selectors.Fifo())
+    t.insert(batch(2))
+    t.insert(batch(1, 2))  # key 0 evicted; its slot now holds key 2
+    t.update_priorities([0], [100.0])  # ignored: must not touch key 2 in key 0's old slot
+    np.testing.assert_array_equal(t.priorities([0, 1, 2]), [np.nan, 1.0, 1.0])
+    assert t.delete([0]) == 0 and len(t) == 2
+    for bad in ([3], [-1], [10**12]):
+        before = snapshot(t)
+        with pytest.raises(UsageError, match="never issued"):
+            t.update_priorities(bad, [1.0])
+        with pytest.raises(UsageError, match="never issued"):
+            t.delete(bad)
+        assert same(before, snapshot(t))
+    assert t.delete([1, 1, 2]) == 2 and len(t) == 0
+
+
+def test_keys_stay_valid_long_after_ring_wraps():
+    # A long-lived item (MaxHeap remover never evicts the top priority... use MinHeap so the
+    # high-priority key 0 survives) must stay addressable after many newer keys.
+    t = Table(4, sampler=selectors.Uniform(seed=0), remover=selectors.MinHeap())
+    t.insert(batch(1), priorities=[1e9])
+    for i in range(1, 500):
+        t.insert(batch(1, i), priorities=[float(i)])
+    np.testing.assert_array_equal(t.priorities([0]), [1e9])
+    t.update_priorities([0], [2e9])
+    np.testing.assert_array_equal(t.priorities([0, 1]), [2e9, np.nan])
+    assert t.delete([0]) == 1
+
+
+def test_max_times_sampled_removes_after_k_samples():
+    for sampler in (selectors.Uniform(seed=1), selectors.Fifo(), selectors.Prioritized(0.6, seed=2)):
+        t = Table(50, sampler=sampler, max_times_sampled=3)
+        t.insert(batch(20))
+        seen = {}
+        while len(t):
+            n = min(7, len(t)) if isinstance(sampler, selectors.Fifo) else 7
+            if not t.can_sample(n):
+                n = 1
+            s = t.sample(n, timeout=0)
+            for k in s.keys.tolist():
+                seen[k] = seen.get(k, 0) + 1
+                assert seen[k] <= 3
+        assert seen == {k: 3 for k in range(20)}
+        assert t.stats()["expired"] == 20
+        with pytest.raises(Timeout):
+            t.sample(1, timeout=0.01)
+
+
+def test_queue_and_stack_presets():
+    q = Table.queue(4)
+    q.insert(batch(3))
+    q.insert(batch(1, 3))
+    assert not q.can_insert(1)
+    with pytest.raises(Timeout, match="max_diff"):
+        q.insert(batch(1, 4), timeout=0.02)
+    assert q.sample(2)["action"].tolist() == [0, 1]
+    q.insert(batch(2, 4))
+    assert q.sample(4)["action"].tolist() == [2, 3, 4, 5]
+    assert len(q) == 0
+    with pytest.raises(Timeout):
+        q.sample(1, timeout=0.02)
+    s = Table.stack(4)
+    s.insert(batch(3))
+    assert s.sample(2)["action"].tolist() == [2, 1]
+    s.insert(batch(2, 3))
+    assert s.sample(3)["action"].tolist() == [4, 3, 0]
+    assert isinstance(q.rate_limiter, rate_limiters.Queue) and q.max_times_sampled == 1
+
+
+def test_timeouts_say_what_they_waited_for():
+    t = Table(200, rate_limiter=rate_limiters.MinSize(100))
+    t.insert(batch(3))
+    with pytest.raises(Timeout, match=r"table holds 3 items, sampling needs 100 \(min_size_to_sample\)"):
+        t.sample(10, timeout=0.02)
+    f = Table(10, sampler=selectors.Fifo())
+    f.insert(batch(2))
+    with pytest.raises(Timeout, match="draws 5 distinct"):
+        f.sample(5, timeout=0.01)
+
+
+def test_close_wakes_blocked_callers():
+    t = Table(10, rate_limiter=rate_limiters.MinSize(5))
+    errors = []
+
+    def waiter():
+        try:
+            t.sample(1)  # timeout None: waits until closed
+        except ClosedError as e:
+            errors.append(e)
+    th = threading.Thread(target=waiter)
+    th.start()
+    t.close()
+    th.join(5)
+    assert not th.is_alive() and len(errors) == 1
+    with pytest.raises(ClosedError):
+        t.insert(batch(1))
+
+
+def test_sample_larger_than_capacity_fails_at_once():
+    t = Table(8)
+    with pytest.raises(UsageError, match="capacity"):
+        t.sample(9)  # no timeout given: must not wait
+    t.insert(batch(2))
+    with pytest.raises(UsageError, match="capacity"):
+        t.sample(100, timeout=None)
+    with pytest.raises(UsageError):
+        t.sample(0)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+BAD_ITEMS = [
+    ("obs", lambda b: b.update(obs=np.zeros((2, 3), np.float32)), "shape"),
+    ("obs", lambda b: b.update(obs=np.zeros((2, 2), np.int32)), "dtype"),
+    ("action", lambda b: b.update(action=np.zeros((2, 1), np.int64)), "shape"),
+    ("reward", lambda b: b.update(reward=np.zeros(3, np.float32)), "batch size"),
+    ("reward", lambda b: b.pop("reward"), "missing"),
+    ("extra", lambda b: b.update(extra=np.zeros(2)), "unknown"),
+    ("action", lambda b: b.update(action=np.int64(3)), "shape"),
+]
+
+
+@pytest.mark.parametrize("field,mutate,what", BAD_ITEMS)
+@pytest.mark.parametrize("n", [1, 2])
+def test_bad_batches_name_the_field_and_change_nothing(field, mutate, what, n):
+    t = Table(10)
+    t.insert(batch(3))
+    b = batch(2)
+    if n == 1:
+        b = {k: v[:1] for k, v in b.items()}
+    mutate(b)
+    before = snapshot(t)
+    with pytest.raises(SpecError) as e:
+        t.insert(b)
+    assert f"'{field}'" in str(e.value) and what in str(e.value)
+    assert same(before, snapshot(t))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, -1.0])
+def test_bad_priorities_raise_and_change_nothing(bad):
+    t = Table(10, sampler=selectors.Prioritized(0.6, seed=0))
+    keys = t.insert(batch(3))
+    before = snapshot(t)
+    with pytest.raises(UsageError, match="priorities"):
+        t.insert(batch(2), priorities=[1.0, bad])
+    with pytest.raises(UsageError, match="priorities"):
+        t.insert(batch(1), priorities=[bad])
+    with pytest.raises(UsageError, match="priorities"):
+        t.update_priorities(keys, [1.0, bad, 1.0])
+    with pytest.raises(UsageError, match="priorities"):
+        t.update_priorities(keys, [1.0, 1.0])  # wrong length
+    assert same(before, snapshot(t))
+
+
+def test_bad_arguments():
+    with pytest.raises(UsageError):
+        Table(0)
+    with pytest.raises(UsageError):
+        Table(10, max_times_sampled=-1)
+    with pytest.raises(UsageError):
+        Table(10, sampler="uniform")
+    sel = selectors.Fifo()
+    with pytest.raises(UsageError, match="both"):
+        Table(10, sampler=sel, remover=sel)
+    Table(10, sampler=sel)
+    with pytest.raises(UsageError, match="already belongs"):
+        Table(10, sampler=sel)
+    t = Table(10)
+    with pytest.raises(UsageError):
+        t.insert([1, 2, 3])
+    with pytest.raises(UsageError):
+        t.insert(batch(11))  # more than the capacity
+
+
+def test_deadlock_configurations_refused():
+    with pytest.raises(UsageError, match="min_size_to_sample=20 > capacity=10"):
+        Table(10, rate_limiter=rate_limiters.MinSize(20))
+    with pytest.raises(UsageError, match="max_diff"):
+        rate_limiters.RateLimiter(1.0, 1, min_diff=5, max_diff=3)
+    with pytest.raises(UsageError, match="error_buffer"):
+        rate_limiters.SampleToInsertRatio(4.0, 10, error_buffer=2.0)
+    with pytest.raises(UsageError, match="deadlock"):
+        rate_limiters.RateLimiter(0.3, 1, min_diff=0, max_diff=1)  # error 0.9 blocks both
+    with pytest.raises(UsageError, match="deadlock"):
+        rate_limiters.RateLimiter(1.0, 10, min_diff=10, max_diff=10.5)  # stuck right after stage 1
+    with pytest.raises(UsageError):
+        rate_limiters.MinSize(0)
+    with pytest.raises(UsageError):
+        rate_limiters.Queue(0)
+    # accepted: Reverb's presets and a tight integer band
+    rate_limiters.Queue(1)
+    rate_limiters.SampleToInsertRatio(4.0, 10, error_buffer=4.0)
+    rate_limiters.SampleToInsertRatio(0.25, 10, error_buffer=1.0)
+    rate_limiters.RateLimiter(2.0, 1, min_diff=0, max_diff=2)
+
+
+def test_rate_limiter_rules_match_reverb():
+    rl = rate_limiters.SampleToInsertRatio(2.0, 3, error_buffer=4.0)  # band [2, 10]
+    assert rl.samples_per_insert == 2.0 and rate_limiters.MinSize(3).samples_per_insert is None
+    assert rl.can_insert(3) and not rl.can_sample(1)
+    rl.on_insert(3)  # error 6, size 3
+    assert rl.can_sample(4) and not rl.can_sample(5)  # 6 - 4 >= 2; 6 - 5 < 2
+    assert rl.can_insert(2) and not rl.can_insert(3)  # 6 + 4 <= 10; 6 + 6 > 10
+    rl.on_sample(4)
+    assert rl.diff == 2 and not rl.can_sample(1)
+    rl.on_delete(1)  # size 2 < 3: stage 1 again
+    assert rl.can_insert(1) and not rl.can_sample(1)
+
+
+def test_sample_that_the_limiter_can_never_allow_is_refused():
+    t = Table(1000, rate_limiter=rate_limiters.SampleToInsertRatio(1.0, 10, error_buffer=5.0))
+    with pytest.raises(UsageError, match="never"):
+        t.sample(100)
+
+
+# ---- threads -----------------------------------------------------------------------------------------
+class RecordingLimiter(rate_limiters.SampleToInsertRatio):
+    """Checks the error bound every time the table (holding its lock) commits a call."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.violations = []
+        self.seen = []
+
+    def on_insert(self, n):
+        super().on_insert(n)
+        self.seen.append(self.diff)
+        if self.diff > self.max_diff:
+            self.violations.append(("insert", self.diff))
+
+    def on_sample(self, n):
+        super().on_sample(n)
+        self.seen.append(self.diff)
+        if self.diff < self.min_diff:
+            self.violations.append(("sample", self.diff))
+
+
+def test_rate_limiter_bounds_under_threads():
+    rl = RecordingLimiter(2.0, 20, error_buffer=16.0)
+    t = Table(10_000, rate_limiter=rl)
+    per_inserter = 300
+    target_samples = 4 * per_inserter * 2 - 40
+    samples = [0]
+    lock = threading.Lock()
+    errors = []
+
+    def inserter(j):
+        try:
+            for i in range(per_inserter):
+                t.insert(batch(1, j * per_inserter + i), timeout=10)
+        except ClosedError:
+            pass
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    def sampler():
+        try:
+            while True:
+                with lock:
+                    if samples[0] >= target_samples:
+                        return
+                    samples[0] += 3
+                t.sample(3, timeout=10)
+        except ClosedError:
+            pass
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+    threads = [threading.Thread(target=inserter, args=(j,)) for j in range(4)]
+    threads += [threading.Thread(target=sampler) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads[4:]:
+        th.join(60)
+    t.close()
+    for th in threads:
+        th.join(60)
+    assert not errors and not rl.violations
+    assert max(rl.seen) <= rl.max_diff and min(rl.seen[40:]) >= rl.min_diff - 2 * 20
+    assert t.stats()["samples"] >= target_samples
+
+
+def test_queue_under_threads_loses_and_duplicates_nothing():
+    q = Table.queue(16)
+    n_per = 250
+    got = []
+    got_lock = threading.Lock()
+    errors = []
+
+    def producer(j):
+        for i in range(n_per):
+            q.insert(batch(1, j * n_per + i), timeout=20)
+
+    def consumer():
+        try:
+            while True:
+                s = q.sample(1, timeout=20)
+                with got_lock:
+                    got.extend(s["action"].tolist())
+        except ClosedError:
+            pass
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+    prods = [threading.Thread(target=producer, args=(j,)) for j in range(4)]
+    cons = [threading.Thread(target=consumer) for _ in range(4)]
+    for th in prods + cons:
+        th.start()
+    for th in prods:
+        th.join(60)
+    import time
+    deadline = time.monotonic() + 30
+    while len(got) < 4 * n_per and time.monotonic() < deadline:
+        time.sleep(0.01)
+    q.close()
+    for th in cons:
+        th.join(30)
+    assert not errors
+    assert sorted(got) == list(range(4 * n_per))
+
+
+# ---- importance weights ------------------------------------------------------------------------------
+def test_importance_weights():
+    p = np.array([0.1, 0.2, 0.4, 0.3])
+    w = importance_weights(p, 4, 0.5)
+    ref = (4 * p) ** -0.5
+    np.testing.assert_allclose(w, ref / ref.max(), rtol=1e-6)
+    assert w.dtype == np.float32 and w.max() == 1.0
+    np.testing.assert_array_equal(importance_weights(p, 4, 0.0), 1.0)
+    with pytest.raises(UsageError):
+        importance_weights([0.0, 0.5], 2, 0.4)
+    with pytest.raises(UsageError):
+        importance_weights([0.5], 0, 0.4)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------
+COMBOS = [
+    ("uniform-fifo", lambda: (selectors.Uniform(seed=3), selectors.Fifo())),
+    ("prio-minheap", lambda: (selectors.Prioritized(0.6, seed=4), selectors.MinHeap())),
+    ("lifo-uniform", lambda: (selectors.Lifo(), selectors.Uniform(seed=5))),
+    ("maxheap-prio", lambda: (selectors.MaxHeap(), selectors.Prioritized(1.0, seed=6))),
+]
+
+
+def _files(d):
+    return {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
+
+
+@pytest.mark.parametrize("name,make", COMBOS)
+def test_checkpoint_round_trip_byte_identical(tmp_path, name, make):
+    sampler, remover = make()
+    t = Table(32, sampler=sampler, remover=remover, max_times_sampled=4,
+              rate_limiter=rate_limiters.SampleToInsertRatio(2.0, 4, error_buffer=100.0))
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        keys = t.insert(batch(5, 5 * i), priorities=rng.random(5) + 0.1)
+        if t.can_sample(3):
+            s = t.sample(3)
+            t.update_priorities(s.keys, rng.random(3))
+        if i % 4 == 0:
+            t.delete(keys[:1])
+    t.save(tmp_path / "a")
+    t2 = Table.load(tmp_path / "a")
+    t2.save(tmp_path / "b")
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert t2.stats() == t.stats() and len(t2) == len(t) and t2.specs == t.specs
+    for _ in range(5):  # same future: samples, evictions, priorities
+        s1, s2 = t.sample(2), t2.sample(2)
+        assert np.array_equal(s1.keys, s2.keys) and np.array_equal(s1.probabilities, s2.probabilities)
+        for k in s1.data:
+            assert np.array_equal(s1[k], s2[k])
+        k1, k2 = t.insert(batch(3, 1000)), t2.insert(batch(3, 1000))
+        assert np.array_equal(k1, k2)
+        t.update_priorities(s1.keys, [0.5, 2.0])
+        t2.update_priorities(s2.keys, [0.5, 2.0])
+    t.save(tmp_path / "c")
+    t2.save(tmp_path / "d")
+    assert _files(tmp_path / "c") == _files(tmp_path / "d")
+
+
+def test_checkpoint_replaces_atomically(tmp_path, monkeypatch):
+    t = Table(8)
+    t.insert(batch(3))
+    t.save(tmp_path / "ck")
+    good = _files(tmp_path / "ck")
+    t.insert(batch(2, 3))
+    from rlflow.replay import checkpoint
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint, "_fsync_dir_files", boom)
+    with pytest.raises(OSError):
+        t.save(tmp_path / "ck")
+    assert _files(tmp_path / "ck") == good  # the good checkpoint is untouched
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary left behind
+    monkeypatch.undo()
+    t.save(tmp_path / "ck")
+    assert len(Table.load(tmp_path / "ck")) == 5
+    with pytest.raises(UsageError):
+        Table.load(tmp_path / "nothing")
+
+
+def test_empty_table_checkpoint(tmp_path):
+    t = Table(5, sampler=selectors.Prioritized(0.5, seed=0))
+    t.save(tmp_path / "e")
+    t2 = Table.load(tmp_path / "e")
+    assert t2.specs is None and len(t2) == 0
+    t2.insert(batch(2))
+    assert len(t2.sample(4)) == 4
