@@ -423,6 +423,9 @@ class _ProcessRun:
             if stop:
                 break
         self._stop_actors()
+        self._stop_threads()
+        in_flight = sum(rec.reader.pending_rows() for h in self.actors
+                        for _, rec in h.retired + [(h.ring, h.receiver)] if rec is not None)
         if checkpoint_dir is not None:
             self._checkpoint(checkpoint_dir, driver, resumes)
         final = dict(history[-1]) if history else {}
@@ -430,6 +433,8 @@ class _ProcessRun:
         final["wall_time"] = time.monotonic() - t0
         final["eval_seconds"] = self.evaluator.seconds if self.evaluator else 0.0
         final["actor_restarts"] = sum(h.restarts for h in self.actors)
+        final["actor_items"] = int(stats[:, ITEMS].sum())
+        final["items_in_flight"] = int(in_flight)    # published by actors, not inserted when the run stopped
         return RunResult(learner=learner, table=table, figures=final, history=history,
                          evals=list(self.evaluator.results) if self.evaluator else [], solved_at=solved_at,
                          solved_time=solved_time)
@@ -536,23 +541,26 @@ class _ProcessRun:
             except ValueError:
                 pass
 
+    def _stop_threads(self):
+        threads = []
+        if self.sampler is not None:
+            self.sampler.stop()
+            threads.append(self.sampler)
+        for h in self.actors:
+            for ring, rec in h.retired + [(h.ring, h.receiver)]:
+                if rec is not None:
+                    rec.stop()
+                    threads.append(rec)
+        for t in threads:
+            t.join(timeout=5.0)
+
     def shutdown(self):
         """Stop everything this run started; safe to call in any state."""
         self.stopping = True
         try:
             self._stop_actors()
         finally:
-            threads = []
-            if self.sampler is not None:
-                self.sampler.stop()
-                threads.append(self.sampler)
-            for h in self.actors:
-                for ring, rec in h.retired + [(h.ring, h.receiver)]:
-                    if rec is not None:
-                        rec.stop()
-                        threads.append(rec)
-            for t in threads:
-                t.join(timeout=5.0)
+            self._stop_threads()
             for h in self.actors:
                 for ring, _ in h.retired + [(h.ring, h.receiver)]:
                     if ring is not None:

@@ -102,6 +102,11 @@ class RingReader:
         n = int(self._rows[s])
         return {name: arr[s, :n] for name, arr in self._cols}
 
+    def pending_rows(self) -> int:
+        """Rows in published slots not yet consumed (call when the writer is stopped)."""
+        c = self._counters
+        return sum(int(self._rows[(self._next + k) % self.ring.slots]) for k in range(int(c[_HEAD] - c[_TAIL])))
+
     def release(self) -> None:
         self._next = (self._next + 1) % self.ring.slots
         self._counters[_TAIL] += 1

@@ -1,0 +1,470 @@
+"""The process runtime: the same Experiment as the local runtime, actors in processes.
+
+Checked here: the shared-memory param store never gives a torn or older version (raw store, across
+processes, against a writer whose every element equals the version); the ring transport against a
+reference (every item arrives once, in order, with backpressure); a run completes with the limiter's
+samples per insert; a SIGKILLed actor is restarted; user exceptions come back with their traceback;
+SIGINT / SIGTERM leave no process and no /dev/shm/rlflow_* segment behind.
+"""
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+import rlflow as rf
+from rlflow.errors import SpecError, UsageError, WorkerError
+from rlflow.runtime.params import SharedParamStore
+from rlflow.runtime.transport import Ring, RingWriter
+from rlflow.specs import ArraySpec
+
+pytestmark = pytest.mark.multiprocess
+
+SPAWN = mp.get_context("spawn")
+
+
+# --------------------------------------------------------------------------------------------------
+# picklable pieces of an experiment (module level: spawn imports them by name)
+# --------------------------------------------------------------------------------------------------
+class RandomPolicy(rf.Policy):
+    def __init__(self, spec):
+        self.n = int(spec.action_space.n)
+
+    def act(self, obs):
+        return np.random.randint(self.n, size=len(obs))
+
+
+class CountingLearner(rf.Learner):
+    """Consumes batches; its parameters are arrays whose every element equals its step count."""
+
+    def __init__(self, spec, sleep=0.0):
+        self.steps = 0
+        self.sleep = sleep
+        self.keys = []
+
+    def step(self, batch):
+        self.steps += 1
+        self.keys.append(batch.keys.copy())
+        if self.sleep:
+            time.sleep(self.sleep)
+        return {"loss": float(batch["reward"].mean())}
+
+    def get_params(self):
+        v = float(self.steps)
+        return [np.full((32, 256), v), {"b": np.full(1000, v, np.float32), "c": (np.full(3, v),)}]
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+class SlowLearner(CountingLearner):
+    def __init__(self, spec):
+        super().__init__(spec, sleep=0.002)
+
+
+class VersionCheckingPolicy(RandomPolicy):
+    """Raises (-> the run fails) if a parameter set is torn or older than the last one."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.last = -1.0
+        self.pulls = 0
+
+    def set_params(self, params):
+        leaves = [params[0], params[1]["b"], params[1]["c"][0]]
+        v = float(leaves[0].flat[0])
+        for leaf in leaves:
+            if not np.all(leaf == v):
+                raise AssertionError(f"torn parameters: values {np.unique(leaf)[:5]} in one set")
+        if v <= self.last:
+            raise AssertionError(f"parameter version went from {self.last} to {v}")
+        self.last = v
+        self.pulls += 1
+
+
+def ratio_table(specs):
+    return rf.Table(capacity=5_000, sampler=rf.selectors.Uniform(seed=1), remover=rf.selectors.Fifo(),
+                    rate_limiter=rf.rate_limiters.SampleToInsertRatio(
+                        samples_per_insert=4.0, min_size_to_sample=64, error_buffer=64.0), specs=specs)
+
+
+def minsize_table(specs):
+    return rf.Table(capacity=5_000, sampler=rf.selectors.Uniform(seed=1), remover=rf.selectors.Fifo(),
+                    rate_limiter=rf.rate_limiters.MinSize(64), specs=specs)
+
+
+def experiment(policy=RandomPolicy, learner=CountingLearner, table=ratio_table, **kw):
+    kw.setdefault("num_envs", 4)
+    kw.setdefault("batch_size", 16)
+    return rf.Experiment(env="CartPole-v1", policy=policy, learner=learner,
+                         adder=rf.adders.Transition(discount=0.99), table=table, **kw)
+
+
+class KillSelfPolicy(RandomPolicy):
+    """SIGKILLs its own process after 200 acts, once per marker file (or always)."""
+
+    def __init__(self, spec, marker=None, always=False):
+        super().__init__(spec)
+        self.marker, self.always, self.calls = marker, always, 0
+
+    def act(self, obs):
+        self.calls += 1
+        if self.calls == 200 and (self.always or not os.path.exists(self.marker)):
+            if self.marker:
+                open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().act(obs)
+
+
+class KillSelfFactory:
+    def __init__(self, marker=None, always=False):
+        self.marker, self.always = marker, always
+
+    def __call__(self, spec):
+        return KillSelfPolicy(spec, self.marker, self.always)
+
+
+class RaisingPolicy(RandomPolicy):
+    def act(self, obs):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 50:
+            raise ValueError("boom in the user's policy")
+        return super().act(obs)
+
+
+class RaisingLearner(CountingLearner):
+    def step(self, batch):
+        if self.steps == 10:
+            raise KeyError("boom in the user's learner")
+        return super().step(batch)
+
+
+def raising_env():
+    import gymnasium as gym
+
+    class Exploding(gym.Wrapper):
+        def __init__(self, env):
+            super().__init__(env)
+            self.n = 0
+
+        def step(self, action):
+            self.n += 1
+            if self.n == 30:
+                raise RuntimeError("boom in the user's env")
+            return self.env.step(action)
+
+    return Exploding(gym.make("CartPole-v1"))
+
+
+# --------------------------------------------------------------------------------------------------
+# the shared-memory param store
+# --------------------------------------------------------------------------------------------------
+def _template(v):
+    return {"w": np.full((64, 512), float(v)), "layers": [np.full(4096, float(v), np.float32),
+                                                          (np.full((3, 3), int(v), np.int64),)]}
+
+
+def _reader(store, seconds, conn):
+    """Reads as fast as it can; reports (reads, retries, problems)."""
+    problems, last, reads = [], -1, 0
+    client = rf.sync.ParamClient(store, every_learner_steps=1)
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        version, params = store.read()                         # the raw store
+        leaves = [params["w"], params["layers"][0], params["layers"][1][0]]
+        if any(not np.all(leaf == version) for leaf in leaves):
+            problems.append(f"torn read at version {version}")
+        if version < last:
+            problems.append(f"version went back from {last} to {version}")
+        last = version
+        got = client.poll()                                     # and through a ParamClient
+        if got is not None and not np.all(got[1]["w"] == got[0]):
+            problems.append(f"torn ParamClient read at version {got[0]}")
+        reads += 1
+    conn.send((reads, store.retries, problems[:5]))
+
+
+def test_param_store_never_torn_never_older_across_processes():
+    store = SharedParamStore(_template(0))
+    try:
+        store.publish(_template(0), 0)
+        conns, procs = [], []
+        for _ in range(2):
+            a, b = SPAWN.Pipe(duplex=False)
+            p = SPAWN.Process(target=_reader, args=(store, 2.0, b), daemon=True)
+            p.start()
+            conns.append(a)
+            procs.append(p)
+        v = 0
+        t_end = time.monotonic() + 4.0
+        while any(p.is_alive() for p in procs) and time.monotonic() < t_end:
+            v += 1
+            store.publish(_template(v), v)                       # as fast as the writer can
+        results = [c.recv() for c in conns]
+        for p in procs:
+            p.join(5)
+        assert v > 100
+        for reads, retries, problems in results:
+            assert problems == []
+            assert reads > 20
+    finally:
+        store.close()
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"rlflow_{os.getpid()}_")]
+
+
+def test_param_store_matches_sync_paramstore_semantics():
+    ref = rf.sync.ParamStore()
+    store = SharedParamStore(_template(0))
+    try:
+        assert store.latest_version() == ref.latest_version() == -1
+        for v in (0, 3, 7):
+            ref.publish(_template(v), v)
+            store.publish(_template(v), v)
+            (va, pa), (vb, pb) = ref.read(), store.read()
+            assert va == vb == v == store.latest_version()
+            assert np.array_equal(pa["w"], pb["w"]) and pb["layers"][1][0].dtype == np.int64
+            assert isinstance(pb["layers"][1], tuple)
+        with pytest.raises(UsageError, match="version"):
+            store.publish(_template(7), 7)
+        bad = _template(8)
+        bad["w"] = np.zeros((64, 511))
+        with pytest.raises(SpecError, match="shape"):
+            store.publish(bad, 8)
+        assert store.latest_version() == 7
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# the ring transport against a reference: every item once, in order; backpressure
+# --------------------------------------------------------------------------------------------------
+def _producer(args, batches):
+    w = RingWriter(args)
+    for i, n in enumerate(batches):
+        first = sum(batches[:i])
+        w.write({"x": np.arange(first, first + n, dtype=np.int64),
+                 "y": np.repeat(np.arange(first, first + n, dtype=np.float32)[:, None], 3, axis=1)})
+
+
+def test_ring_delivers_every_item_once_in_order_with_backpressure():
+    specs = {"x": ArraySpec((), np.int64), "y": ArraySpec((3,), np.float32)}
+    rng = np.random.default_rng(0)
+    batches = [int(n) for n in rng.integers(0, 12, size=300)]   # some larger than a slot: split
+    ring = Ring(specs, slot_rows=5, slots=3, ctx=SPAWN)
+    try:
+        p = SPAWN.Process(target=_producer, args=(ring.writer_args(), batches), daemon=True)
+        p.start()
+        reader = ring.reader()
+        got = []
+        time.sleep(0.5)                              # the producer fills the 3 slots and blocks
+        assert ring.depth() == 3
+        while sum(len(g) for g in got) < sum(batches):
+            items = reader.get(timeout=10)
+            assert items is not None
+            assert np.array_equal(items["y"], np.repeat(items["x"].astype(np.float32)[:, None], 3, axis=1))
+            got.append(items["x"].copy())
+            reader.release()
+        p.join(5)
+        assert p.exitcode == 0
+        assert np.array_equal(np.concatenate(got), np.arange(sum(batches)))   # reference: 0, 1, 2, ...
+        assert ring.depth() == 0
+    finally:
+        ring.close()
+
+
+def test_ring_writer_refuses_a_wrong_shape():
+    ring = Ring({"x": ArraySpec((2,), np.float32)}, slot_rows=4, slots=2, ctx=SPAWN)
+    try:
+        w = RingWriter(ring.writer_args())
+        with pytest.raises(SpecError, match="'x'"):
+            w.write({"x": np.zeros((3, 1), np.float32)})     # would broadcast silently
+        with pytest.raises(SpecError, match="'z'"):
+            w.write({"z": np.zeros((3, 2), np.float32)})
+    finally:
+        ring.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# runs
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_same_experiment_runs_on_both_backends_and_respects_samples_per_insert():
+    exp = experiment(policy=VersionCheckingPolicy, num_envs=4)
+    local = rf.run(exp, backend="local", max_env_steps=3_000, progress=False)
+    proc = rf.run(exp, backend="process", num_actors=2, max_env_steps=6_000, progress=False)
+    for r in (local, proc):
+        stats = r.table.stats()
+        # the limiter keeps inserts * 4 - samples within [4*64 - 64, 4*64 + 64]
+        assert 4 * 64 - 64 <= stats["inserts"] * 4 - stats["samples"] <= 4 * 64 + 64
+        assert r.learner.steps * 16 <= stats["samples"]
+    f = proc.figures
+    assert f["env_steps"] >= 6_000 and f["actor_restarts"] == 0
+    assert f["actor_items"] == proc.table.stats()["inserts"] + f["items_in_flight"]   # nothing dropped
+    for k in ("env_steps_per_s", "learner_steps_per_s", "samples_per_insert", "queue_depth",
+              "queue_depth_0", "queue_depth_1", "param_lag_0", "param_lag_1", "prefetch_depth"):
+        assert k in f, k
+
+
+@pytest.mark.slow
+def test_backpressure_slow_learner_blocks_actors_and_loses_nothing(tmp_path):
+    exp = experiment(learner=SlowLearner, num_envs=2)
+    r = rf.run(exp, backend="process", num_actors=1, max_learner_steps=300, progress=False,
+               log_dir=str(tmp_path), queue_slots=4)
+    f = r.figures
+    assert r.learner.steps == 300
+    assert f["actor_blocked_s"] > 0.1                   # the ring filled and the actor waited
+    assert f["actor_items"] == r.table.stats()["inserts"] + f["items_in_flight"]
+    assert f["items_in_flight"] <= 4 * 2                 # at most the ring's slots
+    header = (tmp_path / "figures.csv").read_text().splitlines()[0].split(",")
+    for k in ("queue_depth", "param_lag_0", "samples_per_insert", "env_steps_per_s"):
+        assert k in header
+
+
+@pytest.mark.slow
+def test_sigkilled_actor_is_restarted_and_the_run_completes(tmp_path):
+    marker = str(tmp_path / "killed-once")
+    exp = experiment(policy=KillSelfFactory(marker), table=minsize_table, num_envs=2)
+    r = rf.run(exp, backend="process", num_actors=2, max_env_steps=4_000, progress=False)
+    assert os.path.exists(marker)
+    assert r.figures["actor_restarts"] == 1
+    assert r.figures["env_steps"] >= 4_000
+    assert r.learner.steps > 0
+
+
+@pytest.mark.slow
+def test_an_actor_that_keeps_dying_stops_the_run_after_max_restarts():
+    exp = experiment(policy=KillSelfFactory(always=True), table=minsize_table, num_envs=2)
+    with pytest.raises(WorkerError, match="max_restarts=1") as info:
+        rf.run(exp, backend="process", num_actors=1, max_env_steps=100_000, progress=False, max_restarts=1)
+    assert "SIGKILL" in str(info.value)
+
+
+@pytest.mark.parametrize("policy,env,text,where", [
+    (RaisingPolicy, "CartPole-v1", "boom in the user's policy", "in act"),
+    (RandomPolicy, raising_env, "boom in the user's env", "in step"),
+])
+def test_user_exception_in_an_actor_shows_its_traceback(policy, env, text, where):
+    exp = rf.Experiment(env=env, policy=policy, learner=CountingLearner,
+                        adder=rf.adders.Transition(discount=0.99), table=minsize_table, num_envs=2,
+                        batch_size=16)
+    with pytest.raises(WorkerError, match=text) as info:
+        rf.run(exp, backend="process", num_actors=1, max_env_steps=100_000, progress=False)
+    assert where in info.value.remote_traceback and text in info.value.remote_traceback
+    assert "actor 0" in info.value.where
+
+
+def test_learner_exception_propagates_as_it_is():
+    exp = experiment(learner=RaisingLearner, table=minsize_table)
+    with pytest.raises(KeyError, match="boom in the user's learner"):
+        rf.run(exp, backend="process", num_actors=1, max_env_steps=100_000, progress=False)
+
+
+def test_unpicklable_experiment_is_refused_up_front():
+    exp = experiment(policy=lambda spec: RandomPolicy(spec))
+    with pytest.raises(UsageError, match="'policy'"):
+        rf.run(exp, backend="process", max_env_steps=100, progress=False)
+
+
+def test_unknown_or_bad_options_are_refused():
+    with pytest.raises(UsageError, match="max_restarts"):
+        rf.run(experiment(), backend="process", max_env_steps=100, progress=False, max_restarts=-1)
+    with pytest.raises(UsageError, match="start_method"):
+        rf.run(experiment(), backend="process", max_env_steps=100, progress=False, start_method="thread")
+
+
+# --------------------------------------------------------------------------------------------------
+# Ctrl-C / SIGTERM: nothing left behind
+# --------------------------------------------------------------------------------------------------
+SCRIPT = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import rlflow as rf
+
+    class Policy(rf.Policy):
+        def __init__(self, spec):
+            self.n = int(spec.action_space.n)
+        def act(self, obs):
+            open(os.environ["READY_FILE"] + str(os.getpid()), "w").close()
+            return np.random.randint(self.n, size=len(obs))
+
+    class Learner(rf.Learner):
+        def __init__(self, spec):
+            pass
+        def step(self, batch):
+            return {}
+
+    def table(specs):
+        return rf.Table(capacity=1000, rate_limiter=rf.rate_limiters.MinSize(10), specs=specs)
+
+    if __name__ == "__main__":
+        exp = rf.Experiment(env="CartPole-v1", policy=Policy, learner=Learner,
+                            adder=rf.adders.Transition(discount=0.99), table=table, num_envs=2,
+                            env_backend=sys.argv[1])
+        rf.run(exp, backend="process", num_actors=2, max_seconds=120, progress=False)
+""")
+
+
+def _family(marker):
+    """pids of live processes whose environment holds the marker."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    with open(f"/proc/{pid}/stat") as s:
+                        if s.read().split(")")[-1].split()[0] != "Z":
+                            out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,env_backend", [(signal.SIGINT, "serial"), (signal.SIGTERM, "process")])
+def test_signal_stops_the_run_and_leaves_nothing_behind(tmp_path, sig, env_backend):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    marker = f"RLFLOW_TEST_MARKER={uuid.uuid4().hex}"
+    env = dict(os.environ, READY_FILE=str(tmp_path / "ready-"), RLFLOW_TEST_MARKER=marker.split("=")[1])
+    proc = subprocess.Popen([sys.executable, str(script), env_backend], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("ready-*"))) < 2:         # both actors are acting
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "actors did not start"
+            time.sleep(0.1)
+        family = set(_family(marker))
+        assert proc.pid in family and len(family) >= 3
+        time.sleep(0.3)
+        t = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=20)
+        assert time.monotonic() - t < 10, "the run took too long to stop"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    left = [p for p in _family(marker)]
+    deadline = time.monotonic() + 5
+    while left and time.monotonic() < deadline:        # reaped orphans may take a moment
+        time.sleep(0.1)
+        left = _family(marker)
+    assert left == [], f"processes left behind: {left}"
+    segments = [n for n in os.listdir("/dev/shm") if n.startswith("rlflow_")
+                and int(n.split("_")[1]) in family]
+    assert segments == [], f"shared memory left behind: {segments}"
