@@ -130,6 +130,7 @@ class Table:
         self._ring_safe_until = ring  # keys below this can be issued without spilling
         self._old_keys: dict[int, int] = {}
         self._next_key = 0
+        self._last = (None, None)  # (keys, slots) of the last sample: update_priorities' fast path
         self._budget = 0  # draws left before max_times_sampled removes items (when > 0)
         self._stats = {"inserts": 0, "samples": 0, "deletes": 0, "evictions": 0, "expired": 0}
         self._specs = None
@@ -177,7 +178,44 @@ class Table:
         return dict(specs)
 
     def _allocate(self, specs):
-        self._storage = {k: np.zeros((self.capacity,) + s.shape, dtype=s.dtype) for k, s in specs.items()}
+        """Preallocate the columns, touched now (so inserts never page-fault on fresh memory).
+
+        Layout: fields of at most 64 bytes per item share one block of rows, each row padded to
+        a power of two and aligned to a cache line, so one sampled item costs one cache miss
+        instead of one per field; each such field is a strided view [capacity, ...] into it.
+        Larger fields (images) get their own contiguous array."""
+        cap = self.capacity
+        small = [k for k, s in specs.items() if s.dtype.itemsize * int(np.prod(s.shape, dtype=np.int64)) <= 64]
+        storage = {}
+        if len(small) > 1:
+            offsets, off = {}, 0
+            for k in sorted(small, key=lambda k: -specs[k].dtype.alignment):
+                sp = specs[k]
+                off = -(-off // sp.dtype.alignment) * sp.dtype.alignment
+                offsets[k] = off
+                off += sp.dtype.itemsize * int(np.prod(sp.shape, dtype=np.int64))
+            row = 8
+            while row < off:
+                row *= 2
+            raw = np.empty(cap * row + 64, dtype=np.uint8)
+            start = (-raw.ctypes.data) % 64
+            block = raw[start:start + cap * row]
+            block.fill(0)
+            for k in small:
+                sp = specs[k]
+                inner = []
+                stride = sp.dtype.itemsize
+                for d in reversed(sp.shape):
+                    inner.insert(0, stride)
+                    stride *= d
+                storage[k] = np.ndarray((cap,) + sp.shape, dtype=sp.dtype, buffer=block, offset=offsets[k],
+                                        strides=(row,) + tuple(inner))
+        for k, sp in specs.items():
+            if k not in storage:
+                a = np.empty((cap,) + sp.shape, dtype=sp.dtype)
+                a.fill(0)
+                storage[k] = a
+        self._storage = {k: storage[k] for k in specs}
         self._cols = [(k, self._storage[k], s.shape, s.dtype, (1,) + s.shape, s, len(s.shape) + 1)
                       for k, s in specs.items()]
         self._specs = specs
@@ -528,11 +566,8 @@ class Table:
                 else:
                     self._times[u] += c
                     self._budget -= n
-            elif self._distinct:
-                self._times[slots] += 1
-            else:
-                np.add.at(self._times, slots, 1)
             keys = self._slot_key[slots]
+            self._last = (keys.copy(), slots)  # a copy: the caller may modify its keys
             data = {c[0]: c[1][slots] for c in self._cols}
             if mts:
                 done = np.unique(slots)
@@ -571,7 +606,11 @@ class Table:
     # ---- priorities and deletes -----------------------------------------------------------------
     def _slots_of(self, keys):
         """Slots of the live keys, -1 where a key's item was removed (lock held; keys issued)."""
-        slots = self._ring[keys & self._ring_mask]
+        lk, ls = self._last
+        if lk is not None and len(lk) == len(keys) and np.array_equal(lk, keys):
+            slots = ls.copy()  # the keys of the last sample (usual for update_priorities)
+        else:
+            slots = self._ring[keys & self._ring_mask]
         ok = self._slot_key_ext[slots] == keys
         if not ok.all():
             old, sk = self._old_keys, self._slot_key
