@@ -1,0 +1,143 @@
+"""Whole-run checkpoints: counters, learner and table continue exactly on resume; writes are atomic."""
+
+import json
+import os
+import pathlib
+import random
+
+import numpy as np
+import pytest
+
+import rlflow as rf
+from rlflow.errors import UsageError
+from rlflow.runtime import checkpoint as ckpt
+
+from test_process_runtime import CountingLearner, RandomPolicy
+
+
+def big_table(specs):
+    return rf.Table(capacity=20_000, sampler=rf.selectors.Uniform(seed=2), remover=rf.selectors.Fifo(),
+                    rate_limiter=rf.rate_limiters.SampleToInsertRatio(
+                        samples_per_insert=2.0, min_size_to_sample=64, error_buffer=64.0), specs=specs)
+
+
+def experiment(seed=0):
+    return rf.Experiment(env="CartPole-v1", policy=RandomPolicy, learner=CountingLearner,
+                         adder=rf.adders.Transition(discount=0.99), table=big_table, num_envs=4,
+                         batch_size=16, warmup_steps=100, seed=seed)
+
+
+def by_key(d):
+    """(keys, field -> rows, next key) of a saved table, sorted by key (the replay checkpoint format)."""
+    d = pathlib.Path(d)
+    meta = json.loads((d / "table.json").read_text())
+    slot_keys = np.load(d / "slot_keys.npy")
+    keys = slot_keys[slot_keys >= 0]
+    order = np.argsort(keys)
+    data = {name: np.load(d / f"field_{i}.npy")[order] for i, name in enumerate(meta["fields"])}
+    return keys[order], data, meta["next_key"]
+
+
+def files(d):
+    d = pathlib.Path(d)
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def captured(monkeypatch, tmp_path):
+    """Saves the table exactly as a resumed run receives it, before the run touches it."""
+    seen = {}
+    original = ckpt.load_run
+
+    def load_run(directory):
+        state = original(directory)
+        state.table.save(str(tmp_path / "at-resume"))
+        seen["counters"] = dict(state.counters)
+        seen["path"] = state.path
+        return state
+
+    monkeypatch.setattr(ckpt, "load_run", load_run)
+    seen["dir"] = tmp_path / "at-resume"
+    seen["load"] = original
+    return seen
+
+
+MP = pytest.mark.multiprocess
+
+
+@pytest.mark.parametrize("first,second", [("local", "local"), pytest.param("process", "process", marks=MP),
+                                          pytest.param("process", "local", marks=MP)])
+def test_resume_continues_counters_and_table_exactly(tmp_path, captured, first, second):
+    d = str(tmp_path / "ckpt")
+    a = rf.run(experiment(), backend=first, max_env_steps=1_500, progress=False, checkpoint_dir=d,
+               checkpoint_every=100)
+    latest = ckpt.find(d)
+    # the final checkpoint is the table the run returned, byte for byte
+    a.table.save(str(tmp_path / "returned"))
+    assert files(os.path.join(latest, "table")) == files(tmp_path / "returned")
+    saved = captured["load"](d).counters
+    assert saved["env_steps"] == a.figures["env_steps"] and saved["learner_steps"] == a.learner.steps
+    assert saved["episodes"] == a.figures["episodes"] and saved["param_version"] <= a.learner.steps
+    assert len([n for n in os.listdir(d) if n.startswith("ckpt-")]) == ckpt.KEEP
+
+    b = rf.run(experiment(), backend=second, max_env_steps=2_500, progress=False, checkpoint_dir=d, resume=d)
+    # the table at resume equals the saved one, byte for byte
+    assert captured["path"] == latest
+    assert files(captured["dir"]) == files(os.path.join(latest, "table"))
+    # counters continue from the checkpoint
+    assert b.figures["env_steps"] >= 2_500 and b.figures["env_steps"] < 2_500 + 4 * 2 + 64
+    assert b.learner.steps > saved["learner_steps"]
+    assert b.figures["episodes"] > saved["episodes"]
+    # keys continue: the old items are still there (no eviction at this capacity), new ones follow
+    sa, sb = a.table.stats(), b.table.stats()
+    assert sb["inserts"] > sa["inserts"] and sb["samples"] > sa["samples"]
+    b.table.save(str(tmp_path / "resumed"))
+    old_keys, old_data, old_next = by_key(os.path.join(latest, "table"))
+    new_keys, new_data, new_next = by_key(tmp_path / "resumed")
+    kept = np.isin(new_keys, old_keys)
+    assert np.array_equal(new_keys[kept], old_keys)
+    for name in old_data:
+        assert np.array_equal(new_data[name][kept], old_data[name])
+    assert new_next == old_next + (sb["inserts"] - sa["inserts"])
+    assert not np.isnan(b.table.priorities(old_keys)).any()
+    # and the run after that resumes from the newest checkpoint
+    assert captured["load"](d).counters["resumes"] == 1
+
+
+def test_a_failed_write_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
+    d = str(tmp_path / "ckpt")
+    rf.run(experiment(), max_env_steps=600, progress=False, checkpoint_dir=d)
+    good = ckpt.find(d)
+    good_files = files(good)
+
+    def broken_save(self, directory):
+        os.makedirs(directory)
+        pathlib.Path(directory, "half-written").write_text("x")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rf.Table, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        rf.run(experiment(), max_env_steps=1_200, progress=False, checkpoint_dir=d, resume=d)
+    assert ckpt.find(d) == good and files(good) == good_files
+    assert not [n for n in os.listdir(d) if n.startswith(".tmp")]
+    monkeypatch.undo()
+    r = rf.run(experiment(), max_env_steps=1_200, progress=False, resume=d)
+    assert r.figures["env_steps"] >= 1_200
+
+
+def test_rng_states_round_trip():
+    rng = np.random.default_rng(5)
+    state = ckpt.capture_rng(rng)
+    a = (random.random(), np.random.random(), rng.random())
+    random.random(), np.random.random(), rng.random()
+    ckpt.restore_rng(state, rng)
+    assert (random.random(), np.random.random(), rng.random()) == a
+
+
+def test_bad_checkpoint_options_are_refused(tmp_path):
+    with pytest.raises(UsageError, match="checkpoint_every"):
+        rf.run(experiment(), max_env_steps=10, progress=False, checkpoint_every=10)
+    with pytest.raises(UsageError, match="checkpoint_every"):
+        rf.run(experiment(), max_env_steps=10, progress=False, checkpoint_dir=str(tmp_path), checkpoint_every=0)
+    with pytest.raises(UsageError, match="resume"):
+        rf.run(experiment(), max_env_steps=10, progress=False, resume=str(tmp_path))
