@@ -298,6 +298,7 @@ class _ProcessRun:
         self.errors: list = []
         self._error_event = threading.Event()
         self.stopping = False
+        self.learner_wait = 0.0          # seconds the learner waited for a batch
 
     # ---- set-up ------------------------------------------------------------------------------
     def _on_thread_error(self, e):
@@ -310,13 +311,16 @@ class _ProcessRun:
         h.ring = Ring(self.item_specs, self.rows_per_slot, self.slots, self.ctx)
         parent_end, child_end = self.ctx.Pipe(duplex=False)
         seed = _actor_seed(self.seed0, h.index, h.incarnation)
-        h.process = self.ctx.Process(
+        h.conn = parent_end
+        p = self.ctx.Process(
             target=_actor_main, name=f"rlflow-actor-{h.index}", daemon=False,
             args=(h.index, h.incarnation, self.actor_exp, seed, self.extras_specs, h.ring.writer_args(),
                   self.store, self.control.handle(), child_end, os.getpid(), base))
-        h.process.start()
-        child_end.close()
-        h.conn = parent_end
+        try:
+            p.start()
+        finally:
+            child_end.close()
+        h.process = p
         h.unlinked = False
         h.receiver = Receiver(h.ring, self.table.insert, self._on_thread_error,
                               name=f"rlflow-receiver-{h.index}.{h.incarnation}")
@@ -391,9 +395,14 @@ class _ProcessRun:
             if self.errors:
                 raise self.errors[0]
             try:
-                sample = batches.get(timeout=0.05)
+                sample = batches.get_nowait()
             except queue.Empty:
-                sample = None
+                w = time.monotonic()
+                try:
+                    sample = batches.get(timeout=0.05)
+                except queue.Empty:
+                    sample = None
+                self.learner_wait += time.monotonic() - w
             if sample is not None:
                 driver.step(sample)
             now = time.monotonic()
@@ -466,6 +475,7 @@ class _ProcessRun:
         out["prefetch_depth"] = float(self.sampler.queue.qsize()) if self.sampler else 0.0
         out["actor_blocked_s"] = float(s[:, BLOCKED].sum())
         out["actor_restarts"] = float(sum(h.restarts for h in self.actors))
+        out["learner_wait_s"] = self.learner_wait
         return out
 
     # ---- supervision -------------------------------------------------------------------------
@@ -489,6 +499,11 @@ class _ProcessRun:
                 raise WorkerError(message[1], message[2], where)
             code = p.exitcode
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            if code >= 0 and stats[h.index, READY] != h.incarnation + 1:
+                # it never started acting: a restart would fail the same way (see its stderr)
+                raise WorkerError(f"the actor process exited ({how}) before it started acting; its "
+                                  f"output above says why (with start method 'spawn', a script "
+                                  f"must start the run under `if __name__ == \"__main__\":`)", "", where)
             if h.restarts >= self.max_restarts:
                 raise WorkerError(f"the actor process died ({how}) and was already restarted "
                                   f"{h.restarts} times (max_restarts={self.max_restarts})", "", where)
@@ -519,7 +534,7 @@ class _ProcessRun:
     def _stop_actors(self, grace: float = 3.0):
         if self.control is not None and self.control.arrays:
             self.control.arrays["control"][STOP] = 1
-        procs = [h.process for h in self.actors if h.process is not None]
+        procs = [h.process for h in self.actors if h.process is not None and h.process._popen is not None]
         deadline = time.monotonic() + grace
         for p in procs:
             try:
