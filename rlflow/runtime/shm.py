@@ -8,7 +8,8 @@ Two kinds of block, one interface:
                                        children open by name. The parent unlinks it as soon as every
                                        worker has attached (`unlink()`), so a crash after start-up
                                        leaves nothing behind; `close()` unlinks it too if start-up
-                                       never got that far.
+                                       never got that far, and interpreter exit (atexit) unlinks
+                                       any named block its creator left linked.
 
     block = SharedArrays({"obs": ((16, 4), np.float32), "reward": ((16,), np.float32)}, named=False)
     block.arrays["obs"][3] = ...             # a view into the block
@@ -18,6 +19,7 @@ Two kinds of block, one interface:
 
 from __future__ import annotations
 
+import atexit
 import mmap
 import os
 import secrets
@@ -55,6 +57,7 @@ class SharedArrays:
             self.name = f"/{PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
             self._mmap = _open_named(self.name, self.size, create=True)
             self._unlinked = False
+            _LINKED[self.name] = os.getpid()
         else:
             self._mmap = mmap.mmap(-1, self.size)
         self.arrays = self._views(layout)
@@ -86,6 +89,7 @@ class SharedArrays:
         """Remove the name (mappings stay valid). Idempotent."""
         if not self._unlinked:
             self._unlinked = True
+            _LINKED.pop(self.name, None)
             _unlink_named(self.name)
 
     def close(self) -> None:
@@ -94,6 +98,19 @@ class SharedArrays:
         self.unlink()
         self.arrays = {}
         # the mmap itself is released when the last numpy view of it is garbage collected
+
+
+# Named segments this process created and has not unlinked yet: unlinked at interpreter exit, so
+# even a user who never calls close() (or an exception on the way out) leaves nothing in /dev/shm.
+_LINKED: dict[str, int] = {}
+
+
+@atexit.register
+def _unlink_leftovers():
+    for name, pid in list(_LINKED.items()):
+        if pid == os.getpid():            # not in forked children, which share the dict
+            _unlink_named(name)
+    _LINKED.clear()
 
 
 def _open_named(name, size, create):
