@@ -92,6 +92,18 @@ class Uniform(_Base):
         self._items = np.empty(0, dtype=_I64)
         self._pos = np.empty(0, dtype=_I64)  # id -> index in items, -1 if absent
         self._size = 0
+        # While ids 0..size-1 were added in order and none removed, items[i] == i: the arrays
+        # are then not written at all (`_identity`), and written out once that stops being so.
+        self._identity = True
+
+    def _materialize(self):
+        if self._identity:
+            self._identity = False
+            s = self._size
+            self._items = _grow(self._items, s, -1)
+            self._pos = _grow(self._pos, s, -1)
+            self._items[:s] = np.arange(s, dtype=_I64)
+            self._pos[:s] = np.arange(s, dtype=_I64)
 
     def reserve(self, capacity):
         self._items = _grow(self._items, capacity, -1)
@@ -110,6 +122,7 @@ class Uniform(_Base):
             return
         if ids.min() < 0:
             raise UsageError(mismatch("selector id", "ids", ">= 0", int(ids.min())))
+        self._materialize()
         self._pos = _grow(self._pos, int(ids.max()) + 1, -1)
         if (self._pos[ids] >= 0).any() or len(np.unique(ids)) != n:
             raise UsageError(f"Uniform.add: ids {ids.tolist()} include ids already present")
@@ -122,12 +135,22 @@ class Uniform(_Base):
     def add1(self, i: int, priority: float = 1.0) -> None:
         """Fast path of `add` for one id the table knows is absent."""
         s = self._size
+        if self._identity:
+            if i == s:
+                self._size = s + 1
+                return
+            self._materialize()
         self._items[s] = i
         self._pos[i] = s
         self._size = s + 1
 
     def add_range(self, start, n, priorities=None):
         s = self._size
+        if self._identity:
+            if start == s:
+                self._size = s + n
+                return
+            self._materialize()
         self._items[s:s + n] = np.arange(start, start + n, dtype=_I64)
         self._pos[start:start + n] = np.arange(s, s + n, dtype=_I64)
         self._size = s + n
@@ -136,6 +159,7 @@ class Uniform(_Base):
         ids = _ids(ids)
         if len(ids) == 0:
             return
+        self._materialize()
         pos = self._pos
         if ids.max() >= len(pos) or (pos[ids] < 0).any() or len(np.unique(ids)) != len(ids):
             raise UsageError(f"Uniform.remove: ids {ids.tolist()} include ids not present")
@@ -143,6 +167,7 @@ class Uniform(_Base):
 
     def _remove(self, ids):
         """Each removed id's place is taken by an id from the end (in order of position)."""
+        self._materialize()
         pos, items = self._pos, self._items
         if len(ids) <= 4:
             for i in ids.tolist():
@@ -169,14 +194,16 @@ class Uniform(_Base):
         if size == 0:
             raise UsageError("Uniform.sample: no items to sample")
         idx = self._rng.integers(0, size, n)
-        return self._items[idx], np.full(n, 1.0 / size)
+        return (idx if self._identity else self._items[idx]), np.full(n, 1.0 / size)
 
     def state_dict(self):
-        return {"items": self._items[:self._size].copy(), "rng": _rng_state(self._rng)}
+        items = np.arange(self._size, dtype=_I64) if self._identity else self._items[:self._size].copy()
+        return {"items": items, "rng": _rng_state(self._rng)}
 
     def load_state_dict(self, state):
         items = _ids(state["items"])
         self._size = 0
+        self._identity = False
         self._pos[:] = -1
         self.add(items)
         self._rng.bit_generator.state = state["rng"]

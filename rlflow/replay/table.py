@@ -114,7 +114,7 @@ class Table:
         self._slot_key_ext[capacity] = -2
         self._slot_key = self._slot_key_ext[:capacity]
         self._times = np.zeros(capacity, dtype=_I64)
-        self._prio = np.zeros(capacity, dtype=np.float64)
+        self._prio = np.ones(capacity, dtype=np.float64)  # free slots hold 1.0
         # free-slot stack, top at the end. While `_free_sorted`, it decreases from bottom to top, so
         # pops come out ascending and a batch of n pops is contiguous iff its ends differ by n - 1.
         self._free = np.arange(capacity - 1, -1, -1, dtype=_I64)
@@ -147,6 +147,8 @@ class Table:
         self._s_update, self._r_update = (getattr(x, "_update", x.update_priorities) for x in (sampler, remover))
         self._distinct = not getattr(sampler, "with_replacement", True)
         self._insert_feasible = getattr(rate_limiter, "insert_feasible", None)
+        # our limiter with an unmodified on_insert: the one-item path bumps its counter directly
+        self._plain_limiter = type(rate_limiter).on_insert is _rl.RateLimiter.on_insert
         self._sample_feasible = getattr(rate_limiter, "sample_feasible", None)
         if specs is not None:
             self._allocate(self._check_specs(specs))
@@ -218,6 +220,7 @@ class Table:
         self._storage = {k: storage[k] for k in specs}
         self._cols = [(k, self._storage[k], s.shape, s.dtype, (1,) + s.shape, s, len(s.shape) + 1)
                       for k, s in specs.items()]
+        self._stores = [c[1] for c in self._cols]
         self._specs = specs
 
     @property
@@ -327,7 +330,7 @@ class Table:
         if n == 1 and priorities is None:  # the lean path of one item
             limiter = self.rate_limiter
             with self._lock:
-                if not limiter.can_insert(1) or self._closed:
+                if self._closed or not limiter.can_insert(1):
                     self._wait(lambda: limiter.can_insert(1), timeout, lambda: self._why_insert(1))
                 return self._store1(arrays, 1.0)
         if n == 0:
@@ -392,6 +395,8 @@ class Table:
         self._slot_key[slots] = -1
         if self.max_times_sampled:
             self._budget -= int((self.max_times_sampled - self._times[slots]).sum())
+            self._times[slots] = 0  # a free slot always has times 0 and priority 1: inserts rely on it
+        self._prio[slots] = 1.0
         nf = self._nfree
         if k == 1:
             s0 = int(slots[0])
@@ -433,23 +438,24 @@ class Table:
             self._evict(1)
         self._nfree -= 1
         slot = int(self._free[self._nfree])
-        i = 0
-        for col in self._cols:
-            col[1][slot] = arrays[i][0]
-            i += 1
+        for store, a in zip(self._stores, arrays):
+            store[slot] = a[0]
         key = self._next_key
         if key >= self._ring_safe_until:
             self._spill(key + 1)
         self._next_key = key + 1
         self._slot_key[slot] = key
         self._ring[key & self._ring_mask] = slot
-        self._times[slot] = 0
-        self._prio[slot] = priority
+        if priority != 1.0:
+            self._prio[slot] = priority
         self._s_add1(slot, priority)
         self._r_add1(slot, priority)
         if self.max_times_sampled:
             self._budget += self.max_times_sampled
-        self.rate_limiter.on_insert(1)
+        if self._plain_limiter:
+            self.rate_limiter.inserts += 1
+        else:
+            self.rate_limiter.on_insert(1)
         self._stats["inserts"] += 1
         if self._waiters:
             self._cond.notify_all()
@@ -472,8 +478,8 @@ class Table:
             for (name, store, *_), a in zip(self._cols, arrays):
                 store[s0:end] = a
             self._slot_key[s0:end] = keys
-            self._times[s0:end] = 0
-            self._prio[s0:end] = 1.0 if p is None else p
+            if p is not None:
+                self._prio[s0:end] = p
             self._s_add_range(s0, n, p)
             self._r_add_range(s0, n, p)
             slots = None
@@ -483,9 +489,9 @@ class Table:
             for (name, store, *_), a in zip(self._cols, arrays):
                 store[slots] = a
             self._slot_key[slots] = keys
-            self._times[slots] = 0
             pr = np.ones(n) if p is None else p
-            self._prio[slots] = pr
+            if p is not None:
+                self._prio[slots] = p
             self._s_add(slots, pr)
             self._r_add(slots, pr)
         r0 = key & self._ring_mask
