@@ -299,10 +299,11 @@ def test_ring_writer_refuses_a_wrong_shape():
 # runs
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_same_experiment_runs_on_both_backends_and_respects_samples_per_insert():
+@pytest.mark.parametrize("options", [{}, {"receiver": "thread", "prefetch": 2}])
+def test_same_experiment_runs_on_both_backends_and_respects_samples_per_insert(options):
     exp = experiment(policy=VersionCheckingPolicy, num_envs=4)
     local = rf.run(exp, backend="local", max_env_steps=3_000, progress=False)
-    proc = rf.run(exp, backend="process", num_actors=2, max_env_steps=6_000, progress=False)
+    proc = rf.run(exp, backend="process", num_actors=2, max_env_steps=6_000, progress=False, **options)
     for r in (local, proc):
         stats = r.table.stats()
         # the limiter keeps inserts * 4 - samples within [4*64 - 64, 4*64 + 64]
@@ -332,10 +333,11 @@ def test_backpressure_slow_learner_blocks_actors_and_loses_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkilled_actor_is_restarted_and_the_run_completes(tmp_path):
+@pytest.mark.parametrize("receiver", ["inline", "thread"])
+def test_sigkilled_actor_is_restarted_and_the_run_completes(tmp_path, receiver):
     marker = str(tmp_path / "killed-once")
     exp = experiment(policy=KillSelfFactory(marker), table=minsize_table, num_envs=2)
-    r = rf.run(exp, backend="process", num_actors=2, max_env_steps=4_000, progress=False)
+    r = rf.run(exp, backend="process", num_actors=2, max_env_steps=4_000, progress=False, receiver=receiver)
     assert os.path.exists(marker)
     assert r.figures["actor_restarts"] == 1
     assert r.figures["env_steps"] >= 4_000
@@ -379,6 +381,8 @@ def test_unpicklable_experiment_is_refused_up_front():
 def test_unknown_or_bad_options_are_refused():
     with pytest.raises(UsageError, match="max_restarts"):
         rf.run(experiment(), backend="process", max_env_steps=100, progress=False, max_restarts=-1)
+    with pytest.raises(UsageError, match="prefetch"):
+        rf.run(experiment(), backend="process", max_env_steps=100, progress=False, prefetch=2)
     with pytest.raises(UsageError, match="start_method"):
         rf.run(experiment(), backend="process", max_env_steps=100, progress=False, start_method="thread")
 

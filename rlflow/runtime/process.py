@@ -6,24 +6,37 @@ Where everything lives:
 
     actor process i  (K of them)                       this process (the learner's)
     ----------------------------                       ----------------------------
-    venv = make_venv(experiment)  (serial, or         receiver thread i: ring i ──▶ table.insert
-           itself process-backed)                                  (blocks while the rate limiter
-    Actor(policy, venv, adder,                                      refuses: backpressure)
-          sink = RingWriter(ring i),  ────ring i────▶ sampler thread: table.sample(batch_size)
-          param_client = ParamClient(store))                        ──▶ prefetch queue (depth 2)
-    loop: actor.step(); actor.update_params()         main thread: learner.step(next batch),
-                                                        priorities back, publish params to the
-                 ◀──────── SharedParamStore ────────    store every param_sync_steps steps;
+    venv = make_venv(experiment)  (serial, or         main thread, each iteration:
+           itself process-backed)                       move every published slot of every ring
+    Actor(policy, venv, adder,                            into the table, as far as the rate
+          sink = RingWriter(ring i),  ────ring i────▶     limiter lets it (else the slot waits:
+          param_client = ParamClient(store))              backpressure)
+    loop: actor.step(); actor.update_params()           sample a batch; learner.step(batch);
+                                                          priorities back; every param_sync_steps
+                 ◀──────── SharedParamStore ────────      steps publish the parameters
                                                         supervise actors, evaluate, log, checkpoint
+                                                        (nothing to do: block on a semaphore that
+                                                         every ring releases when it publishes)
+
+  or, with receiver="thread", prefetch=N: one receiver thread per ring (`table.insert` blocks while
+  the limiter refuses) and a sampler thread that draws N batches ahead into a queue while the
+  learner computes.
+
+Why the learner's own thread receives and samples by default: measured on DQN/CartPole (2 cores),
+the learner made 850 steps/s that way against 635/s with a receiver and a prefetching sampler
+thread. Python threads share one interpreter lock; every wake-up of a receiver or sampler thread
+(one per published slot, one per batch) takes the lock from the learner right when a torch op
+hands it back, and the learner then waits for the lock far longer than sampling (~15 us) or
+inserting (~10 us) take. The threads pay off when the learner's step holds the lock little and
+long (a GPU learner, large batches): choose them with receiver="thread", prefetch=2.
 
 * Items cross through per-actor rings of preallocated shared-memory slots (`transport.py`): no
   pickling on the hot path; an actor blocks when its ring is full (never drops data).
 * Parameters cross through `SharedParamStore` (`params.py`): versioned, never torn, lock-free for
   readers; each actor pulls through `rlflow.sync.ParamClient` (experiment.param_sync_steps /
   param_sync_seconds), exactly as in the local runtime.
-* The sampler thread draws the next batch while the learner computes the current one. The table's
-  rate limiter counts a batch when it is drawn, so samples per insert hold as in the local
-  runtime; with `max_learner_steps` the sampler draws no batch past the limit.
+* The table's rate limiter counts a batch when it is drawn, so samples per insert hold as in the
+  local runtime, prefetching or not; with `max_learner_steps` no batch is drawn past the limit.
 * Faults. An actor process that dies without an exception (killed, out of memory) is restarted,
   up to `max_restarts` times per actor: the new one continues its counters (env steps, so no second
   warm-up), starts fresh episodes with a new seed, and pulls the latest parameters; what the dead
@@ -42,7 +55,10 @@ Where everything lives:
 Options (keyword arguments of `rf.run(..., backend="process", ...)`):
     max_restarts     restarts allowed per actor (default 3)
     start_method     "spawn" (default), "forkserver" or "fork"
-    prefetch         batches the sampler draws ahead (default 2)
+    receiver         "inline" (default: the learner's thread moves ring slots into the table) or
+                     "thread" (a receiver thread per actor)
+    prefetch         batches a sampler thread draws ahead (receiver="thread" only; default 0: the
+                     learner's thread samples)
     queue_slots      slots per actor ring (default: 8 if the limiter has a samples-per-insert ratio,
                      which keeps acting close to learning; else as many as fit 32 MiB, at most 256)
     slot_rows        rows per slot (default: the rows of one vector step)
@@ -181,8 +197,53 @@ class _ActorHandle:
         self.ring: Optional[Ring] = None
         self.receiver: Optional[Receiver] = None
         self.restarts = 0
-        self.retired: list = []          # (ring, receiver) of dead incarnations
+        self.retired: list = []          # (ring, receiver or reader) of dead incarnations
+        self.reader = None               # receiver="inline": the learner's thread reads the ring
         self.unlinked = False
+
+
+class _InlineSampler:
+    """prefetch=0: the learner's thread samples (a queue-like `get_nowait` / `get`). With `pump`
+    (receiver="inline") it also moves ring slots into the table first, and waits on `wake` (a
+    semaphore every ring releases when it publishes a slot) instead of the table."""
+
+    def __init__(self, table, batch_size, limit, pump=None, wake=None):
+        self.table, self.batch_size, self.limit, self.drawn = table, batch_size, limit, 0
+        self.pump, self.wake = pump, wake
+
+    def _sample(self, timeout):
+        if self.limit is not None and self.drawn >= self.limit:
+            return None
+        if self.pump is not None:
+            self.pump()
+            if not self.table.can_sample(self.batch_size):
+                return None
+            timeout = 0
+        try:
+            sample = self.table.sample(self.batch_size, timeout=timeout)
+        except Timeout:
+            return None
+        self.drawn += 1
+        return sample
+
+    def get_nowait(self):
+        sample = self._sample(0)
+        if sample is None:
+            raise queue.Empty
+        return sample
+
+    def get(self, timeout):
+        if self.limit is not None and self.drawn >= self.limit:
+            time.sleep(timeout)
+            raise queue.Empty
+        if self.pump is None:
+            sample = self._sample(timeout)
+        else:
+            self.wake.acquire(timeout=timeout)      # until an actor publishes a slot
+            sample = self._sample(0)
+        if sample is None:
+            raise queue.Empty
+        return sample
 
 
 class _Sampler(threading.Thread):
@@ -234,26 +295,33 @@ def _check_picklable(exp: Experiment) -> None:
 
 def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None, max_learner_steps=None,
                 max_seconds=None, log_dir=None, progress=True, progress_every=2.0, max_restarts: int = 3,
-                start_method: str = "spawn", prefetch: int = 2, queue_slots: Optional[int] = None,
+                start_method: str = "spawn", prefetch: int = 0, receiver: str = "inline",
+                queue_slots: Optional[int] = None,
                 slot_rows: Optional[int] = None, checkpoint_dir=None, checkpoint_every=None,
                 resume=None) -> RunResult:
     exp = experiment
     if start_method not in START_METHODS:
         raise UsageError(mismatch("run", "start_method", f"one of {START_METHODS}", repr(start_method)))
-    for name, value, low in (("max_restarts", max_restarts, 0), ("prefetch", prefetch, 1),
+    for name, value, low in (("max_restarts", max_restarts, 0), ("prefetch", prefetch, 0),
                              ("num_actors", num_actors, 1)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
             raise UsageError(mismatch("run", name, f"an int >= {low}", repr(value)))
     for name, value in (("queue_slots", queue_slots), ("slot_rows", slot_rows)):
         if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
             raise UsageError(mismatch("run", name, "None or an int >= 1", repr(value)))
+    if receiver not in ("inline", "thread"):
+        raise UsageError(mismatch("run", "receiver", "'inline' or 'thread'", repr(receiver)))
+    if receiver == "inline" and prefetch:
+        raise UsageError(mismatch("run", "prefetch", "0 with receiver='inline' (the learner's thread "
+                                  "then both receives and samples); use receiver='thread'", prefetch))
     checkpoint_every = ckpt.check_options(checkpoint_dir, checkpoint_every, resume)
     actor_exp = dataclasses.replace(exp, learner=None, table=None, eval_policy=None)
     if start_method != "fork":
         _check_picklable(actor_exp)
     ctx = mp.get_context(start_method)
 
-    run = _ProcessRun(exp, actor_exp, ctx, num_actors, max_restarts, prefetch, queue_slots, slot_rows)
+    run = _ProcessRun(exp, actor_exp, ctx, num_actors, max_restarts, prefetch, receiver, queue_slots,
+                      slot_rows)
     old_handlers = _install_signal_handlers()
     try:
         return run.run(max_env_steps, max_learner_steps, max_seconds, log_dir, progress, progress_every,
@@ -285,7 +353,10 @@ def _restore_signal_handlers(old):
 
 
 class _ProcessRun:
-    def __init__(self, exp, actor_exp, ctx, num_actors, max_restarts, prefetch, queue_slots, slot_rows):
+    def __init__(self, exp, actor_exp, ctx, num_actors, max_restarts, prefetch, receiver, queue_slots,
+                 slot_rows):
+        self.inline = receiver == "inline"
+        self.wake = ctx.Semaphore(0) if self.inline else None
         self.exp, self.actor_exp, self.ctx = exp, actor_exp, ctx
         self.num_actors, self.max_restarts, self.prefetch = int(num_actors), int(max_restarts), int(prefetch)
         self.queue_slots, self.slot_rows = queue_slots, slot_rows
@@ -308,7 +379,7 @@ class _ProcessRun:
     def _start_actor(self, h: _ActorHandle, base: dict):
         exp = self.exp
         h.incarnation += 1
-        h.ring = Ring(self.item_specs, self.rows_per_slot, self.slots, self.ctx)
+        h.ring = Ring(self.item_specs, self.rows_per_slot, self.slots, self.ctx, wake=self.wake)
         parent_end, child_end = self.ctx.Pipe(duplex=False)
         seed = _actor_seed(self.seed0, h.index, h.incarnation)
         h.conn = parent_end
@@ -322,9 +393,12 @@ class _ProcessRun:
             child_end.close()
         h.process = p
         h.unlinked = False
-        h.receiver = Receiver(h.ring, self.table.insert, self._on_thread_error,
-                              name=f"rlflow-receiver-{h.index}.{h.incarnation}")
-        h.receiver.start()
+        if self.inline:
+            h.reader = h.ring.reader()
+        else:
+            h.receiver = Receiver(h.ring, self.table.insert, self._on_thread_error,
+                                  name=f"rlflow-receiver-{h.index}.{h.incarnation}")
+            h.receiver.start()
 
     def run(self, max_env_steps, max_learner_steps, max_seconds, log_dir, progress, progress_every,
             checkpoint_dir, checkpoint_every, resume):
@@ -377,8 +451,13 @@ class _ProcessRun:
         if exp.eval_every:
             self.evaluator = Evaluator(exp, spec, seed=exp.seed + 1_000_003)
         limit = None if max_learner_steps is None else max(0, max_learner_steps - base_learner_steps)
-        self.sampler = _Sampler(table, exp.batch_size, self.prefetch, limit, self._on_thread_error)
-        self.sampler.start()
+        if self.prefetch:
+            self.sampler = _Sampler(table, exp.batch_size, self.prefetch, limit, self._on_thread_error)
+            self.sampler.start()
+            batches = self.sampler.queue
+        else:
+            batches = _InlineSampler(table, exp.batch_size, limit, self._pump if self.inline else None,
+                                     self.wake)
 
         limits = Limits(max_env_steps, max_learner_steps, max_seconds)
         figures = Figures()
@@ -390,7 +469,6 @@ class _ProcessRun:
         resumes = 0 if resumed is None else int(resumed.counters["resumes"]) + 1
         t0 = time.monotonic()
         next_check = 0.0
-        batches = self.sampler.queue
         while True:
             if self.errors:
                 raise self.errors[0]
@@ -433,8 +511,7 @@ class _ProcessRun:
                 break
         self._stop_actors()
         self._stop_threads()
-        in_flight = sum(rec.reader.pending_rows() for h in self.actors
-                        for _, rec in h.retired + [(h.ring, h.receiver)] if rec is not None)
+        in_flight = sum(r.pending_rows() for r in self._readers())
         if checkpoint_dir is not None:
             self._checkpoint(checkpoint_dir, driver, resumes)
         final = dict(history[-1]) if history else {}
@@ -510,8 +587,11 @@ class _ProcessRun:
             h.restarts += 1
             self.logger.stream.write(f"rlflow: {where} died ({how}); restarting it "
                                      f"({h.restarts}/{self.max_restarts})\n")
-            h.receiver.drain_and_stop()  # insert what it published, then exit
-            h.retired.append((h.ring, h.receiver))
+            if self.inline:
+                h.retired.append((h.ring, h.reader))      # _pump keeps draining it
+            else:
+                h.receiver.drain_and_stop()  # insert what it published, then exit
+                h.retired.append((h.ring, h.receiver))
             h.conn.close()
             p.join()
             p.close()
@@ -556,6 +636,31 @@ class _ProcessRun:
             except ValueError:
                 pass
 
+    def _readers(self):
+        for h in self.actors:
+            for _, rec in h.retired + [(h.ring, h.reader if self.inline else h.receiver)]:
+                if rec is not None:
+                    yield rec if self.inline else rec.reader
+
+    def _try_insert(self, items) -> bool:
+        try:
+            self.table.insert(items, timeout=0)
+            return True
+        except Timeout:
+            return False
+
+    def _pump(self) -> int:
+        """receiver="inline": move every published slot the table takes now into it."""
+        moved = 0
+        for h in self.actors:
+            for _, reader in h.retired:
+                moved += reader.pump(self._try_insert)
+            if h.reader is not None:
+                moved += h.reader.pump(self._try_insert)
+        for _ in range(moved):
+            self.wake.acquire(block=False)
+        return moved
+
     def _stop_threads(self):
         threads = []
         if self.sampler is not None:
@@ -563,7 +668,7 @@ class _ProcessRun:
             threads.append(self.sampler)
         for h in self.actors:
             for ring, rec in h.retired + [(h.ring, h.receiver)]:
-                if rec is not None:
+                if isinstance(rec, Receiver):
                     rec.stop()
                     threads.append(rec)
         for t in threads:

@@ -47,7 +47,7 @@ class Ring:
     actor process needs (pass it as a Process argument: semaphores cross only while spawning).
     """
 
-    def __init__(self, specs: Mapping[str, ArraySpec], slot_rows: int, slots: int, ctx):
+    def __init__(self, specs: Mapping[str, ArraySpec], slot_rows: int, slots: int, ctx, wake=None):
         if not specs:
             raise UsageError(mismatch("Ring", "specs", "a non-empty dict field -> ArraySpec", repr(specs)))
         if slot_rows < 1 or slots < 1:
@@ -62,10 +62,11 @@ class Ring:
         self.block = SharedArrays(arrays, named=True)
         self.free = ctx.Semaphore(self.slots)
         self.full = ctx.Semaphore(0)
+        self.wake = wake          # optional semaphore shared by several rings: "some slot was published"
 
     def writer_args(self):
         return (self.block.handle(), self._fields, self.specs, self.slot_rows, self.slots, self.free,
-                self.full)
+                self.full, self.wake)
 
     def reader(self) -> "RingReader":
         return RingReader(self)
@@ -92,6 +93,7 @@ class RingReader:
         self._counters = a["_counters"]
         self._cols = [(name, a[f"f{i}"]) for i, name in enumerate(ring._fields)]
         self._next = 0
+        self._held = None         # a slot taken by `pump` that the table refused so far
 
     def get(self, timeout: Optional[float]) -> Optional[dict]:
         """The next published slot as field -> view [n, ...] (valid until `release`), or None if
@@ -103,6 +105,22 @@ class RingReader:
         s = self._next
         n = int(self._rows[s])
         return {name: arr[s, :n] for name, arr in self._cols}
+
+    def pump(self, insert) -> int:
+        """Inline receiving: insert every published slot the table takes now (`insert(items)` returns
+        False when the rate limiter refuses; the slot then stays for the next call). Returns the
+        number of slots moved."""
+        moved = 0
+        while True:
+            if self._held is None:
+                self._held = self.get(None)
+                if self._held is None:
+                    return moved
+            if not insert(self._held):
+                return moved
+            self._held = None
+            self.release()
+            moved += 1
 
     def pending_rows(self) -> int:
         """Rows in published slots not yet consumed (call when the writer is stopped)."""
@@ -123,13 +141,13 @@ class RingWriter:
     silent broadcasting)."""
 
     def __init__(self, args, should_stop=lambda: False, poll: float = 0.2):
-        handle, fields, specs, slot_rows, slots, free, full = args
+        handle, fields, specs, slot_rows, slots, free, full, wake = args
         self.block = SharedArrays.attach(handle)
         a = self.block.arrays
         self.specs = specs
         self.slot_rows = slot_rows
         self.slots = slots
-        self.free, self.full = free, full
+        self.free, self.full, self.wake = free, full, wake
         self._rows = a["_rows"]
         self._counters = a["_counters"]
         self._cols = [(name, a[f"f{i}"], specs[name]) for i, name in enumerate(fields)]
@@ -182,6 +200,8 @@ class RingWriter:
             self._next = (s + 1) % self.slots
             self._counters[_HEAD] += 1
             self.full.release()
+            if self.wake is not None:
+                self.wake.release()
             start += k
 
     __call__ = write
