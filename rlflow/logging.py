@@ -30,6 +30,7 @@ _SHORT = [
     ("eval_return", "eval return", "{:.1f}"),
     ("table_size", "table", "{:,.0f}"),
     ("param_lag", "param lag", "{:,.0f}"),
+    ("queue_depth", "queue", "{:,.0f}"),
 ]
 
 

@@ -30,8 +30,10 @@ from rlflow.sync import ParamClient, ParamStore
 
 def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None, max_seconds=None,
               log_dir=None, progress=True, progress_every=2.0, checkpoint_dir=None, checkpoint_every=None,
-              resume=None) -> RunResult:
-    """`checkpoint_dir` / `checkpoint_every` (learner steps) / `resume`: see rlflow.runtime.checkpoint."""
+              resume=None, max_restarts=None) -> RunResult:
+    """`checkpoint_dir` / `checkpoint_every` (learner steps) / `resume`: see rlflow.runtime.checkpoint.
+    `max_restarts` is accepted so a call runs unchanged on either backend; one process has no actor
+    process to restart."""
     exp = experiment
     checkpoint_every = ckpt.check_options(checkpoint_dir, checkpoint_every, resume)
     resumed = ckpt.load_run(resume) if resume is not None else None
