@@ -45,7 +45,7 @@ class LinearQLearner(rf.Learner):
 
 
 def uniform_table(specs):
-    return rf.Table(capacity=500, sampler=rf.selectors.Uniform(seed=0), remover=rf.selectors.Fifo(),
+    return rf.Table(capacity=500, sampler=rf.selectors.Uniform(), remover=rf.selectors.Fifo(),
                     rate_limiter=rf.rate_limiters.SampleToInsertRatio(
                         samples_per_insert=4.0, min_size_to_sample=64, error_buffer=64.0), specs=specs)
 

@@ -48,6 +48,14 @@ def _grow(a: np.ndarray, n: int, fill) -> np.ndarray:
     return out
 
 
+def _rng_for(seed):
+    """The selector's random generator. With seed=None it is seeded from numpy's global RNG, so a
+    run that seeds numpy (rf.run seeds it from the experiment's seed) samples the same items."""
+    if seed is None:
+        seed = int(np.random.randint(0, 2**63 - 1, dtype=np.int64))
+    return np.random.default_rng(seed)
+
+
 class _Base(core.Selector):
     with_replacement = True
 
@@ -88,7 +96,7 @@ class Uniform(_Base):
 
     def __init__(self, seed=None):
         self._seed = seed
-        self._rng = np.random.default_rng(seed)
+        self._rng = _rng_for(seed)
         self._items = np.empty(0, dtype=_I64)
         self._pos = np.empty(0, dtype=_I64)  # id -> index in items, -1 if absent
         self._size = 0
@@ -374,7 +382,7 @@ class Prioritized(_Base):
         self.alpha = alpha
         self._seed = seed
         self._use_numba = use_numba
-        self._rng = np.random.default_rng(seed)
+        self._rng = _rng_for(seed)
         self._tree = SumTree(16, use_numba)
         self._present = np.zeros(16, dtype=bool)
         self._prio = np.zeros(16, dtype=np.float64)
