@@ -70,35 +70,30 @@ def q_network(spec: rf.EnvSpec, hidden: int) -> nn.Module:
 class EpsilonGreedy(rf.Policy):
     def __init__(self, spec: rf.EnvSpec, args: Args, greedy: bool = False):
         self.q, self.args, self.greedy, self.steps = q_network(spec, args.hidden), args, greedy, 0
-        self.n_actions = int(spec.action_space.n)
 
     def act(self, obs):
-        a = self.args
+        a, n = self.args, self.q[-1].out_features
         eps = 0.0 if self.greedy else max(a.eps_end, a.eps_start - (a.eps_start - a.eps_end) * self.steps / a.eps_steps)
         self.steps += len(obs)
         with torch.no_grad():
             greedy = self.q(torch.as_tensor(obs)).argmax(1).numpy()
-        explore = np.random.random(len(obs)) < eps
-        return np.where(explore, np.random.randint(self.n_actions, size=len(obs)), greedy)
+        return np.where(np.random.random(len(obs)) < eps, np.random.randint(n, size=len(obs)), greedy)
 
-    def set_params(self, params):
+    def set_params(self, params):          # the learner's parameters, through rlflow's policy delayer
         load_params(self.q, params)
 
 
 class DQN(rf.Learner):
     def __init__(self, spec: rf.EnvSpec, args: Args):
         self.q = q_network(spec, args.hidden)
-        self.target = copy.deepcopy(self.q)
-        self.opt = torch.optim.Adam(self.q.parameters(), lr=args.lr)
+        self.target, self.opt = copy.deepcopy(self.q), torch.optim.Adam(self.q.parameters(), lr=args.lr)
         self.args, self.steps = args, 0
 
     def step(self, batch):
-        obs, next_obs = torch.as_tensor(batch["obs"]), torch.as_tensor(batch["next_obs"])
-        action = torch.as_tensor(batch["action"]).long()
-        with torch.no_grad():   # discount is 0 where the episode terminated, gamma on truncation
-            target = torch.as_tensor(batch["reward"]) + torch.as_tensor(batch["discount"]) * self.target(next_obs).max(1).values
-        q = self.q(obs).gather(1, action[:, None]).squeeze(1)
-        loss = F.smooth_l1_loss(q, target)
+        b = {k: torch.as_tensor(v) for k, v in batch.data.items()}
+        with torch.no_grad():  # discount is 0 where the episode terminated, gamma where it was truncated
+            target = b["reward"] + b["discount"] * self.target(b["next_obs"]).max(1).values
+        loss = F.smooth_l1_loss(self.q(b["obs"]).gather(1, b["action"].long()[:, None]).squeeze(1), target)
         self.opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(self.q.parameters(), 10.0)
@@ -111,14 +106,15 @@ class DQN(rf.Learner):
     def get_params(self):
         return module_params(self.q)
 
-    def state_dict(self):
-        return {"q": self.q.state_dict(), "target": self.target.state_dict(),
-                "opt": self.opt.state_dict(), "steps": self.steps}
+    def state_dict(self):                  # checkpoints and resume
+        return {"nets": (self.q.state_dict(), self.target.state_dict(), self.opt.state_dict()), "steps": self.steps}
 
     def load_state_dict(self, state):
-        self.q.load_state_dict(state["q"]), self.target.load_state_dict(state["target"])
-        self.opt.load_state_dict(state["opt"])
+        for obj, s in zip((self.q, self.target, self.opt), state["nets"]):
+            obj.load_state_dict(s)
         self.steps = state["steps"]
+
+
 # ---------------------------------------------------------------- end of the DQN-specific part
 
 
