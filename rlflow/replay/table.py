@@ -221,6 +221,17 @@ class Table:
         self._cols = [(k, self._storage[k], s.shape, s.dtype, (1,) + s.shape, s, len(s.shape) + 1)
                       for k, s in specs.items()]
         self._stores = [c[1] for c in self._cols]
+        layout, off = [], 0
+        for k, sp in specs.items():  # per-item byte offsets of the contiguous columns in a sample's block
+            nbytes = sp.dtype.itemsize * int(np.prod(sp.shape, dtype=np.int64))
+            if not self._storage[k].flags.c_contiguous:
+                layout.append((k, self._storage[k], sp.shape, sp.dtype, -1, nbytes))
+                continue
+            off = -(-off // 16) * 16
+            layout.append((k, self._storage[k], sp.shape, sp.dtype, off, nbytes))
+            off += nbytes
+        self._layout = layout
+        self._row_bytes = -(-off // 16) * 16
         self._specs = specs
 
     @property
@@ -574,7 +585,7 @@ class Table:
                     self._budget -= n
             keys = self._slot_key[slots]
             self._last = (keys.copy(), slots)  # a copy: the caller may modify its keys
-            data = {c[0]: c[1][slots] for c in self._cols}
+            data = self._gather(slots)
             if mts:
                 done = np.unique(slots)
                 done = done[self._times[done] >= mts]
@@ -588,6 +599,24 @@ class Table:
         if probs.__class__ is not _ndarray or probs.dtype != np.float64:
             probs = np.asarray(probs, dtype=np.float64)
         return Sample(keys, probs, data, {"table_size": size})
+
+    def _gather(self, slots):
+        """Copies of every field at `slots`, all in one fresh allocation (lock held).
+
+        One block rather than one array per field: for image-sized samples, several multi-MB
+        allocations freed together make glibc give the memory back to the OS and page-fault it in
+        again on the next sample (5x slower); one block of the same size does not."""
+        n = len(slots)
+        out = {}
+        block = np.empty(n * self._row_bytes, dtype=np.uint8) if self._row_bytes else None
+        for name, store, shape, dtype, off, nbytes in self._layout:
+            if off < 0:  # a small field in the packed block of rows: fancy indexing
+                out[name] = store[slots]
+            else:  # a contiguous column: gather straight into the shared block
+                a = block[off * n:(off + nbytes) * n].view(dtype).reshape((n,) + shape)
+                np.take(store, slots, axis=0, out=a, mode="clip")  # slots are valid; "raise" buffers
+                out[name] = a
+        return {c[0]: out[c[0]] for c in self._cols}
 
     def _sample_one_by_one(self, n):
         """Reverb's order for max_times_sampled: draw one, count it, take it out when exhausted."""
