@@ -49,6 +49,9 @@ class Table:
                                                  the table full, or deleted
 
     Priorities default to 1.0. The sampler and the remover both see every item and its priority.
+    Times sampled are counted per item when max_times_sampled > 0 (and checkpointed); without a
+    limit they are not counted (the sample hot path skips that write). A sample of n > capacity
+    is a UsageError at once, even for samplers that draw with replacement.
 
     Blocking. `insert` waits while the rate limiter refuses it, `sample(n)` while the limiter
     refuses n draws or (for a sampler that draws distinct items: Fifo, Lifo, heaps) fewer than n
