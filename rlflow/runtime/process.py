@@ -435,12 +435,14 @@ class _ProcessRun:
 
         self.logger = make_logger(log_dir, progress, progress_every)
         self.store = SharedParamStore(learner.get_params())
+        _track(self.store._block)
         driver = LearnerDriver(learner, table, exp.batch_size, self.store, exp.param_sync_steps)
         driver.steps = base_learner_steps
         driver.publish()                 # the actors start from the learner's parameters
         K = self.num_actors
         self.control = SharedArrays({"stats": ((K, NSTATS), np.float64), "control": ((4,), np.int64)},
                                     named=True)
+        _track(self.control)
         stats = self.control.arrays["stats"]
         stats[:] = 0
         bases = ckpt.actor_bases(resumed, K)
@@ -693,13 +695,37 @@ class _ProcessRun:
                     except ValueError:
                         pass
             if self.store is not None:
+                _untrack(self.store._block)
                 self.store.close()
             if self.control is not None:
+                _untrack(self.control)
                 self.control.close()
             if self.evaluator is not None:
                 self.evaluator.close()
             if self.logger is not None:
                 self.logger.close()
+
+
+def _track(block):
+    """The store and control segments keep their names for the whole run (a restarted actor attaches
+    to them by name). Registering them with multiprocessing's resource tracker, a process that
+    outlives this one, unlinks them even if this process is SIGKILLed."""
+    from multiprocessing import resource_tracker
+
+    try:
+        resource_tracker.register(block.name, "shared_memory")
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+def _untrack(block):
+    from multiprocessing import resource_tracker
+
+    if block.name:
+        try:
+            resource_tracker.unregister(block.name, "shared_memory")
+        except Exception:  # pragma: no cover
+            pass
 
 
 def _floats(metrics: dict) -> dict:
