@@ -171,12 +171,28 @@ def fresh_adder(experiment: Experiment) -> Adder:
 BACKENDS = ("local", "process")
 
 
+PROCESS_OPTIONS = ("start_method", "prefetch", "receiver", "queue_slots", "slot_rows")
+
+
 def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Optional[int] = None,
         max_learner_steps: Optional[int] = None, max_seconds: Optional[float] = None,
         num_actors: int = 1, log_dir: Optional[str] = None, progress: bool = True,
-        progress_every: float = 2.0, **backend_options) -> RunResult:
+        progress_every: float = 2.0, checkpoint_dir: Optional[str] = None,
+        checkpoint_every: Optional[int] = None, resume: Optional[str] = None,
+        max_restarts: int = 3, **backend_options) -> RunResult:
     """Run `experiment` on `backend` until a limit (env steps, learner steps, seconds) or its
-    `target_return` is reached. At least one limit or a target must be given."""
+    `target_return` is reached. At least one limit or a target must be given.
+
+    num_actors        actor processes (backend="process"; "local" has exactly one actor)
+    log_dir           write figures.csv (and TensorBoard files when tensorboardX is installed)
+    progress          print a progress line every `progress_every` seconds (stderr)
+    checkpoint_dir    write whole-run checkpoints here (learner state, table, counters, RNG states)
+    checkpoint_every  ... every this many learner steps (and at the end of the run)
+    resume            a checkpoint directory to carry on from: counters and table continue exactly
+    max_restarts      how many times a dead actor process is restarted before the run fails
+    backend_options   backend="process" only: start_method ("spawn"), receiver ("inline" | "thread"),
+                      prefetch (batches sampled ahead by a thread), queue_slots, slot_rows
+    """
     if not isinstance(experiment, Experiment):
         raise UsageError(mismatch("run", "experiment", "an rf.Experiment", type(experiment).__name__))
     if backend not in BACKENDS:
@@ -185,17 +201,23 @@ def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Option
             and experiment.target_return is None:
         raise UsageError("run: give at least one of max_env_steps, max_learner_steps, max_seconds "
                          "or the experiment's target_return, else the run never ends")
-    if num_actors < 1:
-        raise UsageError(mismatch("run", "num_actors", ">= 1", num_actors))
-    limits = dict(max_env_steps=max_env_steps, max_learner_steps=max_learner_steps,
+    if not isinstance(num_actors, (int, np.integer)) or num_actors < 1:
+        raise UsageError(mismatch("run", "num_actors", "an int >= 1", repr(num_actors)))
+    allowed = PROCESS_OPTIONS if backend == "process" else ()
+    unknown = sorted(set(backend_options) - set(allowed))
+    if unknown:
+        raise UsageError(mismatch("run", unknown[0], f"an option of backend={backend!r}: "
+                                  f"{list(allowed) or 'none beyond the common ones'}", "an unknown option"))
+    common = dict(max_env_steps=max_env_steps, max_learner_steps=max_learner_steps,
                   max_seconds=max_seconds, log_dir=log_dir, progress=progress,
-                  progress_every=progress_every)
+                  progress_every=progress_every, checkpoint_dir=checkpoint_dir,
+                  checkpoint_every=checkpoint_every, resume=resume, max_restarts=max_restarts)
     if backend == "local":
         if num_actors != 1:
             raise UsageError(mismatch("run", "num_actors", "1 with backend='local'", num_actors))
         from rlflow.runtime.local import run_local
 
-        return run_local(experiment, **limits, **backend_options)
+        return run_local(experiment, **common)
     from rlflow.runtime.process import run_process
 
-    return run_process(experiment, num_actors=num_actors, **limits, **backend_options)
+    return run_process(experiment, num_actors=num_actors, **common, **backend_options)

@@ -121,3 +121,10 @@ def test_run_needs_a_limit():
         rf.run(experiment())
     with pytest.raises(UsageError, match="backend"):
         rf.run(experiment(), backend="threads", max_env_steps=10)
+
+
+def test_unknown_backend_options_are_named():
+    with pytest.raises(UsageError, match="start_method"):
+        rf.run(experiment(), backend="local", max_env_steps=10, start_method="fork")
+    with pytest.raises(UsageError, match="prefetch_batches"):
+        rf.run(experiment(), backend="process", max_env_steps=10, prefetch_batches=2)
