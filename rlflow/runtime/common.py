@@ -128,5 +128,16 @@ class Figures:
         return row
 
 
+def scalar_metrics(metrics: dict) -> dict:
+    """The learner's metrics that are scalars, as floats (for the figures); the rest is left out."""
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[k] = float(np.asarray(v))
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
 def make_logger(log_dir: Optional[str], progress: bool, progress_every: float) -> Logger:
     return Logger(directory=log_dir, progress_every=progress_every if progress else None)

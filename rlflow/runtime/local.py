@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 
 from rlflow.actor import Actor
 from rlflow.core import Learner, Policy
@@ -24,7 +23,7 @@ from rlflow.errors import UsageError
 from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
-from rlflow.runtime.common import Evaluator, Figures, LearnerDriver, Limits, make_logger
+from rlflow.runtime.common import Evaluator, Figures, LearnerDriver, Limits, make_logger, scalar_metrics
 from rlflow.sync import ParamClient, ParamStore
 
 
@@ -116,7 +115,7 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
                 row = figures.row(actor.env_steps, driver.steps, table, actor.stats.episodes,
                                   actor.stats.mean_return(),
                                   {"eval_return": eval_return, "param_lag": client.lag(),
-                                   **_floats(driver.last_metrics)})
+                                   **scalar_metrics(driver.last_metrics)})
                 history.append(row)
                 logger.write(row, force=evaluated or stop)
             if stop:
@@ -140,13 +139,3 @@ def _is_table(x) -> bool:
     from rlflow.replay import Table
 
     return isinstance(x, Table)
-
-
-def _floats(metrics: dict) -> dict:
-    out = {}
-    for k, v in metrics.items():
-        try:
-            out[k] = float(np.asarray(v))
-        except (TypeError, ValueError):
-            continue
-    return out

@@ -88,7 +88,7 @@ from rlflow.errors import ClosedError, Timeout, UsageError, WorkerError, mismatc
 from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
-from rlflow.runtime.common import Evaluator, Figures, LearnerDriver, Limits, make_logger
+from rlflow.runtime.common import Evaluator, Figures, LearnerDriver, Limits, make_logger, scalar_metrics
 from rlflow.runtime.params import SharedParamStore
 from rlflow.runtime.shm import SharedArrays
 from rlflow.runtime.transport import Receiver, Ring, RingWriter, slot_bytes
@@ -506,7 +506,7 @@ class _ProcessRun:
             if evaluated or stop or figures.due(progress_every):
                 row = figures.row(env_steps, driver.steps, table, int(stats[:, EPISODES].sum()),
                                   self._mean_return(), {"eval_return": eval_return, **self._live(),
-                                                        **_floats(driver.last_metrics)})
+                                                        **scalar_metrics(driver.last_metrics)})
                 history.append(row)
                 self.logger.write(row, force=evaluated or stop)
             if stop:
@@ -726,13 +726,3 @@ def _untrack(block):
             resource_tracker.unregister(block.name, "shared_memory")
         except Exception:  # pragma: no cover
             pass
-
-
-def _floats(metrics: dict) -> dict:
-    out = {}
-    for k, v in metrics.items():
-        try:
-            out[k] = float(np.asarray(v))
-        except (TypeError, ValueError):
-            continue
-    return out
