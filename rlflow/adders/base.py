@@ -204,13 +204,7 @@ class RowAdder(Adder):
         if self.action_specs is None:   # first add: take the specs from the data (or the declaration)
             specs = self._declared_action
             if specs is None:
-                specs = {}
-                for k, a in act.items():
-                    a = np.asarray(a)
-                    if a.ndim < 1:
-                        raise SpecError(mismatch("action", k, f"an array with a batch axis of {n}",
-                                                 f"shape {a.shape}"))
-                    specs[k] = ArraySpec(a.shape[1:], a.dtype)
+                specs = _specs_of_batch(act, "action", n)
             self.action_specs = specs
         out_a = {}
         if len(act) != len(self.action_specs) or any(k not in self.action_specs for k in act):
@@ -231,13 +225,7 @@ class RowAdder(Adder):
         if self.extras_specs is None:
             specs = self._declared_extras
             if specs is None:
-                specs = {}
-                for k, a in ext.items():
-                    a = np.asarray(a)
-                    if a.ndim < 1:
-                        raise SpecError(mismatch("extras field", k, f"an array with a batch axis of {n}",
-                                                 f"shape {a.shape}"))
-                    specs[k] = ArraySpec(a.shape[1:], a.dtype)
+                specs = _specs_of_batch(ext, "extras field", n)
                 self._check_extras_names(specs)
             self.extras_specs = specs
         specs = self.extras_specs
@@ -483,3 +471,14 @@ class TrajectoryAdder(RowAdder):
                 g = full
             out[k] = g
         return out, mask
+
+
+def _specs_of_batch(arrays, what: str, n: int) -> dict:
+    """Per-row specs of a flat batch (field -> array with a leading batch axis of n)."""
+    specs = {}
+    for k, a in arrays.items():
+        a = np.asarray(a)
+        if a.ndim < 1:
+            raise SpecError(mismatch(what, k, f"an array with a batch axis of {n}", f"shape {a.shape}"))
+        specs[k] = ArraySpec(a.shape[1:], a.dtype)
+    return specs
