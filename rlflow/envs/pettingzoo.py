@@ -30,7 +30,6 @@ An agent that leaves an AEC game early is reported done when the env reaches its
 
 from __future__ import annotations
 
-import numpy as np
 from gymnasium import spaces
 
 from rlflow.envs.vector import Layout, _InPlace, note_env_index

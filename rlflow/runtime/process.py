@@ -377,7 +377,6 @@ class _ProcessRun:
         self._error_event.set()
 
     def _start_actor(self, h: _ActorHandle, base: dict):
-        exp = self.exp
         h.incarnation += 1
         h.ring = Ring(self.item_specs, self.rows_per_slot, self.slots, self.ctx, wake=self.wake)
         parent_end, child_end = self.ctx.Pipe(duplex=False)
