@@ -48,6 +48,17 @@ def _grow(a: np.ndarray, n: int, fill) -> np.ndarray:
     return out
 
 
+def _pos_for_new_ids(pos: np.ndarray, ids: np.ndarray, who: str) -> np.ndarray:
+    """Check that `ids` (non-empty) are >= 0, distinct and not present (pos == -1); return `pos`
+    grown to hold them."""
+    if ids.min() < 0:
+        raise UsageError(mismatch("selector id", "ids", ">= 0", int(ids.min())))
+    pos = _grow(pos, int(ids.max()) + 1, -1)
+    if (pos[ids] >= 0).any() or len(np.unique(ids)) != len(ids):
+        raise UsageError(f"{who}.add: ids {ids.tolist()} include ids already present")
+    return pos
+
+
 def _rng_for(seed):
     """The selector's random generator. With seed=None it is seeded from numpy's global RNG, so a
     run that seeds numpy (rf.run seeds it from the experiment's seed) samples the same items."""
@@ -128,12 +139,8 @@ class Uniform(_Base):
         n = len(ids)
         if n == 0:
             return
-        if ids.min() < 0:
-            raise UsageError(mismatch("selector id", "ids", ">= 0", int(ids.min())))
         self._materialize()
-        self._pos = _grow(self._pos, int(ids.max()) + 1, -1)
-        if (self._pos[ids] >= 0).any() or len(np.unique(ids)) != n:
-            raise UsageError(f"Uniform.add: ids {ids.tolist()} include ids already present")
+        self._pos = _pos_for_new_ids(self._pos, ids, type(self).__name__)
         s = self._size
         self._items = _grow(self._items, s + n, -1)
         self._items[s:s + n] = ids
@@ -264,11 +271,7 @@ class Fifo(_Base):
         n = len(ids)
         if n == 0:
             return
-        if ids.min() < 0:
-            raise UsageError(mismatch("selector id", "ids", ">= 0", int(ids.min())))
-        self._pos = _grow(self._pos, int(ids.max()) + 1, -1)
-        if (self._pos[ids] >= 0).any() or len(np.unique(ids)) != n:
-            raise UsageError(f"{type(self).__name__}.add: ids {ids.tolist()} include ids already present")
+        self._pos = _pos_for_new_ids(self._pos, ids, type(self).__name__)
         if self._tail + n > len(self._buf):
             self._compact(n)
         t = self._tail
