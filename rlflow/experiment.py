@@ -155,10 +155,14 @@ def extras_specs_of(policy: Policy, env_spec, first_step) -> dict:
 
 
 def build_table(experiment: Experiment, env_spec, extras_specs):
+    """The experiment's table: the Table given, or its factory called with the adder's item specs.
+    `extras_specs` may be a zero-argument callable, called only when a factory needs it."""
     from rlflow.replay import Table
 
     if isinstance(experiment.table, Table):
         return experiment.table
+    if callable(extras_specs):
+        extras_specs = extras_specs()
     item_specs = experiment.adder.item_specs(env_spec, extras_specs)
     return build(experiment.table, Table, item_specs)
 

@@ -52,7 +52,7 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
                       seed=ckpt.env_seed(exp.seed, resumed), param_client=client)
         first = actor.reset()
         if resumed is None:
-            table = build_table(exp, spec, None if _is_table(exp.table) else extras_specs_of(policy, spec, first))
+            table = build_table(exp, spec, lambda: extras_specs_of(policy, spec, first))
         else:
             table = resumed.table
         driver = LearnerDriver(learner, table, exp.batch_size, store, exp.param_sync_steps)
@@ -133,9 +133,3 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
         venv.close()
         if evaluator is not None:
             evaluator.close()
-
-
-def _is_table(x) -> bool:
-    from rlflow.replay import Table
-
-    return isinstance(x, Table)
