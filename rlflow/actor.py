@@ -56,6 +56,9 @@ def random_actions(space: spaces.Space, n: int, rng: np.random.Generator, action
                               "Discrete, Box, MultiDiscrete or MultiBinary for random warm-up", space))
 
 
+_NONE_ENDED = (np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64))
+
+
 class EpisodeStats:
     """Returns and lengths of finished episodes, per row, vectorized."""
 
@@ -71,17 +74,21 @@ class EpisodeStats:
         self.lengths = np.zeros(num_rows, np.int64)
 
     def update(self, step: Step):
+        """Add the step's rewards; returns (rows, returns, lengths) of the episodes that ended."""
         rows = step.env_ids
         live = True if step.alive is None else (step.alive | step.done)
         self.returns[rows] += np.where(live, step.reward, 0.0)
         self.lengths[rows] += live
-        if step.done.any():
-            ended = rows[step.done]
-            self.finished.extend(self.returns[ended].tolist())
-            self.finished_lengths.extend(self.lengths[ended].tolist())
-            self.episodes += len(ended)
-            self.returns[ended] = 0.0
-            self.lengths[ended] = 0
+        if not step.done.any():
+            return _NONE_ENDED
+        ended = rows[step.done]
+        out = (ended, self.returns[ended], self.lengths[ended])
+        self.finished.extend(out[1].tolist())
+        self.finished_lengths.extend(out[2].tolist())
+        self.episodes += len(ended)
+        self.returns[ended] = 0.0
+        self.lengths[ended] = 0
+        return out
 
     def mean_return(self) -> float:
         return float(np.mean(self.finished)) if self.finished else float("nan")
@@ -166,8 +173,8 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
         raise UsageError(mismatch("evaluate", "episodes", ">= 1", episodes))
     one_each = venv.num_envs >= episodes
     step = venv.reset(seed=seed)
-    ret = np.zeros(venv.num_envs, np.float64)
-    length = np.zeros(venv.num_envs, np.int64)
+    stats = EpisodeStats(window=episodes)
+    stats.reset(venv.num_envs)
     counted = np.zeros(venv.num_envs, bool)
     if one_each:
         counted[episodes:] = True          # rows past `episodes` are not counted
@@ -176,17 +183,11 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
     while len(returns) < episodes:
         actions, _ = split_policy_output(policy.act_step(step))
         step = venv.step(np.asarray(actions))
-        rows = step.env_ids
-        live = True if step.alive is None else (step.alive | step.done)
-        ret[rows] += np.where(live, step.reward, 0.0)
-        length[rows] += live
-        for r in rows[step.done]:
+        for r, ret, length in zip(*stats.update(step)):
             if not counted[r]:
-                returns.append(float(ret[r]))
-                lengths.append(int(length[r]))
+                returns.append(float(ret))
+                lengths.append(int(length))
                 counted[r] = one_each
-            ret[r] = 0.0
-            length[r] = 0
     r = np.asarray(returns[:episodes], dtype=np.float64)
     return {"mean_return": float(r.mean()), "std_return": float(r.std()), "min_return": float(r.min()),
             "max_return": float(r.max()), "mean_length": float(np.mean(lengths[:episodes])),
