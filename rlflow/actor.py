@@ -60,7 +60,12 @@ _NONE_ENDED = (np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.in
 
 
 class EpisodeStats:
-    """Returns and lengths of finished episodes, per row, vectorized."""
+    """Returns and lengths of finished episodes, per row, vectorized.
+
+    Where the vector env already keeps each row's totals (`step.info["episode_return"]` and
+    `["episode_length"]`, as every rlflow vector env does), those are read at the rows that ended;
+    otherwise the rewards are summed here. `mean_return()` is the mean of the last `window` episodes
+    (a running sum, O(1))."""
 
     def __init__(self, window: int = 100):
         self.returns = None
@@ -68,6 +73,8 @@ class EpisodeStats:
         self.finished = deque(maxlen=window)
         self.finished_lengths = deque(maxlen=window)
         self.episodes = 0
+        self._sum = 0.0
+        self._exact_at = 0
 
     def reset(self, num_rows: int):
         self.returns = np.zeros(num_rows, np.float64)
@@ -75,23 +82,42 @@ class EpisodeStats:
 
     def update(self, step: Step):
         """Add the step's rewards; returns (rows, returns, lengths) of the episodes that ended."""
-        rows = step.env_ids
-        live = True if step.alive is None else (step.alive | step.done)
-        self.returns[rows] += np.where(live, step.reward, 0.0)
-        self.lengths[rows] += live
-        if not step.done.any():
-            return _NONE_ENDED
-        ended = rows[step.done]
-        out = (ended, self.returns[ended], self.lengths[ended])
-        self.finished.extend(out[1].tolist())
+        info = step.info
+        if "episode_return" in info and "episode_length" in info:
+            done = step.done
+            if not done.any():
+                return _NONE_ENDED
+            ended = step.env_ids[done]
+            out = (ended, info["episode_return"][done].astype(np.float64), info["episode_length"][done])
+        else:
+            rows = step.env_ids
+            live = True if step.alive is None else (step.alive | step.done)
+            self.returns[rows] += np.where(live, step.reward, 0.0)
+            self.lengths[rows] += live
+            if not step.done.any():
+                return _NONE_ENDED
+            ended = rows[step.done]
+            out = (ended, self.returns[ended], self.lengths[ended])
+            self.returns[ended] = 0.0
+            self.lengths[ended] = 0
+        finished = self.finished
+        for r in out[1].tolist():
+            if len(finished) == finished.maxlen:
+                self._sum -= finished[0]
+            finished.append(r)
+            self._sum += r
         self.finished_lengths.extend(out[2].tolist())
         self.episodes += len(ended)
-        self.returns[ended] = 0.0
-        self.lengths[ended] = 0
         return out
 
     def mean_return(self) -> float:
-        return float(np.mean(self.finished)) if self.finished else float("nan")
+        n = len(self.finished)
+        if not n:
+            return float("nan")
+        if self.episodes >= self._exact_at:              # now and then, drop the running sum's drift
+            self._sum = float(sum(self.finished))
+            self._exact_at = self.episodes + 1000
+        return self._sum / n
 
 
 class Actor:

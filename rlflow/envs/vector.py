@@ -231,9 +231,12 @@ class VectorEnv:
             seed, self._default_seed = self._default_seed, None
         if seed is not None and not isinstance(seed, (int, np.integer)):
             raise UsageError(mismatch("argument", "seed", "an int or None", repr(seed)))
-        self._ret[:] = 0
-        self._len[:] = 0
         step = self._reset(None if seed is None else int(seed))
+        self._ret[:] = 0             # the reset step is no step of an episode: totals start at 0
+        self._len[:] = 0
+        for k in ("episode_return", "episode_length"):
+            if k in step.info:
+                step.info[k] = np.zeros_like(step.info[k])
         self._expected_rows = len(step)
         return step
 

@@ -1,0 +1,63 @@
+"""The Actor's episode statistics against a per-row reference that counts every step by hand."""
+
+import numpy as np
+import pytest
+
+import rlflow as rf
+from rlflow.actor import EpisodeStats
+from rlflow.core import Step
+
+
+def _reference_episodes(venv, steps, seed):
+    """Per row: sum rewards and count steps from the reset on, in plain Python; the episodes that
+    ended, in order, as (row, return, length), plus the Steps seen."""
+    rng = np.random.default_rng(seed)
+    step = venv.reset(seed=seed)
+    ret = [0.0] * venv.num_envs
+    length = [0] * venv.num_envs
+    ended, seen = [], []
+    for _ in range(steps):
+        n = len(step)
+        step = venv.step(rng.integers(2, size=n))
+        seen.append(step)
+        for i, r in enumerate(step.env_ids.tolist()):
+            ret[r] += float(step.reward[i])
+            length[r] += 1
+            if step.terminated[i] or step.truncated[i]:
+                ended.append((r, ret[r], length[r]))
+                ret[r], length[r] = 0.0, 0
+    return ended, seen
+
+
+@pytest.mark.parametrize("backend,kw", [("serial", {}), ("process", {"workers": 2}),
+                                        ("pool", {"workers": 2, "batch_size": 2})])
+def test_env_episode_totals_match_a_step_count(backend, kw):
+    with rf.envs.make("CartPole-v1", 4, backend=backend, max_episode_steps=30, **kw) as venv:
+        ended, seen = _reference_episodes(venv, 300, seed=3)
+        got = []
+        for s in seen:
+            for i in np.flatnonzero(s.done):
+                got.append((int(s.env_ids[i]), float(s.info["episode_return"][i]),
+                            int(s.info["episode_length"][i])))
+        assert len(ended) > 20
+        assert got == ended
+
+
+def test_episode_stats_from_env_totals_equal_summed_rewards():
+    with rf.envs.make("CartPole-v1", 8, max_episode_steps=40) as venv:
+        ended, seen = _reference_episodes(venv, 2000, seed=5)
+    with_info, summed = EpisodeStats(window=7), EpisodeStats(window=7)
+    with_info.reset(8)
+    summed.reset(8)
+    got = []
+    for s in seen:
+        bare = Step(s.obs, s.reward, s.terminated, s.truncated, s.final_obs, s.env_ids)   # no info
+        a, b = with_info.update(s), summed.update(bare)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+        got.extend(zip(a[0].tolist(), a[1].tolist(), a[2].tolist()))
+        if summed.finished:
+            assert with_info.mean_return() == pytest.approx(np.mean(summed.finished), abs=1e-9)
+    assert got == ended
+    assert with_info.episodes == summed.episodes == len(ended)
+    assert list(with_info.finished) == [e[1] for e in ended[-7:]]
