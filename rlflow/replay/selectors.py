@@ -99,8 +99,21 @@ class _Base(core.Selector):
 class Uniform(_Base):
     """Every present id equally likely, drawn with replacement: P(i) = 1 / size.
 
-    Holds the ids densely (`items[:size]`) with each id's position, so add / remove are O(1) per
-    id (a removed id's place is taken by the last one) and a draw is `items[randint(size)]`.
+    Holds the ids in an order, densely in a window `items[head:head + size]`, with each id's
+    position, and a draw is `items[head + randint(size)]`. The order (part of `state_dict`) is:
+
+        add(ids)       appends ids at the end, in the given order
+        remove(ids)    if the k ids are the first k of the order (the oldest, when removals are
+                       first-in first-out): they leave from the front, the rest keeps its order;
+                       otherwise each hole, in ascending position, takes the next live id from the
+                       end of the order (in order). Either way the result depends only on the
+                       set of ids removed, not on the order they are listed in.
+
+        order:   [ 7  3  9  4  8 ]      remove({7, 3}) -> [ 9  4  8 ]       (the front)
+                                        remove({3, 4}) -> [ 7  8  9 ]       (holes filled from the end)
+
+    add / remove are O(1) per id; the window slides through a buffer of 2 x capacity and is moved
+    back to the start when it reaches the end (amortized O(1)).
     """
 
     with_replacement = True
@@ -110,22 +123,37 @@ class Uniform(_Base):
         self._rng = _rng_for(seed)
         self._items = np.empty(0, dtype=_I64)
         self._pos = np.empty(0, dtype=_I64)  # id -> index in items, -1 if absent
+        self._head = 0
         self._size = 0
-        # While ids 0..size-1 were added in order and none removed, items[i] == i: the arrays
-        # are then not written at all (`_identity`), and written out once that stops being so.
+        # While items[j] == j for every j in the window (ids added in order from head, removed only
+        # from the front): the arrays are then not written at all (`_identity`), and written out
+        # once that stops being so.
         self._identity = True
 
     def _materialize(self):
         if self._identity:
             self._identity = False
-            s = self._size
-            self._items = _grow(self._items, s, -1)
-            self._pos = _grow(self._pos, s, -1)
-            self._items[:s] = np.arange(s, dtype=_I64)
-            self._pos[:s] = np.arange(s, dtype=_I64)
+            h, s = self._head, self._size
+            self._items = _grow(self._items, h + s, -1)
+            self._pos = _grow(self._pos, h + s, -1)
+            self._items[h:h + s] = np.arange(h, h + s, dtype=_I64)
+            self._pos[h:h + s] = np.arange(h, h + s, dtype=_I64)
+
+    def _room(self, n):
+        """Make room for n more ids after the window (lock held by the table, or single-threaded)."""
+        h, s = self._head, self._size
+        if h + s + n <= len(self._items):
+            return
+        self._materialize()
+        live = self._items[h:h + s].copy()
+        if s + n > len(self._items) // 2:  # keep at least half the buffer free after the move
+            self._items = np.full(max(2 * (s + n), 16), -1, dtype=_I64)
+        self._items[:s] = live
+        self._pos[live] = np.arange(s, dtype=_I64)
+        self._head = 0
 
     def reserve(self, capacity):
-        self._items = _grow(self._items, capacity, -1)
+        self._items = _grow(self._items, 2 * capacity, -1)
         self._pos = _grow(self._pos, capacity, -1)
 
     def config(self):
@@ -141,83 +169,123 @@ class Uniform(_Base):
             return
         self._materialize()
         self._pos = _pos_for_new_ids(self._pos, ids, type(self).__name__)
-        s = self._size
-        self._items = _grow(self._items, s + n, -1)
-        self._items[s:s + n] = ids
-        self._pos[ids] = np.arange(s, s + n)
-        self._size = s + n
+        self._room(n)
+        t = self._head + self._size
+        self._items[t:t + n] = ids
+        self._pos[ids] = np.arange(t, t + n)
+        self._size += n
 
     def add1(self, i: int, priority: float = 1.0) -> None:
         """Fast path of `add` for one id the table knows is absent."""
-        s = self._size
+        t = self._head + self._size
         if self._identity:
-            if i == s:
-                self._size = s + 1
+            if i == t:
+                self._size += 1
                 return
             self._materialize()
-        self._items[s] = i
-        self._pos[i] = s
-        self._size = s + 1
+        if t == len(self._items):
+            self._room(1)
+            t = self._size
+        self._items[t] = i
+        self._pos[i] = t
+        self._size += 1
 
     def add_range(self, start, n, priorities=None):
-        s = self._size
+        t = self._head + self._size
         if self._identity:
-            if start == s:
-                self._size = s + n
+            if start == t:
+                self._size += n
                 return
             self._materialize()
-        self._items[s:s + n] = np.arange(start, start + n, dtype=_I64)
-        self._pos[start:start + n] = np.arange(s, s + n, dtype=_I64)
-        self._size = s + n
+        if t + n > len(self._items):
+            self._room(n)
+            t = self._size
+        self._items[t:t + n] = np.arange(start, start + n, dtype=_I64)
+        self._pos[start:start + n] = np.arange(t, t + n, dtype=_I64)
+        self._size += n
 
     def remove(self, ids):
         ids = _ids(ids)
         if len(ids) == 0:
             return
-        self._materialize()
         pos = self._pos
-        if ids.max() >= len(pos) or (pos[ids] < 0).any() or len(np.unique(ids)) != len(ids):
+        if self._identity:
+            h = self._head
+            bad = ids.min() < h or ids.max() >= h + self._size
+        else:
+            bad = ids.max() >= len(pos) or ids.min() < 0 or (pos[ids] < 0).any()
+        if bad or len(np.unique(ids)) != len(ids):
             raise UsageError(f"Uniform.remove: ids {ids.tolist()} include ids not present")
         self._remove(ids)
 
     def _remove(self, ids):
-        """Each removed id's place is taken by an id from the end (in order of position)."""
-        self._materialize()
+        """Remove present, distinct ids (see the class docstring for the order that results)."""
+        k = len(ids)
+        h, s = self._head, self._size
+        if self._identity:
+            if (ids < h + k).all():  # the first k: the window slides
+                self._head = h + k
+                self._size = s - k
+                return
+            self._materialize()
         pos, items = self._pos, self._items
-        if len(ids) <= 4:
-            for i in ids.tolist():
-                j = pos[i]
-                last = items[self._size - 1]
+        if k == 1:
+            i = int(ids[0])
+            j = int(pos[i])
+            pos[i] = -1
+            if j == h:
+                self._head = h + 1
+            elif j != h + s - 1:
+                last = items[h + s - 1]
                 items[j] = last
                 pos[last] = j
-                pos[i] = -1
-                self._size -= 1
+            self._size = s - 1
             return
-        s = self._size
-        s_new = s - len(ids)
         p = pos[ids]
-        holes = np.sort(p[p < s_new])
         pos[ids] = -1
-        tail = items[s_new:s]
+        if (p < h + k).all():  # the first k
+            self._head = h + k
+            self._size = s - k
+            return
+        end = h + s - k
+        holes = np.sort(p[p < end])
+        tail = items[end:h + s]
         movers = tail[pos[tail] >= 0]
         items[holes] = movers
         pos[movers] = holes
-        self._size = s_new
+        self._size = s - k
+
+    def _set_order(self, ids):
+        """Replace the state by the order `ids` (distinct, >= 0); the table trusts it (no checks)."""
+        n = len(ids)
+        self._identity = False
+        self._pos = _grow(self._pos, int(ids.max()) + 1 if n else 0, -1)
+        self._pos[:] = -1
+        self._items = _grow(self._items, n, -1)
+        self._items[:n] = ids
+        self._pos[ids] = np.arange(n, dtype=_I64)
+        self._head = 0
+        self._size = n
 
     def sample(self, n):
         size = self._size
         if size == 0:
             raise UsageError("Uniform.sample: no items to sample")
         idx = self._rng.integers(0, size, n)
-        return (idx if self._identity else self._items[idx]), np.full(n, 1.0 / size)
+        h = self._head
+        if self._identity:
+            return (idx + h if h else idx), np.full(n, 1.0 / size)
+        return self._items[h:h + size][idx], np.full(n, 1.0 / size)
 
     def state_dict(self):
-        items = np.arange(self._size, dtype=_I64) if self._identity else self._items[:self._size].copy()
+        h, s = self._head, self._size
+        items = np.arange(h, h + s, dtype=_I64) if self._identity else self._items[h:h + s].copy()
         return {"items": items, "rng": _rng_state(self._rng)}
 
     def load_state_dict(self, state):
         items = _ids(state["items"])
         self._size = 0
+        self._head = 0
         self._identity = False
         self._pos[:] = -1
         self.add(items)
