@@ -315,6 +315,13 @@ class RowAdder(Adder):
         out = []
         # the common case: every row of the full batch is alive now and acted in the previous step
         self._full_call = full_call = full and alive is None and self._prev_full
+        if full_call and self._fast_full:
+            items = self._full_add(act, ext, reward, term, obs, final)
+            if items is not None:
+                self._prev_ids = ids
+                self._prev_alive = alive
+                self._prev_full = True
+                return items
         if full_call:
             before = self._before_open(ids, ext)
             if before:
@@ -366,6 +373,13 @@ class RowAdder(Adder):
             self._start(ids[alive], {k: v[alive] for k, v in obs.items()}, done[alive])
 
     # ---------------------------------------------------------------- hooks
+    _fast_full = False      # a subclass with a one-shot path for full calls sets this and `_full_add`
+
+    def _full_add(self, act, ext, reward, terminated, obs, final) -> Optional[dict]:
+        """Every row of the batch acted last step and is alive now: the whole event at once, or
+        None to take the general path (open, close, start)."""
+        return None
+
     def _item_fields(self) -> dict[str, ArraySpec]:
         raise NotImplementedError
 
