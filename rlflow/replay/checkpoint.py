@@ -1,6 +1,7 @@
 """Table checkpoints: a directory of .npy files and one JSON file, written atomically.
 
-    <dir>/table.json        format, capacity, max_times_sampled, specs, counters, next key, and for
+    <dir>/table.json        format, capacity, max_times_sampled, specs, counters, next key, ring
+                            (whether the table was in ring mode, see Table), and for
                             the sampler, remover and rate limiter: class, constructor config, state
                             (scalars, including numpy Generator states)
     <dir>/slot_keys.npy     key of each slot (-1: free)           [capacity] int64
@@ -123,6 +124,8 @@ def _fsync_dir_files(d):
 
 
 def _write(table, tmp):
+    if table._ring_mode:  # the general structures, from the ring (the table stays in ring mode)
+        table._materialize()
     if table._specs is None:
         specs, fields = None, []
     else:
@@ -142,6 +145,7 @@ def _write(table, tmp):
         "fields": fields,
         "specs": specs,
         "next_key": table._next_key,
+        "ring": bool(table._ring_mode),
         "budget": table._budget,
         "stats": _jsonable(table._stats),
         "sampler": _part("sampler", table.sampler, tmp),
@@ -191,4 +195,10 @@ def load(cls, directory):
     table._reindex()
     table._budget = int(meta["budget"])
     table._stats = {k: int(v) for k, v in meta["stats"].items()}
+    # the general structures now hold the state; ring mode again if the saved table was in it
+    table._ring_mode = table._fast = False
+    if meta.get("ring") and table._ring_consistent():
+        table._ring_mode = True
+        table._fast = table._fast_insert is not None
+        table._ring_prio = bool((table._prio != 1.0).any())
     return table

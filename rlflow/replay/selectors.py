@@ -367,6 +367,16 @@ class Fifo(_Base):
         self._tail = t + n
         self._size += n
 
+    def _set_order(self, ids):
+        """Replace the state by `ids` (distinct, >= 0), oldest first; the table trusts it (no checks)."""
+        n = len(ids)
+        self._pos = _grow(self._pos, int(ids.max()) + 1 if n else 0, -1)
+        self._pos[:] = -1
+        self._buf = _grow(self._buf, 2 * n, -1)
+        self._buf[:n] = ids
+        self._pos[ids] = np.arange(n, dtype=_I64)
+        self._head, self._tail, self._size = 0, n, n
+
     def remove(self, ids):
         ids = _ids(ids)
         if len(ids) == 0:

@@ -153,6 +153,15 @@ class Table:
         # our limiter with an unmodified on_insert: the one-item path bumps its counter directly
         self._plain_limiter = type(rate_limiter).on_insert is _rl.RateLimiter.on_insert
         self._sample_feasible = getattr(rate_limiter, "sample_feasible", None)
+        # ring mode (class docstring): Uniform sampler, Fifo remover, no max_times_sampled
+        self._ring_ok = (type(sampler) is _sel.Uniform and type(remover) is _sel.Fifo
+                         and self.max_times_sampled == 0)
+        self._ring_mode = self._ring_ok
+        self._sampler_rng = getattr(sampler, "_rng", None)
+        self._ring_prio = False  # a priority other than 1 was written in ring mode: inserts write them
+        self._fast = False  # ring mode, storage allocated, not closed: insert may take _fast_insert
+        self._fast_insert = None
+        self._packed = None
         if specs is not None:
             self._allocate(self._check_specs(specs))
 
@@ -206,6 +215,7 @@ class Table:
             start = (-raw.ctypes.data) % 64
             block = raw[start:start + cap * row]
             block.fill(0)
+            self._packed = (block, row, sorted((offsets[k], k) for k in small))
             for k in small:
                 sp = specs[k]
                 inner = []
@@ -236,6 +246,8 @@ class Table:
         self._layout = layout
         self._row_bytes = -(-off // 16) * 16
         self._specs = specs
+        self._fast_insert = self._build_fast_insert()
+        self._fast = self._ring_mode and not self._closed
 
     @property
     def specs(self) -> dict | None:
@@ -271,6 +283,186 @@ class Table:
         validated = validate_batch(items, self._specs)
         arrays = [validated[c[0]] for c in self._cols]
         return arrays, arrays[0].shape[0]
+
+    # ---- ring mode ------------------------------------------------------------------------------
+    def _build_fast_insert(self):
+        """Compile this table's insert of a batch in ring mode without priorities.
+
+        The function checks every field exactly (a dict of exactly the table's fields, each an
+        ndarray of the spec's dtype object and shape [n, *shape]) and returns None for anything
+        else, for a limiter that refuses, or when the table left ring mode or closed meanwhile:
+        the general path then does the work (and raises the errors). One item: the small fields'
+        bytes, joined in row order, are written into the item's row in one copy. Generated source
+        (like dataclasses) so that each field's checks are inline, not a loop: field names and
+        dtypes are passed as values, never pasted into the source."""
+        cols = self._cols
+        limiter = self.rate_limiter
+        lim_cls = type(limiter)
+        plain = all(getattr(lim_cls, m) is getattr(_rl.RateLimiter, m)
+                    for m in ("can_insert", "on_insert", "on_delete"))
+        ns = {"_nd": _ndarray, "_arange": np.arange, "_I64": _I64, "T": self, "L": limiter,
+              "cap": self.capacity, "lock": self._lock}
+        a = [f"a{i}" for i in range(len(cols))]
+        checks = []
+        for i, (name, store, shape, dtype, *_rest) in enumerate(cols):
+            ns[f"k{i}"], ns[f"d{i}"], ns[f"s{i}"] = name, dtype, store
+            dims = "".join(f", {int(d)}" for d in shape)
+            checks.append(f"{a[i]}.__class__ is _nd and {a[i]}.dtype is d{i} and {a[i]}.shape == (n{dims},)")
+        if type(limiter) is _rl.MinSize and limiter.max_diff == float("inf"):
+            ok = "True"
+            on_ins, on_del = "L.inserts += {n}", "L.deletes += 1"
+        elif plain:
+            ok = ("(L.inserts + {n} - L.deletes <= L.min_size_to_sample "
+                  "or (L.inserts + {n}) * L._spi - L.samples <= L.max_diff)")
+            on_ins, on_del = "L.inserts += {n}", "L.deletes += 1"
+        else:
+            ok, on_ins, on_del = "L.can_insert({n})", "L.on_insert({n})", "L.on_delete(1)"
+        # the one-item copy: packed small fields as one byte string, the others one by one
+        packed, row, joined, one = set(), 1, None, []
+        if self._packed is not None:
+            block, row, order = self._packed
+            parts, end = [], 0
+            index = {c[0]: i for i, c in enumerate(cols)}
+            for off, name in order:
+                if off > end:
+                    ns[f"pad{end}"] = bytes(off - end)
+                    parts.append(f"pad{end}")
+                i = index[name]
+                parts.append(f"{a[i]}.tobytes()")
+                packed.add(i)
+                end = off + self._storage[name].dtype.itemsize * int(np.prod(cols[i][2], dtype=np.int64))
+            ns["mv"] = memoryview(block)
+            joined = " + ".join(parts)
+            one.append(f"o = slot * {row}")
+            one.append(f"mv[o:o + {end}] = b")
+        for i, c in enumerate(cols):
+            if i not in packed:
+                one.append(f"s{i}[slot] = {a[i]}" + ("[0]" if len(c[2]) == 0 else ""))
+        ind = "\n" + " " * 8
+        src = f'''
+def fast_insert(items):
+    try:
+        {ind.join(f"{a[i]} = items[k{i}]" for i in range(len(cols)))}
+        n = len(a0)
+        if not (len(items) == {len(cols)} and {(" and" + ind + "        ").join(checks)}):
+            return None
+    except (KeyError, TypeError, AttributeError):
+        return None
+    if n != 1:
+        if n == 0 or n > cap:
+            return None
+        with lock:
+            if not T._fast or not {ok.format(n="n")}:
+                return None
+            return T._ring_store(({", ".join(a)},), n, None)
+    {"b = " + joined if joined else ""}
+    with lock:
+        if not T._fast or not {ok.format(n="1")}:
+            return None
+        key = T._next_key
+        slot = key % cap
+        {ind.join(one)}
+        if T._nfree:
+            T._nfree -= 1
+        else:
+            T._stats["evictions"] += 1
+            {on_del}
+        if T._ring_prio:
+            T._prio[slot] = 1.0
+        T._next_key = key + 1
+        {on_ins.format(n="1")}
+        T._stats["inserts"] += 1
+        if T._waiters:
+            T._cond.notify_all()
+    return _arange(key, key + 1, dtype=_I64)
+'''
+        exec(compile(src, f"<rlflow.Table fast insert {id(self):x}>", "exec"), ns)
+        fn = ns["fast_insert"]
+        fn.source = src
+        return fn
+
+    def _ring_store(self, arrays, n, p):
+        """Store n items in ring mode (lock held, limiter checked): key k goes to slot k % capacity;
+        when the table is full the oldest items (the ring's front) are the victims."""
+        cap = self.capacity
+        key = self._next_key
+        nf = self._nfree
+        if nf >= n:
+            self._nfree = nf - n
+        else:
+            k = n - nf
+            self._nfree = 0
+            self._stats["evictions"] += k
+            self.rate_limiter.on_delete(k)
+        s0 = key % cap
+        end = s0 + n
+        if p is not None:
+            self._ring_prio = True
+        prio = self._ring_prio
+        if end <= cap:
+            for store, a in zip(self._stores, arrays):
+                store[s0:end] = a
+            if prio:
+                self._prio[s0:end] = 1.0 if p is None else p
+        else:
+            m = cap - s0
+            for store, a in zip(self._stores, arrays):
+                store[s0:] = a[:m]
+                store[:end - cap] = a[m:]
+            if prio:
+                self._prio[s0:] = 1.0 if p is None else p[:m]
+                self._prio[:end - cap] = 1.0 if p is None else p[m:]
+        self._next_key = key + n
+        self.rate_limiter.on_insert(n)
+        self._stats["inserts"] += n
+        if self._waiters:
+            self._cond.notify_all()
+        return np.arange(key, key + n, dtype=_I64)
+
+    def _ring_live(self):
+        """(keys, slots) of the items present in ring mode, oldest first."""
+        nxt = self._next_key
+        keys = np.arange(nxt - (self.capacity - self._nfree), nxt, dtype=_I64)
+        return keys, keys % self.capacity
+
+    def _materialize(self):
+        """Write the ring's state into the general structures (lock held): slot keys, free-slot
+        stack, key index, sampler and remover orders: exactly the state the general path has
+        after the same calls. The table stays in ring mode (checkpoints use this)."""
+        cap, nf = self.capacity, self._nfree
+        keys, slots = self._ring_live()
+        self._slot_key[:] = -1
+        self._slot_key[slots] = keys
+        pops = (self._next_key + np.arange(nf, dtype=_I64)) % cap  # free slots in the ring's order
+        self._free[:nf] = pops[::-1]
+        self._free_sorted = bool(nf < 2 or (np.diff(pops) > 0).all())
+        self._ring[:] = cap
+        self._old_keys = {}
+        self._reindex()
+        self.sampler._set_order(slots)
+        self.remover._set_order(slots)
+        self._last = (None, None)
+
+    def _leave_ring(self):
+        """Switch to the general path for good (lock held): a delete, a checkpoint's state, ..."""
+        if self._ring_mode:
+            self._materialize()
+            self._ring_mode = False
+            self._fast = False
+
+    def _ring_consistent(self):
+        """Whether the general structures hold a state that ring mode represents (checkpoint load)."""
+        if not self._ring_ok:
+            return False
+        nf = self._nfree
+        keys, slots = self._ring_live()
+        if (self._slot_key >= 0).sum() != len(keys) or not np.array_equal(self._slot_key[slots], keys):
+            return False
+        pops = (self._next_key + np.arange(nf, dtype=_I64)) % self.capacity
+        if not np.array_equal(self._free[:nf], pops[::-1]) or (self._times != 0).any():
+            return False
+        return (np.array_equal(self.sampler.state_dict()["items"], slots)
+                and np.array_equal(self.remover.state_dict()["order"], slots))
 
     # ---- checks ---------------------------------------------------------------------------------
     @staticmethod
@@ -336,6 +528,10 @@ class Table:
         """Store a batch (field -> array [n, ...]); returns the n new keys (int64 [n]).
 
         Priorities: float [n], finite and >= 0; default 1.0 for every item."""
+        if self._fast and priorities is None:
+            keys = self._fast_insert(items)
+            if keys is not None:
+                return keys
         if self._closed:
             raise ClosedError("the table is closed")
         if self._cols is None:
@@ -346,6 +542,8 @@ class Table:
             with self._lock:
                 if self._closed or not limiter.can_insert(1):
                     self._wait(lambda: limiter.can_insert(1), timeout, lambda: self._why_insert(1))
+                if self._ring_mode:
+                    return self._ring_store(arrays, 1, None)
                 return self._store1(arrays, 1.0)
         if n == 0:
             if priorities is not None:
@@ -361,6 +559,8 @@ class Table:
         with self._lock:
             if not limiter.can_insert(n) or self._closed:
                 self._wait(lambda: limiter.can_insert(n), timeout, lambda: self._why_insert(n))
+            if self._ring_mode:
+                return self._ring_store(arrays, n, p)
             if n == 1:
                 return self._store1(arrays, float(p[0]))
             return self._store(arrays, n, p)
@@ -575,6 +775,16 @@ class Table:
             if self._closed or not self._can_sample(n):
                 self._wait(lambda: self._can_sample(n), timeout, lambda: self._why_sample(n))
             size = self.capacity - self._nfree
+            if self._ring_mode:  # Uniform over the ring: draw i is the i-th oldest item
+                keys = self._sampler_rng.integers(0, size, n)
+                keys += self._next_key - size
+                slots = keys % self.capacity
+                data = self._gather(slots)
+                limiter.on_sample(n)
+                self._stats["samples"] += n
+                if self._waiters:
+                    self._cond.notify_all()
+                return Sample(keys, np.full(n, 1.0 / size), data, {"table_size": size})
             mts = self.max_times_sampled
             slots, probs = self.sampler.sample(n)
             if slots.__class__ is not _ndarray or slots.dtype != _I64:
@@ -644,6 +854,10 @@ class Table:
     # ---- priorities and deletes -----------------------------------------------------------------
     def _slots_of(self, keys):
         """Slots of the live keys, -1 where a key's item was removed (lock held; keys issued)."""
+        if self._ring_mode:
+            slots = keys % self.capacity
+            slots[keys < self._next_key - (self.capacity - self._nfree)] = -1
+            return slots
         lk, ls = self._last
         if lk is not None and len(lk) == len(keys) and np.array_equal(lk, keys):
             slots = ls.copy()  # the keys of the last sample (usual for update_priorities)
@@ -679,6 +893,7 @@ class Table:
                     slots, p = u, p[::-1][first]
             if len(slots) == 0:
                 return
+            self._ring_prio = True
             self._prio[slots] = p
             self._s_update(slots, p)
             self._r_update(slots, p)
@@ -691,6 +906,8 @@ class Table:
             self._check_issued(keys)
             slots = self._slots_of(keys)
             slots = np.unique(slots[slots >= 0])
+            if len(slots) and self._ring_mode:
+                self._leave_ring()  # every item keeps its slot
             self._remove_slots(slots)
             self._stats["deletes"] += len(slots)
             self._notify()
@@ -724,6 +941,7 @@ class Table:
         """Refuse further calls; callers blocked in insert/sample get ClosedError."""
         with self._lock:
             self._closed = True
+            self._fast = False
             self._cond.notify_all()
 
     @property
