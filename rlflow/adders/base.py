@@ -125,6 +125,7 @@ class RowAdder(Adder):
         self.obs_specs: Optional[dict[str, ArraySpec]] = None
         self.action_specs: Optional[dict[str, ArraySpec]] = None
         self.extras_specs: Optional[dict[str, ArraySpec]] = None
+        self._plain_action: Optional[ArraySpec] = None   # set when actions are one array, no extras
         self._specs: Optional[dict[str, ArraySpec]] = None
         self._started = False
         self._prev_ids: Optional[np.ndarray] = None
@@ -200,6 +201,10 @@ class RowAdder(Adder):
         return ids, n, full, alive
 
     def _validate_action_extras(self, actions, extras, n: int):
+        plain = self._plain_action          # the common case: one array of the exact spec, no extras
+        if (plain is not None and not extras and type(actions) is np.ndarray and actions.dtype == plain.dtype
+                and actions.shape[1:] == plain.shape and actions.shape[:1] == (n,)):
+            return {"action": actions}, _EMPTY
         act = _flat(actions, "action")
         if self.action_specs is None:   # first add: take the specs from the data (or the declaration)
             specs = self._declared_action
@@ -245,6 +250,8 @@ class RowAdder(Adder):
             if a.dtype != s.dtype and a.dtype.kind != s.dtype.kind:
                 raise SpecError(mismatch("extras field", k, f"dtype {s.dtype}", f"dtype {a.dtype}"))
             out_e[k] = a
+        if self._plain_action is None and not specs and list(self.action_specs) == ["action"]:
+            self._plain_action = self.action_specs["action"]
         return out_a, out_e
 
     # ---------------------------------------------------------------- the contract

@@ -83,6 +83,7 @@ from typing import Optional
 import numpy as np
 
 from rlflow.actor import Actor
+from rlflow.adders.base import RowAdder
 from rlflow.core import Learner, Policy
 from rlflow.errors import ClosedError, Timeout, UsageError, WorkerError, mismatch
 from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
@@ -140,7 +141,7 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         policy = build(exp.policy, Policy, venv.spec)
         adder = fresh_adder(exp)
         adder.item_specs(venv.spec, extras_specs)      # the adder checks the data against these
-        writer = RingWriter(ring_args, should_stop=should_stop)
+        writer = RingWriter(ring_args, should_stop=should_stop, trusted=isinstance(adder, RowAdder))
         client = ParamClient(store, every_learner_steps=exp.param_sync_steps,
                              every_seconds=exp.param_sync_seconds)
         actor = Actor(policy, venv, adder, sink=writer.write, warmup_steps=exp.warmup_steps, seed=seed,
