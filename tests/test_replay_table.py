@@ -491,3 +491,34 @@ def test_empty_table_checkpoint(tmp_path):
     assert t2.specs is None and len(t2) == 0
     t2.insert(batch(2))
     assert len(t2.sample(4)) == 4
+
+
+def test_update_priorities_of_a_sample_after_its_items_moved_on():
+    """The last sample's slots are a shortcut only where each key still lives in its slot."""
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        t = Table(6, sampler=selectors.Prioritized(1.0, seed=int(rng.integers(1000))), remover=selectors.Fifo())
+        t.insert(batch(6), priorities=rng.random(6) + 0.1)
+        s = t.sample(4)
+        keys = s.keys.copy()
+        k = int(rng.integers(0, 5))
+        if k:
+            t.insert(batch(k, 6), priorities=np.ones(k))  # evicts keys 0 .. k-1; slots reused
+        if rng.random() < 0.5:
+            keys[0] = int(rng.integers(0, 6 + k))  # the caller changed its keys
+        new = rng.random(4) + 0.1
+        t.update_priorities(keys, new)
+        ref = {}
+        for key, p in zip(keys.tolist(), new.tolist()):
+            if key >= k:
+                ref[key] = p  # the last of a repeated key wins; evicted keys are ignored
+        got = t.priorities(np.arange(6 + k))
+        for key in range(6 + k):
+            if key < k:
+                assert np.isnan(got[key])
+            elif key in ref:
+                assert got[key] == ref[key]
+            else:
+                assert got[key] != 0 and not np.isnan(got[key])
+        with pytest.raises(UsageError, match="never issued"):
+            t.update_priorities(np.array([6 + k, 0, 0, 0]), new)

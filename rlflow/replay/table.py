@@ -133,7 +133,7 @@ class Table:
         self._ring_safe_until = ring  # keys below this can be issued without spilling
         self._old_keys: dict[int, int] = {}
         self._next_key = 0
-        self._last = (None, None)  # (keys, slots) of the last sample: update_priorities' fast path
+        self._last = None  # slots of the last sample: update_priorities' fast path
         self._budget = 0  # draws left before max_times_sampled removes items (when > 0)
         self._stats = {"inserts": 0, "samples": 0, "deletes": 0, "evictions": 0, "expired": 0}
         self._specs = None
@@ -441,7 +441,7 @@ def fast_insert(items):
         self._reindex()
         self.sampler._set_order(slots)
         self.remover._set_order(slots)
-        self._last = (None, None)
+        self._last = None
 
     def _leave_ring(self):
         """Switch to the general path for good (lock held): a delete, a checkpoint's state, ..."""
@@ -470,7 +470,7 @@ def fast_insert(items):
         p = np.asarray(priorities, dtype=np.float64)
         if p.shape != (n,):
             raise UsageError(mismatch("argument", "priorities", f"shape ({n},)", f"shape {p.shape}"))
-        if not (p >= 0).all() or not np.isfinite(p).all():
+        if n and not (p.min() >= 0 and p.max() < np.inf):  # NaN fails the first test
             ok = np.isfinite(p) & (p >= 0)
             i = int(np.argmin(ok))
             raise UsageError(mismatch("argument", "priorities", "finite values >= 0",
@@ -797,7 +797,7 @@ def fast_insert(items):
                     self._times[u] += c
                     self._budget -= n
             keys = self._slot_key[slots]
-            self._last = (keys.copy(), slots)  # a copy: the caller may modify its keys
+            self._last = slots
             data = self._gather(slots)
             if mts:
                 done = np.unique(slots)
@@ -853,16 +853,17 @@ def fast_insert(items):
 
     # ---- priorities and deletes -----------------------------------------------------------------
     def _slots_of(self, keys):
-        """Slots of the live keys, -1 where a key's item was removed (lock held; keys issued)."""
+        """Slots of the live keys, -1 where a key's item was removed (lock held; keys issued).
+        The caller must not modify the array (it may be the last sample's slots)."""
         if self._ring_mode:
             slots = keys % self.capacity
             slots[keys < self._next_key - (self.capacity - self._nfree)] = -1
             return slots
-        lk, ls = self._last
-        if lk is not None and len(lk) == len(keys) and np.array_equal(lk, keys):
-            slots = ls.copy()  # the keys of the last sample (usual for update_priorities)
-        else:
-            slots = self._ring[keys & self._ring_mask]
+        ls = self._last
+        if ls is not None and len(ls) == len(keys):  # the last sample's keys: the usual update
+            if (self._slot_key_ext[ls] == keys).all():  # each key lives in that slot
+                return ls  # (callers do not modify it)
+        slots = self._ring[keys & self._ring_mask]
         ok = self._slot_key_ext[slots] == keys
         if not ok.all():
             old, sk = self._old_keys, self._slot_key
@@ -881,12 +882,16 @@ def fast_insert(items):
         if len(keys) == 0:
             return
         with self._lock:
-            self._check_issued(keys)
-            slots = self._slots_of(keys)
-            live = slots >= 0
-            if not live.all():
-                slots, p = slots[live], p[live]
-            if len(slots) > 1:
+            ls = self._last
+            if ls is not None and len(ls) == len(keys) and (self._slot_key_ext[ls] == keys).all():
+                slots = ls  # the last sample's keys, every one live (so issued): the usual update
+            else:
+                self._check_issued(keys)
+                slots = self._slots_of(keys)
+                live = slots >= 0
+                if not live.all():
+                    slots, p = slots[live], p[live]
+            if len(slots) > 1 and not (slots[1:] > slots[:-1]).all():  # not strictly increasing
                 order = np.sort(slots)
                 if (order[1:] == order[:-1]).any():  # keep the last priority of a repeated key
                     u, first = np.unique(slots[::-1], return_index=True)
