@@ -66,6 +66,21 @@ class Table:
     draws left: if the batch would break that, it is redrawn one item at a time (Reverb's order:
     draw, count, remove when exhausted).
 
+    Ring mode (speed only: every call gives what the general path gives). With a Uniform sampler,
+    a Fifo remover and max_times_sampled=0 (the defaults), items arrive and leave in key order,
+    so while nothing is deleted the table is a ring:
+
+        slot of key k = k % capacity            live keys = [next_key - size, next_key)
+        Fifo victim   = the oldest live key     Uniform draw i = the i-th oldest live key
+
+    Inserts then copy the fields straight into their slots (one item: one copy of its packed
+    row) without touching the selectors or the key index, and samples draw keys by arithmetic
+    from the Uniform sampler's generator. The first delete that removes an item writes the
+    ring's state into the general structures (selector orders, key index, free slots) and the
+    table stays on the general path from then on. A checkpoint records the mode and a load
+    restores it. Selectors.Uniform's order rules (removing the oldest k keeps the order) are
+    what make the two paths draw the same items.
+
     Every public method holds one lock: inserting and sampling threads may run at once.
     """
 
