@@ -10,7 +10,9 @@ one shared-memory block, shaped by the adder's item specs: field f of slot s is 
                         slots wait: backpressure)                       published)
     slot[w][:n] = items   (in place)              table.insert(slot[r][:n])   (blocks while the
     rows[w] = n                                                          rate limiter says no)
-    full.release() ──────────────────────────────▶ free.release()  ───────▶ (a slot is free again)
+    full.release() ──────────────────────────────▶ free.release() x S/2 ──▶ (slots free again, in
+                                                  batches: once S/2 slots are consumed, or the
+                                                  ring is empty)
 
 Backpressure is explicit and nothing is dropped: when the table's rate limiter refuses inserts,
 the receiver blocks in `table.insert`, the ring fills, and the actor blocks in `free.acquire`.
@@ -94,14 +96,18 @@ class RingReader:
         self._cols = [(name, a[f"f{i}"]) for i, name in enumerate(ring._fields)]
         self._next = 0
         self._held = None         # a slot taken by `pump` that the table refused so far
+        self._unfreed = 0         # consumed slots not yet handed back to the writer
+        self._free_batch = max(1, ring.slots // 2)
 
     def get(self, timeout: Optional[float]) -> Optional[dict]:
         """The next published slot as field -> view [n, ...] (valid until `release`), or None if
         none was published within `timeout`."""
         full = self.ring.full
         # acquire(timeout=0) costs ~70 us when empty (sem_timedwait); a non-blocking try costs ~0
-        if not full.acquire(block=False) and (not timeout or not full.acquire(timeout=timeout)):
-            return None
+        if not full.acquire(block=False):
+            self._hand_back()         # nothing to read: the writer gets every consumed slot back
+            if not timeout or not full.acquire(timeout=timeout):
+                return None
         s = self._next
         n = int(self._rows[s])
         return {name: arr[s, :n] for name, arr in self._cols}
@@ -128,9 +134,20 @@ class RingReader:
         return sum(int(self._rows[(self._next + k) % self.ring.slots]) for k in range(int(c[_HEAD] - c[_TAIL])))
 
     def release(self) -> None:
+        """Done with the slot from `get`. Consumed slots go back to the writer in batches of half
+        the ring (or all at once when the ring runs empty): a writer blocked on a full ring then
+        wakes once per batch, not once per slot (a cross-process wake-up costs tens of us)."""
         self._next = (self._next + 1) % self.ring.slots
         self._counters[_TAIL] += 1
-        self.ring.free.release()
+        self._unfreed += 1
+        if self._unfreed >= self._free_batch:
+            self._hand_back()
+
+    def _hand_back(self) -> None:
+        free = self.ring.free
+        for _ in range(self._unfreed):
+            free.release()
+        self._unfreed = 0
 
 
 class RingWriter:
