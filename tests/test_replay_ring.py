@@ -211,3 +211,25 @@ def test_fast_insert_refuses_what_it_does_not_handle():
         assert t._fast_insert(bad) is None
     with pytest.raises(UsageError):
         t.insert([1, 2])
+
+
+@pytest.mark.parametrize("limiter", [lambda: rate_limiters.SampleToInsertRatio(1.0, 2, error_buffer=2.0),
+                                     lambda: rate_limiters.RateLimiter(1.0, 2, -np.inf, 5.0)])
+def test_ring_fast_insert_keeps_the_rate_limiter_rules(limiter):
+    from rlflow.errors import Timeout
+    ref = limiter()
+    t = Table(50, rate_limiter=limiter())
+    assert t._ring_mode
+    for step in range(40):
+        n = 1 + step % 3
+        if ref.can_insert(n):
+            assert t.insert(items(0, n), timeout=0).shape == (n,)
+            ref.on_insert(n)
+        else:
+            with pytest.raises(Timeout):
+                t.insert(items(0, n), timeout=0)
+        if step % 2 and ref.can_sample(1):
+            t.sample(1, timeout=0)
+            ref.on_sample(1)
+        assert t.rate_limiter.state_dict() == ref.state_dict()
+    assert t._ring_mode
