@@ -428,7 +428,7 @@ class _ProcessRun:
         if self.queue_slots:
             self.slots = self.queue_slots
         elif ratio is not None:
-            self.slots = 8
+            self.slots = 32          # few enough that the actors stay close to the learner; the reader frees 16 at a time
         else:
             self.slots = int(min(256, max(8, (32 << 20) // max(1, slot_bytes(self.item_specs, self.rows_per_slot)))))
         self.seed0 = ckpt.env_seed(exp.seed, resumed)
