@@ -86,7 +86,7 @@ class EpsilonGreedy(rf.Policy):
 class DQN(rf.Learner):
     def __init__(self, spec: rf.EnvSpec, args: Args):
         self.q = q_network(spec, args.hidden)
-        self.target, self.opt = copy.deepcopy(self.q), torch.optim.Adam(self.q.parameters(), lr=args.lr)
+        self.target, self.opt = copy.deepcopy(self.q), torch.optim.Adam(self.q.parameters(), lr=args.lr, fused=True)
         self.args, self.steps = args, 0
 
     def step(self, batch):
