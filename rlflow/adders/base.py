@@ -315,11 +315,8 @@ class RowAdder(Adder):
             rows, o = self._pending_first
             self._full_call = len(rows) == self.num_rows
             self._start(rows, o, None)
-        term = np.asarray(step.terminated, bool)
-        trunc = np.asarray(step.truncated, bool)
-        done = term | trunc
+        term = step.terminated                # bool [n]: checked by _validate_step
         reward = step.reward
-        out = []
         # the common case: every row of the full batch is alive now and acted in the previous step
         self._full_call = full_call = full and alive is None and self._prev_full
         if full_call and self._fast_full:
@@ -329,6 +326,9 @@ class RowAdder(Adder):
                 self._prev_alive = alive
                 self._prev_full = True
                 return items
+        trunc = step.truncated
+        done = term | trunc
+        out = []
         if full_call:
             before = self._before_open(ids, ext)
             if before:

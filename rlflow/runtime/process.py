@@ -156,7 +156,12 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         row[VERSION] = client.version
         row[READY] = incarnation + 1
         episodes = actor.stats.episodes
-        while not should_stop():
+        blocked = 0.0
+        k = 0
+        while flags[STOP] == 0:
+            k += 1
+            if not k & 255 and os.getppid() != parent_pid:     # orphaned (PDEATHSIG covers Linux)
+                break
             actor.step()
             if actor.update_params():
                 row[VERSION] = client.version
@@ -166,7 +171,8 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
                 episodes = actor.stats.episodes
                 row[EPISODES] = episodes
                 row[RETURN] = actor.stats.mean_return()
-            row[BLOCKED] = writer.blocked_seconds
+            if writer.blocked_seconds != blocked:
+                blocked = row[BLOCKED] = writer.blocked_seconds
     except ClosedError:
         pass                                             # the run is stopping
     except BaseException as exc:                         # noqa: BLE001 - forwarded to the parent
