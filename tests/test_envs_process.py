@@ -43,8 +43,10 @@ def _alive(pid):
         return False
 
 
-def _rlflow_segments():
-    return sorted(f for f in os.listdir("/dev/shm") if f.startswith("rlflow_"))
+def _rlflow_segments(pid):
+    """Named blocks created by process `pid` ("rlflow_<pid>_<hex>"). Scoped to one creator: other
+    rlflow runs on the machine (the process runtime names its segments the same way) come and go."""
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith(f"rlflow_{pid}_"))
 
 
 def _run(venv, seed, actions):
@@ -142,10 +144,9 @@ def test_spawn_matches_serial_and_leaves_no_segment():
     actions = np.random.default_rng(0).integers(0, 5, (30, 4))
     with rf.envs.make(Tagged, 4) as serial:
         ref = _run(serial, 0, actions)
-    before = _rlflow_segments()
     with rf.envs.make(Tagged, 4, backend="process", workers=2, start_method="spawn") as venv:
         assert venv.start_method == "spawn"
-        assert _rlflow_segments() == before            # unlinked as soon as the workers attached
+        assert _rlflow_segments(os.getpid()) == []     # unlinked as soon as the workers attached
         got = _run(venv, 0, actions)
         pids = venv.pids
     _assert_same(ref, got)
@@ -172,7 +173,6 @@ CHILD = textwrap.dedent("""
 @pytest.mark.parametrize("method,mode", [("fork", "loop"), ("spawn", "loop"), ("fork", "exit"),
                                          ("fork", "raise")])
 def test_sigint_and_exit_leave_nothing(method, mode):
-    before = _rlflow_segments()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, method, mode], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -192,7 +192,7 @@ def test_sigint_and_exit_leave_nothing(method, mode):
     while any(_alive(p) for p in pids) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(_alive(p) for p in pids)
-    assert _rlflow_segments() == before
+    assert _rlflow_segments(proc.pid) == []
 
 
 def test_pool_mode_streams():
