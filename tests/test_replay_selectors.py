@@ -218,6 +218,77 @@ def test_sumtree_matches_reference(cap, updates, fractions, numba):
         assert all(values[i] > 0 for i in got)
 
 
+class RefWideTree:
+    """Slow reference of the 8-ary tree in plain Python floats: levels as lists, each node the
+    left-to-right sum of its 8 children (missing children are 0), lookups by the rule in
+    sumtree.py's docstring, one path at a time."""
+
+    def __init__(self, values):
+        self.levels = [list(values)]
+        while len(self.levels[0]) > 1 or len(self.levels) == 1:
+            below = self.levels[0]
+            up = []
+            for j in range(-(-len(below) // 8)):
+                s = 0.0
+                for m in range(8):
+                    v = below[8 * j + m] if 8 * j + m < len(below) else 0.0
+                    s = v if m == 0 else s + v
+                up.append(s)
+            self.levels.insert(0, up)
+
+    def find(self, u):
+        j = 0
+        for below in self.levels[1:]:
+            kids = [below[8 * j + m] if 8 * j + m < len(below) else 0.0 for m in range(8)]
+            pick, last, ulast = None, 0, u
+            for m, v in enumerate(kids):
+                if u < v:
+                    pick = m
+                    break
+                if v > 0:
+                    last, ulast = m, u
+                u -= v
+            if pick is None:
+                pick, u = last, ulast
+            j = 8 * j + pick
+        return j
+
+
+@settings(max_examples=40, deadline=None)
+@given(cap=st.integers(1, 3000), seed=st.integers(0, 2**32 - 1), zero_frac=st.floats(0, 0.9),
+       numba=st.booleans())
+def test_sumtree_matches_wide_reference_bitwise(cap, seed, zero_frac, numba):
+    """Float values (not exact sums): every node and every lookup equals the slow reference bit
+    for bit, including u just below the total, where rounding would carry past every child."""
+    if numba and _numba_kernels() is None:
+        numba = False
+    rng = np.random.default_rng(seed)
+    values = rng.random(cap) ** 3 * 10.0 ** rng.integers(-3, 4, cap)
+    values[rng.random(cap) < zero_frac] = 0.0
+    tree = SumTree(cap, use_numba=numba)
+    half = cap // 2
+    tree.update(np.arange(half), values[:half])  # two batches, then a batch of repeats
+    tree.update(np.arange(half, cap)[::-1], values[half:][::-1])
+    rep = rng.integers(0, cap, 20)
+    tree.update(np.concatenate([rep, rep]), np.concatenate([rng.random(20), values[rep]]))
+    ref = RefWideTree(values.tolist())
+    assert tree.total == ref.levels[0][0]
+    for lvl, nodes in enumerate(ref.levels):
+        got = tree.tree[tree.offs[lvl]:tree.offs[lvl] + len(nodes)]
+        assert got.tolist() == nodes
+    np.testing.assert_array_equal(tree.leaves, values)
+    if tree.total > 0:
+        us = np.sort(rng.random(200)) * tree.total
+        us[-1] = np.nextafter(tree.total, 0.0)
+        ids, vals = tree.find(us, with_values=True)
+        assert ids.tolist() == [ref.find(u) for u in us.tolist()]
+        assert (vals > 0).all() and np.array_equal(vals, values[ids])
+    other = SumTree(cap, use_numba=numba)  # rebuild from the leaves: the same tree
+    other.leaves[:] = values
+    other.rebuild()
+    assert np.array_equal(other.tree, tree.tree)
+
+
 @pytest.mark.skipif(_numba_kernels() is None, reason="numba not installed")
 def test_sumtree_numba_and_numpy_identical():
     rng = np.random.default_rng(5)

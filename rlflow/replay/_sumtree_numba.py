@@ -1,47 +1,68 @@
 """Numba kernels of the sum tree (imported only when numba is installed; see sumtree.py).
 
-Both kernels walk the batch level by level (all n paths one level at a time) rather than one
+Each kernel walks the batch level by level (all n paths one level at a time) rather than one
 path after another: the loads of different paths do not depend on each other, so the CPU
-overlaps their cache misses. The results are the same as walking path by path.
+overlaps their cache misses. The results are the same as walking path by path. Every float
+operation is the one the numpy fallback in sumtree.py does, in the same order, so both give
+bit-identical trees and lookups.
 """
 
 import numba
 import numpy as np
 
+B = 8  # the fan-out; sumtree.FANOUT (a compile-time constant here)
+
 
 @numba.njit(cache=True, nogil=True)
-def update(tree, base, ids, values):  # pragma: no cover - compiled
+def update(tree, offs, ids, values):  # pragma: no cover - compiled
     n = ids.shape[0]
+    depth = offs.shape[0] - 1
+    base = offs[depth]
     nodes = np.empty(n, dtype=np.int64)
     for k in range(n):  # leaves first, in order: the last of repeated ids wins
-        i = ids[k] + base
-        tree[i] = values[k]
-        nodes[k] = i >> 1
-    level = base >> 1
-    while level >= 1:  # then every parent, recomputed from its children, one level at a time
+        tree[base + ids[k]] = values[k]
+        nodes[k] = ids[k] // B
+    for lvl in range(depth - 1, -1, -1):  # then every parent, recomputed from its children
+        child, own = offs[lvl + 1], offs[lvl]
         for k in range(n):
-            i = nodes[k]
-            tree[i] = tree[2 * i] + tree[2 * i + 1]
-            nodes[k] = i >> 1
-        level >>= 1
+            j = nodes[k]
+            c = child + j * B
+            s = tree[c]
+            for m in range(1, B):
+                s += tree[c + m]
+            tree[own + j] = s
+            nodes[k] = j // B
 
 
 @numba.njit(cache=True, nogil=True)
-def find(tree, base, us, out):  # pragma: no cover - compiled
+def find(tree, offs, us, out, vals):  # pragma: no cover - compiled
     n = us.shape[0]
+    depth = offs.shape[0] - 1
     u = us.copy()
     for k in range(n):
-        out[k] = 1
-    level = 1
-    while level < base:
+        out[k] = 0
+    for lvl in range(depth):
+        child = offs[lvl + 1]
         for k in range(n):
-            i = out[k]
-            left = tree[2 * i]
-            if u[k] < left or tree[2 * i + 1] <= 0.0:
-                out[k] = 2 * i
-            else:
-                u[k] -= left
-                out[k] = 2 * i + 1
-        level <<= 1
+            c = child + out[k] * B
+            r = u[k]
+            pick = -1
+            last = 0
+            rlast = r
+            for m in range(B):
+                v = tree[c + m]
+                if r < v:
+                    pick = m
+                    break
+                if v > 0.0:
+                    last = m
+                    rlast = r
+                r -= v
+            if pick < 0:  # rounding left r past every child: the last positive one
+                pick = last
+                r = rlast
+            out[k] = out[k] * B + pick
+            u[k] = r
+    base = offs[depth]
     for k in range(n):
-        out[k] -= base
+        vals[k] = tree[base + out[k]]

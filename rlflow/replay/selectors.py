@@ -478,16 +478,13 @@ class Prioritized(_Base):
     def _resize(self, n):
         if n <= self._tree.capacity:
             return
-        if n <= self._tree.base:
-            self._tree.capacity = n
-        else:
-            old = self._tree
-            tree = SumTree(max(n, 2 * old.capacity), self._use_numba)
-            tree.tree[tree.base:tree.base + old.base] = old.tree[old.base:]
-            tree.rebuild()
-            self._tree = tree
-        self._present = _grow(self._present, self._tree.base, False)
-        self._prio = _grow(self._prio, self._tree.base, 0.0)
+        old = self._tree
+        tree = SumTree(max(n, 2 * old.capacity), self._use_numba)
+        tree.leaves[:old.capacity] = old.leaves
+        tree.rebuild()
+        self._tree = tree
+        self._present = _grow(self._present, tree.capacity, False)
+        self._prio = _grow(self._prio, tree.capacity, 0.0)
 
     def __len__(self):
         return self._size
@@ -575,8 +572,8 @@ class Prioritized(_Base):
             ids = present[self._rng.integers(0, len(present), n)]
             return ids, np.full(n, 1.0 / len(present))
         u = (np.arange(n) + self._rng.random(n)) * (total / n)
-        ids = self._tree.find(u)
-        return ids, self._tree.values(ids) / total
+        ids, values = self._tree.find(u, with_values=True)
+        return ids, values / total
 
     def priorities(self, ids) -> np.ndarray:
         return self._prio[_ids(ids)]
@@ -596,7 +593,7 @@ class Prioritized(_Base):
             p = self._check(state["priorities"], len(ids))
             self._present[ids] = True
             self._prio[ids] = p
-            self._tree.tree[self._tree.base + ids] = self._powered(p)
+            self._tree.leaves[ids] = self._powered(p)
             self._tree.rebuild()
             self._size = len(ids)
         self._rng.bit_generator.state = state["rng"]
