@@ -5,6 +5,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rlflow as rf
 from rlflow.errors import ClosedError, SpecError, Timeout, UsageError
@@ -522,3 +524,58 @@ def test_update_priorities_of_a_sample_after_its_items_moved_on():
                 assert got[key] != 0 and not np.isnan(got[key])
         with pytest.raises(UsageError, match="never issued"):
             t.update_priorities(np.array([6 + k, 0, 0, 0]), new)
+
+
+# ---- the sample gather (numba kernel for packed rows, numpy take otherwise) ------------------------
+GATHER_DTYPES = [np.uint8, np.bool_, np.int16, np.float32, np.int64, np.float64]
+
+
+@pytest.mark.parametrize("numba_gather", [True, False])
+@settings(max_examples=25, deadline=None)
+@given(fields=st.lists(st.tuples(st.sampled_from(range(len(GATHER_DTYPES))),
+                                 st.lists(st.integers(0, 5), max_size=2)), min_size=1, max_size=5),
+       big=st.booleans(), cap=st.integers(1, 40), n_ins=st.integers(1, 80), seed=st.integers(0, 2**31))
+def test_sample_data_equals_inserted_items(numba_gather, fields, big, cap, n_ins, seed):
+    """Every sampled field equals the item inserted under its key (a dict of copies: the
+    reference), for any mix of dtypes and shapes (small fields share packed rows)."""
+    import rlflow.replay.table as table_mod
+    saved = table_mod._GATHER
+    if not numba_gather:
+        table_mod._GATHER = False  # the numpy path, as without numba
+    try:
+        _check_sample_data(specs_of(fields, big), cap, n_ins, seed, numba_gather)
+    finally:
+        table_mod._GATHER = saved
+
+
+def specs_of(fields, big):
+    specs = {f"f{i}": ArraySpec(tuple(shape), GATHER_DTYPES[d]) for i, (d, shape) in enumerate(fields)}
+    if big:
+        specs["img"] = ArraySpec((9, 11), np.uint8)
+    return specs
+
+
+def _check_sample_data(specs, cap, n_ins, seed, numba_gather):
+    rng = np.random.default_rng(seed)
+    t = Table(cap, sampler=selectors.Prioritized(0.7, seed=seed) if seed % 2 else selectors.Uniform(seed=seed),
+              specs=specs)
+    if not numba_gather:
+        assert t._gather_rows is None
+    ref = {}
+    key = 0
+    while key < n_ins:
+        n = int(rng.integers(1, min(cap, 4) + 1))
+        items = {k: (rng.integers(0, 200, (n,) + s.shape) if s.dtype != np.bool_
+                     else rng.random((n,) + s.shape) < 0.5).astype(s.dtype) for k, s in specs.items()}
+        keys = t.insert(items)
+        for j, kk in enumerate(keys.tolist()):
+            ref[kk] = {k: v[j].copy() for k, v in items.items()}
+        key += n
+    for _ in range(3):
+        s = t.sample(int(rng.integers(1, cap + 1)))
+        for k, spec in specs.items():
+            got = s.data[k]
+            assert got.dtype == spec.dtype and got.shape == (len(s.keys),) + spec.shape
+            assert got.flags.c_contiguous and got.flags.writeable
+            expect = np.stack([ref[kk][k] for kk in s.keys.tolist()])
+            np.testing.assert_array_equal(got, expect)

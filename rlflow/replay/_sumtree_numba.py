@@ -45,24 +45,30 @@ def find(tree, offs, us, out, vals):  # pragma: no cover - compiled
         child = offs[lvl + 1]
         for k in range(n):
             c = child + out[k] * B
+            # Branch-free (u is random, so a branch per child would be mispredicted about once
+            # per level): r runs through r - c0 - c1 - ... ; once r < c_m, every later r is < 0,
+            # so the pick is the number of children passed (r >= c_m); r_sel is r at the pick.
             r = u[k]
-            pick = -1
-            last = 0
-            rlast = r
+            pick = 0
+            r_sel = r
             for m in range(B):
                 v = tree[c + m]
-                if r < v:
-                    pick = m
-                    break
-                if v > 0.0:
-                    last = m
-                    rlast = r
-                r -= v
-            if pick < 0:  # rounding left r past every child: the last positive one
-                pick = last
-                r = rlast
+                past = r >= v
+                pick += past
+                r = r - v
+                r_sel = r if past else r_sel
+            if pick == B:  # rounding carried r past every child: the last positive one (rare)
+                r = u[k]
+                pick = 0
+                r_sel = r
+                for m in range(B):
+                    v = tree[c + m]
+                    if v > 0.0:
+                        pick = m
+                        r_sel = r
+                    r -= v
             out[k] = out[k] * B + pick
-            u[k] = r
+            u[k] = r_sel
     base = offs[depth]
     for k in range(n):
         vals[k] = tree[base + out[k]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import time
 from typing import Mapping
@@ -16,6 +18,23 @@ from rlflow.specs import ArraySpec, validate_batch
 
 _I64 = np.int64
 _ndarray = np.ndarray
+
+
+_GATHER = None
+
+
+def _gather_kernel():
+    """The numba gather of packed rows, or None (numba missing, or RLFLOW_NO_NUMBA=1)."""
+    global _GATHER
+    if _GATHER is None:
+        _GATHER = False
+        if not os.environ.get("RLFLOW_NO_NUMBA"):
+            try:
+                from rlflow.replay._gather_numba import gather_rows
+                _GATHER = gather_rows
+            except Exception:  # numba missing or broken: numpy's take
+                pass
+    return _GATHER or None
 
 
 def _positive_int(name, value):
@@ -250,16 +269,28 @@ class Table:
                       for k, s in specs.items()]
         self._stores = [c[1] for c in self._cols]
         layout, off = [], 0
-        for k, sp in specs.items():  # per-item byte offsets of the contiguous columns in a sample's block
+        in_rows = set(small) if self._packed is not None else set()
+        for k, sp in specs.items():  # per-item byte offsets of the fields in a sample's block
             nbytes = sp.dtype.itemsize * int(np.prod(sp.shape, dtype=np.int64))
-            if not self._storage[k].flags.c_contiguous:
-                layout.append((k, self._storage[k], sp.shape, sp.dtype, -1, nbytes))
-                continue
             off = -(-off // 16) * 16
-            layout.append((k, self._storage[k], sp.shape, sp.dtype, off, nbytes))
+            packed = k in in_rows
+            layout.append((k, self._storage[k], sp.shape, sp.dtype, off, nbytes, packed))
             off += nbytes
         self._layout = layout
         self._row_bytes = -(-off // 16) * 16
+        self._gather_rows = None
+        kernel = _gather_kernel() if self._packed is not None else None
+        if kernel is not None:  # the packed fields, gathered in words by one numba call
+            block, row, _ = self._packed
+            fields = [(int(s.ctypes.data - block.ctypes.data), off, nbytes)
+                      for k, s, _sh, _dt, off, nbytes, packed in layout if packed]
+            w = row
+            for x in fields:
+                w = math.gcd(w, *x)
+            w = 8 if w % 8 == 0 else 4 if w % 4 == 0 else 2 if w % 2 == 0 else 1
+            wd = np.dtype(f"u{w}")
+            f = np.array([[a // w for a in x] for x in fields], dtype=_I64).T.copy()
+            self._gather_rows = (kernel, block.view(wd), row // w, wd, f[0], f[1], f[2])
         self._specs = specs
         self._fast_insert = self._build_fast_insert()
         self._fast = self._ring_mode and not self._closed
@@ -345,7 +376,7 @@ class Table:
                 i = index[name]
                 parts.append(f"{a[i]}.tobytes()")
                 packed.add(i)
-                end = off + self._storage[name].dtype.itemsize * int(np.prod(cols[i][2], dtype=np.int64))
+                end = max(end, off + self._storage[name].dtype.itemsize * int(np.prod(cols[i][2], dtype=np.int64)))
             ns["mv"] = memoryview(block)
             joined = " + ".join(parts)
             one.append(f"o = slot * {row}")
@@ -836,15 +867,16 @@ def fast_insert(items):
         again on the next sample (5x slower); one block of the same size does not."""
         n = len(slots)
         out = {}
-        block = np.empty(n * self._row_bytes, dtype=np.uint8) if self._row_bytes else None
-        for name, store, shape, dtype, off, nbytes in self._layout:
-            if off < 0:  # a small field in the packed block of rows: fancy indexing
-                out[name] = store[slots]
-            else:  # a contiguous column: gather straight into the shared block
-                a = block[off * n:(off + nbytes) * n].view(dtype).reshape((n,) + shape)
-                np.take(store, slots, axis=0, out=a, mode="clip")  # slots are valid; "raise" buffers
-                out[name] = a
-        return {c[0]: out[c[0]] for c in self._cols}
+        block = np.empty(n * self._row_bytes, dtype=np.uint8)
+        g = self._gather_rows
+        if g is not None:  # every packed field at once (numba)
+            g[0](g[1], g[2], slots, block.view(g[3]), g[4], g[5], g[6])
+        for name, store, shape, dtype, off, nbytes, packed in self._layout:
+            a = block[off * n:(off + nbytes) * n].view(dtype).reshape((n,) + shape)
+            if g is None or not packed:  # slots are valid; mode "raise" would buffer
+                np.take(store, slots, axis=0, out=a, mode="clip")
+            out[name] = a
+        return out
 
     def _sample_one_by_one(self, n):
         """Reverb's order for max_times_sampled: draw one, count it, take it out when exhausted."""
