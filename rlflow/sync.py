@@ -59,6 +59,11 @@ class ParamStore:
     def latest_version(self) -> int:
         return self._version
 
+    @property
+    def empty(self) -> bool:
+        """No parameters published (a learner whose get_params returns None)."""
+        return self._params is None
+
     def read(self) -> tuple[int, Any]:
         with self._lock:
             return self._version, copy_params(self._params)
@@ -93,14 +98,21 @@ class ParamClient:
         return self.every_seconds is not None and self._clock() - self._last_pull >= self.every_seconds
 
     def poll(self):
-        """`(version, params)` if a newer version is due, else None."""
+        """`(version, params)` if a newer version is due, else None. A store holding no parameters
+        (the learner's get_params returns None) is followed by version only: nothing to hand over."""
         if not self.due():
+            return None
+        if getattr(self.store, "empty", False):
+            self.version = max(self.version, self.store.latest_version())
+            self._last_pull = self._clock()
             return None
         version, params = self.store.read()
         if version <= self.version:
             return None
         self.version = version
         self._last_pull = self._clock()
+        if params is None:
+            return None
         return version, params
 
     def lag(self) -> int:

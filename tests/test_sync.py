@@ -42,3 +42,21 @@ def test_client_pulls_after_t_seconds_even_when_fewer_steps():
     now[0] = 1.5
     assert client.poll()[0] == 1
     assert client.poll() is None                  # nothing newer
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_learner_without_params_is_followed_by_version_only(shared):
+    if shared:
+        from rlflow.runtime.params import SharedParamStore
+        store = SharedParamStore(None)
+    else:
+        store = ParamStore()
+    client = ParamClient(store, every_learner_steps=1)
+    try:
+        for v in range(5):
+            store.publish(None, v)
+            assert client.poll() is None          # nothing to hand to set_params
+            assert client.version == v and client.lag() == 0
+    finally:
+        if shared:
+            store.close()

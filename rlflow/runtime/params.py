@@ -142,6 +142,11 @@ class SharedParamStore:
     def latest_version(self) -> int:
         return int(self._header[_LATEST])
 
+    @property
+    def empty(self) -> bool:
+        """The parameters are None (a learner without any): readers follow the version only."""
+        return self._tree == ("none",)
+
     def read(self) -> tuple[int, Any]:
         h = self._header
         spins = 0

@@ -156,6 +156,7 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         row[VERSION] = client.version
         row[READY] = incarnation + 1
         episodes = actor.stats.episodes
+        version = client.version
         blocked = 0.0
         k = 0
         while flags[STOP] == 0:
@@ -163,8 +164,9 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
             if not k & 255 and os.getppid() != parent_pid:     # orphaned (PDEATHSIG covers Linux)
                 break
             actor.step()
-            if actor.update_params():
-                row[VERSION] = client.version
+            actor.update_params()
+            if client.version != version:
+                version = row[VERSION] = client.version
             row[ENV_STEPS] = actor.env_steps
             row[ITEMS] = actor.items_added
             if actor.stats.episodes != episodes:
