@@ -10,9 +10,12 @@ import time
 import gymnasium as gym
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import rlflow as rf
+from rlflow.envs.vector import SerialVectorEnv, measure_step_cost
 from rlflow.errors import SpecError, UsageError, WorkerError
+from rlflow.runtime.env_workers import ProcessVectorEnv, inline_split
 
 from test_envs import Scripted
 
@@ -250,3 +253,119 @@ def test_pool_mode_through_an_adder_into_a_table():
     np.testing.assert_array_equal(data["obs"][:, 0], data["next_obs"][:, 0])
     np.testing.assert_array_equal(data["next_obs"][:, 2], data["obs"][:, 2] + 1)
     np.testing.assert_array_equal(data["next_obs"][:, 3], data["action"])
+
+
+# ---- the inline split: formula, calibration, and the same episodes whatever the split ------------
+def _split_reference(n, workers, c, w):
+    """The formula written out: the inline slice takes d = w / c envs more than each worker slice."""
+    d = w / c if c and w else 0.0
+    p = int(np.floor((n + workers * d) / (workers + 1) + 0.5))
+    p = max(1, min(p, n - workers))
+    k, extra = divmod(n - p, workers)
+    return [k + 1] * extra + [k] * (workers - extra) + [p]
+
+
+@pytest.mark.parametrize("n,workers,c,w,sizes", [
+    (16, 1, 5e-6, 20e-6, [6, 10]),        # CartPole-like: d = 4, p = (16 + 4) / 2
+    (16, 1, 2e-4, 4e-5, [8, 8]),          # heavy env: d = 0.2, about even
+    (16, 3, 5e-6, 20e-6, [3, 3, 3, 7]),   # p = (16 + 3 * 4) / 4
+    (16, 1, 1e-7, 4e-5, [1, 15]),         # nearly free env: every worker keeps one env
+    (7, 2, None, None, [3, 2, 2]),        # unknown costs: near-equal slices
+    (2, 1, 1e-6, 1e-3, [1, 1]),
+])
+def test_inline_split_examples(n, workers, c, w, sizes):
+    assert inline_split(n, workers, c, w) == sizes
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 64), data=st.data(), c=st.floats(1e-7, 1e-2), w=st.floats(0, 1e-3))
+def test_inline_split_follows_the_formula(n, data, c, w):
+    workers = data.draw(st.integers(1, n - 1))
+    sizes = inline_split(n, workers, c, w)
+    assert sizes == _split_reference(n, workers, c, w)
+    assert len(sizes) == workers + 1 and sum(sizes) == n and min(sizes) >= 1
+    assert max(sizes[:-1]) - min(sizes[:-1]) <= 1
+    # the inline slice is within one env of balancing p * c = w + k * c (k: mean worker slice)
+    p = sizes[-1]
+    if 1 < p < n - workers:
+        k = (n - p) / workers
+        assert abs((p - k) - w / c) <= 1 + 1 / workers + 1e-9
+
+
+@pytest.mark.parametrize("n,workers,sizes", [(6, 1, [1, 5]), (6, 1, [3, 3]), (9, 2, [2, 2, 5]),
+                                             (9, 2, [3, 3, 3]), (10, 3, [1, 1, 1, 7])])
+def test_any_inline_split_matches_serial(n, workers, sizes):
+    """Env i is seeded seed + i and keeps row i whichever process steps it."""
+    p, k = sizes[-1], sizes[0]
+    # costs that make the formula give these sizes: d = p - k
+    c, w = (1.0, float(p - k)) if p > k else (1.0, None)
+    rng = np.random.default_rng(n)
+    actions = rng.integers(0, 5, (60, n))
+    with rf.envs.make(Tagged, n) as serial:
+        ref = _run(serial, 7, actions)
+    layout = serial.layout
+    with ProcessVectorEnv(SerialVectorEnv, [Tagged] * n, layout, workers=workers, inline=True,
+                          step_cost=c, wake_cost=w) as proc:
+        assert [b - a for a, b in proc._env_bounds] == sizes
+        got = _run(proc, 7, actions)
+        pids = proc.pids
+    _assert_same(ref, got)
+    for s in got:
+        np.testing.assert_array_equal(s.env_ids, np.arange(n))
+        np.testing.assert_array_equal(s.obs[:, 0], 7 + np.arange(n))       # row i is env i
+    assert not any(_alive(p) for p in pids)
+
+
+@pytest.mark.parametrize("n,workers", [(16, 1), (5, 1), (8, 2)])
+def test_calibrated_split_matches_serial(n, workers):
+    actions = np.random.default_rng(0).integers(0, 2, (200, n))
+    with rf.envs.make("CartPole-v1", n) as serial:
+        ref = _run(serial, 3, actions)
+    with rf.envs.make("CartPole-v1", n, backend="process", workers=workers, inline=True) as proc:
+        assert proc.step_cost > 0 and proc.wake_cost > 0
+        sizes = [b - a for a, b in proc._env_bounds]
+        assert sizes == inline_split(n, workers, proc.step_cost, proc.wake_cost)
+        got = _run(proc, 3, actions)
+    _assert_same(ref, got)
+
+
+@pytest.mark.parametrize("wake,where", [(None, "env worker 1"), (3.0, "inline slice")])
+def test_fault_names_the_env_whatever_the_split(wake, where):
+    # n=6, 2 workers: even split [2, 2, 2] puts env 2 in worker 1; d = 3 gives [1, 1, 4]: inline
+    venv = ProcessVectorEnv(SerialVectorEnv, [Exploding] * 6, SerialVectorEnv.layout_of(Exploding()),
+                            workers=2, inline=True, step_cost=1.0, wake_cost=wake)
+    venv.reset(seed=0)
+    with pytest.raises(WorkerError) as info:
+        venv.step(np.array([0, 0, 4, 0, 0, 0]))
+    assert where in info.value.where and "env 2" in info.value.where
+    assert venv.closed
+
+
+class Slow(Scripted):
+    def step(self, action):
+        time.sleep(0.03)
+        return super().step(action)
+
+
+def test_measure_step_cost_is_bounded_and_never_raises():
+    layout = SerialVectorEnv.layout_of(Scripted())
+    t = time.perf_counter()
+    c = measure_step_cost(SerialVectorEnv, gym.make("CartPole-v1"), layout_of_cartpole())
+    assert 0 < c < 0.01 and time.perf_counter() - t < 0.5
+    t = time.perf_counter()
+    c = measure_step_cost(SerialVectorEnv, Slow(), layout)       # stops at the time budget
+    assert c >= 0.03 and time.perf_counter() - t < 0.2
+    assert measure_step_cost(SerialVectorEnv, Exploding(), layout, steps=200) is None   # action 4 raises
+
+
+def layout_of_cartpole():
+    return SerialVectorEnv.layout_of(gym.make("CartPole-v1"))
+
+
+def test_given_instance_is_not_stepped_by_the_calibration():
+    env = Tagged(tag=42)
+    with rf.envs.make(env, 3, backend="process", workers=1, inline=True) as venv:
+        assert venv.step_cost is not None
+        step = venv.reset(seed=5)
+    assert env.episode == -1                 # never reset (the calibration stepped a copy)
+    np.testing.assert_array_equal(step.obs[:, 0], [5, 6, 7])

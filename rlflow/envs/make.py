@@ -111,7 +111,9 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
     batch_size  pool mode: envs per returned step (a multiple of the envs per worker).
     inline      "process": this process steps one slice of the envs itself while the workers step
                 theirs (one wake-up less per step; what makes cheap envs pay off). Default: on when
-                workers + 1 <= min(CPUs, num_envs), so that no core is oversubscribed.
+                workers + 1 <= min(CPUs, num_envs), so that no core is oversubscribed. This
+                process's slice is larger by (a worker's wake-up) / (one env's step), both measured
+                at construction (the probe env is stepped for <= ~50 ms; see ProcessVectorEnv).
     seed        the seed of the first `reset()` called without one.
     start_method "fork" (default on Linux while this process runs one thread) or "spawn" (else);
                 with "spawn" the env (id, callable or instance) must be picklable.
@@ -155,9 +157,9 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         return cls(fns, seed=seed)
 
     layout = cls.layout_of(probe)
-    if not given:
-        _close(probe)
     if batch_size is None and backend == "pool":
+        if not given:
+            _close(probe)
         raise UsageError(mismatch("argument", "batch_size", "an int < num_envs with backend='pool'", None))
     cpus = min(os.cpu_count() or 1, num_envs)
     sync = batch_size is None or batch_size == num_envs
@@ -171,10 +173,18 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         workers = max(1, cpus - int(inline))
     elif inline is None:
         inline = workers + 1 <= cpus
+    step_cost = None
+    if inline and sync and isinstance(workers, int) and 1 <= workers < num_envs:
+        # the inline split's calibration steps the probe (a copy of a given instance), then closes it
+        from rlflow.envs.vector import measure_step_cost
+
+        step_cost = measure_step_cost(cls, copy.deepcopy(probe) if given else probe, layout)
+    elif not given:
+        _close(probe)
     from rlflow.runtime.env_workers import ProcessVectorEnv
 
     return ProcessVectorEnv(cls, [factory] * num_envs, layout, workers=workers, batch_size=batch_size,
-                            seed=seed, start_method=start_method, inline=inline)
+                            seed=seed, start_method=start_method, inline=inline, step_cost=step_cost)
 
 
 def _is_env(obj) -> bool:

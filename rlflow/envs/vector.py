@@ -464,3 +464,61 @@ class SerialVectorEnv(_InPlace):
                 except Exception as exc:
                     note_env_index(exc, self.seed_offset + i)
                     raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration: what one env costs per step, measured on a throwaway instance
+# --------------------------------------------------------------------------------------------------
+def measure_step_cost(cls, env, layout: Layout, steps: int = 32, budget: float = 0.05,
+                      seed: int = 0) -> float | None:
+    """Median seconds that `cls.step_rows` takes for one env, measured on `env` (a throwaway).
+
+    `env` is reset with `seed` and stepped up to `steps` times with random actions from the action
+    space (seeded; legal ones where the env gives masks; drawn outside the timed calls), and
+    stepping stops once `budget` seconds have passed since the reset began: a slow env gets one
+    step, or none when its reset alone took the budget (then the result is the time the reset
+    took, a lower bound: such an env is slow whatever it is). The first step is a warm-up, left out
+    of the median when there are others. `env` is closed afterwards. Returns None when the env
+    raised (a random action may be illegal): the cost is then unknown.
+
+    The median, not the mean: a calibration run on a shared machine is preempted now and then, and
+    the split it feeds (ProcessVectorEnv's inline slice) needs the typical step, not the tail.
+    """
+    import copy
+    import time
+
+    clock = time.perf_counter
+    venv = None
+    try:
+        venv = cls(None, layout=layout, envs=[env])
+        space = copy.deepcopy(layout.action_space)
+        space.seed(seed)
+        rng = np.random.default_rng(seed)
+        mask = venv.arrays.get("action_mask")
+        rows = layout.rows_per_env
+        dtype = layout.action_spec.dtype
+        t0 = clock()
+        venv.reset_rows(seed)
+        times = []
+        for _ in range(steps):
+            if clock() - t0 > budget:
+                break
+            if mask is not None and isinstance(space, spaces.Discrete):
+                acts = [int(space.start + rng.choice(np.flatnonzero(m))) if m.any() else int(space.start)
+                        for m in mask]
+            else:
+                acts = [space.sample() for _ in range(rows)]
+            actions = np.asarray(acts, dtype=dtype).reshape((rows,) + layout.action_spec.shape)
+            t = clock()
+            venv.step_rows(actions)
+            times.append(clock() - t)
+        if not times:
+            return clock() - t0
+        return float(np.median(times[1:] if len(times) > 1 else times))
+    except Exception:
+        return None
+    finally:
+        if venv is not None:
+            venv.close()
+        else:
+            _safe_close(env)

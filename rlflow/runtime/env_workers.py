@@ -27,6 +27,15 @@ W + 1 slices in parallel for W wake-ups. On cheap envs (CartPole: ~6 us a step) 
 most of the cost, so one worker plus the parent beats two workers on two cores. An exception in the
 inline slice is raised as WorkerError too (where = "inline slice").
 
+The inline slice is the last one, and larger: a worker's slice starts a wake-up later, so the
+parent takes d = wake_cost / step_cost envs more than each worker (`inline_split`). step_cost is
+measured before the workers start, on a throwaway env (`rf.envs.vector.measure_step_cost`: at
+most ~50 ms); wake_cost is the median of 16 empty round trips to worker 0, which waits for its
+slice until then (every worker is given all the factories and builds only its slice's envs).
+CartPole, 16 envs, 1 worker on this 2-vCPU VM: ~6.5 us a step, ~35 us a round trip, so the
+parent steps 10-11 envs and the worker 5-6 (an even 8/8 split ran at ~0.9x serial, 10/6 at
+~1.2x). A 200 us env gets d ~ 0.2: an even split. Env i keeps row i and seed + i whoever steps it.
+
 Faults. A worker whose env raises replies "e" with its traceback and the env index; a worker that
 dies closes its up pipe, which the parent reads as end-of-file (never a hang). Both raise
 `rlflow.errors.WorkerError` in the parent, after which the vector env is closed: it stops every
@@ -63,6 +72,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 import traceback
 import weakref
 from collections import deque
@@ -73,11 +83,14 @@ from rlflow.envs.vector import Layout, ObsBuffer, VectorEnv
 from rlflow.errors import UsageError, WorkerError, mismatch
 from rlflow.runtime.shm import SharedArrays
 
-__all__ = ["ProcessVectorEnv", "default_start_method"]
+__all__ = ["ProcessVectorEnv", "default_start_method", "inline_split"]
 
-_STEP, _RESET, _CLOSE = b"s", b"r", b"c"
+PINGS = 16                  # round trips timed to the first worker for the wake-up cost
+
+_STEP, _RESET, _CLOSE, _ASSIGN, _PING = b"s", b"r", b"c", b"a", b"p"
 _OK, _ERR = b"k", b"e"
 _NO_SEED = np.iinfo(np.int64).min
+_CONTROL = ("seed", "slice")          # shared arrays beside the rows
 
 
 def default_start_method() -> str:
@@ -87,6 +100,35 @@ def default_start_method() -> str:
     return "spawn"
 
 
+def inline_split(n: int, workers: int, step_cost: float | None, wake_cost: float | None) -> list[int]:
+    """Envs per slice, [worker 0, ..., worker W-1, inline slice], for the inline mode.
+
+    A worker's slice pays a wake-up `wake_cost` (seconds: the pipe round trip that starts it and
+    reports back) on top of its envs' steps; the inline slice starts at once. Each env step costs
+    `step_cost`. The step ends when the slowest slice does, so the slices finish together when the
+    inline slice takes d = wake_cost / step_cost envs more than each worker slice:
+
+        inline: p envs   |##############|                 p * c
+        worker: k envs   |~~~~~~|#######|                 w + k * c,    p = k + d
+                          wake   steps
+        W * k + p = n   =>   p = (n + W * d) / (W + 1)
+
+    p is rounded to the nearest int and kept in [1, n - W] (every worker keeps at least one env);
+    the other n - p envs are split near-equally among the workers, lower slices first. Unknown costs (None) give d = 0: near-equal slices, as for an expensive env (d ~ 0).
+    """
+    if not 1 <= workers < n:
+        raise UsageError(mismatch("argument", "workers", f"an int in [1, num_envs - 1 = {n - 1}] with "
+                                  "an inline slice", workers))
+    d = 0.0
+    if step_cost is not None and wake_cost is not None and step_cost > 0 and wake_cost > 0:
+        d = wake_cost / step_cost
+    p = min(int(np.floor((n + workers * d) / (workers + 1) + 0.5)), n - workers)
+    p = max(p, 1)
+    rest = n - p
+    sizes = [rest // workers + (i < rest % workers) for i in range(workers)]
+    return sizes + [p]
+
+
 class ProcessVectorEnv(VectorEnv):
     """N envs in W worker processes, stepped over shared memory; optional pool mode (see module doc).
 
@@ -94,23 +136,36 @@ class ProcessVectorEnv(VectorEnv):
     ParallelVectorEnv, AECVectorEnv); `env_fns` one zero-argument factory per env; `layout` the
     spaces (read from a probe env by `rf.envs.make`). Seeded resets give the same episodes as the
     serial backend: env i is reset with `seed + i` on every backend.
+
+    `step_cost` / `wake_cost` (seconds; inline mode only) set the inline split (`inline_split`);
+    None measures them (see the module docstring). Both are kept as attributes.
     """
 
     def __init__(self, cls, env_fns, layout: Layout, workers: int, batch_size=None, seed=None,
-                 start_method=None, inline: bool = False):
+                 start_method=None, inline: bool = False, step_cost: float | None = None,
+                 wake_cost: float | None = None):
         n = len(env_fns)
         if not isinstance(workers, int) or not 1 <= workers <= n:
             raise UsageError(mismatch("argument", "workers", f"an int in [1, num_envs={n}]", repr(workers)))
+        for name, v in (("step_cost", step_cost), ("wake_cost", wake_cost)):
+            if v is not None and not (isinstance(v, (int, float)) and v >= 0):
+                raise UsageError(mismatch("argument", name, "seconds >= 0, or None (measured)", repr(v)))
         self.num_workers = workers
         self.inline = bool(inline)
         rpe = layout.rows_per_env
+        bounds = None                   # inline mode: decided once the workers are up (wake cost)
         if batch_size is None or batch_size == n:
             self.batch_size = n
             slices = workers + self.inline
             if slices > n:
                 raise UsageError(mismatch("argument", "workers", f"at most num_envs - 1 = {n - 1} with "
                                           "inline=True (this process steps one slice too)", workers))
-            bounds = np.linspace(0, n, slices + 1).round().astype(int)   # near-equal slices
+            if not self.inline:
+                bounds = np.linspace(0, n, slices + 1).round().astype(int)   # near-equal slices
+            elif step_cost is None:     # calibration on a throwaway env (never one of the n)
+                from rlflow.envs.vector import measure_step_cost
+
+                step_cost = measure_step_cost(cls, env_fns[0](), layout)
         else:
             if self.inline:
                 raise UsageError(mismatch("argument", "inline", "False in pool mode", inline))
@@ -124,8 +179,8 @@ class ProcessVectorEnv(VectorEnv):
             self.batch_size = batch_size
             bounds = np.arange(0, n + 1, epw)
         self.pool = self.batch_size < n
-        self._env_bounds = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        self._row_bounds = [(a * rpe, b * rpe) for a, b in self._env_bounds]
+        self.step_cost = step_cost
+        self.wake_cost = wake_cost
         super().__init__(layout, n * rpe, seed=seed)
         method = start_method or default_start_method()
         if method not in ("fork", "spawn", "forkserver"):
@@ -136,8 +191,9 @@ class ProcessVectorEnv(VectorEnv):
 
         specs = layout.array_specs(self.num_envs)
         specs["seed"] = ((workers,), np.dtype(np.int64))
+        specs["slice"] = ((workers, 2), np.dtype(np.int64))     # each worker's envs [e0, e1)
         self._block = SharedArrays(specs, named=method != "fork")
-        self.arrays = {k: v for k, v in self._block.arrays.items() if k != "seed"}
+        self.arrays = {k: v for k, v in self._block.arrays.items() if k not in _CONTROL}
         self._seeds = self._block.arrays["seed"]
         self._actions = self.arrays["actions"]
         self._obs = ObsBuffer(layout, self.arrays, "obs")
@@ -149,16 +205,18 @@ class ProcessVectorEnv(VectorEnv):
         self._local = None
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._downs, self._ups,
                                            self._block)
+        self._env_bounds = [(0, n)] * workers       # until each worker is given its slice
         try:
+            # every worker gets every factory and waits for its slice: the inline split needs the
+            # wake-up cost, measured on a running worker
             for w in range(workers):
-                (e0, e1), (r0, r1) = self._env_bounds[w], self._row_bounds[w]
                 down_r, down_w = ctx.Pipe(duplex=False)
                 up_r, up_w = ctx.Pipe(duplex=False)
                 # fork: the child inherits every parent end so far; it closes them
                 inherited = self._downs + self._ups + [down_w, up_r] if method == "fork" else []
                 p = ctx.Process(target=_worker_main, name=f"rlflow-env-worker-{w}", daemon=True,
-                                args=(w, cls, list(env_fns[e0:e1]), layout, self._block.handle(),
-                                      (r0, r1), e0, down_r, up_w, inherited))
+                                args=(w, cls, list(env_fns), layout, self._block.handle(),
+                                      down_r, up_w, inherited))
                 p.start()
                 down_r.close()         # the worker holds the only write end of its up pipe:
                 up_w.close()           # its death reads as EOF
@@ -169,8 +227,20 @@ class ProcessVectorEnv(VectorEnv):
                 self._down_fds.append(down_w.fileno())
                 self._up_fds.append(up_r.fileno())
             for w in range(workers):
-                self._recv(w)          # each worker replies once its envs are built
+                self._recv(w)          # each worker replies once it has attached the block
             self._block.unlink()       # every worker has attached: nothing left to leak by name
+            if bounds is None:
+                if self.wake_cost is None:
+                    self.wake_cost = self._ping(0, PINGS)
+                sizes = inline_split(n, workers, self.step_cost, self.wake_cost)
+                bounds = np.concatenate([[0], np.cumsum(sizes)])
+            self._env_bounds = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+            self._row_bounds = [(a * rpe, b * rpe) for a, b in self._env_bounds]
+            self._block.arrays["slice"][:] = self._env_bounds[:workers]
+            for w in range(workers):
+                self._send(w, _ASSIGN)
+            for w in range(workers):
+                self._recv(w)          # each worker replies once its envs are built
             self._local = None
             if self.inline:            # this process steps the last slice itself, into the same block
                 (e0, e1), (r0, r1) = self._env_bounds[-1], self._row_bounds[-1]
@@ -185,6 +255,16 @@ class ProcessVectorEnv(VectorEnv):
         self._last: list[int] = list(range(workers))   # workers whose rows the last Step returned
 
     # ---- transport --------------------------------------------------------------------------------
+    def _ping(self, w, k):
+        """Median seconds of `k` empty round trips to worker w (after one to warm up)."""
+        times = []
+        for _ in range(k + 1):
+            t = time.perf_counter()
+            self._send(w, _PING)
+            self._recv(w)
+            times.append(time.perf_counter() - t)
+        return float(np.median(times[1:]))
+
     def _send(self, w, msg):
         try:
             os.write(self._down_fds[w], msg)
@@ -350,7 +430,7 @@ def _die_with_parent():
             pass
 
 
-def _worker_main(w, cls, env_fns, layout, handle, rows, env_offset, down, up, inherited):
+def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited):
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is the parent's to handle
     _die_with_parent()
     for c in inherited:                                # the parent's pipe ends (fork)
@@ -369,10 +449,21 @@ def _worker_main(w, cls, env_fns, layout, handle, rows, env_offset, down, up, in
 
     try:
         block = SharedArrays.attach(handle)
-        r0, r1 = rows
-        arrays = {k: v[r0:r1] for k, v in block.arrays.items() if k != "seed"}
+        os.write(wfd, _OK)
+        while True:                                    # up: answer pings until given a slice
+            msg = os.read(rfd, 1)
+            if msg == _PING:
+                os.write(wfd, _OK)
+            elif msg == _ASSIGN:
+                break
+            else:
+                return
+        e0, e1 = (int(x) for x in block.arrays["slice"][w])
+        rpe = layout.rows_per_env
+        arrays = {k: v[e0 * rpe:e1 * rpe] for k, v in block.arrays.items() if k not in _CONTROL}
         seeds = block.arrays["seed"]
-        venv = cls(env_fns, layout=layout, arrays=arrays, seed_offset=env_offset)
+        venv = cls(env_fns[e0:e1], layout=layout, arrays=arrays, seed_offset=e0)
+        del env_fns
         actions = arrays["actions"]
         os.write(wfd, _OK)
         while True:
