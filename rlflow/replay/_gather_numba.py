@@ -17,12 +17,22 @@ def gather_rows(src, row, slots, out, fsrc, fdst, fsize):  # pragma: no cover - 
     touch = 0
     for k in range(n):
         touch += src[slots[k] * row]
-    for k in range(n):
-        b = slots[k] * row
-        for f in range(fsrc.shape[0]):
-            sz = fsize[f]
-            s = b + fsrc[f]
-            d = fdst[f] * n + k * sz
-            for w in range(sz):
-                out[d + w] = src[s + w]
+    for f in range(fsrc.shape[0]):  # field by field: the same word count for every row
+        sz = fsize[f]
+        s = fsrc[f]
+        d = fdst[f] * n
+        if sz == 1:
+            for k in range(n):
+                out[d + k] = src[slots[k] * row + s]
+        elif sz == 2:
+            for k in range(n):
+                b = slots[k] * row + s
+                out[d + 2 * k] = src[b]
+                out[d + 2 * k + 1] = src[b + 1]
+        else:
+            for k in range(n):
+                b = slots[k] * row + s
+                o = d + k * sz
+                for w in range(sz):
+                    out[o + w] = src[b + w]
     return touch
