@@ -380,6 +380,11 @@ class ProcessVectorEnv(VectorEnv):
             self._local.close()
 
     @property
+    def slices(self) -> list[tuple[int, int]]:
+        """Env ranges [e0, e1) of worker 0, ..., worker W-1, then the inline slice if any."""
+        return list(self._env_bounds)
+
+    @property
     def pids(self) -> list[int]:
         """The worker processes' ids."""
         return list(self._pids)
