@@ -550,17 +550,22 @@ def test_sample_data_equals_inserted_items(numba_gather, fields, big, cap, n_ins
 
 def specs_of(fields, big):
     specs = {f"f{i}": ArraySpec(tuple(shape), GATHER_DTYPES[d]) for i, (d, shape) in enumerate(fields)}
-    if big:
+    if big:  # one under and two over the size where large rows are copied by memcpy (numba)
         specs["img"] = ArraySpec((9, 11), np.uint8)
+        specs["frame"] = ArraySpec((40, 40), np.uint8)
+        specs["depth"] = ArraySpec((17, 19), np.float32)
     return specs
 
 
 def _check_sample_data(specs, cap, n_ins, seed, numba_gather):
+    import rlflow.replay.table as table_mod
     rng = np.random.default_rng(seed)
     t = Table(cap, sampler=selectors.Prioritized(0.7, seed=seed) if seed % 2 else selectors.Uniform(seed=seed),
               specs=specs)
     if not numba_gather:
-        assert t._gather_rows is None
+        assert t._gather_rows is None and t._gather_big is None
+    elif "frame" in specs and table_mod._gather_big_kernel() is not None:
+        assert t._gather_big is not None and len(t._gather_big[1]) == 2
     ref = {}
     key = 0
     while key < n_ins:

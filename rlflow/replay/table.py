@@ -23,6 +23,10 @@ _ndarray = np.ndarray
 _GATHER = None
 
 
+_GATHER_BIG = None
+_BIG_ROW = 1024  # contiguous fields of at least this many bytes per item use gather_big
+
+
 def _gather_kernel():
     """The numba gather of packed rows, or None (numba missing, or RLFLOW_NO_NUMBA=1)."""
     global _GATHER
@@ -35,6 +39,27 @@ def _gather_kernel():
             except Exception:  # numba missing or broken: numpy's take
                 pass
     return _GATHER or None
+
+
+def _gather_big_kernel():
+    """The numba gather of large rows (memcpy + prefetch), checked on a small case, or None."""
+    global _GATHER_BIG
+    if _gather_kernel() is None:  # without numba (or with it turned off)
+        return None
+    if _GATHER_BIG is None:
+        _GATHER_BIG = False
+        try:
+            from rlflow.replay._gather_numba import gather_big
+            src = np.arange(3 * 200, dtype=np.int64).astype(np.uint8).reshape(3, 200)
+            out = np.zeros(4 * 200, dtype=np.uint8)
+            slots = np.array([2, 0, 2, 1], dtype=_I64)
+            gather_big(np.array([src.ctypes.data], dtype=_I64), np.array([200], dtype=_I64),
+                       out.ctypes.data, np.zeros(1, dtype=_I64), slots, 2)
+            if np.array_equal(out.reshape(4, 200), src[slots]):
+                _GATHER_BIG = gather_big
+        except Exception:  # an LLVM without these intrinsics: numpy's take
+            pass
+    return _GATHER_BIG or None
 
 
 def _positive_int(name, value):
@@ -291,6 +316,14 @@ class Table:
             wd = np.dtype(f"u{w}")
             f = np.array([[a // w for a in x] for x in fields], dtype=_I64).T.copy()
             self._gather_rows = (kernel, block.view(wd), row // w, wd, f[0], f[1], f[2])
+        self._gather_big = None
+        big = [(s, off, nbytes) for k, s, _sh, _dt, off, nbytes, packed in layout
+               if not packed and nbytes >= _BIG_ROW]
+        kernel = _gather_big_kernel() if big else None
+        if kernel is not None:  # image-sized fields: one numba call copies their rows
+            self._gather_big = (kernel, np.array([b[0].ctypes.data for b in big], dtype=_I64),
+                                np.array([b[2] for b in big], dtype=_I64),
+                                np.array([b[1] for b in big], dtype=_I64))
         self._specs = specs
         self._fast_insert = self._build_fast_insert()
         self._fast = self._ring_mode and not self._closed
@@ -871,9 +904,17 @@ def fast_insert(items):
         g = self._gather_rows
         if g is not None:  # every packed field at once (numba)
             g[0](g[1], g[2], slots, block.view(g[3]), g[4], g[5], g[6])
+        gb = self._gather_big
+        if gb is not None:  # every large contiguous field at once (numba: memcpy per row)
+            if slots.dtype != _I64 or slots.min() < 0 or slots.max() >= self.capacity:
+                raise AssertionError("slots out of range")  # never: the kernel copies raw memory
+            gb[0](gb[1], gb[2], block.ctypes.data, gb[3], slots, 2)
         for name, store, shape, dtype, off, nbytes, packed in self._layout:
-            a = block[off * n:(off + nbytes) * n].view(dtype).reshape((n,) + shape)
-            if g is None or not packed:  # slots are valid; mode "raise" would buffer
+            a = _ndarray((n,) + shape, dtype, block, off * n)
+            if packed:
+                if g is None:
+                    np.take(store, slots, axis=0, out=a, mode="clip")
+            elif gb is None or nbytes < _BIG_ROW:  # slots are valid; mode "raise" would buffer
                 np.take(store, slots, axis=0, out=a, mode="clip")
             out[name] = a
         return out
