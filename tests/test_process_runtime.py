@@ -372,6 +372,23 @@ def test_learner_exception_propagates_as_it_is():
         rf.run(exp, backend="process", num_actors=1, max_env_steps=100_000, progress=False)
 
 
+class BrokenLearner(CountingLearner):
+    def __init__(self, spec):
+        raise ValueError("boom in the user's learner constructor")
+
+
+def test_learner_constructor_error_after_actors_started_leaves_nothing():
+    """Actors start while the learner is built; a learner that cannot be built stops them all."""
+    import multiprocessing
+
+    exp = experiment(learner=BrokenLearner, table=minsize_table)
+    with pytest.raises(ValueError, match="learner constructor"):
+        rf.run(exp, backend="process", num_actors=2, max_env_steps=1_000, progress=False)
+    assert multiprocessing.active_children() == []
+    mine = [n for n in os.listdir("/dev/shm") if n.startswith(f"rlflow_{os.getpid()}_")]
+    assert mine == []
+
+
 def test_unpicklable_experiment_is_refused_up_front():
     exp = experiment(policy=lambda spec: RandomPolicy(spec))
     with pytest.raises(UsageError, match="'policy'"):

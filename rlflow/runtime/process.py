@@ -122,8 +122,18 @@ def _sigterm_exit(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _wait_for_store(store_conn, should_stop):
+    """The param store, sent once the learner exists (actors start while the learner is built)."""
+    while not store_conn.poll(0.1):
+        if should_stop():
+            raise ClosedError("the run is stopping")
+    store = store_conn.recv()
+    store_conn.close()
+    return store
+
+
 def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, control_handle, conn,
-                parent_pid, base):
+                parent_pid, base, store_conn=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, _sigterm_exit)       # so `finally` closes the env workers
     _die_with_parent()
@@ -142,6 +152,8 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         adder = fresh_adder(exp)
         adder.item_specs(venv.spec, extras_specs)      # the adder checks the data against these
         writer = RingWriter(ring_args, should_stop=should_stop, trusted=isinstance(adder, RowAdder))
+        if store is None:
+            store = _wait_for_store(store_conn, should_stop)
         client = ParamClient(store, every_learner_steps=exp.param_sync_steps,
                              every_seconds=exp.param_sync_seconds)
         actor = Actor(policy, venv, adder, sink=writer.write, warmup_steps=exp.warmup_steps, seed=seed,
@@ -203,6 +215,7 @@ class _ActorHandle:
         self.incarnation = -1
         self.process = None
         self.conn = None
+        self.store_send = None        # pipe end for the param store, until it is sent
         self.ring: Optional[Ring] = None
         self.receiver: Optional[Receiver] = None
         self.restarts = 0
@@ -389,16 +402,21 @@ class _ProcessRun:
         h.incarnation += 1
         h.ring = Ring(self.item_specs, self.rows_per_slot, self.slots, self.ctx, wake=self.wake)
         parent_end, child_end = self.ctx.Pipe(duplex=False)
+        store_recv = None
+        if self.store is None:       # started while the learner is being built: the store follows
+            store_recv, h.store_send = self.ctx.Pipe(duplex=False)
         seed = _actor_seed(self.seed0, h.index, h.incarnation)
         h.conn = parent_end
         p = self.ctx.Process(
             target=_actor_main, name=f"rlflow-actor-{h.index}", daemon=False,
             args=(h.index, h.incarnation, self.actor_exp, seed, self.extras_specs, h.ring.writer_args(),
-                  self.store, self.control.handle(), child_end, os.getpid(), base))
+                  self.store, self.control.handle(), child_end, os.getpid(), base, store_recv))
         try:
             p.start()
         finally:
             child_end.close()
+            if store_recv is not None:
+                store_recv.close()
         h.process = p
         h.unlinked = False
         if self.inline:
@@ -423,14 +441,8 @@ class _ProcessRun:
             probe.close()
         self.extras_specs = extras_specs
         self.item_specs = fresh_adder(exp).item_specs(spec, extras_specs)
-        learner = build(exp.learner, Learner, spec)
         table = resumed.table if resumed is not None else build_table(exp, spec, extras_specs)
-        self.table, self.learner = table, learner
-        base_learner_steps = 0
-        if resumed is not None:
-            learner.load_state_dict(resumed.learner_state)
-            ckpt.restore_rng(resumed.rng)
-            base_learner_steps = int(resumed.counters["learner_steps"])
+        self.table = table
         self.rows_per_slot = self.slot_rows or max(1, spec.num_envs)
         ratio = getattr(table.rate_limiter, "samples_per_insert", None)
         if self.queue_slots:
@@ -442,22 +454,38 @@ class _ProcessRun:
         self.seed0 = ckpt.env_seed(exp.seed, resumed)
 
         self.logger = make_logger(log_dir, progress, progress_every)
-        self.store = SharedParamStore(learner.get_params())
-        _track(self.store._block)
-        driver = LearnerDriver(learner, table, exp.batch_size, self.store, exp.param_sync_steps)
-        driver.steps = base_learner_steps
-        driver.publish()                 # the actors start from the learner's parameters
         K = self.num_actors
         self.control = SharedArrays({"stats": ((K, NSTATS), np.float64), "control": ((4,), np.int64)},
                                     named=True)
         _track(self.control)
         stats = self.control.arrays["stats"]
         stats[:] = 0
+        # The actors start now (process start-up, imports, envs, policies) while the learner is built
+        # here; each gets the param store through a pipe once it exists.
         bases = ckpt.actor_bases(resumed, K)
         for h, b in zip(self.actors, bases):
             stats[h.index, ENV_STEPS], stats[h.index, EPISODES] = b["env_steps"], b["episodes"]
             stats[h.index, ITEMS] = b["items"]
             self._start_actor(h, b)
+        learner = build(exp.learner, Learner, spec)
+        self.learner = learner
+        base_learner_steps = 0
+        if resumed is not None:
+            learner.load_state_dict(resumed.learner_state)
+            ckpt.restore_rng(resumed.rng)
+            base_learner_steps = int(resumed.counters["learner_steps"])
+        self.store = store = SharedParamStore(learner.get_params())
+        _track(store._block)
+        driver = LearnerDriver(learner, table, exp.batch_size, store, exp.param_sync_steps)
+        driver.steps = base_learner_steps
+        driver.publish()                 # the actors start from the learner's parameters
+        for h in self.actors:
+            try:
+                h.store_send.send(store)
+            except OSError:          # that actor died already: supervision restarts it with the store
+                pass
+            h.store_send.close()
+            h.store_send = None
         if exp.eval_every:
             self.evaluator = Evaluator(exp, spec, seed=exp.seed + 1_000_003)
         limit = None if max_learner_steps is None else max(0, max_learner_steps - base_learner_steps)
@@ -697,6 +725,8 @@ class _ProcessRun:
                         ring.close()
                 if h.conn is not None:
                     h.conn.close()
+                if h.store_send is not None:
+                    h.store_send.close()
                 if h.process is not None:
                     try:
                         h.process.close()
