@@ -30,11 +30,16 @@ inline slice is raised as WorkerError too (where = "inline slice").
 The inline slice is the last one, and larger: a worker's slice starts a wake-up later, so the
 parent takes d = wake_cost / step_cost envs more than each worker (`inline_split`). step_cost is
 measured before the workers start, on a throwaway env (`rf.envs.vector.measure_step_cost`: at
-most ~50 ms); wake_cost is the median of 16 empty round trips to worker 0, which waits for its
-slice until then (every worker is given all the factories and builds only its slice's envs).
-CartPole, 16 envs, 1 worker on this 2-vCPU VM: ~6.5 us a step, ~35 us a round trip, so the
-parent steps 10-11 envs and the worker 5-6 (an even 8/8 split ran at ~0.9x serial, 10/6 at
-~1.2x). A 200 us env gets d ~ 0.2: an even split. Env i keeps row i and seed + i whoever steps it.
+most ~50 ms). wake_cost is the median of 32 empty round trips to worker 0, which waits for its
+slice until then (every worker gets all the factories and builds only its slice's envs). A round
+trip holds two wake-ups where the step's critical path holds about one, and the 1-env step
+includes the per-call overhead (~2 us); the two overestimates about cancel on CartPole, and the
+split errs towards the parent, which is the cheaper side to err on (a parent that finishes first
+blocks and pays a wake-up of its own).
+CartPole, 16 envs, 1 worker on this 2-vCPU VM: ~6.5-7 us a step, ~30 us a round trip (~45-55 us
+while other jobs load the machine), so the parent steps 10-12 envs and the worker 4-6 (sweeps of
+the parent's share: 8 ~0.85-0.9x serial, 9 ~0.9-1.15x, 10 ~1.2-1.3x, 11 ~1.15-1.2x, 12 ~1.1x).
+A 200 us env gets d ~ 0.2: an even split. Env i keeps row i and seed + i whoever steps it.
 
 Faults. A worker whose env raises replies "e" with its traceback and the env index; a worker that
 dies closes its up pipe, which the parent reads as end-of-file (never a hang). Both raise
@@ -85,7 +90,7 @@ from rlflow.runtime.shm import SharedArrays
 
 __all__ = ["ProcessVectorEnv", "default_start_method", "inline_split"]
 
-PINGS = 16                  # round trips timed to the first worker for the wake-up cost
+PINGS = 32                  # round trips timed to the first worker for the wake-up cost
 
 _STEP, _RESET, _CLOSE, _ASSIGN, _PING = b"s", b"r", b"c", b"a", b"p"
 _OK, _ERR = b"k", b"e"
@@ -256,7 +261,12 @@ class ProcessVectorEnv(VectorEnv):
 
     # ---- transport --------------------------------------------------------------------------------
     def _ping(self, w, k):
-        """Median seconds of `k` empty round trips to worker w (after one to warm up)."""
+        """Median seconds of `k` empty round trips to worker w (after one to warm up).
+
+        The median, not the fastest: now and then the scheduler runs both ends on one CPU and a
+        trip takes ~5 us, no cross-CPU wake-up at all. (Timing the trip with this process spinning
+        instead, as it would while stepping its slice, gave ~5 us every time: the woken worker
+        preempts the spinner on its own CPU.)"""
         times = []
         for _ in range(k + 1):
             t = time.perf_counter()
@@ -478,7 +488,7 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited):
             elif msg == _RESET:
                 seed = int(seeds[w])
                 venv.reset_rows(None if seed == _NO_SEED else seed)
-            else:                                      # close, or the parent is gone
+            elif msg != _PING:                         # close, or the parent is gone
                 break
             os.write(wfd, _OK)
     except (BrokenPipeError, ConnectionResetError):
