@@ -229,6 +229,8 @@ class _InlineSampler:
     (receiver="inline") it also moves ring slots into the table first, and waits on `wake` (a
     semaphore every ring releases when it publishes a slot) instead of the table."""
 
+    GATHER = 0.001
+
     def __init__(self, table, batch_size, limit, pump=None, wake=None):
         self.table, self.batch_size, self.limit, self.drawn = table, batch_size, limit, 0
         self.pump, self.wake = pump, wake
@@ -261,7 +263,12 @@ class _InlineSampler:
         if self.pump is None:
             sample = self._sample(timeout)
         else:
-            self.wake.acquire(timeout=timeout)      # until an actor publishes a slot
+            # Until an actor publishes a slot; then a short pause lets more slots gather, so a
+            # learner waiting for data (warm-up, a slow actor) is woken about once per
+            # millisecond, not once per slot (each cross-process wake-up costs tens of us on
+            # both sides). Only reached when no batch could be drawn at once.
+            if self.wake.acquire(timeout=timeout):
+                time.sleep(self.GATHER)
             sample = self._sample(0)
         if sample is None:
             raise queue.Empty
