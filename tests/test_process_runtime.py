@@ -372,6 +372,13 @@ def test_learner_exception_propagates_as_it_is():
         rf.run(exp, backend="process", num_actors=1, max_env_steps=100_000, progress=False)
 
 
+@pytest.mark.parametrize("num_actors", [1, 2])
+def test_max_env_steps_is_not_overshot_by_more_than_a_vector_step_per_actor(num_actors):
+    exp = experiment(table=minsize_table)
+    r = rf.run(exp, backend="process", num_actors=num_actors, max_env_steps=3_001, progress=False)
+    assert 3_001 <= r.figures["env_steps"] < 3_001 + num_actors * exp.num_envs
+
+
 class BrokenLearner(CountingLearner):
     def __init__(self, spec):
         raise ValueError("boom in the user's learner constructor")

@@ -98,6 +98,7 @@ from rlflow.sync import ParamClient
 # columns of the per-actor stats rows (float64, written by the actor process)
 ENV_STEPS, ITEMS, EPISODES, RETURN, VERSION, READY, BLOCKED, NSTATS = range(8)
 STOP = 0                         # control flag: 1 = every actor should stop
+ENV_LIMIT = 1                    # control: the run's max_env_steps (all actors together), -1 for none
 START_METHODS = ("spawn", "forkserver", "fork")
 
 
@@ -171,10 +172,16 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         version = client.version
         blocked = 0.0
         k = 0
+        all_stats = control.arrays["stats"]
+        limit = int(flags[ENV_LIMIT])
+        alone = len(all_stats) == 1
         while flags[STOP] == 0:
             k += 1
             if not k & 255 and os.getppid() != parent_pid:     # orphaned (PDEATHSIG covers Linux)
                 break
+            if limit >= 0 and (actor.env_steps if alone else all_stats[:, ENV_STEPS].sum()) >= limit:
+                time.sleep(0.005)    # the run's env steps are done: no step past max_env_steps
+                continue
             actor.step()
             actor.update_params()
             if client.version != version:
@@ -467,6 +474,7 @@ class _ProcessRun:
         _track(self.control)
         stats = self.control.arrays["stats"]
         stats[:] = 0
+        self.control.arrays["control"][ENV_LIMIT] = -1 if max_env_steps is None else int(max_env_steps)
         # The actors start now (process start-up, imports, envs, policies) while the learner is built
         # here; each gets the param store through a pipe once it exists.
         bases = ckpt.actor_bases(resumed, K)
