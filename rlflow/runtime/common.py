@@ -101,14 +101,21 @@ class Figures:
     def __init__(self):
         self.t0 = time.monotonic()
         self._last = (self.t0, 0, 0)
+        self._paused = 0.0
 
     def due(self, every: float) -> bool:
         return time.monotonic() - self._last[0] >= every
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (the whole run was paused: an evaluation in one process) out of the
+        next row's rates."""
+        self._paused += seconds
+
     def row(self, env_steps, learner_steps, table, episodes, episode_return, extra=None) -> dict:
         now = time.monotonic()
         t, e, l = self._last
-        dt = max(now - t, 1e-9)
+        dt = max(now - t - self._paused, 1e-9)
+        self._paused = 0.0
         self._last = (now, env_steps, learner_steps)
         stats = table.stats() if hasattr(table, "stats") else {}
         inserts = stats.get("inserts", 0)

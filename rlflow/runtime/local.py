@@ -102,7 +102,9 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
             if evaluator is not None and actor.env_steps >= next_eval:
                 next_eval += exp.eval_every
                 train_time = elapsed - evaluator.seconds       # evaluation time excluded
+                before = evaluator.seconds
                 eval_return = evaluator(learner.get_params(), actor.env_steps, elapsed)
+                figures.exclude(evaluator.seconds - before)    # and out of the progress rates
                 evaluated = True
                 if exp.target_return is not None and eval_return >= exp.target_return and solved_at is None:
                     solved_at, solved_time = actor.env_steps, train_time
