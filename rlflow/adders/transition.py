@@ -81,6 +81,7 @@ class NStepTransition(RowAdder):
         self._w_by_head = np.stack([g ** ((h - j) % n) for h in range(n)])     # gamma^(age before close)
         self._age_by_head = np.stack([(h - j) % n + 1 for h in range(n)])      # age after the close
         self._disc_n = np.full(R, self._gpow[n], np.float32)
+        self._plain = None            # Transition fast path: plain obs / action arrays, no extras
 
     # Lockstep: while every call is a full one (all rows alive, in env_ids order), all rows share
     # one head `self._h`, so every entry of ring slot j has the same age (h - j) % n + 1 after a
@@ -105,6 +106,21 @@ class NStepTransition(RowAdder):
         return self.n == 1 and self._lock
 
     def _full_add(self, act, ext, reward, terminated, obs, final):
+        if self._plain is None:
+            self._plain = (list(self.obs_specs) == ["obs"] and list(self.action_specs) == ["action"]
+                           and not self.extras_specs)
+        if self._plain:                # one observation array, one action array, no extras
+            buf = self._obs["obs"]
+            o_dt = buf.dtype
+            a_dt = self.action_specs["action"].dtype
+            disc = self._disc_n.copy()
+            if terminated.any():
+                disc[terminated] = 0.0
+            out = {"obs": buf[:, 0], "action": np.array(act["action"], dtype=a_dt),
+                   "reward": np.array(reward, dtype=np.float32), "discount": disc,
+                   "next_obs": np.array(final["obs"], dtype=o_dt)}
+            self._obs["obs"] = np.array(obs["obs"], dtype=o_dt)[:, None]
+            return out
         out = {k: b[:, 0] for k, b in self._obs.items()}
         out.update({k: np.array(act[k], dtype=s.dtype) for k, s in self.action_specs.items()})
         out["reward"] = np.array(reward, dtype=np.float32)
