@@ -92,14 +92,18 @@ def pipeline_rate(env_id, num_envs, backend, seconds, num_actors=1):
             f.get("actor_blocked_s", 0.0))
 
 
+def print_header(header):
+    print(header)
+    print("-" * len(header), flush=True)
+    return header
+
+
 def flow(seconds, rounds=3):
     print(f"(1) data flow overhead, CartPole-v1, random actions, Transition adder, MinSize table, learner "
           f"consuming 256-batches, process runtime with 1 actor; {rounds} interleaved rounds of bare env "
           f"({seconds:.0f} s) then pipeline ({seconds:.0f} s steady state), median of the per-round ratios")
-    header = (f"{'envs/actor':>10} | {'bare env steps/s':>16} | {'pipeline env steps/s':>20} | "
-              f"{'learner batches/s':>17} | {'ratio':>6} | target >= 0.80")
-    print(header)
-    print("-" * len(header), flush=True)
+    print_header(f"{'envs/actor':>10} | {'bare env steps/s':>16} | {'pipeline env steps/s':>20} | "
+                 f"{'learner batches/s':>17} | {'ratio':>6} | target >= 0.80")
     out = []
     for num_envs in (16, 64):
         bares, pipes, learns, ratios = [], [], [], []
@@ -127,10 +131,8 @@ def dqn(seeds, max_steps, eval_every):
     print(f"\n(2) DQN CartPole-v1, solve = greedy mean return over 20 episodes >= {learning.THRESHOLD:.0f}, "
           f"evaluated every {eval_every:,} env steps, at most {max_steps:,} env steps; training wall time "
           f"(evaluation excluded, process start-up included)")
-    header = (f"{'seed':>4} | {'process steps':>13} {'s':>6} | {'local steps':>11} {'s':>6} | "
-              f"{'SB3 steps':>9} {'s':>6} | {'process/SB3 time':>16} {'local/SB3 time':>14}")
-    print(header)
-    print("-" * len(header), flush=True)
+    header = print_header(f"{'seed':>4} | {'process steps':>13} {'s':>6} | {'local steps':>11} {'s':>6} | "
+                          f"{'SB3 steps':>9} {'s':>6} | {'process/SB3 time':>16} {'local/SB3 time':>14}")
     rows = []
     for seed in range(seeds):
         proc = learning.run_rlflow(seed, max_steps, eval_every, backend="process", num_actors=1)
