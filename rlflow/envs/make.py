@@ -178,7 +178,11 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         # the inline split's calibration steps the probe (a copy of a given instance), then closes it
         from rlflow.envs.vector import measure_step_cost
 
-        step_cost = measure_step_cost(cls, copy.deepcopy(probe) if given else probe, layout)
+        try:
+            target = copy.deepcopy(probe) if given else probe
+        except Exception:        # an instance that does not copy: no calibration, an even split
+            target = None
+        step_cost = None if target is None else measure_step_cost(cls, target, layout)
     elif not given:
         _close(probe)
     from rlflow.runtime.env_workers import ProcessVectorEnv
