@@ -417,7 +417,6 @@ class SerialVectorEnv(_InPlace):
         return Layout(env.observation_space, env.action_space)
 
     def _setup(self):
-        self._scalar_actions = self._act_shape == () and self._act_dtype.kind in "iu"
         self._obs_flat = self._obs.arrays[0] if self._obs.flat else None
 
     def reset_rows(self, seed) -> None:
