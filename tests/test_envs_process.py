@@ -369,3 +369,36 @@ def test_given_instance_is_not_stepped_by_the_calibration():
         step = venv.reset(seed=5)
     assert env.episode == -1                 # never reset (the calibration stepped a copy)
     np.testing.assert_array_equal(step.obs[:, 0], [5, 6, 7])
+
+
+def _slow_cartpole():
+    import time as _time
+
+    import gymnasium as gym
+
+    class Slow(gym.Wrapper):
+        def step(self, action):
+            end = _time.thread_time() + 100e-6    # 100 us of CPU: well above CHEAP_STEP
+            while _time.thread_time() < end:
+                pass
+            return self.env.step(action)
+
+    return Slow(gym.make("CartPole-v1"))
+
+
+@pytest.mark.parametrize("env,expect_inline", [("CartPole-v1", True), (_slow_cartpole, False)])
+def test_more_workers_than_spare_cores_step_inline_only_for_cheap_envs(monkeypatch, env, expect_inline):
+    """workers + 1 > CPUs: the calling process also steps a slice only where an env step is cheaper
+    than waking a worker; an expensive env keeps its cores to the workers."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with rf.envs.make(env, 8, backend="process", workers=2) as venv:
+        assert venv.num_workers == 2 and venv.inline == expect_inline
+        from rlflow.envs.make import CHEAP_STEP
+
+        assert (venv.step_cost < CHEAP_STEP) == expect_inline
+        with rf.envs.make(env, 8) as serial:
+            a, b = venv.reset(seed=4), serial.reset(seed=4)
+            for _ in range(30):
+                np.testing.assert_array_equal(a.obs, b.obs)
+                act = np.arange(8) % 2
+                a, b = venv.step(act), serial.step(act)

@@ -9,6 +9,7 @@ from typing import Any
 from rlflow.errors import UsageError, mismatch
 
 BACKENDS = ("serial", "process", "pool")
+CHEAP_STEP = 20e-6        # seconds: an env step below this makes an inline slice pay with any workers
 
 
 class GymMake:
@@ -111,7 +112,9 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
     batch_size  pool mode: envs per returned step (a multiple of the envs per worker).
     inline      "process": this process steps one slice of the envs itself while the workers step
                 theirs (one wake-up less per step; what makes cheap envs pay off). Default: on when
-                workers + 1 <= min(CPUs, num_envs), so that no core is oversubscribed. This
+                workers + 1 <= min(CPUs, num_envs), so that no core is oversubscribed, and also
+                with more workers when one env step costs under CHEAP_STEP (20 us, measured): the
+                workers of such envs mostly wait on wake-ups, not on a core. This
                 process's slice is larger by (a worker's wake-up) / (one env's step), both measured
                 at construction (the probe env is stepped for <= ~50 ms; see ProcessVectorEnv).
     seed        the seed of the first `reset()` called without one.
@@ -163,6 +166,7 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         raise UsageError(mismatch("argument", "batch_size", "an int < num_envs with backend='pool'", None))
     cpus = min(os.cpu_count() or 1, num_envs)
     sync = batch_size is None or batch_size == num_envs
+    cheap_only = False
     if not sync:
         inline = bool(inline)
         if workers is None:
@@ -173,8 +177,9 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         workers = max(1, cpus - int(inline))
     elif inline is None:
         inline = workers + 1 <= cpus
+        cheap_only = not inline      # decided by the calibration: on for cheap envs only
     step_cost = None
-    if inline and sync and isinstance(workers, int) and 1 <= workers < num_envs:
+    if (inline or cheap_only) and sync and isinstance(workers, int) and 1 <= workers < num_envs:
         # the inline split's calibration steps the probe (a copy of a given instance), then closes it
         from rlflow.envs.vector import measure_step_cost
 
@@ -183,6 +188,10 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         except Exception:        # an instance that does not copy: no calibration, an even split
             target = None
         step_cost = None if target is None else measure_step_cost(cls, target, layout)
+        if cheap_only:
+            # More steppers than cores pays only where an env step costs less than waking a
+            # worker: the workers then mostly wait on wake-ups, not on the CPU.
+            inline = step_cost is not None and step_cost < CHEAP_STEP
     elif not given:
         _close(probe)
     from rlflow.runtime.env_workers import ProcessVectorEnv
