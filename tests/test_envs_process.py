@@ -277,6 +277,16 @@ def test_inline_split_examples(n, workers, c, w, sizes):
     assert inline_split(n, workers, c, w) == sizes
 
 
+@pytest.mark.parametrize("n,workers,cores,sizes", [
+    (16, 2, 2, [3, 3, 10]),   # 2 workers share the one spare core: p = (16 + 1 * 4) / 2
+    (16, 2, 3, [4, 4, 8]),    # a core each: p = (16 + 2 * 4) / 3
+    (16, 3, 2, [2, 2, 2, 10]),
+    (16, 1, 1, [6, 10]),      # one core: still one worker's worth
+])
+def test_inline_split_with_fewer_cores_than_slices(n, workers, cores, sizes):
+    assert inline_split(n, workers, 5e-6, 20e-6, cores) == sizes
+
+
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(2, 64), data=st.data(), c=st.floats(1e-7, 1e-2), w=st.floats(0, 1e-3))
 def test_inline_split_follows_the_formula(n, data, c, w):
@@ -294,8 +304,9 @@ def test_inline_split_follows_the_formula(n, data, c, w):
 
 @pytest.mark.parametrize("n,workers,sizes", [(6, 1, [1, 5]), (6, 1, [3, 3]), (9, 2, [2, 2, 5]),
                                              (9, 2, [3, 3, 3]), (10, 3, [1, 1, 1, 7])])
-def test_any_inline_split_matches_serial(n, workers, sizes):
+def test_any_inline_split_matches_serial(monkeypatch, n, workers, sizes):
     """Env i is seeded seed + i and keeps row i whichever process steps it."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)      # a core for every slice: the plain formula
     p, k = sizes[-1], sizes[0]
     # costs that make the formula give these sizes: d = p - k
     c, w = (1.0, float(p - k)) if p > k else (1.0, None)
@@ -324,7 +335,7 @@ def test_calibrated_split_matches_serial(n, workers):
     with rf.envs.make("CartPole-v1", n, backend="process", workers=workers, inline=True) as proc:
         assert proc.step_cost > 0 and proc.wake_cost > 0
         sizes = [b - a for a, b in proc._env_bounds]
-        assert sizes == inline_split(n, workers, proc.step_cost, proc.wake_cost)
+        assert sizes == inline_split(n, workers, proc.step_cost, proc.wake_cost, os.cpu_count())
         got = _run(proc, 3, actions)
     _assert_same(ref, got)
 

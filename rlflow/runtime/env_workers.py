@@ -105,7 +105,8 @@ def default_start_method() -> str:
     return "spawn"
 
 
-def inline_split(n: int, workers: int, step_cost: float | None, wake_cost: float | None) -> list[int]:
+def inline_split(n: int, workers: int, step_cost: float | None, wake_cost: float | None,
+                 cores: int | None = None) -> list[int]:
     """Envs per slice, [worker 0, ..., worker W-1, inline slice], for the inline mode.
 
     A worker's slice pays a wake-up `wake_cost` (seconds: the pipe round trip that starts it and
@@ -118,6 +119,9 @@ def inline_split(n: int, workers: int, step_cost: float | None, wake_cost: float
                           wake   steps
         W * k + p = n   =>   p = (n + W * d) / (W + 1)
 
+    With `cores` < W + 1 the workers cannot all run beside this process: they share the
+    cores - 1 others, so p is balanced against W' = max(1, cores - 1) workers' worth of parallel
+    stepping (p = (n + W' * d) / (W' + 1)) and the rest is still spread over all W workers.
     p is rounded to the nearest int and kept in [1, n - W] (every worker keeps at least one env);
     the other n - p envs are split near-equally among the workers, lower slices first. Unknown costs (None) give d = 0: near-equal slices, as for an expensive env (d ~ 0).
     """
@@ -127,7 +131,8 @@ def inline_split(n: int, workers: int, step_cost: float | None, wake_cost: float
     d = 0.0
     if step_cost is not None and wake_cost is not None and step_cost > 0 and wake_cost > 0:
         d = wake_cost / step_cost
-    p = min(int(np.floor((n + workers * d) / (workers + 1) + 0.5)), n - workers)
+    par = workers if cores is None or workers + 1 <= cores else max(1, cores - 1)
+    p = min(int(np.floor((n + par * d) / (par + 1) + 0.5)), n - workers)
     p = max(p, 1)
     rest = n - p
     sizes = [rest // workers + (i < rest % workers) for i in range(workers)]
@@ -237,7 +242,7 @@ class ProcessVectorEnv(VectorEnv):
             if bounds is None:
                 if self.wake_cost is None:
                     self.wake_cost = self._ping(0, PINGS)
-                sizes = inline_split(n, workers, self.step_cost, self.wake_cost)
+                sizes = inline_split(n, workers, self.step_cost, self.wake_cost, os.cpu_count())
                 bounds = np.concatenate([[0], np.cumsum(sizes)])
             self._env_bounds = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
             self._row_bounds = [(a * rpe, b * rpe) for a, b in self._env_bounds]
