@@ -9,7 +9,7 @@
     backend, the local backend and Stable-Baselines3 with the same hyperparameters (the SB3 side is
     benchmarks/learning.py's). Target: process <= 0.7x SB3's wall time, with no more env steps.
 
-    flock /tmp/rlflow-bench.lock .venv/bin/python benchmarks/pipeline.py [--seeds 3] [--only flow|dqn]
+    flock /tmp/rlflow-bench.lock .venv/bin/python benchmarks/pipeline.py [--seeds 3] [--first-seed 0] [--only flow|dqn]
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def flow(seconds, rounds=3):
 
 
 # ---------------------------------------------------------------- (2) DQN time to solve
-def dqn(seeds, max_steps, eval_every):
+def dqn(seeds, max_steps, eval_every, first_seed=0):
     import torch
 
     import learning
@@ -134,7 +134,7 @@ def dqn(seeds, max_steps, eval_every):
     header = print_header(f"{'seed':>4} | {'process steps':>13} {'s':>6} | {'local steps':>11} {'s':>6} | "
                           f"{'SB3 steps':>9} {'s':>6} | {'process/SB3 time':>16} {'local/SB3 time':>14}")
     rows = []
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         proc = learning.run_rlflow(seed, max_steps, eval_every, backend="process", num_actors=1)
         loc = learning.run_rlflow(seed, max_steps, eval_every, backend="local")
         sb3 = learning.run_sb3(seed, max_steps, eval_every)
@@ -172,6 +172,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=100_000)
     p.add_argument("--eval-every", type=int, default=2_000)
     p.add_argument("--only", choices=["flow", "dqn"], default=None)
@@ -179,7 +180,7 @@ def main():
     if a.only != "dqn":
         flow(a.seconds)
     if a.only != "flow":
-        dqn(a.seeds, a.max_steps, a.eval_every)
+        dqn(a.seeds, a.max_steps, a.eval_every, a.first_seed)
 
 
 if __name__ == "__main__":
