@@ -209,29 +209,17 @@ class RingWriter:
 
     def write(self, items: Mapping[str, np.ndarray]) -> None:
         n = len(items[self._cols[0][0]]) if self._trusted else self._check(items)
-        if 0 < n <= self.slot_rows:          # the usual case: one slot, whole arrays
-            self._acquire()
-            s = self._next
-            for name, view in self._views[s]:
-                view[:n] = items[name]
-            self._rows[s] = n
-            self._next = s + 1 if s + 1 < self.slots else 0
-            self._head += 1                  # this writer alone moves the head
-            self._counters[_HEAD] = self._head
-            self.full.release()
-            if self.wake is not None:
-                self.wake.release()
-            return
         start = 0
         while start < n:
             k = min(self.slot_rows, n - start)
+            whole = k == n                       # the usual case: one slot, whole arrays
             self._acquire()
             s = self._next
-            for name, arr, _ in self._cols:
-                arr[s, :k] = items[name][start:start + k]
+            for name, view in self._views[s]:
+                view[:k] = items[name] if whole else items[name][start:start + k]
             self._rows[s] = k
-            self._next = (s + 1) % self.slots
-            self._head += 1
+            self._next = s + 1 if s + 1 < self.slots else 0
+            self._head += 1                      # this writer alone moves the head
             self._counters[_HEAD] = self._head
             self.full.release()
             if self.wake is not None:
