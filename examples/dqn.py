@@ -88,6 +88,8 @@ class DQN(rf.Learner):
         self.q = q_network(spec, args.hidden)
         self.target, self.opt = copy.deepcopy(self.q), torch.optim.Adam(self.q.parameters(), lr=args.lr, fused=True)
         self.args, self.steps = args, 0
+        self.weights = list(self.q.parameters())
+        self.params = module_params(self.q)    # numpy views of the live weights; stores copy on publish
 
     def step(self, batch):
         b = {k: torch.as_tensor(v) for k, v in batch.data.items()}
@@ -96,7 +98,7 @@ class DQN(rf.Learner):
         loss = F.smooth_l1_loss(self.q(b["obs"]).gather(1, b["action"].long()[:, None]).squeeze(1), target)
         self.opt.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(self.q.parameters(), 10.0)
+        nn.utils.clip_grad_norm_(self.weights, 10.0, foreach=True)
         self.opt.step()
         self.steps += 1
         if self.steps % self.args.target_update == 0:
@@ -104,7 +106,7 @@ class DQN(rf.Learner):
         return {"loss": loss.item()}
 
     def get_params(self):
-        return module_params(self.q)
+        return self.params
 
     def state_dict(self):                  # checkpoints and resume
         return {"nets": (self.q.state_dict(), self.target.state_dict(), self.opt.state_dict()), "steps": self.steps}
