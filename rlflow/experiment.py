@@ -175,7 +175,7 @@ def fresh_adder(experiment: Experiment) -> Adder:
 BACKENDS = ("local", "process")
 
 
-PROCESS_OPTIONS = ("start_method", "prefetch", "receiver", "queue_slots", "slot_rows")
+PROCESS_OPTIONS = ("start_method", "prefetch", "receiver", "queue_slots", "slot_rows", "actor_threads")
 
 
 def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Optional[int] = None,
@@ -195,7 +195,8 @@ def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Option
     resume            a checkpoint directory to carry on from: counters and table continue exactly
     max_restarts      how many times a dead actor process is restarted before the run fails
     backend_options   backend="process" only: start_method ("spawn"), receiver ("inline" | "thread"),
-                      prefetch (batches sampled ahead by a thread), queue_slots, slot_rows
+                      prefetch (batches sampled ahead by a thread), queue_slots, slot_rows,
+                      actor_threads (math-library threads per actor process, default 1)
     """
     if not isinstance(experiment, Experiment):
         raise UsageError(mismatch("run", "experiment", "an rf.Experiment", type(experiment).__name__))

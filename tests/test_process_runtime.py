@@ -23,6 +23,7 @@ import pytest
 import rlflow as rf
 from rlflow.errors import SpecError, UsageError, WorkerError
 from rlflow.runtime.params import SharedParamStore
+from rlflow.runtime.threads import THREAD_VARS
 from rlflow.runtime.transport import Ring, RingWriter
 from rlflow.specs import ArraySpec
 
@@ -402,6 +403,42 @@ def test_unpicklable_experiment_is_refused_up_front():
         rf.run(exp, backend="process", max_env_steps=100, progress=False)
 
 
+class ThreadsRecordingPolicy(RandomPolicy):
+    """Writes what its process's environment says about math-library threads (actor processes
+    only: the probe policy built in the learner's process writes nothing)."""
+
+    def __init__(self, spec, path=None):
+        super().__init__(spec)
+        if mp.parent_process() is not None:
+            with open(path, "w") as f:
+                f.write(",".join(os.environ.get(v, "-") for v in THREAD_VARS))
+
+
+class ThreadsRecordingFactory:
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, spec):
+        return ThreadsRecordingPolicy(spec, self.path)
+
+
+@pytest.mark.parametrize("actor_threads, user_env, expected", [
+    (1, None, "1,1,1"), (2, None, "2,2,2"), (None, None, "-,-,-"), (1, "3", "3,1,1")])
+def test_actor_processes_get_one_math_library_thread_unless_told(tmp_path, monkeypatch, actor_threads,
+                                                                 user_env, expected):
+    for v in THREAD_VARS:
+        monkeypatch.delenv(v, raising=False)
+    if user_env is not None:                    # the user's own setting wins
+        monkeypatch.setenv("OMP_NUM_THREADS", user_env)
+    path = str(tmp_path / "threads.txt")
+    rf.run(experiment(policy=ThreadsRecordingFactory(path)), backend="process", max_env_steps=200,
+           progress=False, actor_threads=actor_threads)
+    with open(path) as f:
+        assert f.read() == expected
+    # the learner's process keeps its environment as it was
+    assert [os.environ.get(v) for v in THREAD_VARS] == [user_env, None, None]
+
+
 def test_unknown_or_bad_options_are_refused():
     with pytest.raises(UsageError, match="max_restarts"):
         rf.run(experiment(), backend="process", max_env_steps=100, progress=False, max_restarts=-1)
@@ -409,6 +446,8 @@ def test_unknown_or_bad_options_are_refused():
         rf.run(experiment(), backend="process", max_env_steps=100, progress=False, prefetch=2)
     with pytest.raises(UsageError, match="start_method"):
         rf.run(experiment(), backend="process", max_env_steps=100, progress=False, start_method="thread")
+    with pytest.raises(UsageError, match="actor_threads"):
+        rf.run(experiment(), backend="process", max_env_steps=100, progress=False, actor_threads=0)
 
 
 # --------------------------------------------------------------------------------------------------

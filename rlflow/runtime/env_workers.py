@@ -87,6 +87,7 @@ import numpy as np
 from rlflow.envs.vector import Layout, ObsBuffer, VectorEnv
 from rlflow.errors import UsageError, WorkerError, mismatch
 from rlflow.runtime.shm import SharedArrays
+from rlflow.runtime.threads import child_threads
 
 __all__ = ["ProcessVectorEnv", "default_start_method", "inline_split"]
 
@@ -227,7 +228,8 @@ class ProcessVectorEnv(VectorEnv):
                 p = ctx.Process(target=_worker_main, name=f"rlflow-env-worker-{w}", daemon=True,
                                 args=(w, cls, list(env_fns), layout, self._block.handle(),
                                       down_r, up_w, inherited))
-                p.start()
+                with child_threads(1):  # W workers share the cores: one math-library thread each
+                    p.start()
                 down_r.close()         # the worker holds the only write end of its up pipe:
                 up_w.close()           # its death reads as EOF
                 self._procs.append(p)

@@ -59,8 +59,11 @@ Options (keyword arguments of `rf.run(..., backend="process", ...)`):
                      "thread" (a receiver thread per actor)
     prefetch         batches a sampler thread draws ahead (receiver="thread" only; default 0: the
                      learner's thread samples)
-    queue_slots      slots per actor ring (default: 8 if the limiter has a samples-per-insert ratio,
+    queue_slots      slots per actor ring (default: 32 if the limiter has a samples-per-insert ratio,
                      which keeps acting close to learning; else as many as fit 32 MiB, at most 256)
+    actor_threads    math-library threads (OpenMP, MKL, OpenBLAS) in each actor process and its env
+                     workers, unless the environment sets them (default 1; None: the libraries'
+                     own default, usually one per core); see rlflow.runtime.threads
     slot_rows        rows per slot (default: the rows of one vector step)
     checkpoint_dir, checkpoint_every, resume   see rlflow.runtime.checkpoint
 """
@@ -92,6 +95,7 @@ from rlflow.runtime import checkpoint as ckpt
 from rlflow.runtime.common import Evaluator, Figures, LearnerDriver, Limits, make_logger, scalar_metrics
 from rlflow.runtime.params import SharedParamStore
 from rlflow.runtime.shm import SharedArrays
+from rlflow.runtime.threads import child_threads
 from rlflow.runtime.transport import Receiver, Ring, RingWriter, slot_bytes
 from rlflow.sync import ParamClient
 
@@ -334,7 +338,7 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
                 start_method: str = "spawn", prefetch: int = 0, receiver: str = "inline",
                 queue_slots: Optional[int] = None,
                 slot_rows: Optional[int] = None, checkpoint_dir=None, checkpoint_every=None,
-                resume=None) -> RunResult:
+                resume=None, actor_threads: Optional[int] = 1) -> RunResult:
     exp = experiment
     if start_method not in START_METHODS:
         raise UsageError(mismatch("run", "start_method", f"one of {START_METHODS}", repr(start_method)))
@@ -345,6 +349,9 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
     for name, value in (("queue_slots", queue_slots), ("slot_rows", slot_rows)):
         if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
             raise UsageError(mismatch("run", name, "None or an int >= 1", repr(value)))
+    if actor_threads is not None and (not isinstance(actor_threads, (int, np.integer))
+                                      or isinstance(actor_threads, bool) or actor_threads < 1):
+        raise UsageError(mismatch("run", "actor_threads", "None or an int >= 1", repr(actor_threads)))
     if receiver not in ("inline", "thread"):
         raise UsageError(mismatch("run", "receiver", "'inline' or 'thread'", repr(receiver)))
     if receiver == "inline" and prefetch:
@@ -357,7 +364,7 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
     ctx = mp.get_context(start_method)
 
     run = _ProcessRun(exp, actor_exp, ctx, num_actors, max_restarts, prefetch, receiver, queue_slots,
-                      slot_rows)
+                      slot_rows, actor_threads)
     old_handlers = _install_signal_handlers()
     try:
         return run.run(max_env_steps, max_learner_steps, max_seconds, log_dir, progress, progress_every,
@@ -390,7 +397,8 @@ def _restore_signal_handlers(old):
 
 class _ProcessRun:
     def __init__(self, exp, actor_exp, ctx, num_actors, max_restarts, prefetch, receiver, queue_slots,
-                 slot_rows):
+                 slot_rows, actor_threads=1):
+        self.actor_threads = actor_threads
         self.inline = receiver == "inline"
         self.wake = ctx.Semaphore(0) if self.inline else None
         self.exp, self.actor_exp, self.ctx = exp, actor_exp, ctx
@@ -426,7 +434,8 @@ class _ProcessRun:
             args=(h.index, h.incarnation, self.actor_exp, seed, self.extras_specs, h.ring.writer_args(),
                   self.store, self.control.handle(), child_end, os.getpid(), base, store_recv))
         try:
-            p.start()
+            with child_threads(self.actor_threads):
+                p.start()
         finally:
             child_end.close()
             if store_recv is not None:
@@ -696,6 +705,9 @@ class _ProcessRun:
                     yield rec if self.inline else rec.reader
 
     def _try_insert(self, items) -> bool:
+        # Asking first: a refused insert would build and raise a Timeout, once per learner step.
+        if not self.table.can_insert(len(next(iter(items.values())))):
+            return False
         try:
             self.table.insert(items, timeout=0)
             return True
