@@ -21,8 +21,10 @@ _lock = threading.Lock()
 
 @contextlib.contextmanager
 def child_threads(threads: Optional[int]) -> Iterator[None]:
-    """Processes started inside this block (spawn or forkserver: they read the environment when
-    they start) see `threads` math-library threads; None changes nothing."""
+    """Processes started inside this block with "spawn" (the default start method: the child reads
+    the environment when it starts) see `threads` math-library threads; None changes nothing.
+    Children of "fork" and "forkserver" inherit their parent's environment and loaded libraries
+    instead, so there it has no effect."""
     if threads is None:
         yield
         return
