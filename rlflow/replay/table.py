@@ -304,6 +304,11 @@ class Table:
         self._layout = layout
         self._row_bytes = -(-off // 16) * 16
         self._gather_rows = None
+        self._packed_rows = None
+        if self._packed is not None:  # numpy's fallback: whole packed rows in one take, then views
+            block, row, _ = self._packed
+            self._packed_rows = (block.reshape(cap, row), row,
+                                 {k: int(s.ctypes.data - block.ctypes.data) for k, s, *_r in layout if _r[-1]})
         kernel = _gather_kernel() if self._packed is not None else None
         if kernel is not None:  # the packed fields, gathered in words by one numba call
             block, row, _ = self._packed
@@ -909,11 +914,17 @@ def fast_insert(items):
             if slots.dtype != _I64 or slots.min() < 0 or slots.max() >= self.capacity:
                 raise AssertionError("slots out of range")  # never: the kernel copies raw memory
             gb[0](gb[1], gb[2], block.ctypes.data, gb[3], slots, 2)
+        rows = None
+        if g is None and self._packed_rows is not None:
+            # np.take of a strided field view would first copy the whole field (the capacity) to
+            # a contiguous array, on every sample; the packed rows themselves are contiguous
+            prows, row, offsets = self._packed_rows
+            rows = np.take(prows, slots, axis=0, mode="clip")
         for name, store, shape, dtype, off, nbytes, packed in self._layout:
             a = _ndarray((n,) + shape, dtype, block, off * n)
             if packed:
                 if g is None:
-                    np.take(store, slots, axis=0, out=a, mode="clip")
+                    a[...] = _ndarray((n,) + shape, dtype, rows, offsets[name], (row,) + store.strides[1:])
             elif gb is None or nbytes < _BIG_ROW:  # slots are valid; mode "raise" would buffer
                 np.take(store, slots, axis=0, out=a, mode="clip")
             out[name] = a
