@@ -584,3 +584,32 @@ def _check_sample_data(specs, cap, n_ins, seed, numba_gather):
             assert got.flags.c_contiguous and got.flags.writeable
             expect = np.stack([ref[kk][k] for kk in s.keys.tolist()])
             np.testing.assert_array_equal(got, expect)
+
+
+def test_numpy_gather_touches_only_the_sampled_rows(monkeypatch):
+    """Without numba, sampling packed small fields allocates about the sample, not the capacity
+    (np.take of a strided field view would copy the whole field on every sample)."""
+    import tracemalloc
+
+    import rlflow.replay.table as table_module
+    monkeypatch.setattr(table_module, "_GATHER", False)        # as if numba were missing
+    specs = {"obs": ArraySpec((4,), np.float32), "action": ArraySpec((), np.int64),
+             "reward": ArraySpec((), np.float32), "next_obs": ArraySpec((4,), np.float32)}
+    t = rf.Table(capacity=1_000_000, sampler=rf.selectors.Uniform(seed=0), remover=rf.selectors.Fifo(),
+                 specs=specs)
+    rng = np.random.default_rng(0)
+    n = 5_000
+    items = {"obs": rng.standard_normal((n, 4)).astype(np.float32), "action": rng.integers(0, 9, n),
+             "reward": rng.standard_normal(n).astype(np.float32),
+             "next_obs": rng.standard_normal((n, 4)).astype(np.float32)}
+    t.insert(items)
+    assert t._gather_rows is None and t._packed_rows is not None   # the numpy path, packed rows
+    tracemalloc.start()
+    try:
+        s = t.sample(64)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"one sample of 64 allocated {peak:,} bytes at its peak"   # a field is 16 MB
+    for k, v in items.items():                                  # and the data is right
+        np.testing.assert_array_equal(s.data[k], v[s.keys])
