@@ -422,6 +422,20 @@ class TrajectoryAdder(RowAdder):
     def _ring_capacity(self) -> int:
         raise NotImplementedError
 
+    def _stacked_fields(self, length: int, flags=()) -> dict[str, ArraySpec]:
+        """Item fields stacked over `length` steps: observations, actions, reward, discount, mask,
+        the bool `flags`, next observations, extras (in that order)."""
+        L = (length,)
+        f = {k: ArraySpec(L + s.shape, s.dtype) for k, s in self.obs_specs.items()}
+        f.update({k: ArraySpec(L + s.shape, s.dtype) for k, s in self.action_specs.items()})
+        f["reward"] = ArraySpec(L, np.float32)
+        f["discount"] = ArraySpec(L, np.float32)
+        for name in ("mask",) + tuple(flags):
+            f[name] = ArraySpec(L, bool)
+        f.update({"next_" + k: ArraySpec(L + s.shape, s.dtype) for k, s in self.obs_specs.items()})
+        f.update({k: ArraySpec(L + s.shape, s.dtype) for k, s in self.extras_specs.items()})
+        return f
+
     def _allocate(self) -> None:
         R, C = self.num_rows, self._ring_capacity()
         self._cap = C

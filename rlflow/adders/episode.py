@@ -44,15 +44,7 @@ class Episode(TrajectoryAdder):
         return self.max_length
 
     def _item_fields(self) -> dict[str, ArraySpec]:
-        L = (self.max_length,)
-        f = {k: ArraySpec(L + s.shape, s.dtype) for k, s in self.obs_specs.items()}
-        f.update({k: ArraySpec(L + s.shape, s.dtype) for k, s in self.action_specs.items()})
-        f["reward"] = ArraySpec(L, np.float32)
-        f["discount"] = ArraySpec(L, np.float32)
-        f["mask"] = ArraySpec(L, bool)
-        f.update({"next_" + k: ArraySpec(L + s.shape, s.dtype) for k, s in self.obs_specs.items()})
-        f.update({k: ArraySpec(L + s.shape, s.dtype) for k, s in self.extras_specs.items()})
-        return f
+        return self._stacked_fields(self.max_length)
 
     def _open(self, rows, action, extras) -> None:
         over = self._count[rows] >= self.max_length

@@ -72,16 +72,7 @@ class Sequence(TrajectoryAdder):
         return self.length
 
     def _item_fields(self) -> dict[str, ArraySpec]:
-        L = (self.length,)
-        f = {k: ArraySpec(L + s.shape, s.dtype) for k, s in self.obs_specs.items()}
-        f.update({k: ArraySpec(L + s.shape, s.dtype) for k, s in self.action_specs.items()})
-        f["reward"] = ArraySpec(L, np.float32)
-        f["discount"] = ArraySpec(L, np.float32)
-        f["mask"] = ArraySpec(L, bool)
-        f["is_first"] = ArraySpec(L, bool)
-        f.update({"next_" + k: ArraySpec(L + s.shape, s.dtype) for k, s in self.obs_specs.items()})
-        f.update({k: ArraySpec(L + s.shape, s.dtype) for k, s in self.extras_specs.items()})
-        return f
+        return self._stacked_fields(self.length, flags=("is_first",))
 
     def _close(self, rows, reward, terminated, truncated, done, final_obs):
         self._record_close(rows, reward, terminated, truncated, done, final_obs)
