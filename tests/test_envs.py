@@ -158,3 +158,36 @@ def test_env_instance_and_wrappers():
         s = venv.reset(seed=0)
         assert s.obs.shape == (3, 4)
         venv.step(np.ones(3, np.int64))
+
+
+def test_envs_made_from_an_id_leave_out_only_the_checking_wrappers():
+    """Env 0 keeps gymnasium's full stack (env checker, order enforcer); envs 1..N-1 leave both out
+    and step exactly like fully wrapped envs: same seeds and actions, same rows, same time limit."""
+    def stack(e):
+        names = []
+        while hasattr(e, "env"):
+            names.append(type(e).__name__)
+            e = e.env
+        return names
+
+    n, rng = 4, np.random.default_rng(3)
+    with rf.envs.make("CartPole-v1", n, max_episode_steps=9) as venv:
+        assert stack(venv.envs[0]) == ["TimeLimit", "OrderEnforcing", "PassiveEnvChecker"]
+        assert all(stack(e) == ["TimeLimit"] for e in venv.envs[1:])
+        refs = [gym.make("CartPole-v1", max_episode_steps=9) for _ in range(n)]
+        step = venv.reset(seed=5)
+        expected = np.stack([e.reset(seed=5 + i)[0] for i, e in enumerate(refs)])
+        np.testing.assert_array_equal(step.obs, expected)
+        truncations = 0
+        for _ in range(40):
+            actions = rng.integers(0, 2, n)
+            step = venv.step(actions)
+            for i, (e, a) in enumerate(zip(refs, actions)):
+                o, r, te, tr, _ = e.step(a)
+                np.testing.assert_array_equal(step.final_obs[i], o)
+                assert (step.reward[i], step.terminated[i], step.truncated[i]) == (r, te, tr)
+                truncations += tr
+                np.testing.assert_array_equal(step.obs[i], e.reset()[0] if te or tr else o)
+        assert truncations > 0
+    with rf.envs.make("CartPole-v1", 2, disable_env_checker=False) as venv:   # the user's word wins
+        assert stack(venv.envs[1]) == ["TimeLimit", "PassiveEnvChecker"]

@@ -198,14 +198,16 @@ def test_sigint_and_exit_leave_nothing(method, mode):
     assert _rlflow_segments(proc.pid) == []
 
 
-def test_pool_mode_streams():
-    n, workers, k = 8, 4, 4
-    epw = n // workers
+@pytest.mark.parametrize("n,workers,k,inline", [(8, 4, 4, False), (8, 1, 4, True), (9, 2, 3, True),
+                                                (12, 2, 8, True)])
+def test_pool_mode_streams(n, workers, k, inline):
+    epw = n // (workers + inline)
     rng = np.random.default_rng(0)
     refs = [Tagged() for _ in range(n)]
     expected = [e.reset(seed=10 + i)[0] for i, e in enumerate(refs)]
-    with rf.envs.make(Tagged, n, backend="pool", workers=workers, batch_size=k) as venv:
-        assert venv.pool and venv.num_envs == n
+    with rf.envs.make(Tagged, n, backend="pool", workers=workers, batch_size=k, inline=inline) as venv:
+        assert venv.pool and venv.num_envs == n and venv.inline == inline
+        assert venv.slices == [(i, i + epw) for i in range(0, n, epw)]
         step = venv.reset(seed=10)
         np.testing.assert_array_equal(step.env_ids, np.arange(n))
         seen = set()
@@ -235,8 +237,50 @@ def test_pool_mode_streams():
         assert len(step) == n
 
 
-def test_pool_mode_through_an_adder_into_a_table():
-    with rf.envs.make(Tagged, 6, backend="pool", workers=3, batch_size=2) as venv:
+class SlowTagged(Tagged):
+    """A Tagged env whose step takes 2 ms in the envs with tag >= slow_from (tags = reset seeds)."""
+
+    slow_from = 0
+
+    def step(self, action):
+        if self.tag >= self.slow_from:
+            time.sleep(0.002)
+        return super().step(action)
+
+
+class _SlowFrom:
+    def __init__(self, tag):
+        self.tag = tag
+
+    def __call__(self):
+        env = SlowTagged()
+        env.slow_from = self.tag
+        return env
+
+
+@pytest.mark.parametrize("slow_from", [0, 4, 99])   # all slow, the inline slice slow, none
+def test_pool_mode_with_an_inline_slice_serves_every_slice(slow_from):
+    """Neither side starves the other: the inline slice (envs 4, 5) is returned at most every
+    other step and at least every W + 2 = 4th, whether it is much slower than the workers, much
+    faster, or alike."""
+    with rf.envs.make(_SlowFrom(slow_from), 6, backend="pool", workers=2, batch_size=2,
+                      inline=True) as venv:
+        step = venv.reset(seed=0)
+        returned = []
+        for _ in range(60):
+            step = venv.step(np.zeros(len(step), np.int64))
+            returned.append(step.env_ids.tolist())
+    inline_at = [t for t, ids in enumerate(returned) if ids == [4, 5]]
+    assert all(ids in ([0, 1], [2, 3], [4, 5]) for ids in returned)
+    gaps = np.diff([-1] + inline_at)
+    assert 2 <= gaps[1:].min() and gaps.max() <= 4, returned
+    for ids in ([0, 1], [2, 3]):
+        assert returned.count(ids) >= 10, returned
+
+
+@pytest.mark.parametrize("workers,inline", [(3, False), (2, True)])
+def test_pool_mode_through_an_adder_into_a_table(workers, inline):
+    with rf.envs.make(Tagged, 6, backend="pool", workers=workers, batch_size=2, inline=inline) as venv:
         adder = rf.adders.Transition(discount=0.9)
         table = rf.Table(capacity=1000, specs=adder.item_specs(venv.spec))
         step = venv.reset(seed=0)

@@ -13,19 +13,35 @@ CHEAP_STEP = 20e-6        # seconds: an env step below this makes an inline slic
 
 
 class GymMake:
-    """A picklable factory: `gymnasium.make(env_id, **kwargs)`."""
+    """A picklable factory: `gymnasium.make(env_id, **kwargs)`.
 
-    def __init__(self, env_id: str, kwargs: dict):
+    `lean=True` leaves out the two wrappers that only check the caller: gymnasium's passive env
+    checker (unless kwargs set `disable_env_checker`) and its reset-before-step order enforcer. A
+    vector env resets every env before it steps it and checks env 0 in full, so envs 1..N-1 are
+    made lean: ~0.2 us less per step of each (CartPole: 4.3 -> 4.1 us). Same dynamics, same
+    TimeLimit, same kwargs; an id that is not in the registry is made as usual.
+    """
+
+    def __init__(self, env_id: str, kwargs: dict, lean: bool = False):
         self.env_id = env_id
         self.kwargs = dict(kwargs)
+        self.lean = lean
 
     def __call__(self):
+        import dataclasses
+
         import gymnasium as gym
 
-        return gym.make(self.env_id, **self.kwargs)
+        spec = gym.envs.registry.get(self.env_id) if self.lean else None
+        if spec is None:
+            return gym.make(self.env_id, **self.kwargs)
+        lean = {"order_enforce": False}
+        if "disable_env_checker" not in self.kwargs:
+            lean["disable_env_checker"] = True
+        return gym.make(dataclasses.replace(spec, **lean), **self.kwargs)
 
     def __repr__(self):
-        return f"GymMake({self.env_id!r}, {self.kwargs})"
+        return f"GymMake({self.env_id!r}, {self.kwargs}{', lean' if self.lean else ''})"
 
 
 class CopyOf:
@@ -97,7 +113,8 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
          inline: bool | None = None, **kwargs: Any):
     """A vector env of `num_envs` copies of `env`, returning `rf.Step` records.
 
-    env         a Gymnasium env id (`gymnasium.make(env, **kwargs)`), a zero-argument callable
+    env         a Gymnasium env id (`gymnasium.make(env, **kwargs)`; envs 1..N-1 without the
+                checker and order wrappers, see GymMake), a zero-argument callable
                 returning a Gymnasium Env (wrappers included) or a PettingZoo AECEnv / ParallelEnv
                 (called with `**kwargs`), or an env instance. An instance is used as env 0 by the
                 serial backend and every other env is a `copy.deepcopy` of it; the process backend
@@ -108,9 +125,13 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
                 "pool": "process" with `batch_size` < num_envs (EnvPool's async mode): `step`
                 returns the `batch_size` envs that finished first; see ProcessVectorEnv.
     workers     process backends: how many worker processes. Default: "process": one per CPU
-                but one, with `inline` on; "pool": the largest divisor of num_envs up to the CPUs.
+                but one, with `inline` on; "pool": the same (CPUs - 1 workers and an inline slice,
+                N/CPUs envs each) when N/CPUs divides batch_size, else the largest divisor of
+                num_envs up to the CPUs, without an inline slice.
     batch_size  pool mode: envs per returned step (a multiple of the envs per worker).
-    inline      "process": this process steps one slice of the envs itself while the workers step
+    inline      pool mode: this process steps one slice of N/(workers+1) envs itself, in `step`,
+                while the workers step theirs (see ProcessVectorEnv); default as for `workers`.
+                "process": this process steps one slice of the envs itself while the workers step
                 theirs (one wake-up less per step; what makes cheap envs pay off). Default: on when
                 workers + 1 <= min(CPUs, num_envs), so that no core is oversubscribed, and also
                 with more workers when one env step costs under CHEAP_STEP (20 us, measured): the
@@ -132,9 +153,11 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
                 raise UsageError(mismatch("argument", name, "None with backend='serial'", repr(value)))
 
     # one factory per env, plus a probe env to read the spaces from
+    others = None              # the factory of envs 1..N-1 where it differs from env 0's
     if isinstance(env, str):
         factory = GymMake(env, kwargs)
         probe = factory()
+        others = GymMake(env, kwargs, lean=True)
         given = False
     elif callable(env) and not _is_env(env):
         factory = _Call(env, kwargs) if kwargs else env
@@ -155,9 +178,9 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         raise
     cls = vector_class(kind)
 
+    others = others or (CopyOf(env) if given else factory)
     if backend == "serial":
-        fns = [_Given(probe)] + [CopyOf(env) if given else factory for _ in range(num_envs - 1)]
-        return cls(fns, seed=seed)
+        return cls([_Given(probe)] + [others] * (num_envs - 1), seed=seed)
 
     layout = cls.layout_of(probe)
     if batch_size is None and backend == "pool":
@@ -168,9 +191,13 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
     sync = batch_size is None or batch_size == num_envs
     cheap_only = False
     if not sync:
-        inline = bool(inline)
         if workers is None:
-            workers = max(d for d in range(1, cpus + 1) if num_envs % d == 0)
+            if inline is None:      # CPUs - 1 workers and this process, when the slices fit the batch
+                inline = (cpus >= 2 and num_envs % cpus == 0 and isinstance(batch_size, int)
+                          and batch_size % (num_envs // cpus) == 0)
+            workers = (max(1, cpus - 1) if inline
+                       else max(d for d in range(1, cpus + 1) if num_envs % d == 0))
+        inline = bool(inline)
     elif workers is None:
         if inline is None:
             inline = cpus >= 2
@@ -196,7 +223,7 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         _close(probe)
     from rlflow.runtime.env_workers import ProcessVectorEnv
 
-    return ProcessVectorEnv(cls, [factory] * num_envs, layout, workers=workers, batch_size=batch_size,
+    return ProcessVectorEnv(cls, [factory] + [others] * (num_envs - 1), layout, workers=workers, batch_size=batch_size,
                             seed=seed, start_method=start_method, inline=inline, step_cost=step_cost)
 
 

@@ -21,7 +21,7 @@ socket every step cost each worker one spurious wake-up and the parent another, 
 stepping worker (perf sched: ~5 context switches per worker round trip instead of ~3; ~10 us of
 the critical path per step). A pipe wakes only its readers on write.
 
-Inline slice (`inline=True`, sync mode only). The parent steps one more slice itself, with the same
+Inline slice (`inline=True`; sync mode, and pool mode below). The parent steps one more slice itself, with the same
 class on the same shared block, between sending "s" and reading the replies: W workers then give
 W + 1 slices in parallel for W wake-ups. On cheap envs (CartPole: ~6 us a step) the wake-ups are
 most of the cost, so one worker plus the parent beats two workers on two cores. An exception in the
@@ -66,6 +66,17 @@ returned counts first), with `env_ids` saying which envs they are:
 
 So each env's stream is a strict alternation of (its rows returned, its actions given), and an
 adder keyed by env_ids keeps every stream straight.
+
+Pool mode with an inline slice (`inline=True`: W workers and this process own N/(W+1) envs each).
+The inline slice is stepped by `step` itself, while the workers step theirs, when its actions are
+in, fewer than k/(N/(W+1)) workers have finished and the last Step did not return it; otherwise it
+waits (with its actions) for the next call, and is stepped then whatever the workers did; finished
+slices are returned first come, first served. So it is returned at most every other call and at
+least every W + 2, however fast or slow it is against the workers. With W=1, N=16, k=8 this is an alternation: each call sends the worker's 8 envs off,
+steps its own 8 and returns them, and the next call returns the worker's 8, finished meanwhile:
+
+    step(a[8..15]) -> worker finished while the caller acted: env_ids 0..7   (envs 8..15 wait)
+    step(a[0..7])  -> worker started; envs 8..15 stepped here: env_ids 8..15
 """
 
 from __future__ import annotations
@@ -178,12 +189,12 @@ class ProcessVectorEnv(VectorEnv):
 
                 step_cost = measure_step_cost(cls, env_fns[0](), layout)
         else:
-            if self.inline:
-                raise UsageError(mismatch("argument", "inline", "False in pool mode", inline))
-            if n % workers:
-                raise UsageError(mismatch("argument", "workers", f"a divisor of num_envs={n} in pool "
-                                          "mode", workers))
-            epw = n // workers
+            slices = workers + self.inline
+            if n % slices:
+                raise UsageError(mismatch("argument", "workers", f"a count whose slices (workers"
+                                          f"{' + 1 inline' if self.inline else ''}) divide num_envs={n} "
+                                          "in pool mode", workers))
+            epw = n // slices
             if not isinstance(batch_size, int) or not (0 < batch_size < n) or batch_size % epw:
                 raise UsageError(mismatch("argument", "batch_size", f"a multiple of the envs per worker "
                                           f"({epw}) below num_envs={n}", repr(batch_size)))
@@ -264,7 +275,9 @@ class ProcessVectorEnv(VectorEnv):
         self._ids_of = [np.arange(r0, r1, dtype=np.int64) for r0, r1 in self._row_bounds]
         self._busy: set[int] = set()     # stepping, result not read
         self._ready: deque[int] = deque()  # result read, rows not yet returned (pool mode)
-        self._last: list[int] = list(range(workers))   # workers whose rows the last Step returned
+        self._last: list[int] = list(range(len(self._env_bounds)))   # slices the last Step returned
+        self._local_pending = False      # pool mode: the inline slice holds actions not yet stepped
+        self._local_passed = False       # ... and a step returned other slices instead of it
 
     # ---- transport --------------------------------------------------------------------------------
     def _ping(self, w, k):
@@ -335,6 +348,7 @@ class ProcessVectorEnv(VectorEnv):
             self._recv(w)
         self._busy.clear()
         self._ready.clear()
+        self._local_pending = self._local_passed = False
         self._seeds[:] = _NO_SEED if seed is None else seed
         for w in range(self.num_workers):
             self._send(w, _RESET)
@@ -342,7 +356,7 @@ class ProcessVectorEnv(VectorEnv):
             self._run_local(self._local.reset_rows, seed)
         for w in range(self.num_workers):
             self._recv(w)
-        self._last = list(range(self.num_workers))
+        self._last = list(range(len(self._env_bounds)))
         return self._make_step(self.arrays, self._obs, self._final)
 
     def _step_workers(self, actions):
@@ -356,29 +370,47 @@ class ProcessVectorEnv(VectorEnv):
             for w in range(self.num_workers):
                 self._recv(w)
             return self._make_step(self.arrays, self._obs, self._final)
-        # pool mode: actions belong to the rows of the workers returned last
+        # pool mode: actions belong to the rows of the slices returned last
+        local = self.num_workers           # the inline slice's number, if there is one
         j = 0
         for w in self._last:
             r0, r1 = self._row_bounds[w]
             self._actions[r0:r1] = actions[j:j + r1 - r0]
             j += r1 - r0
-            self._send(w, _STEP)
-            self._busy.add(w)
+            if w == local:
+                self._local_pending = True
+            else:
+                self._send(w, _STEP)
+                self._busy.add(w)
         need = self.batch_size // (self._env_bounds[0][1] - self._env_bounds[0][0])
+        self._collect(block=False)         # workers that finished while the caller acted come first
+        if self._local_pending and (self._local_passed or (len(self._ready) < need
+                                                           and local not in self._last)):
+            r0, r1 = self._row_bounds[local]   # the inline slice steps while the workers step theirs
+            self._run_local(self._local.step_rows, self._actions[r0:r1])
+            self._local_pending = self._local_passed = False
+            self._ready.append(local)
         while len(self._ready) < need:
-            busy = sorted(self._busy)
-            done = mpc.wait([self._ups[w] for w in busy])
-            for w in busy:
-                if self._ups[w] in done:
-                    self._recv(w)
-                    self._busy.discard(w)
-                    self._ready.append(w)
+            self._collect(block=True)
         chosen = [self._ready.popleft() for _ in range(need)]
+        self._local_passed = self._local_pending    # passed over once: stepped at the next call
         self._last = chosen
         index = np.concatenate([self._ids_of[w] for w in chosen])
         step = self._make_step(self.arrays, self._obs, self._final, ids=index, index=index)
         self._expected_rows = len(index)
         return step
+
+    def _collect(self, block: bool):
+        """Read the replies of the busy workers that have finished (block: wait for at least one)."""
+        busy = sorted(self._busy)
+        if not busy:
+            return
+        done = mpc.wait([self._ups[w] for w in busy], timeout=None if block else 0)
+        for w in busy:
+            if self._ups[w] in done:
+                self._recv(w)
+                self._busy.discard(w)
+                self._ready.append(w)
 
     def _run_local(self, fn, arg):
         try:
