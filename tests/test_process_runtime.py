@@ -318,6 +318,17 @@ def test_same_experiment_runs_on_both_backends_and_respects_samples_per_insert(o
         assert k in f, k
 
 
+@pytest.mark.parametrize("start_method", ["forkserver", "fork"])
+def test_every_start_method_runs(start_method):
+    """An actor started by the fork server has the server for its parent, not the learner: it
+    must still act (and stop with the learner)."""
+    exp = experiment(num_envs=4)
+    r = rf.run(exp, backend="process", max_env_steps=2_000, progress=False, start_method=start_method,
+               max_restarts=0)
+    assert r.figures["env_steps"] >= 2_000 and r.figures["actor_restarts"] == 0
+    assert r.learner.steps > 0
+
+
 @pytest.mark.slow
 def test_backpressure_slow_learner_blocks_actors_and_loses_nothing(tmp_path):
     exp = experiment(learner=SlowLearner, num_envs=2)

@@ -142,14 +142,18 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, _sigterm_exit)       # so `finally` closes the env workers
     _die_with_parent()
+    # The process that started this one: the learner's ("spawn", "fork") or the fork server's
+    # ("forkserver", which exits with the learner). A new parent pid means it is gone.
+    ppid = os.getppid()
     venv = None
     try:
+        os.kill(parent_pid, 0)        # the learner exited before this process watched its parent
         control = SharedArrays.attach(control_handle)
         row = control.arrays["stats"][index]
         flags = control.arrays["control"]
 
         def should_stop():
-            return flags[STOP] != 0 or os.getppid() != parent_pid
+            return flags[STOP] != 0 or os.getppid() != ppid
 
         seed_all(seed)
         venv = make_venv(exp)
@@ -181,7 +185,7 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         alone = len(all_stats) == 1
         while flags[STOP] == 0:
             k += 1
-            if not k & 255 and os.getppid() != parent_pid:     # orphaned (PDEATHSIG covers Linux)
+            if not k & 255 and os.getppid() != ppid:     # orphaned (PDEATHSIG covers Linux)
                 break
             if limit >= 0 and (actor.env_steps if alone else all_stats[:, ENV_STEPS].sum()) >= limit:
                 time.sleep(0.005)    # the run's env steps are done: no step past max_env_steps
