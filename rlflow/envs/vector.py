@@ -282,28 +282,38 @@ class VectorEnv:
 
     def _make_step(self, arrays: dict, obs: ObsBuffer, final: ObsBuffer, ids=None, index=None) -> Step:
         """A Step of copies of `arrays` (all rows, or rows `index`), with episode statistics."""
-        take = (lambda a: a.copy()) if index is None else (lambda a: a[index])
-        reward = take(arrays["reward"])
-        terminated = take(arrays["terminated"])
-        truncated = take(arrays["truncated"])
-        alive = take(arrays["alive"]) if "alive" in arrays else None
-        mask = take(arrays["action_mask"]) if "action_mask" in arrays else None
+        if index is None:
+            reward = arrays["reward"].copy()
+            terminated = arrays["terminated"].copy()
+            truncated = arrays["truncated"].copy()
+        else:
+            reward = arrays["reward"][index]
+            terminated = arrays["terminated"][index]
+            truncated = arrays["truncated"][index]
+        alive = arrays.get("alive")
+        mask = arrays.get("action_mask")
+        if alive is not None:
+            alive = alive.copy() if index is None else alive[index]
+        if mask is not None:
+            mask = mask.copy() if index is None else mask[index]
         done = terminated | truncated
         # episode statistics, vectorized over the rows
         if index is None:
             ids = self._all_ids
-            self._ret += reward
-            self._len += 1 if alive is None else (alive | done)
-            info = {"episode_return": self._ret.astype(np.float32), "episode_length": self._len.copy()}
-            if done.any():
-                self._ret[done] = 0.0
-                self._len[done] = 0
+            ret, length = self._ret, self._len
+            ret += reward
+            length += 1 if alive is None else (alive | done)
+            info = {"episode_return": ret.astype(np.float32), "episode_length": length.copy()}
         else:
             ret = self._ret[ids] + reward
             length = self._len[ids] + (1 if alive is None else (alive | done))
-            self._ret[ids] = np.where(done, 0.0, ret)
-            self._len[ids] = np.where(done, 0, length)
             info = {"episode_return": ret.astype(np.float32), "episode_length": length}
+            self._ret[ids] = ret
+            self._len[ids] = length
+        if done.any():
+            ended = ids[done]
+            self._ret[ended] = 0.0
+            self._len[ended] = 0
         return Step(obs=obs.tree(index), reward=reward, terminated=terminated, truncated=truncated,
                     final_obs=final.tree(index), env_ids=ids, alive=alive, action_mask=mask, info=info)
 
