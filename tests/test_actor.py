@@ -30,7 +30,8 @@ def _reference_episodes(venv, steps, seed):
 
 
 @pytest.mark.parametrize("backend,kw", [("serial", {}), ("process", {"workers": 2}),
-                                        ("pool", {"workers": 2, "batch_size": 2})])
+                                        ("pool", {"workers": 2, "batch_size": 2}),
+                                        ("pool", {"workers": 1, "batch_size": 2, "inline": True})])
 def test_env_episode_totals_match_a_step_count(backend, kw):
     with rf.envs.make("CartPole-v1", 4, backend=backend, max_episode_steps=30, **kw) as venv:
         ended, seen = _reference_episodes(venv, 300, seed=3)
