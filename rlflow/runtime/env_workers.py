@@ -383,13 +383,13 @@ class ProcessVectorEnv(VectorEnv):
                 self._send(w, _STEP)
                 self._busy.add(w)
         need = self.batch_size // (self._env_bounds[0][1] - self._env_bounds[0][0])
-        self._collect(block=False)         # workers that finished while the caller acted come first
-        if self._local_pending and (self._local_passed or (len(self._ready) < need
-                                                           and local not in self._last)):
-            r0, r1 = self._row_bounds[local]   # the inline slice steps while the workers step theirs
-            self._run_local(self._local.step_rows, self._actions[r0:r1])
-            self._local_pending = self._local_passed = False
-            self._ready.append(local)
+        if self._local_pending:
+            self._collect(block=False)     # workers that finished while the caller acted come first
+            if self._local_passed or (len(self._ready) < need and local not in self._last):
+                r0, r1 = self._row_bounds[local]   # stepped here while the workers step theirs
+                self._run_local(self._local.step_rows, self._actions[r0:r1])
+                self._local_pending = self._local_passed = False
+                self._ready.append(local)
         while len(self._ready) < need:
             self._collect(block=True)
         chosen = [self._ready.popleft() for _ in range(need)]
