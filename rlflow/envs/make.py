@@ -223,8 +223,9 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         _close(probe)
     from rlflow.runtime.env_workers import ProcessVectorEnv
 
-    return ProcessVectorEnv(cls, [factory] + [others] * (num_envs - 1), layout, workers=workers, batch_size=batch_size,
-                            seed=seed, start_method=start_method, inline=inline, step_cost=step_cost)
+    return ProcessVectorEnv(cls, [factory] + [others] * (num_envs - 1), layout, workers=workers,
+                            batch_size=batch_size, seed=seed, start_method=start_method, inline=inline,
+                            step_cost=step_cost)
 
 
 def _is_env(obj) -> bool:

@@ -282,20 +282,12 @@ class VectorEnv:
 
     def _make_step(self, arrays: dict, obs: ObsBuffer, final: ObsBuffer, ids=None, index=None) -> Step:
         """A Step of copies of `arrays` (all rows, or rows `index`), with episode statistics."""
-        if index is None:
-            reward = arrays["reward"].copy()
-            terminated = arrays["terminated"].copy()
-            truncated = arrays["truncated"].copy()
-        else:
-            reward = arrays["reward"][index]
-            terminated = arrays["terminated"][index]
-            truncated = arrays["truncated"][index]
-        alive = arrays.get("alive")
-        mask = arrays.get("action_mask")
-        if alive is not None:
-            alive = alive.copy() if index is None else alive[index]
-        if mask is not None:
-            mask = mask.copy() if index is None else mask[index]
+        take = (lambda a: a.copy()) if index is None else (lambda a: a[index])
+        reward = take(arrays["reward"])
+        terminated = take(arrays["terminated"])
+        truncated = take(arrays["truncated"])
+        alive = take(arrays["alive"]) if "alive" in arrays else None
+        mask = take(arrays["action_mask"]) if "action_mask" in arrays else None
         done = terminated | truncated
         # episode statistics, vectorized over the rows
         if index is None:

@@ -21,11 +21,11 @@ socket every step cost each worker one spurious wake-up and the parent another, 
 stepping worker (perf sched: ~5 context switches per worker round trip instead of ~3; ~10 us of
 the critical path per step). A pipe wakes only its readers on write.
 
-Inline slice (`inline=True`; sync mode, and pool mode below). The parent steps one more slice itself, with the same
-class on the same shared block, between sending "s" and reading the replies: W workers then give
-W + 1 slices in parallel for W wake-ups. On cheap envs (CartPole: ~6 us a step) the wake-ups are
-most of the cost, so one worker plus the parent beats two workers on two cores. An exception in the
-inline slice is raised as WorkerError too (where = "inline slice").
+Inline slice (`inline=True`; sync mode, and pool mode below). The parent steps one more slice
+itself, with the same class on the same shared block, between sending "s" and reading the replies:
+W workers then give W + 1 slices in parallel for W wake-ups. On cheap envs (CartPole: ~6 us a step)
+the wake-ups are most of the cost, so one worker plus the parent beats two workers on two cores. An
+exception in the inline slice is raised as WorkerError too (where = "inline slice").
 
 The inline slice is the last one, and larger: a worker's slice starts a wake-up later, so the
 parent takes d = wake_cost / step_cost envs more than each worker (`inline_split`). step_cost is
@@ -72,8 +72,9 @@ The inline slice is stepped by `step` itself, while the workers step theirs, whe
 in, fewer than k/(N/(W+1)) workers have finished and the last Step did not return it; otherwise it
 waits (with its actions) for the next call, and is stepped then whatever the workers did; finished
 slices are returned first come, first served. So it is returned at most every other call and at
-least every W + 2, however fast or slow it is against the workers. With W=1, N=16, k=8 this is an alternation: each call sends the worker's 8 envs off,
-steps its own 8 and returns them, and the next call returns the worker's 8, finished meanwhile:
+least every W + 2, however fast or slow it is against the workers. With W=1, N=16, k=8 this is an
+alternation: each call sends the worker's 8 envs off, steps its own 8 and returns them, and the
+next call returns the worker's 8, finished meanwhile:
 
     step(a[8..15]) -> worker finished while the caller acted: env_ids 0..7   (envs 8..15 wait)
     step(a[0..7])  -> worker started; envs 8..15 stepped here: env_ids 8..15
@@ -277,7 +278,6 @@ class ProcessVectorEnv(VectorEnv):
         self._ready: deque[int] = deque()  # result read, rows not yet returned (pool mode)
         self._last: list[int] = list(range(len(self._env_bounds)))   # slices the last Step returned
         self._local_pending = False      # pool mode: the inline slice holds actions not yet stepped
-        self._local_passed = False       # ... and a step returned other slices instead of it
 
     # ---- transport --------------------------------------------------------------------------------
     def _ping(self, w, k):
@@ -348,7 +348,7 @@ class ProcessVectorEnv(VectorEnv):
             self._recv(w)
         self._busy.clear()
         self._ready.clear()
-        self._local_pending = self._local_passed = False
+        self._local_pending = False
         self._seeds[:] = _NO_SEED if seed is None else seed
         for w in range(self.num_workers):
             self._send(w, _RESET)
@@ -372,6 +372,7 @@ class ProcessVectorEnv(VectorEnv):
             return self._make_step(self.arrays, self._obs, self._final)
         # pool mode: actions belong to the rows of the slices returned last
         local = self.num_workers           # the inline slice's number, if there is one
+        passed = self._local_pending       # its actions came before the last call, which passed it over
         j = 0
         for w in self._last:
             r0, r1 = self._row_bounds[w]
@@ -385,15 +386,14 @@ class ProcessVectorEnv(VectorEnv):
         need = self.batch_size // (self._env_bounds[0][1] - self._env_bounds[0][0])
         if self._local_pending:
             self._collect(block=False)     # workers that finished while the caller acted come first
-            if self._local_passed or (len(self._ready) < need and local not in self._last):
+            if passed or (len(self._ready) < need and local not in self._last):
                 r0, r1 = self._row_bounds[local]   # stepped here while the workers step theirs
                 self._run_local(self._local.step_rows, self._actions[r0:r1])
-                self._local_pending = self._local_passed = False
+                self._local_pending = False
                 self._ready.append(local)
         while len(self._ready) < need:
             self._collect(block=True)
         chosen = [self._ready.popleft() for _ in range(need)]
-        self._local_passed = self._local_pending    # passed over once: stepped at the next call
         self._last = chosen
         index = np.concatenate([self._ids_of[w] for w in chosen])
         step = self._make_step(self.arrays, self._obs, self._final, ids=index, index=index)
