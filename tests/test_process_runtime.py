@@ -121,11 +121,18 @@ class KillSelfPolicy(RandomPolicy):
 
     def act(self, obs):
         self.calls += 1
-        if self.calls == 200 and (self.always or not os.path.exists(self.marker)):
-            if self.marker:
-                open(self.marker, "w").close()
+        if self.calls == 200 and (self.always or self._claim_marker()):
             os.kill(os.getpid(), signal.SIGKILL)
         return super().act(obs)
+
+    def _claim_marker(self):
+        """True for the one process that creates the marker (atomic: two actors reach their 200th
+        act together, and a check-then-create let both kill themselves)."""
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
 
 
 class KillSelfFactory:
