@@ -117,6 +117,19 @@ def test_worker_exception_is_worker_error_and_cleans_up(inline, where):
     assert not any(_alive(p) for p in pids)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.parametrize("backend,inline,expected", [("process", False, getattr(os, "SCHED_BATCH", None)),
+                                                      ("pool", True, getattr(os, "SCHED_OTHER", None))])
+def test_workers_run_under_sched_batch_without_an_inline_slice(backend, inline, expected):
+    """A worker's wake-up must not preempt the process that is still waking the other workers;
+    beside a parent busy with its inline slice, workers keep normal wake-up preemption."""
+    with rf.envs.make("CartPole-v1", 4, backend=backend, workers=1, batch_size=2 if inline else None,
+                      inline=inline) as venv:
+        venv.reset(seed=0)
+        assert [os.sched_getscheduler(p) for p in venv.pids] == [expected]
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
 def test_worker_killed_is_worker_error():
     venv = rf.envs.make("CartPole-v1", 4, backend="process", workers=2, inline=True)
     venv.reset(seed=0)

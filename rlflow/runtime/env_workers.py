@@ -41,6 +41,15 @@ while other jobs load the machine), so the parent steps 10-12 envs and the worke
 the parent's share: 8 ~0.85-0.9x serial, 9 ~0.9-1.15x, 10 ~1.2-1.3x, 11 ~1.15-1.2x, 12 ~1.1x).
 A 200 us env gets d ~ 0.2: an even split. Env i keeps row i and seed + i whoever steps it.
 
+Scheduling. Without an inline slice the workers run under SCHED_BATCH (rlflow.runtime.children):
+the parent wakes them one after the other, and a worker woken onto the parent's CPU must not
+preempt it before it has woken the rest (a stranded parent delayed a worker's start by a whole
+time slice, ~1.2 ms, on 10-15% of the steps of a 200 us env on 2 workers). With an inline slice the
+parent goes on stepping its own envs after the wake-ups, and when the slices outnumber the CPUs the
+workers need the normal wake-up preemption to get their turn (under SCHED_BATCH a pool's worker
+waited for the busy parent and was returned 7 times in 60 steps instead of ~20), so they keep
+the parent's policy (SCHED_OTHER unless the user chose otherwise).
+
 Faults. A worker whose env raises replies "e" with its traceback and the env index; a worker that
 dies closes its up pipe, which the parent reads as end-of-file (never a hang). Both raise
 `rlflow.errors.WorkerError` in the parent, after which the vector env is closed: it stops every
@@ -98,6 +107,7 @@ import numpy as np
 
 from rlflow.envs.vector import Layout, ObsBuffer, VectorEnv
 from rlflow.errors import UsageError, WorkerError, mismatch
+from rlflow.runtime.children import batch_scheduling, die_with_parent
 from rlflow.runtime.shm import SharedArrays
 from rlflow.runtime.threads import child_threads
 
@@ -239,7 +249,7 @@ class ProcessVectorEnv(VectorEnv):
                 inherited = self._downs + self._ups + [down_w, up_r] if method == "fork" else []
                 p = ctx.Process(target=_worker_main, name=f"rlflow-env-worker-{w}", daemon=True,
                                 args=(w, cls, list(env_fns), layout, self._block.handle(),
-                                      down_r, up_w, inherited))
+                                      down_r, up_w, inherited, not self.inline))
                 with child_threads(1):  # W workers share the cores: one math-library thread each
                     p.start()
                 down_r.close()         # the worker holds the only write end of its up pipe:
@@ -473,20 +483,11 @@ def _shutdown(procs, downs, ups, block):
 # --------------------------------------------------------------------------------------------------
 # The worker process
 # --------------------------------------------------------------------------------------------------
-def _die_with_parent():
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
-        except Exception:  # pragma: no cover
-            pass
-
-
-def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited):
+def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch):
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is the parent's to handle
-    _die_with_parent()
+    die_with_parent()
+    if batch:
+        batch_scheduling()
     for c in inherited:                                # the parent's pipe ends (fork)
         c.close()
     rfd, wfd = down.fileno(), up.fileno()

@@ -92,6 +92,7 @@ from rlflow.errors import ClosedError, Timeout, UsageError, WorkerError, mismatc
 from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
+from rlflow.runtime.children import die_with_parent
 from rlflow.runtime.common import Evaluator, Figures, LearnerDriver, Limits, make_logger, scalar_metrics
 from rlflow.runtime.params import SharedParamStore
 from rlflow.runtime.shm import SharedArrays
@@ -113,16 +114,6 @@ def _actor_seed(seed: int, index: int, incarnation: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # The actor process
 # --------------------------------------------------------------------------------------------------
-def _die_with_parent():
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-        except Exception:  # pragma: no cover
-            pass
-
-
 def _sigterm_exit(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -141,7 +132,7 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
                 parent_pid, base, store_conn=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, _sigterm_exit)       # so `finally` closes the env workers
-    _die_with_parent()
+    die_with_parent()
     # The process that started this one: the learner's ("spawn", "fork") or the fork server's
     # ("forkserver", which exits with the learner). A new parent pid means it is gone.
     ppid = os.getppid()

@@ -1,0 +1,40 @@
+"""What every process rlflow starts (actors, env workers) does first.
+
+die_with_parent: the kernel kills the child when its parent dies (Linux: PR_SET_PDEATHSIG), so a
+learner killed with SIGKILL leaves no worker behind.
+
+batch_scheduling: the child runs under SCHED_BATCH: the same CPU share as any normal process (same
+nice level, same weight), but its wake-ups never preempt the task running on the CPU it lands on.
+Without it, a parent that wakes its workers one by one can be preempted by the first worker it
+wakes, on its own CPU, before it has written to the next one; that worker then starts only when
+the scheduler moves the parent to the idle CPU or the first worker's time slice ends. On this
+2-vCPU VM (Linux 6.18, EEVDF): a 200 us-per-step env, 16 envs on 2 workers, lost ~1.17 ms on
+10-15% of the steps in some runs (worker 1's start delayed by a whole slice), ~3% of the
+throughput on average (8,949 against 9,211 steps/s over 5 runs each). Linux lets any process switch
+between SCHED_OTHER and SCHED_BATCH; elsewhere this does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        except Exception:  # pragma: no cover
+            pass
+
+
+def batch_scheduling() -> bool:
+    """Put this process under SCHED_BATCH; True if it is now."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux, or refused
+        return False
+    return True
