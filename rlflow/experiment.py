@@ -97,7 +97,11 @@ class RunResult:
     learner: Learner
     table: Any
     figures: dict
-    """The final figures: env_steps, learner_steps, episodes, wall_time, episode_return, ..."""
+    """The final figures: env_steps, learner_steps, episodes, wall_time, episode_return, ...
+    wall_time counts from the moment the run starts acting: everything is built (env, policy,
+    learner, table) and, with backend="process", the first actor process is up. The time before
+    (building; starting actor processes, which import the user's modules anew) is
+    startup_seconds."""
     history: list = field(default_factory=list)
     """The figures rows written during the run."""
     evals: list = field(default_factory=list)

@@ -457,6 +457,28 @@ def test_actor_processes_get_one_math_library_thread_unless_told(tmp_path, monke
     assert [os.environ.get(v) for v in THREAD_VARS] == [user_env, None, None]
 
 
+class SlowStartPolicy(RandomPolicy):
+    """Takes 2 s to build in an actor process (a slow import, say); at once in the learner's."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        if mp.parent_process() is not None:
+            time.sleep(2.0)
+
+
+def test_the_clock_starts_when_the_first_actor_acts():
+    """wall_time (and so solved_time and the rates) leaves out the actors' start-up, as a
+    single-process library's clock leaves out its constructor; startup_seconds holds it."""
+    result = rf.run(experiment(policy=SlowStartPolicy), backend="process", max_env_steps=400,
+                    progress=False)
+    f = result.figures
+    assert f["startup_seconds"] >= 2.0
+    assert f["wall_time"] < 2.0
+    assert all(row["wall_time"] <= f["wall_time"] for row in result.history)
+    local = rf.run(experiment(), backend="local", max_env_steps=400, progress=False).figures
+    assert 0.0 <= local["startup_seconds"] < 5.0
+
+
 def test_unknown_or_bad_options_are_refused():
     with pytest.raises(UsageError, match="max_restarts"):
         rf.run(experiment(), backend="process", max_env_steps=100, progress=False, max_restarts=-1)

@@ -98,9 +98,9 @@ class Limits:
 class Figures:
     """Rates over the interval since the last row, and the row itself."""
 
-    def __init__(self):
-        self.t0 = time.monotonic()
-        self._last = (self.t0, 0, 0)
+    def __init__(self, t0: Optional[float] = None, env_steps: int = 0, learner_steps: int = 0):
+        self.t0 = time.monotonic() if t0 is None else t0
+        self._last = (self.t0, env_steps, learner_steps)
         self._paused = 0.0
 
     def due(self, every: float) -> bool:

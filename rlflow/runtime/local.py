@@ -33,6 +33,7 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
     """`checkpoint_dir` / `checkpoint_every` (learner steps) / `resume`: see rlflow.runtime.checkpoint.
     `max_restarts` is accepted so a call runs unchanged on either backend; one process has no actor
     process to restart."""
+    start = time.monotonic()
     exp = experiment
     checkpoint_every = ckpt.check_options(checkpoint_dir, checkpoint_every, resume)
     resumed = ckpt.load_run(resume) if resume is not None else None
@@ -126,6 +127,7 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
             ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes)
         final = dict(history[-1]) if history else {}
         final["wall_time"] = time.monotonic() - t0
+        final["startup_seconds"] = t0 - start
         final["eval_seconds"] = evaluator.seconds if evaluator else 0.0
         return RunResult(learner=learner, table=table, figures=final, history=history,
                          evals=list(evaluator.results) if evaluator else [], solved_at=solved_at,

@@ -101,7 +101,7 @@ from rlflow.runtime.transport import Receiver, Ring, RingWriter, slot_bytes
 from rlflow.sync import ParamClient
 
 # columns of the per-actor stats rows (float64, written by the actor process)
-ENV_STEPS, ITEMS, EPISODES, RETURN, VERSION, READY, BLOCKED, NSTATS = range(8)
+ENV_STEPS, ITEMS, EPISODES, RETURN, VERSION, READY, BLOCKED, READY_AT, NSTATS = range(9)
 STOP = 0                         # control flag: 1 = every actor should stop
 ENV_LIMIT = 1                    # control: the run's max_env_steps (all actors together), -1 for none
 START_METHODS = ("spawn", "forkserver", "fork")
@@ -166,6 +166,7 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         actor.stats.episodes = int(base["episodes"])
         actor.update_params()                            # the latest published parameters
         row[VERSION] = client.version
+        row[READY_AT] = time.monotonic()                 # the system-wide clock: the learner reads it
         row[READY] = incarnation + 1
         episodes = actor.stats.episodes
         version = client.version
@@ -446,6 +447,7 @@ class _ProcessRun:
 
     def run(self, max_env_steps, max_learner_steps, max_seconds, log_dir, progress, progress_every,
             checkpoint_dir, checkpoint_every, resume):
+        start = time.monotonic()
         exp = self.exp
         seed_all(exp.seed)
         resumed = ckpt.load_run(resume) if resume is not None else None
@@ -517,14 +519,13 @@ class _ProcessRun:
                                      self.wake)
 
         limits = Limits(max_env_steps, max_learner_steps, max_seconds)
-        figures = Figures()
-        figures._last = (figures.t0, int(stats[:, ENV_STEPS].sum()), driver.steps)
+        base_env_steps = int(stats[:, ENV_STEPS].sum())       # resumed: the checkpoint's
         history, solved_at, solved_time, eval_return = [], None, None, float("nan")
-        env_steps = int(stats[:, ENV_STEPS].sum())
-        next_eval = (env_steps // exp.eval_every + 1) * exp.eval_every if exp.eval_every else None
+        next_eval = (base_env_steps // exp.eval_every + 1) * exp.eval_every if exp.eval_every else None
         next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every if checkpoint_every else None
         resumes = 0 if resumed is None else int(resumed.counters["resumes"]) + 1
-        t0 = time.monotonic()
+        t0 = self._wait_for_an_actor()   # the run's clock starts when the first actor starts acting
+        figures = Figures(t0, base_env_steps, driver.steps)
         next_check = 0.0
         while True:
             if self.errors:
@@ -574,6 +575,7 @@ class _ProcessRun:
         final = dict(history[-1]) if history else {}
         final["env_steps"] = int(stats[:, ENV_STEPS].sum())
         final["wall_time"] = time.monotonic() - t0
+        final["startup_seconds"] = t0 - start
         final["eval_seconds"] = self.evaluator.seconds if self.evaluator else 0.0
         final["actor_restarts"] = sum(h.restarts for h in self.actors)
         final["actor_items"] = int(stats[:, ITEMS].sum())
@@ -613,6 +615,23 @@ class _ProcessRun:
         return out
 
     # ---- supervision -------------------------------------------------------------------------
+    def _wait_for_an_actor(self) -> float:
+        """Wait until an actor has built its env and policy and taken the parameters; return the
+        time it did (its first env step follows at once). Actor processes start with the run and
+        build while the learner is built here, but a spawned actor imports the user's modules
+        anew (torch: ~0.8 s on this 2-core VM), so the learner may be ready first. Counting from
+        here is what a single-process library counts from, once its constructor has built the env,
+        the policy and the learner; `startup_seconds` in the final figures is the time before."""
+        stats = self.control.arrays["stats"]
+        while True:
+            if self.errors:
+                raise self.errors[0]
+            self._supervise()
+            ready = stats[:, READY] > 0
+            if ready.any():
+                return min(float(stats[ready, READY_AT].min()), time.monotonic())
+            time.sleep(0.002)
+
     def _supervise(self):
         stats = self.control.arrays["stats"]
         for h in self.actors:
