@@ -130,8 +130,9 @@ def dqn(seeds, max_steps, eval_every, first_seed=0):
     torch.set_num_threads(1)
     print(f"\n(2) DQN CartPole-v1, solve = greedy mean return over 20 episodes >= {learning.THRESHOLD:.0f}, "
           f"evaluated every {eval_every:,} env steps, at most {max_steps:,} env steps; training wall time "
-          f"(evaluation excluded, process start-up included)")
-    header = print_header(f"{'seed':>4} | {'process steps':>13} {'s':>6} | {'local steps':>11} {'s':>6} | "
+          f"(evaluation and construction excluded for all three: SB3's constructor, rlflow's start-up until the "
+          f"first actor acts; 'start' is the process backend's start-up)")
+    header = print_header(f"{'seed':>4} | {'process steps':>13} {'s':>6} {'start':>5} | {'local steps':>11} {'s':>6} | "
                           f"{'SB3 steps':>9} {'s':>6} | {'process/SB3 time':>16} {'local/SB3 time':>14}")
     rows = []
     for seed in range(first_seed, first_seed + seeds):
@@ -146,7 +147,7 @@ def dqn(seeds, max_steps, eval_every, first_seed=0):
         def ratio(a, b):
             return f"{a[1] / b[1]:.2f}x" if a[0] is not None and b[0] is not None else "-"
 
-        print(f"{seed:>4} | {cell(proc)[0]:>13} {cell(proc)[1]:>6} | {cell(loc)[0]:>11} {cell(loc)[1]:>6} | "
+        print(f"{seed:>4} | {cell(proc)[0]:>13} {cell(proc)[1]:>6} {proc[3]:>5.2f} | {cell(loc)[0]:>11} {cell(loc)[1]:>6} | "
               f"{cell(sb3)[0]:>9} {cell(sb3)[1]:>6} | {ratio(proc, sb3):>16} {ratio(loc, sb3):>14}", flush=True)
     print("-" * len(header))
 
