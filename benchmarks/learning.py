@@ -3,7 +3,8 @@
 
 For each seed it prints the env steps and the wall time until the greedy policy's mean return over
 20 episodes reaches 475, evaluated every 2,000 env steps on the same 20-env evaluation (rf.evaluate,
-same seeds) for both. Wall time is training time: evaluation time is subtracted for both. A run stops
+same seeds) for both. Wall time is training time: evaluation time is subtracted for both, and so
+is construction (SB3's constructor; rlflow's start-up, `figures["startup_seconds"]`). A run stops
 when solved or at 100k env steps.
 
     python benchmarks/learning.py [--seeds 5] [--max-steps 100000] [--only rlflow|sb3]

@@ -8,6 +8,8 @@
     and env steps until the greedy policy's mean return over 20 episodes reaches 475, for the process
     backend, the local backend and Stable-Baselines3 with the same hyperparameters (the SB3 side is
     benchmarks/learning.py's). Target: process <= 0.7x SB3's wall time, with no more env steps.
+    Training time leaves out evaluation and construction for all three: SB3's constructor, and
+    rlflow's start-up until the first actor acts (printed per seed as 'start').
 
     flock /tmp/rlflow-bench.lock .venv/bin/python benchmarks/pipeline.py [--seeds 10] [--first-seed 0] [--only flow|dqn]
 """
