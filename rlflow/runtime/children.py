@@ -31,10 +31,9 @@ def die_with_parent() -> None:
             pass
 
 
-def batch_scheduling() -> bool:
-    """Put this process under SCHED_BATCH; True if it is now."""
+def batch_scheduling() -> None:
+    """Put this process under SCHED_BATCH where the system allows it."""
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux, or refused
-        return False
-    return True
+        pass
