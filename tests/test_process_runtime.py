@@ -494,13 +494,16 @@ def test_unknown_or_bad_options_are_refused():
 # Ctrl-C / SIGTERM: nothing left behind
 # --------------------------------------------------------------------------------------------------
 SCRIPT = textwrap.dedent("""
-    import os, sys
+    import multiprocessing as mp, os, sys, time
     import numpy as np
     import rlflow as rf
 
     class Policy(rf.Policy):
         def __init__(self, spec):
             self.n = int(spec.action_space.n)
+            if os.environ.get("STARTING_FILE") and mp.parent_process() is not None:
+                open(os.environ["STARTING_FILE"] + str(os.getpid()), "w").close()
+                time.sleep(60)          # an actor that takes long to start (an import, say)
         def act(self, obs):
             open(os.environ["READY_FILE"] + str(os.getpid()), "w").close()
             return np.random.randint(self.n, size=len(obs))
@@ -540,17 +543,23 @@ def _family(marker):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,env_backend", [(signal.SIGINT, "serial"), (signal.SIGTERM, "process")])
-def test_signal_stops_the_run_and_leaves_nothing_behind(tmp_path, sig, env_backend):
+@pytest.mark.parametrize("sig,env_backend,phase", [(signal.SIGINT, "serial", "acting"),
+                                                   (signal.SIGTERM, "process", "acting"),
+                                                   (signal.SIGINT, "serial", "starting")])
+def test_signal_stops_the_run_and_leaves_nothing_behind(tmp_path, sig, env_backend, phase):
+    """phase "starting": the signal comes while both actors are still being built, before the
+    run's clock starts (the learner waits for the first actor then)."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     marker = f"RLFLOW_TEST_MARKER={uuid.uuid4().hex}"
     env = dict(os.environ, READY_FILE=str(tmp_path / "ready-"), RLFLOW_TEST_MARKER=marker.split("=")[1])
+    if phase == "starting":
+        env["STARTING_FILE"] = str(tmp_path / "starting-")
     proc = subprocess.Popen([sys.executable, str(script), env_backend], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("ready-*"))) < 2:         # both actors are acting
+        while len(list(tmp_path.glob("ready-*" if phase == "acting" else "starting-*"))) < 2:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "actors did not start"
             time.sleep(0.1)
