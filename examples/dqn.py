@@ -191,7 +191,7 @@ def main(argv=None):
     f = result.figures
     solved = f"solved at {result.solved_at:,} env steps" if result.solved_at else "not solved"
     print(f"trained {f['env_steps']:,.0f} env steps, {f['learner_steps']:,.0f} learner steps in "
-          f"{f['wall_time']:.1f} s ({solved})")
+          f"{f['wall_time']:.1f} s after {f['startup_seconds']:.1f} s of start-up ({solved})")
     print(f"final evaluation: mean return {final['mean_return']:.1f} +- {final['std_return']:.1f} "
           f"over {final['episodes']} episodes")
     return result, final
