@@ -613,3 +613,50 @@ def test_numpy_gather_touches_only_the_sampled_rows(monkeypatch):
     assert peak < 1_000_000, f"one sample of 64 allocated {peak:,} bytes at its peak"   # a field is 16 MB
     for k, v in items.items():                                  # and the data is right
         np.testing.assert_array_equal(s.data[k], v[s.keys])
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "prioritized"])
+@pytest.mark.parametrize("numba_gather", [True, False])
+def test_warm_up_compiles_the_kernels_and_changes_nothing(sampler, numba_gather, monkeypatch):
+    """warm_up() (called by the runtimes before their clock starts) leaves the table as it was:
+    the same snapshot and the same draws as a twin table that was not warmed up. With numba the
+    gather kernel then holds a compiled signature for the table's row words."""
+    import rlflow.replay.table as table_mod
+    if not numba_gather:
+        monkeypatch.setattr(table_mod, "_GATHER", False)
+
+    def make():
+        s = selectors.Prioritized(0.6, seed=3) if sampler == "prioritized" else selectors.Uniform(seed=3)
+        t = Table(50, sampler=s, remover=selectors.Fifo(), specs=SPECS)
+        t.insert(batch(20), priorities=np.arange(1, 21, dtype=np.float64))
+        return t
+
+    warm, cold = make(), make()
+    before = snapshot(warm)
+    warm.warm_up()
+    assert same(snapshot(warm), before)
+    a, b = warm.sample(16), cold.sample(16)
+    np.testing.assert_array_equal(a.keys, b.keys)
+    np.testing.assert_array_equal(a.probabilities, b.probabilities)
+    for k in SPECS:
+        np.testing.assert_array_equal(a.data[k], b.data[k])
+    if not numba_gather or table_mod._gather_kernel() is None:
+        assert warm._gather_rows is None
+        return
+    # in a fresh interpreter: nothing compiled before warm_up, this table's kernels after it
+    code = (
+        "import numpy as np, rlflow as rf\n"
+        "from rlflow.specs import ArraySpec\n"
+        "specs = {'obs': ArraySpec((2,), np.float32), 'action': ArraySpec((), np.int64)}\n"
+        f"sel = rf.selectors.{'Prioritized(0.6)' if sampler == 'prioritized' else 'Uniform()'}\n"
+        "t = rf.Table(10, sampler=sel, remover=rf.selectors.Fifo(), specs=specs)\n"
+        "kernels = [t._gather_rows[0]] + ([sel._tree._kernels[0], sel._tree._kernels[1]]\n"
+        "                                 if hasattr(sel, '_tree') else [])\n"
+        "assert not any(k.signatures for k in kernels), 'compiled before warm_up'\n"
+        "t.warm_up()\n"
+        "assert all(k.signatures for k in kernels), [k.signatures for k in kernels]\n"
+        "print('ok')\n")
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -472,6 +472,10 @@ class Prioritized(_Base):
     def config(self):
         return {"alpha": self.alpha, "seed": self._seed}
 
+    def warm_up(self):
+        """Loads the sum tree's kernels (numba) with empty calls; changes nothing."""
+        self._tree.warm_up()
+
     def reserve(self, capacity):
         self._resize(capacity)
 

@@ -80,6 +80,12 @@ class SumTree:
             raise ImportError("numba is not available")
         self._kernels = kernels
 
+    def warm_up(self) -> None:
+        """Compile (or load from numba's cache) the kernels with empty calls; changes nothing."""
+        if self._kernels is not None:
+            self.update(np.empty(0, dtype=np.int64), np.empty(0))
+            self.find(np.empty(0))
+
     @property
     def total(self) -> float:
         return float(self.tree[0])

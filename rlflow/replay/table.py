@@ -1028,6 +1028,19 @@ def fast_insert(items):
             return out
 
     # ---- size, stats, close ---------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Load the compiled kernels that insert, sample and update_priorities use now, not at
+        their first call: numba's first call in a process takes ~0.25 s (loading its cache). The
+        runtimes call this during start-up (the process runtime while the actor processes start),
+        so a run's clock never counts it. Does nothing without numba; changes no state."""
+        g = self._gather_rows
+        if g is not None:   # an empty gather: compiles (or loads) the kernel for this row layout
+            g[0](g[1], g[2], np.empty(0, dtype=_I64), np.empty(0, dtype=g[3]), g[4], g[5], g[6])
+        for sel in (self.sampler, self.remover):
+            warm = getattr(sel, "warm_up", None)
+            if warm is not None:
+                warm()
+
     def __len__(self) -> int:
         return self.capacity - self._nfree
 

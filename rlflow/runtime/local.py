@@ -86,6 +86,7 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
         next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every if checkpoint_every else None
         if resumed is not None:
             ckpt.restore_rng(resumed.rng, actor.rng)
+        table.warm_up()                       # compiled kernels load now, not on the run's clock
         t0 = time.monotonic()
         while True:
             actor.step()

@@ -488,6 +488,9 @@ class _ProcessRun:
             stats[h.index, ENV_STEPS], stats[h.index, EPISODES] = b["env_steps"], b["episodes"]
             stats[h.index, ITEMS] = b["items"]
             self._start_actor(h, b)
+        # Compiled kernels (numba: ~0.25 s on its first call in a process) load now, while the
+        # actors start, and not at the first sample inside the run's clock.
+        table.warm_up()
         learner = build(exp.learner, Learner, spec)
         self.learner = learner
         base_learner_steps = 0
