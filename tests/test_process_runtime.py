@@ -291,6 +291,41 @@ def test_ring_delivers_every_item_once_in_order_with_backpressure():
         ring.close()
 
 
+def test_ring_pump_inserts_every_item_once_in_order():
+    """pump() (receiver="inline") with a table that now and then refuses: every item once, in
+    order, nothing lost at the ring's end or in partial slots."""
+    specs = {"x": ArraySpec((), np.int64), "y": ArraySpec((3,), np.float32)}
+    rng = np.random.default_rng(1)
+    batches = [int(n) for n in rng.integers(0, 9, size=400)]
+    ring = Ring(specs, slot_rows=4, slots=8, ctx=SPAWN)
+    try:
+        p = SPAWN.Process(target=_producer, args=(ring.writer_args(), batches), daemon=True)
+        p.start()
+        reader = ring.reader()
+        got, sizes, refused = [], [], [0]
+
+        def insert(items):
+            n = len(items["x"])
+            if rng.random() < 0.2:      # the limiter says no
+                refused[0] += 1
+                return False
+            assert np.array_equal(items["y"], np.repeat(items["x"].astype(np.float32)[:, None], 3, axis=1))
+            got.append(items["x"].copy())
+            sizes.append(n)
+            return True
+
+        deadline = time.monotonic() + 30
+        while sum(sizes) < sum(batches) and time.monotonic() < deadline:
+            if not reader.pump(insert):
+                time.sleep(0.001)
+        p.join(5)
+        assert p.exitcode == 0
+        assert np.array_equal(np.concatenate(got), np.arange(sum(batches)))   # reference: 0, 1, 2, ...
+        assert ring.depth() == 0 and refused[0] > 0
+    finally:
+        ring.close()
+
+
 def test_ring_writer_refuses_a_wrong_shape():
     ring = Ring({"x": ArraySpec((2,), np.float32)}, slot_rows=4, slots=2, ctx=SPAWN)
     try:
