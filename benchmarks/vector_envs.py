@@ -11,9 +11,10 @@ Two workloads, 16 envs each, random actions drawn up front:
 What bounds the figures on this 2-vCPU VM: an idle vCPU halts at once (cpuidle never polls here), so
 waking a process blocked in a pipe read on an idle CPU costs ~15-20 us (an IPI and a VM exit), and a
 step of the process backend pays about two of them on its critical path (a worker's start, the
-parent's return), while 8 CartPoles take ~40 us. Workers block, never spin; what makes the
-process backend pay off on CartPole is the inline slice, sized so that the parent's extra envs
-cover the worker's wake-up (the calibrated split, printed as envs per worker / inline).
+parent's return), while 8 CartPoles take ~40 us. What makes the process backend pay off on
+CartPole is the inline slice (the parent steps envs too, split as printed: envs per worker /
+inline) and, where the workers and the parent each have a core, polling a pipe for up to 100 us
+before blocking on it (`spin`), which skips most of those wake-ups.
 Ceilings, measured in the same run and printed beside the figures they bound:
   CartPole: any backend that steps gymnasium's Python CartPole is bounded by (cores) x (the raw
             step rate of one unwrapped env in a tight loop, resets included), and a vector env

@@ -138,13 +138,17 @@ def build(component, cls, *args):
                               type(component).__name__))
 
 
-def make_venv(experiment: Experiment, num_envs: Optional[int] = None, backend: Optional[str] = None):
+def make_venv(experiment: Experiment, num_envs: Optional[int] = None, backend: Optional[str] = None,
+              spin: Optional[float] = None):
+    """The experiment's vector env. `spin`: as rf.envs.make's, for a process env backend."""
     from rlflow import envs
 
     kwargs = {}
     backend = backend or experiment.env_backend
     if backend != "serial" and experiment.env_workers:
         kwargs["workers"] = experiment.env_workers
+    if backend != "serial" and spin is not None:
+        kwargs["spin"] = spin
     return envs.make(experiment.env, num_envs=num_envs or experiment.num_envs, backend=backend, **kwargs)
 
 

@@ -143,6 +143,56 @@ def test_worker_killed_is_worker_error():
     assert venv.closed and not any(_alive(p) for p in pids)
 
 
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")     # utime + stime
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_spin_polls_then_blocks(inline):
+    """With spin, a worker polls its pipe for at most `spin` seconds after each reply, then blocks:
+    the episodes are the serial backend's, a caller that takes 20 ms between steps costs the worker
+    about `spin` of CPU per step (not 20 ms), and an idle vector env costs no CPU."""
+    n, spin = 4, 2e-3
+    actions = np.random.default_rng(2).integers(0, 5, (60, n))
+    with rf.envs.make(Tagged, n) as serial:
+        ref = _run(serial, 7, actions)
+    with rf.envs.make(Tagged, n, backend="process", workers=1 if inline else 2, inline=inline,
+                      spin=spin) as venv:
+        assert venv.spin == spin
+        _assert_same(ref, _run(venv, 7, actions))
+        pids = venv.pids
+        before = [_cpu_seconds(p) for p in pids]
+        for a in actions[:20]:
+            venv.step(a)
+            time.sleep(0.02)
+        slow_caller = [_cpu_seconds(p) - b for p, b in zip(pids, before)]
+        before = [_cpu_seconds(p) for p in pids]
+        time.sleep(0.4)
+        idle = [_cpu_seconds(p) - b for p, b in zip(pids, before)]
+    # polling the whole time would be 20 x 20 ms = 0.4 s; polling `spin` a step is ~0.04 s
+    assert max(slow_caller) < 0.2, slow_caller
+    assert max(idle) < 0.05, idle
+    assert not any(_alive(p) for p in pids)
+
+
+def test_spin_default_and_bad_values():
+    from rlflow.runtime.env_workers import SPIN, default_spin
+
+    assert default_spin(1, cpus=2) == SPIN and default_spin(3, cpus=4) == SPIN
+    assert default_spin(2, cpus=2) == 0.0 and default_spin(1, cpus=1) == 0.0
+    with rf.envs.make("CartPole-v1", 4, backend="process", workers=1, spin=0.0) as venv:
+        venv.reset(seed=0)
+        venv.step(np.zeros(4, np.int64))
+        assert venv.spin == 0.0
+    for bad in (-1e-6, 2.0, "fast", True):
+        with pytest.raises(UsageError, match="spin.*seconds in \\[0, 1\\).*got"):
+            rf.envs.make("CartPole-v1", 4, backend="process", workers=1, spin=bad)
+    with pytest.raises(UsageError, match="spin.*None with backend='serial'"):
+        rf.envs.make("CartPole-v1", 4, spin=1e-4)
+
+
 def test_factory_error_at_start_is_worker_error():
     calls = []
 

@@ -110,7 +110,7 @@ def vector_class(kind: str):
 
 def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = None,
          batch_size: int | None = None, seed: int | None = None, start_method: str | None = None,
-         inline: bool | None = None, **kwargs: Any):
+         inline: bool | None = None, spin: float | None = None, **kwargs: Any):
     """A vector env of `num_envs` copies of `env`, returning `rf.Step` records.
 
     env         a Gymnasium env id (`gymnasium.make(env, **kwargs)`; envs 1..N-1 without the
@@ -138,6 +138,9 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
                 workers of such envs mostly wait on wake-ups, not on a core. This
                 process's slice is larger by (a worker's wake-up) / (one env's step), both measured
                 at construction (the probe env is stepped for <= ~50 ms; see ProcessVectorEnv).
+    spin        process backends: seconds a process polls for its peer's reply before it blocks
+                (a worker waiting for the next step, this process for a worker). Default: 100 us
+                where the workers and this process each have a CPU, else 0 (see ProcessVectorEnv).
     seed        the seed of the first `reset()` called without one.
     start_method "fork" (default on Linux while this process runs one thread) or "spawn" (else);
                 with "spawn" the env (id, callable or instance) must be picklable.
@@ -148,7 +151,7 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         raise UsageError(mismatch("argument", "num_envs", "an int >= 1", repr(num_envs)))
     if backend == "serial":
         for name, value in (("workers", workers), ("batch_size", batch_size), ("start_method", start_method),
-                            ("inline", inline)):
+                            ("inline", inline), ("spin", spin)):
             if value is not None:
                 raise UsageError(mismatch("argument", name, "None with backend='serial'", repr(value)))
 
@@ -225,7 +228,7 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
 
     return ProcessVectorEnv(cls, [factory] + [others] * (num_envs - 1), layout, workers=workers,
                             batch_size=batch_size, seed=seed, start_method=start_method, inline=inline,
-                            step_cost=step_cost)
+                            step_cost=step_cost, spin=spin)
 
 
 def _is_env(obj) -> bool:

@@ -147,7 +147,7 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
             return flags[STOP] != 0 or os.getppid() != ppid
 
         seed_all(seed)
-        venv = make_venv(exp)
+        venv = make_venv(exp, spin=0.0)     # env workers block at once: the learner needs the cores
         policy = build(exp.policy, Policy, venv.spec)
         adder = fresh_adder(exp)
         adder.item_specs(venv.spec, extras_specs)      # the adder checks the data against these
