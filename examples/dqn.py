@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rlflow as rf
-from rlflow.torch_utils import load_params, module_params
+from rlflow.torch_utils import clip_grad_norm, load_params, module_params
 
 
 @dataclass
@@ -98,7 +98,7 @@ class DQN(rf.Learner):
         loss = F.smooth_l1_loss(self.q(b["obs"]).gather(1, b["action"].long()[:, None]).squeeze(1), target)
         self.opt.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(self.weights, 10.0, foreach=True)
+        clip_grad_norm(self.weights, 10.0)     # = nn.utils.clip_grad_norm_, minus a no-op rescale
         self.opt.step()
         self.steps += 1
         if self.steps % self.args.target_update == 0:
