@@ -435,6 +435,23 @@ class BrokenLearner(CountingLearner):
         raise ValueError("boom in the user's learner constructor")
 
 
+@pytest.mark.parametrize("num_actors", [1, 2])
+def test_evaluations_happen_at_their_env_step(num_actors):
+    """The actors wait at each evaluation's env step until the learner has evaluated, so the
+    evaluated policy is that of exactly eval_every * k env steps (one actor; K actors overshoot by
+    less than a vector step each), however far ahead of the learner the actors could run."""
+    exp = experiment(learner=SlowLearner, table=minsize_table, eval_every=400, eval_episodes=2)
+    r = rf.run(exp, backend="process", num_actors=num_actors, max_env_steps=2_400, progress=False)
+    at = [e[0] for e in r.evals]
+    assert len(at) >= 5, at
+    for k, steps in enumerate(at[:5], start=1):
+        if num_actors == 1:
+            assert steps == 400 * k, at
+        else:
+            assert 400 * k <= steps < 400 * k + num_actors * exp.num_envs, at
+    assert r.figures["env_steps"] >= 2_400 and r.learner.steps > 0
+
+
 def test_learner_constructor_error_after_actors_started_leaves_nothing():
     """Actors start while the learner is built; a learner that cannot be built stops them all."""
     import multiprocessing

@@ -35,6 +35,10 @@ long (a GPU learner, large batches): choose them with receiver="thread", prefetc
 * Parameters cross through `SharedParamStore` (`params.py`): versioned, never torn, lock-free for
   readers; each actor pulls through `rlflow.sync.ParamClient` (experiment.param_sync_steps /
   param_sync_seconds), exactly as in the local runtime.
+* Evaluation (experiment.eval_every) happens at its env step: the actors wait there (a shared
+  control word) until the learner has evaluated, then go on. With one actor the evaluated policy is
+  that of exactly eval_every * k env steps, as in the local runtime; with K actors the total may
+  pass it by less than a vector step per actor.
 * The table's rate limiter counts a batch when it is drawn, so samples per insert hold as in the
   local runtime, prefetching or not; with `max_learner_steps` no batch is drawn past the limit.
 * Faults. An actor process that dies without an exception (killed, out of memory) is restarted,
@@ -104,6 +108,8 @@ from rlflow.sync import ParamClient
 ENV_STEPS, ITEMS, EPISODES, RETURN, VERSION, READY, BLOCKED, READY_AT, NSTATS = range(9)
 STOP = 0                         # control flag: 1 = every actor should stop
 ENV_LIMIT = 1                    # control: the run's max_env_steps (all actors together), -1 for none
+EVAL_AT = 2                      # control: env steps (all actors) of the next evaluation, -1 for none:
+                                 # the actors wait there until the learner has evaluated and moved it on
 START_METHODS = ("spawn", "forkserver", "fork")
 
 
@@ -179,9 +185,15 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
             k += 1
             if not k & 255 and os.getppid() != ppid:     # orphaned (PDEATHSIG covers Linux)
                 break
-            if limit >= 0 and (actor.env_steps if alone else all_stats[:, ENV_STEPS].sum()) >= limit:
-                time.sleep(0.005)    # the run's env steps are done: no step past max_env_steps
-                continue
+            hold = flags[EVAL_AT]
+            if limit >= 0 or hold >= 0:
+                total = actor.env_steps if alone else all_stats[:, ENV_STEPS].sum()
+                if limit >= 0 and total >= limit:
+                    time.sleep(0.005)    # the run's env steps are done: no step past max_env_steps
+                    continue
+                if 0 <= hold <= total:
+                    time.sleep(0.0002)   # the learner evaluates the policy of exactly these env steps
+                    continue
             actor.step()
             actor.update_params()
             if client.version != version:
@@ -484,6 +496,9 @@ class _ProcessRun:
         # The actors start now (process start-up, imports, envs, policies) while the learner is built
         # here; each gets the param store through a pipe once it exists.
         bases = ckpt.actor_bases(resumed, K)
+        base_env_steps = sum(int(b["env_steps"]) for b in bases)
+        next_eval = (base_env_steps // exp.eval_every + 1) * exp.eval_every if exp.eval_every else None
+        self.control.arrays["control"][EVAL_AT] = -1 if next_eval is None else next_eval
         for h, b in zip(self.actors, bases):
             stats[h.index, ENV_STEPS], stats[h.index, EPISODES] = b["env_steps"], b["episodes"]
             stats[h.index, ITEMS] = b["items"]
@@ -522,9 +537,7 @@ class _ProcessRun:
                                      self.wake)
 
         limits = Limits(max_env_steps, max_learner_steps, max_seconds)
-        base_env_steps = int(stats[:, ENV_STEPS].sum())       # resumed: the checkpoint's
         history, solved_at, solved_time, eval_return = [], None, None, float("nan")
-        next_eval = (base_env_steps // exp.eval_every + 1) * exp.eval_every if exp.eval_every else None
         next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every if checkpoint_every else None
         resumes = 0 if resumed is None else int(resumed.counters["resumes"]) + 1
         t0 = self._wait_for_an_actor()   # the run's clock starts when the first actor starts acting
@@ -555,6 +568,7 @@ class _ProcessRun:
                 next_eval = (env_steps // exp.eval_every + 1) * exp.eval_every
                 train_time = elapsed - self.evaluator.seconds
                 eval_return = self.evaluator(learner.get_params(), env_steps, elapsed)
+                self.control.arrays["control"][EVAL_AT] = next_eval      # the actors go on
                 evaluated = True
                 if exp.target_return is not None and eval_return >= exp.target_return and solved_at is None:
                     solved_at, solved_time = env_steps, train_time
