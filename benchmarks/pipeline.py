@@ -169,6 +169,17 @@ def dqn(seeds, max_steps, eval_every, first_seed=0):
         t_ratio = np.median([p[1] / s[1] for p, s in both])
         s_ratio = np.median([p[0] / s[0] for p, s in both])
         print(f"median of per-seed ratios process/SB3: wall time {t_ratio:.2f}x, env steps {s_ratio:.2f}x")
+    if n_p > 1 and n_s > 1:
+        # How far the env-steps verdict is from noise: a 90% bootstrap interval of the ratio of
+        # medians (seeds resampled on each side), and the two means.
+        p_steps = np.array([r[0][0] for r in rows if r[0][0] is not None], dtype=float)
+        s_steps = np.array([r[2][0] for r in rows if r[2][0] is not None], dtype=float)
+        rng = np.random.default_rng(0)
+        boot = [np.median(rng.choice(p_steps, len(p_steps))) / np.median(rng.choice(s_steps, len(s_steps)))
+                for _ in range(2000)]
+        lo, hi = np.percentile(boot, [5, 95])
+        print(f"env steps to solve, process/SB3: ratio of medians 90% bootstrap interval [{lo:.2f}, {hi:.2f}]; "
+              f"means {p_steps.mean():,.0f} / {s_steps.mean():,.0f} = {p_steps.mean() / s_steps.mean():.2f}x")
     if n_p and n_s:
         print(f"ratio of medians process/SB3: wall time {pt / st:.2f}x (target <= 0.70: "
               f"{'MET' if pt / st <= 0.7 else 'NOT MET'}), env steps {ps / ss:.2f}x (target <= 1.00: "
