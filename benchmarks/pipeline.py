@@ -153,8 +153,11 @@ def dqn(seeds, max_steps, eval_every, first_seed=0):
               f"{cell(sb3)[0]:>9} {cell(sb3)[1]:>6} | {ratio(proc, sb3):>16} {ratio(loc, sb3):>14}", flush=True)
     print("-" * len(header))
 
+    def solved(i, j):          # column j (0 steps, 1 seconds) of backend i's solved seeds
+        return [r[i][j] for r in rows if r[i][0] is not None]
+
     def med(i, j):
-        vals = [r[i][j] for r in rows if r[i][0] is not None]
+        vals = solved(i, j)
         return (np.median(vals), len(vals)) if vals else (float("nan"), 0)
 
     (ps, n_p), (pt, _) = med(0, 0), med(0, 1)
@@ -172,8 +175,7 @@ def dqn(seeds, max_steps, eval_every, first_seed=0):
     if n_p > 1 and n_s > 1:
         # How far the env-steps verdict is from noise: a 90% bootstrap interval of the ratio of
         # medians (seeds resampled on each side), and the two means.
-        p_steps = np.array([r[0][0] for r in rows if r[0][0] is not None], dtype=float)
-        s_steps = np.array([r[2][0] for r in rows if r[2][0] is not None], dtype=float)
+        p_steps, s_steps = np.array(solved(0, 0), dtype=float), np.array(solved(2, 0), dtype=float)
         rng = np.random.default_rng(0)
         boot = [np.median(rng.choice(p_steps, len(p_steps))) / np.median(rng.choice(s_steps, len(s_steps)))
                 for _ in range(2000)]
