@@ -145,10 +145,11 @@ def make_venv(experiment: Experiment, num_envs: Optional[int] = None, backend: O
 
     kwargs = {}
     backend = backend or experiment.env_backend
-    if backend != "serial" and experiment.env_workers:
-        kwargs["workers"] = experiment.env_workers
-    if backend != "serial" and spin is not None:
-        kwargs["spin"] = spin
+    if backend != "serial":          # process-backend options; the serial backend refuses them
+        if experiment.env_workers:
+            kwargs["workers"] = experiment.env_workers
+        if spin is not None:
+            kwargs["spin"] = spin
     return envs.make(experiment.env, num_envs=num_envs or experiment.num_envs, backend=backend, **kwargs)
 
 
