@@ -326,20 +326,25 @@ class _SlowFrom:
 def test_pool_mode_with_an_inline_slice_serves_every_slice(slow_from):
     """Neither side starves the other: the inline slice (envs 4, 5) is returned at most every
     other step and at least every W + 2 = 4th, whether it is much slower than the workers, much
-    faster, or alike."""
+    faster, or alike; and each worker's slice gets a fair share of the rest.
+
+    The run lasts at least 0.3 s, not a fixed number of steps: with fast envs 60 steps take ~2 ms,
+    shorter than the OS may leave a runnable worker waiting for a core on a 2-CPU machine (the
+    pool then rightly returns the slices that did finish), and the shares would measure that."""
     with rf.envs.make(_SlowFrom(slow_from), 6, backend="pool", workers=2, batch_size=2,
                       inline=True) as venv:
         step = venv.reset(seed=0)
         returned = []
-        for _ in range(60):
+        end = time.perf_counter() + 0.3
+        while len(returned) < 60 or time.perf_counter() < end:
             step = venv.step(np.zeros(len(step), np.int64))
             returned.append(step.env_ids.tolist())
     inline_at = [t for t, ids in enumerate(returned) if ids == [4, 5]]
     assert all(ids in ([0, 1], [2, 3], [4, 5]) for ids in returned)
     gaps = np.diff([-1] + inline_at)
     assert 2 <= gaps[1:].min() and gaps.max() <= 4, returned
-    for ids in ([0, 1], [2, 3]):
-        assert returned.count(ids) >= 10, returned
+    for ids in ([0, 1], [2, 3]):         # a fair share is ~1/4 each; a starved worker gets ~0
+        assert returned.count(ids) >= len(returned) // 8, (ids, returned.count(ids), len(returned))
 
 
 @pytest.mark.parametrize("workers,inline", [(3, False), (2, True)])
