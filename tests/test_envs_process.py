@@ -143,6 +143,21 @@ def test_worker_killed_is_worker_error():
     assert venv.closed and not any(_alive(p) for p in pids)
 
 
+def test_pool_mode_worker_killed_mid_step_is_worker_error():
+    """Pool mode waits on whichever worker replies first; a worker that dies with a step in flight
+    (here the one whose rows were not returned) ends that wait with WorkerError, not a hang."""
+    with rf.envs.make(SlowTagged, 4, backend="pool", workers=2, batch_size=2) as venv:
+        venv.reset(seed=0)
+        step = venv.step(np.zeros(4, np.int64))        # both workers stepped; one slice returned
+        victim = venv.pids[1 - int(step.env_ids[0]) // 2]
+        os.kill(victim, signal.SIGKILL)
+        pids = venv.pids
+        with pytest.raises(WorkerError, match="died.*SIGKILL"):
+            for _ in range(4):
+                step = venv.step(np.zeros(len(step), np.int64))
+        assert venv.closed and not any(_alive(p) for p in pids)
+
+
 def _cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()

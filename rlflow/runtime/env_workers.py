@@ -23,9 +23,11 @@ the critical path per step). A pipe wakes only its readers on write.
 
 Spin, then block (`spin`, seconds). A process about to block on a pipe first polls it for up to
 `spin` seconds: a worker after each reply (the next command comes once the parent has stepped its
-own slice and the caller has acted), the parent before each worker's reply. Each poll is one
+own slice and the caller has acted), the parent before each worker's reply (pool mode: before the
+first reply of any busy worker, through one poll set of every worker's pipe). Each poll is one
 `poll(2)` call that returns at once; after `spin` the read blocks as before, so an idle vector env
-costs no CPU. On this 2-vCPU VM an idle vCPU halts at once, and waking a process blocked on it costs
+costs no CPU. (Pool mode, 16 CartPoles, 1 worker + inline, batch 8: ~245k -> ~285k steps/s from
+polling before blocking and from one persistent poll set instead of a selector built per wait.) On this 2-vCPU VM an idle vCPU halts at once, and waking a process blocked on it costs
 ~15-20 us (an IPI and a VM exit) twice per step: CartPole, 16 envs, 1 worker + inline went from
 ~240k to ~315k steps/s (serial ~200k) with spin = 100 us. Polling uses a core the stepping already
 holds, so it is on by default (`SPIN`) only where every stepping process has a core of its own
@@ -104,7 +106,6 @@ next call returns the worker's 8, finished meanwhile:
 from __future__ import annotations
 
 import multiprocessing as mp
-import multiprocessing.connection as mpc
 import os
 import pickle
 import select
@@ -268,6 +269,7 @@ class ProcessVectorEnv(VectorEnv):
         # per worker: down pipe (parent writes, worker reads), up pipe (worker writes, parent reads)
         self._procs, self._ups, self._downs, self._pids = [], [], [], []
         self._up_fds, self._down_fds, self._pollers = [], [], []
+        self._any_up = select.poll()     # every worker's up pipe (pool mode: whichever replies first)
         self._local = None
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._downs, self._ups,
                                            self._block)
@@ -296,6 +298,7 @@ class ProcessVectorEnv(VectorEnv):
                 poller = select.poll()
                 poller.register(up_r.fileno(), select.POLLIN)
                 self._pollers.append(poller)
+                self._any_up.register(up_r.fileno(), select.POLLIN)
             for w in range(workers):
                 self._recv(w)          # each worker replies once it has attached the block
             self._block.unlink()       # every worker has attached: nothing left to leak by name
@@ -449,16 +452,26 @@ class ProcessVectorEnv(VectorEnv):
         return step
 
     def _collect(self, block: bool):
-        """Read the replies of the busy workers that have finished (block: wait for at least one)."""
-        busy = sorted(self._busy)
-        if not busy:
+        """Read the replies of the busy workers that have finished (block: wait for at least one,
+        polling for up to `spin` seconds before blocking, as `_recv` does). An idle worker's pipe
+        is readable only when the worker died (end-of-file): `_recv` raises WorkerError for it."""
+        if not self._busy:
             return
-        done = mpc.wait([self._ups[w] for w in busy], timeout=None if block else 0)
-        for w in busy:
-            if self._ups[w] in done:
+        ready = self._any_up.poll(0)
+        if block and not ready:
+            if self.spin:
+                end = time.perf_counter() + self.spin
+                while not ready and time.perf_counter() < end:
+                    ready = self._any_up.poll(0)
+            if not ready:
+                ready = self._any_up.poll()
+        fds = {fd for fd, _ in ready}
+        for w in range(self.num_workers):
+            if self._up_fds[w] in fds:
                 self._recv(w)
-                self._busy.discard(w)
-                self._ready.append(w)
+                if w in self._busy:
+                    self._busy.discard(w)
+                    self._ready.append(w)
 
     def _run_local(self, fn, arg):
         try:
