@@ -150,11 +150,14 @@ def default_spin(workers: int, cpus: int | None = None) -> float:
     return SPIN if workers + 1 <= cpus else 0.0
 
 
-def _poll_for(poller, seconds: float) -> None:
-    """Poll until the registered fd is readable (or closed) or `seconds` have passed."""
+def _poll_for(poller, seconds: float) -> list:
+    """Poll until a registered fd is readable (or closed) or `seconds` have passed; returns the
+    last poll's (fd, event) list (empty: nothing readable yet)."""
     end = time.perf_counter() + seconds
-    while not poller.poll(0) and time.perf_counter() < end:
-        pass
+    ready = poller.poll(0)
+    while not ready and time.perf_counter() < end:
+        ready = poller.poll(0)
+    return ready
 
 
 def inline_split(n: int, workers: int, step_cost: float | None, wake_cost: float | None,
@@ -457,14 +460,9 @@ class ProcessVectorEnv(VectorEnv):
         is readable only when the worker died (end-of-file): `_recv` raises WorkerError for it."""
         if not self._busy:
             return
-        ready = self._any_up.poll(0)
+        ready = _poll_for(self._any_up, self.spin if block else 0.0)
         if block and not ready:
-            if self.spin:
-                end = time.perf_counter() + self.spin
-                while not ready and time.perf_counter() < end:
-                    ready = self._any_up.poll(0)
-            if not ready:
-                ready = self._any_up.poll()
+            ready = self._any_up.poll()
         fds = {fd for fd, _ in ready}
         for w in range(self.num_workers):
             if self._up_fds[w] in fds:
