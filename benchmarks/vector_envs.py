@@ -8,8 +8,9 @@ Two workloads, 16 envs each, random actions drawn up front:
   heavy         CartPole whose step also burns 200 us of CPU time (a busy loop on the thread's CPU
                 clock, so every backend pays it in full): measures parallel speed-up.
                 Peer: gymnasium AsyncVectorEnv(shared_memory=True).
-What bounds the figures on this 2-vCPU VM: an idle vCPU halts at once (cpuidle never polls here), so
-waking a process blocked in a pipe read on an idle CPU costs ~15-20 us (an IPI and a VM exit), and a
+What bounds the figures on a 2-vCPU VM whose idle vCPU halts at once (the cpuidle driver is printed
+in the header: "haltpoll" polls a while first, "none" does not): waking a process blocked in
+a pipe read on an idle CPU costs ~15-20 us (an IPI and a VM exit), and a
 step of the process backend pays about two of them on its critical path (a worker's start, the
 parent's return), while 8 CartPoles take ~40 us. What makes the process backend pay off on
 CartPole is the inline slice (the parent steps envs too, split as printed: envs per worker /
@@ -186,13 +187,24 @@ def measure(runners, seconds, rounds=ROUNDS):
         r.closer()
 
 
+def cpuidle_driver() -> str:
+    """The kernel's cpuidle driver: on a VM, "haltpoll" polls a while before an idle vCPU halts
+    (cheap wake-ups); "none" halts at once (each wake-up of a process on an idle vCPU is an IPI and
+    a VM exit). The process backends' figures on cheap envs depend on it."""
+    try:
+        with open("/sys/devices/system/cpu/cpuidle/current_driver") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per figure")
     args = ap.parse_args()
     sec = args.seconds
     print(f"# numpy {np.__version__}, gymnasium {gym.__version__}, {os.cpu_count()} CPUs, {N} envs, "
-          f"median of {ROUNDS} interleaved rounds, {sec:.1f} s per figure")
+          f"median of {ROUNDS} interleaved rounds, {sec:.1f} s per figure; cpuidle driver: {cpuidle_driver()}")
 
     # ---- CartPole --------------------------------------------------------------------------------
     cp = [rlflow_runner("rlflow serial", "CartPole-v1"),
