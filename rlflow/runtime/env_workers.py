@@ -30,8 +30,8 @@ costs no CPU. (Pool mode, 16 CartPoles, 1 worker + inline, batch 8: ~245k -> ~27
 from polling before blocking and from one persistent poll set instead of a selector built per
 wait.) On a 2-vCPU VM whose idle vCPU halts at once (cpuidle driver "none"), waking a process
 blocked on it costs ~15-20 us (an IPI and a VM exit) twice per step: CartPole, 16 envs, 1 worker
-+ inline went from ~240k to ~315k steps/s (serial ~200k) with spin = 100 us. Polling uses a core the stepping already
-holds, so it is on by default (`SPIN`) only where every stepping process has a core of its own
++ inline went from ~240k to ~315k steps/s (serial ~200k) with spin = 100 us. Polling uses a core
+the stepping already holds, so it is on by default (`SPIN`) only where every stepping process has a core of its own
 (workers + 1 <= CPUs); the process runtime turns it off for its actors' env workers, whose cores
 the learner needs.
 
