@@ -26,13 +26,13 @@ Spin, then block (`spin`, seconds). A process about to block on a pipe first pol
 own slice and the caller has acted), the parent before each worker's reply (pool mode: before the
 first reply of any busy worker, through one poll set of every worker's pipe). Each poll is one
 `poll(2)` call that returns at once; after `spin` the read blocks as before, so an idle vector env
-costs no CPU. (Pool mode, 16 CartPoles, 1 worker + inline, batch 8: ~245k -> ~270-285k steps/s
-from polling before blocking and from one persistent poll set instead of a selector built per
-wait.) On a 2-vCPU VM whose idle vCPU halts at once (cpuidle driver "none"), waking a process
-blocked on it costs ~15-20 us (an IPI and a VM exit) twice per step: CartPole, 16 envs, 1 worker
-+ inline went from ~240k to ~315k steps/s (serial ~200k) with spin = 100 us. Polling uses a core
-the stepping already holds, so it is on by default (`SPIN`) only where every stepping process has a core of its own
-(workers + 1 <= CPUs); the process runtime turns it off for its actors' env workers, whose cores
+costs no CPU. (Pool mode, 16 CartPoles, 1 worker + inline, batch 8: ~245k -> ~270-285k steps/s from
+polling before blocking and from one persistent poll set instead of a selector built per wait.) On a
+2-vCPU VM whose idle vCPU halts at once (cpuidle driver "none"), waking a process blocked on it
+costs ~15-20 us (an IPI and a VM exit) twice per step: CartPole, 16 envs, 1 worker + inline went
+from ~240k to ~315k steps/s (serial ~200k) with spin = 100 us. Polling uses a core the stepping
+already holds, so it is on by default (`SPIN`) only where every stepping process has a core of its
+own (workers + 1 <= CPUs); the process runtime turns it off for its actors' env workers, whose cores
 the learner needs.
 
 Inline slice (`inline=True`; sync mode, and pool mode below). The parent steps one more slice
