@@ -1,5 +1,6 @@
 """DQN on CartPole-v1: rlflow (examples/dqn.py) beside Stable-Baselines3's DQN, same hyperparameters
-(rl-zoo's CartPole settings), 5 seeds, one torch thread each, in one run.
+(rl-zoo's CartPole settings), 5 seeds, one torch thread each and denormal floats flushed to zero for
+both (examples/dqn.py's CPU setting; Adam's moments of dead ReLU units decay into denormals), in one run.
 
 For each seed it prints the env steps and the wall time until the greedy policy's mean return over
 20 episodes reaches 475, evaluated every 2,000 env steps on the same 20-env evaluation (rf.evaluate,
@@ -81,6 +82,7 @@ def run_sb3(seed: int, max_steps: int, eval_every: int):
                 return False
             return True
 
+    torch.set_flush_denormal(True)      # the CPU float mode examples/dqn.py runs its learner in
     torch.manual_seed(seed)
     model = DQN("MlpPolicy", "CartPole-v1", learning_rate=2.3e-3, batch_size=64, buffer_size=100_000,
                 learning_starts=1_000, gamma=0.99, target_update_interval=10, train_freq=256,

@@ -59,6 +59,14 @@ class Args:
     """write figures.csv (and TensorBoard files if tensorboardX is installed) here"""
 
 
+def torch_setup(threads: int) -> None:
+    torch.set_num_threads(threads)
+    # Adam's moments of dead ReLU units decay into denormal floats (over half of the hidden layer's
+    # after 30k env steps), which x86 CPUs handle slowly: flushing them to zero made learner steps
+    # ~3% faster, with no effect on learning (they are < 1.2e-38).
+    torch.set_flush_denormal(True)
+
+
 def q_network(spec: rf.EnvSpec, hidden: int) -> nn.Module:
     n_obs = int(np.prod(spec.observation.shape))
     n_actions = int(spec.action_space.n)
@@ -127,7 +135,7 @@ class PolicyFactory:
         self.args, self.greedy = args, greedy
 
     def __call__(self, spec):
-        torch.set_num_threads(self.args.threads)
+        torch_setup(self.args.threads)
         return EpsilonGreedy(spec, self.args, self.greedy)
 
 
@@ -136,6 +144,7 @@ class LearnerFactory:
         self.args = args
 
     def __call__(self, spec):
+        torch_setup(self.args.threads)
         return DQN(spec, self.args)
 
 
@@ -178,7 +187,7 @@ def parse_args(argv=None) -> Args:
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch_setup(args.threads)
     torch.manual_seed(args.seed)
     result = rf.run(experiment(args), backend=args.backend, num_actors=args.num_actors,
                     max_env_steps=args.total_steps, log_dir=args.log_dir or None)
