@@ -161,7 +161,9 @@ class TableFactory:
                             error_buffer=a.batch_size * a.samples_per_insert))
 
 
-def experiment(args: Args) -> rf.Experiment:
+def experiment(args: Args | None = None) -> rf.Experiment:
+    """The DQN run (default Args() when called bare, as `rlflow run examples/dqn.py` does)."""
+    args = Args() if args is None else args
     return rf.Experiment(
         env=args.env,
         policy=PolicyFactory(args),
