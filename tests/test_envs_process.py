@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 import rlflow as rf
 from rlflow.envs.vector import SerialVectorEnv, measure_step_cost
 from rlflow.errors import SpecError, UsageError, WorkerError
-from rlflow.runtime.env_workers import ProcessVectorEnv, inline_split
+from rlflow.runtime.env_workers import SPIN, ProcessVectorEnv, inline_split
 
 from test_envs import Scripted
 
@@ -193,10 +193,11 @@ def test_spin_polls_then_blocks(inline):
 
 
 def test_spin_default_and_bad_values():
-    from rlflow.runtime.env_workers import SPIN, default_spin
+    from rlflow.runtime.env_workers import default_spin
 
     assert default_spin(1, cpus=2) == SPIN and default_spin(3, cpus=4) == SPIN
     assert default_spin(2, cpus=2) == 0.0 and default_spin(1, cpus=1) == 0.0
+    assert default_spin(2, cpus=2, cheap=True) == SPIN and default_spin(8, cpus=2, cheap=True) == SPIN
     with rf.envs.make("CartPole-v1", 4, backend="process", workers=1, spin=0.0) as venv:
         venv.reset(seed=0)
         venv.step(np.zeros(4, np.int64))
@@ -525,6 +526,20 @@ def _slow_cartpole():
     return Slow(gym.make("CartPole-v1"))
 
 
+@pytest.mark.parametrize("env,cheap", [("CartPole-v1", True), (_slow_cartpole, False)])
+def test_pool_mode_with_more_workers_than_spare_cores_spins_only_for_cheap_envs(monkeypatch, env, cheap):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with rf.envs.make(env, 8, backend="pool", workers=2, batch_size=4) as venv:
+        assert venv.num_workers == 2 and not venv.inline and venv.pool
+        assert venv.spin == (SPIN if cheap else 0.0)
+        step = venv.reset(seed=1)
+        for _ in range(20):
+            step = venv.step(np.zeros(len(step), np.int64))
+        assert len(step) == 4
+    with rf.envs.make(env, 8, backend="pool", workers=2, batch_size=4, spin=0.0) as venv:
+        assert venv.spin == 0.0                                      # an explicit value wins
+
+
 @pytest.mark.parametrize("env,expect_inline", [("CartPole-v1", True), (_slow_cartpole, False)])
 def test_more_workers_than_spare_cores_step_inline_only_for_cheap_envs(monkeypatch, env, expect_inline):
     """workers + 1 > CPUs: the calling process also steps a slice only where an env step is cheaper
@@ -535,6 +550,7 @@ def test_more_workers_than_spare_cores_step_inline_only_for_cheap_envs(monkeypat
         from rlflow.envs.make import CHEAP_STEP
 
         assert (venv.step_cost < CHEAP_STEP) == expect_inline
+        assert venv.spin == (SPIN if expect_inline else 0.0)      # polls only where waits are short
         with rf.envs.make(env, 8) as serial:
             a, b = venv.reset(seed=4), serial.reset(seed=4)
             for _ in range(30):

@@ -30,10 +30,15 @@ costs no CPU. (Pool mode, 16 CartPoles, 1 worker + inline, batch 8: ~245k -> ~27
 polling before blocking and from one persistent poll set instead of a selector built per wait.) On a
 2-vCPU VM whose idle vCPU halts at once (cpuidle driver "none"), waking a process blocked on it
 costs ~15-20 us (an IPI and a VM exit) twice per step: CartPole, 16 envs, 1 worker + inline went
-from ~240k to ~315k steps/s (serial ~200k) with spin = 100 us. Polling uses a core the stepping
-already holds, so it is on by default (`SPIN`) only where every stepping process has a core of its
-own (workers + 1 <= CPUs); the process runtime turns it off for its actors' env workers, whose cores
-the learner needs.
+from ~240k to ~315k steps/s (serial ~200k) with spin = 100 us. Between polls a process yields its
+CPU (sched_yield), so where there are more stepping processes than CPUs a poller gives way to
+whichever of them has work: on a 2-vCPU VM (cpuidle "haltpoll"), CartPole, 16 envs, 2 workers went
+from ~0.70x to ~1.25x serial (~1.14x with an inline slice), pool mode with 2 workers from ~0.84x to
+~1.0x, while a 200 us env on 2 workers stayed at ~1.85-1.9x. It is on by default (`SPIN`,
+`default_spin`) where every stepping process has a core of its own (workers + 1 <= CPUs), and with
+more steppers than CPUs where `rf.envs.make` measured a cheap env step (under CHEAP_STEP: the waits
+are shorter than a wake-up; for slow envs the waits are long and polling buys nothing). The
+process runtime turns it off for its actors' env workers, whose cores the learner needs.
 
 Inline slice (`inline=True`; sync mode, and pool mode below). The parent steps one more slice
 itself, with the same class on the same shared block, between sending "s" and reading the replies:
@@ -144,19 +149,24 @@ def default_start_method() -> str:
     return "spawn"
 
 
-def default_spin(workers: int, cpus: int | None = None) -> float:
-    """`SPIN` where the W workers and this process each have a CPU (W + 1 <= CPUs), else 0: a
-    polling process would take the core of a process that has work."""
+def default_spin(workers: int, cpus: int | None = None, cheap: bool = False) -> float:
+    """`SPIN` where the W workers and this process each have a CPU (W + 1 <= CPUs), or where an env
+    step is `cheap` (rf.envs.make measures it: under CHEAP_STEP); else 0. With more steppers than
+    CPUs the waits for a slow env's steps are long, and polling would only burn a share of a CPU
+    that a stepping process could use (the polls yield, so it costs little, but buys nothing)."""
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
-    return SPIN if workers + 1 <= cpus else 0.0
+    return SPIN if workers + 1 <= cpus or cheap else 0.0
 
 
 def _poll_for(poller, seconds: float) -> list:
     """Poll until a registered fd is readable (or closed) or `seconds` have passed; returns the
-    last poll's (fd, event) list (empty: nothing readable yet)."""
+    last poll's (fd, event) list (empty: nothing readable yet). Between polls the process yields
+    its CPU (sched_yield): a stepping process waiting for that CPU runs first, so polling takes
+    only a CPU that would otherwise idle."""
     end = time.perf_counter() + seconds
     ready = poller.poll(0)
     while not ready and time.perf_counter() < end:
+        os.sched_yield()
         ready = poller.poll(0)
     return ready
 
