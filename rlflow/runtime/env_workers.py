@@ -33,11 +33,14 @@ costs ~15-20 us (an IPI and a VM exit) twice per step: CartPole, 16 envs, 1 work
 from ~240k to ~315k steps/s (serial ~200k) with spin = 100 us. Between polls a process yields its
 CPU (sched_yield), so where there are more stepping processes than CPUs a poller gives way to
 whichever of them has work: on a 2-vCPU VM (cpuidle "haltpoll"), CartPole, 16 envs, 2 workers went
-from ~0.70x to ~1.25x serial (~1.14x with an inline slice), pool mode with 2 workers from ~0.84x to
-~1.0x, while a 200 us env on 2 workers stayed at ~1.85-1.9x. It is on by default (`SPIN`,
-`default_spin`) where every stepping process has a core of its own (workers + 1 <= CPUs), and with
-more steppers than CPUs where `rf.envs.make` measured a cheap env step (under CHEAP_STEP: the waits
-are shorter than a wake-up; for slow envs the waits are long and polling buys nothing). The
+from ~0.70x to ~1.25x serial (~1.14x with an inline slice), while a 200 us env on 2 workers stayed
+at ~1.85-1.9x. It is on by default (`SPIN`, `default_spin`) where every stepping process has a core
+of its own (workers + 1 <= CPUs), and with more steppers than CPUs in sync mode where `rf.envs.make`
+measured a cheap env step (under CHEAP_STEP: the waits are shorter than a wake-up; for slow envs the
+waits are long and polling buys nothing). Not in pool mode with more steppers than CPUs: it
+returns whoever finishes first, and a worker that shares a core with pollers finishes last more
+often (2 workers, an inline slice, 2 CPUs: one worker's slice was returned ~1/8 of the time
+instead of ~1/4, though spin took its CartPole rate from ~0.84x to ~1.0x serial). The
 process runtime turns it off for its actors' env workers, whose cores the learner needs.
 
 Inline slice (`inline=True`; sync mode, and pool mode below). The parent steps one more slice
