@@ -196,8 +196,9 @@ def test_spin_default_and_bad_values():
     from rlflow.runtime.env_workers import default_spin
 
     assert default_spin(1, cpus=2) == SPIN and default_spin(3, cpus=4) == SPIN
-    assert default_spin(2, cpus=2) == 0.0 and default_spin(1, cpus=1) == 0.0
-    assert default_spin(2, cpus=2, cheap=True) == SPIN and default_spin(8, cpus=2, cheap=True) == SPIN
+    assert default_spin(2, cpus=2) == SPIN and default_spin(8, cpus=2) == SPIN      # sync: always
+    assert default_spin(1, cpus=2, pool=True) == SPIN
+    assert default_spin(2, cpus=2, pool=True) == 0.0 and default_spin(1, cpus=1, pool=True) == 0.0
     with rf.envs.make("CartPole-v1", 4, backend="process", workers=1, spin=0.0) as venv:
         venv.reset(seed=0)
         venv.step(np.zeros(4, np.int64))
@@ -552,7 +553,7 @@ def test_more_workers_than_spare_cores_step_inline_only_for_cheap_envs(monkeypat
         from rlflow.envs.make import CHEAP_STEP
 
         assert (venv.step_cost < CHEAP_STEP) == expect_inline
-        assert venv.spin == (SPIN if expect_inline else 0.0)      # polls only where waits are short
+        assert venv.spin == SPIN                 # sync mode polls (yielding) however many workers
         with rf.envs.make(env, 8) as serial:
             a, b = venv.reset(seed=4), serial.reset(seed=4)
             for _ in range(30):

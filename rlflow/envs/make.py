@@ -140,10 +140,8 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
                 at construction (the probe env is stepped for <= ~50 ms; see ProcessVectorEnv).
     spin        process backends: seconds a process polls for its peer's reply before it blocks
                 (a worker waiting for the next step, this process for a worker), yielding its CPU
-                between polls. Default: 100 us where the workers and this process each have a CPU,
-                or, with more of them than CPUs and all envs stepped at once (not pool mode), where
-                one env step costs under CHEAP_STEP (measured: the waits are then shorter than a
-                wake-up); else 0 (see ProcessVectorEnv).
+                between polls. Default: 100 us, except in pool mode with more stepping processes
+                than CPUs: 0 (see ProcessVectorEnv).
     seed        the seed of the first `reset()` called without one.
     start_method "fork" (default on Linux while this process runs one thread) or "spawn" (else);
                 with "spawn" the env (id, callable or instance) must be picklable.
@@ -211,17 +209,9 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
     elif inline is None:
         inline = workers + 1 <= cpus
         cheap_only = not inline      # decided by the calibration: on for cheap envs only
-    from rlflow.runtime.env_workers import ProcessVectorEnv, default_spin
-
     step_cost = None
-    valid = isinstance(workers, int) and 1 <= workers < num_envs      # else ProcessVectorEnv says why
-    split = (inline or cheap_only) and sync and valid
-    # more steppers than cores: polling (which yields the core) pays where a step is cheap; not in
-    # pool mode, where a worker sharing a core with pollers is passed over (returned ~1/8 of the
-    # time instead of ~1/4 with 2 workers, an inline slice and 2 CPUs)
-    spin_by_cost = spin is None and sync and valid and default_spin(workers) == 0.0
-    if split or spin_by_cost:
-        # the calibration steps the probe (a copy of a given instance), then closes it
+    if (inline or cheap_only) and sync and isinstance(workers, int) and 1 <= workers < num_envs:
+        # the inline split's calibration steps the probe (a copy of a given instance), then closes it
         from rlflow.envs.vector import measure_step_cost
 
         try:
@@ -229,15 +219,13 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         except Exception:        # an instance that does not copy: no calibration, an even split
             target = None
         step_cost = None if target is None else measure_step_cost(cls, target, layout)
-        cheap = step_cost is not None and step_cost < CHEAP_STEP
         if cheap_only:
             # More steppers than cores pays only where an env step costs less than waking a
             # worker: the workers then mostly wait on wake-ups, not on the CPU.
-            inline = cheap
-        if spin_by_cost:
-            spin = default_spin(workers, cheap=cheap)
+            inline = step_cost is not None and step_cost < CHEAP_STEP
     elif not given:
         _close(probe)
+    from rlflow.runtime.env_workers import ProcessVectorEnv
 
     return ProcessVectorEnv(cls, [factory] + [others] * (num_envs - 1), layout, workers=workers,
                             batch_size=batch_size, seed=seed, start_method=start_method, inline=inline,

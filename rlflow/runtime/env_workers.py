@@ -32,15 +32,13 @@ polling before blocking and from one persistent poll set instead of a selector b
 costs ~15-20 us (an IPI and a VM exit) twice per step: CartPole, 16 envs, 1 worker + inline went
 from ~240k to ~315k steps/s (serial ~200k) with spin = 100 us. Between polls a process yields its
 CPU (sched_yield), so where there are more stepping processes than CPUs a poller gives way to
-whichever of them has work: on a 2-vCPU VM (cpuidle "haltpoll"), CartPole, 16 envs, 2 workers went
-from ~0.70x to ~1.25x serial (~1.14x with an inline slice), while a 200 us env on 2 workers stayed
-at ~1.85-1.9x. It is on by default (`SPIN`, `default_spin`) where every stepping process has a core
-of its own (workers + 1 <= CPUs), and with more steppers than CPUs in sync mode where `rf.envs.make`
-measured a cheap env step (under CHEAP_STEP: the waits are shorter than a wake-up; for slow envs the
-waits are long and polling buys nothing). Not in pool mode with more steppers than CPUs: it
-returns whoever finishes first, and a worker that shares a core with pollers finishes last more
-often (2 workers, an inline slice, 2 CPUs: one worker's slice was returned ~1/8 of the time
-instead of ~1/4, though spin took its CartPole rate from ~0.84x to ~1.0x serial). The
+whichever of them has work: on a 2-vCPU VM (cpuidle "haltpoll"), 16 envs, 2 workers, CartPole went
+from ~0.70x to ~1.25x serial (~1.14x with an inline slice) and a 200 us env from ~1.83x to ~1.87x
+(2 x 15 interleaved rounds); 4 and 8 workers gained on CartPole and were unchanged on the 200 us
+env. So it is on by default (`SPIN`, `default_spin`), except in pool mode with more steppers than
+CPUs: pool mode returns whoever finishes first, and a worker that shares a core with pollers
+finishes last more often (2 workers, an inline slice, 2 CPUs: one worker's slice was returned ~1/8
+of the time instead of ~1/4, though spin took its CartPole rate from ~0.84x to ~1.0x serial). The
 process runtime turns it off for its actors' env workers, whose cores the learner needs.
 
 Inline slice (`inline=True`; sync mode, and pool mode below). The parent steps one more slice
@@ -152,13 +150,12 @@ def default_start_method() -> str:
     return "spawn"
 
 
-def default_spin(workers: int, cpus: int | None = None, cheap: bool = False) -> float:
-    """`SPIN` where the W workers and this process each have a CPU (W + 1 <= CPUs), or where an env
-    step is `cheap` (rf.envs.make measures it: under CHEAP_STEP); else 0. With more steppers than
-    CPUs the waits for a slow env's steps are long, and polling would only burn a share of a CPU
-    that a stepping process could use (the polls yield, so it costs little, but buys nothing)."""
+def default_spin(workers: int, cpus: int | None = None, pool: bool = False) -> float:
+    """`SPIN`, except in pool mode with more stepping processes than CPUs (W + 1 > CPUs), where it
+    is 0: pool mode returns whoever finishes first, and a worker that shares a CPU with pollers
+    would finish last more often than its share."""
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
-    return SPIN if workers + 1 <= cpus or cheap else 0.0
+    return SPIN if not pool or workers + 1 <= cpus else 0.0
 
 
 def _poll_for(poller, seconds: float) -> list:
@@ -233,7 +230,6 @@ class ProcessVectorEnv(VectorEnv):
         if spin is not None and not (isinstance(spin, (int, float)) and not isinstance(spin, bool)
                                      and 0 <= spin < 1):
             raise UsageError(mismatch("argument", "spin", "seconds in [0, 1), or None (default)", repr(spin)))
-        self.spin = float(default_spin(workers) if spin is None else spin)
         self.num_workers = workers
         self.inline = bool(inline)
         rpe = layout.rows_per_env
@@ -263,6 +259,7 @@ class ProcessVectorEnv(VectorEnv):
             self.batch_size = batch_size
             bounds = np.arange(0, n + 1, epw)
         self.pool = self.batch_size < n
+        self.spin = float(default_spin(workers, pool=self.pool) if spin is None else spin)
         self.step_cost = step_cost
         self.wake_cost = wake_cost
         super().__init__(layout, n * rpe, seed=seed)
