@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 from typing import Optional, Sequence
@@ -84,6 +83,7 @@ def _run(args) -> int:
 
 def _info(_args) -> int:
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     import rlflow as rf
 
@@ -91,9 +91,8 @@ def _info(_args) -> int:
           f"{platform.system()} {platform.machine()}")
     for dist in ("numpy", "gymnasium", "torch", "numba", "ray", "pettingzoo", "tensorboardX"):
         try:
-            from importlib.metadata import version
             v = version(dist)
-        except Exception:  # noqa: BLE001 - not installed
+        except PackageNotFoundError:
             v = "not installed"
         print(f"  {dist:<13} {v}")
     return 0

@@ -86,6 +86,20 @@ def test_run_a_file_locally(exp_file, tmp_path, name):
     assert "env_steps" in (tmp_path / "log" / "figures.csv").read_text().splitlines()[0]
 
 
+def test_checkpoint_then_resume_from_the_command_line(exp_file, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    out = rlflow_cmd("run", str(exp_file), "--max-env-steps", "300", "--quiet", "--checkpoint-dir", str(ckpt),
+                     "--checkpoint-every", "20", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "local: 300 env steps" in out.stdout and any(ckpt.iterdir())
+    out = rlflow_cmd("run", str(exp_file), "--max-env-steps", "600", "--quiet", "--resume", str(ckpt),
+                     cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "local: 600 env steps" in out.stdout, out.stdout           # counters carried on from 300
+    out = rlflow_cmd("run", str(exp_file), "--max-env-steps", "600", "--checkpoint-every", "20", cwd=tmp_path)
+    assert out.returncode == 2 and "checkpoint_every" in out.stderr and "checkpoint_dir" in out.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_run_a_file_on_the_process_backend(exp_file, tmp_path):
