@@ -191,3 +191,45 @@ def test_envs_made_from_an_id_leave_out_only_the_checking_wrappers():
         assert truncations > 0
     with rf.envs.make("CartPole-v1", 2, disable_env_checker=False) as venv:   # the user's word wins
         assert stack(venv.envs[1]) == ["TimeLimit", "PassiveEnvChecker"]
+
+
+VALUES = st.one_of(st.integers(-2**40, 2**40), st.integers(-3, 9).map(np.int64), st.integers(-3, 9).map(np.int32),
+                   st.integers(0, 9).map(np.uint8), st.integers(-3, 9).map(lambda v: np.array(v)),
+                   st.integers(-3, 9).map(lambda v: np.array([v])), st.floats(-3, 9), st.booleans().map(np.bool_),
+                   st.just("1"), st.just(None))
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 6), start=st.integers(-4, 4), dtype=st.sampled_from([np.int64, np.int32, np.int8]),
+       x=VALUES)
+def test_fast_discrete_answers_as_discrete(n, start, dtype, x):
+    """The fast `contains` of lean envs' Discrete action spaces gives gymnasium's answer for every input."""
+    from rlflow.envs.make import FastDiscrete, fast_discrete
+
+    ref = spaces.Discrete(n, start=start, dtype=dtype)
+    fast = spaces.Discrete(n, start=start, dtype=dtype)
+    fast_discrete(fast)
+    assert type(fast) is FastDiscrete and fast == ref and repr(fast) == repr(ref)
+    assert fast.contains(x) == ref.contains(x)
+    for v in range(start - 2, start + n + 2):                 # the space's own scalar type
+        assert fast.contains(ref.dtype.type(v)) == ref.contains(ref.dtype.type(v)) == (start <= v < start + n)
+
+
+def test_lean_envs_check_actions_fast_and_the_same():
+    import copy
+    import pickle
+
+    from rlflow.envs.make import FastDiscrete
+
+    with rf.envs.make("CartPole-v1", 3) as venv:
+        assert type(venv.envs[0].unwrapped.action_space) is spaces.Discrete      # env 0: as gymnasium makes it
+        for e in venv.envs[1:]:
+            space = e.unwrapped.action_space
+            assert type(space) is FastDiscrete and space == spaces.Discrete(2)
+            for clone in (pickle.loads(pickle.dumps(space)), copy.deepcopy(space)):
+                assert type(clone) is FastDiscrete and clone.contains(np.int64(1)) and not clone.contains(np.int64(2))
+        venv.reset(seed=0)
+        with pytest.raises(AssertionError):                    # an out-of-range action still fails the env's check
+            venv.envs[1].step(np.int64(2))
+    with rf.envs.make("Pendulum-v1", 2) as venv:               # other spaces are left alone
+        assert type(venv.envs[1].unwrapped.action_space) is spaces.Box

@@ -6,10 +6,36 @@ import copy
 import os
 from typing import Any
 
+from gymnasium import spaces
+
 from rlflow.errors import UsageError, mismatch
 
 BACKENDS = ("serial", "process", "pool")
 CHEAP_STEP = 20e-6        # seconds: an env step below this makes an inline slice pay with any workers
+
+
+class FastDiscrete(spaces.Discrete):
+    """gymnasium's Discrete with a fast path in `contains` for a scalar of the space's own numpy
+    integer type, the type a vector env passes (`check_actions` casts every action to the space's
+    dtype): the same answers for every input, in ~0.4 us instead of ~1.6 us. Classic control envs
+    assert `action_space.contains(action)` on every step (CartPole: ~5.5 -> ~4.2 us a step on a
+    2-vCPU VM). `fast_discrete(space)` turns a Discrete into one in place."""
+
+    def contains(self, x) -> bool:
+        if x.__class__ is self._scalar:          # no dtype checks needed: it is the space's dtype
+            return self._lo <= int(x) < self._hi
+        return super().contains(x)
+
+
+def fast_discrete(space) -> None:
+    """Make a gymnasium `Discrete` space (exactly that class) a FastDiscrete, keeping its state (RNG,
+    n, start, dtype), repr and equality; any other space is left alone."""
+    if type(space) is not spaces.Discrete:
+        return
+    space._scalar = space.dtype.type
+    space._lo = int(space.start)
+    space._hi = int(space.start) + int(space.n)
+    space.__class__ = FastDiscrete
 
 
 class GymMake:
@@ -19,7 +45,8 @@ class GymMake:
     checker (unless kwargs set `disable_env_checker`) and its reset-before-step order enforcer. A
     vector env resets every env before it steps it and checks env 0 in full, so envs 1..N-1 are
     made lean: ~0.2 us less per step of each (CartPole: 4.3 -> 4.1 us). Same dynamics, same
-    TimeLimit, same kwargs; an id that is not in the registry is made as usual.
+    TimeLimit, same kwargs; an id that is not in the registry is made as usual. A lean env's
+    Discrete action space also checks actions faster (`fast_discrete`: same answers).
     """
 
     def __init__(self, env_id: str, kwargs: dict, lean: bool = False):
@@ -38,7 +65,9 @@ class GymMake:
         lean = {"order_enforce": False}
         if "disable_env_checker" not in self.kwargs:
             lean["disable_env_checker"] = True
-        return gym.make(dataclasses.replace(spec, **lean), **self.kwargs)
+        env = gym.make(dataclasses.replace(spec, **lean), **self.kwargs)
+        fast_discrete(env.unwrapped.action_space)
+        return env
 
     def __repr__(self):
         return f"GymMake({self.env_id!r}, {self.kwargs}{', lean' if self.lean else ''})"
