@@ -7,13 +7,15 @@ one shared-memory block. A step is:
     parent                                   worker w (rows lo:hi)
     ------                                   ---------------------
     actions[lo:hi] = a  (shared memory)
-    write 1 byte "s" to w's down pipe ─────▶ read 1 byte (blocks; no spinning)
+    ring w's down bell: "step" ────────────▶ wait for the bell (poll for `spin`, then block)
                                              venv.step_rows(actions[lo:hi])  -> writes obs, reward,
                                              terminated, truncated, final_obs in place
-    read 1 byte (blocks) ◀────────────────── write 1 byte "k" to its up pipe (or "e" + the pickled
-    Step = copies of the shared rows                                              traceback)
+    wait for w's up bell ◀────────────────── ring its up bell: "done" (or write "e" + the pickled
+    Step = copies of the shared rows         traceback to its up pipe)
 
 Nothing is pickled per step. Seeds for `reset` travel in a small shared array beside the rows.
+A bell is an eventfd on Linux (see _BELLS for why not a pipe byte); elsewhere the command or reply
+is one byte on the worker's down or up pipe.
 
 Two one-way pipes per worker, not one duplex socket: a socket's reader and writer share one wait
 queue, so consuming the peer's byte wakes the peer (blocked in its next read) for nothing. With a
