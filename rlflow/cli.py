@@ -142,6 +142,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as e:
         print(f"rlflow: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:              # `rlflow info | head -1`: the reader has gone, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
