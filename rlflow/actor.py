@@ -85,7 +85,7 @@ class EpisodeStats:
         info = step.info
         if "episode_return" in info and "episode_length" in info:
             done = step.done
-            if not done.any():
+            if not np.count_nonzero(done):
                 return _NONE_ENDED
             ended = step.env_ids[done]
             out = (ended, info["episode_return"][done].astype(np.float64), info["episode_length"][done])
@@ -94,7 +94,7 @@ class EpisodeStats:
             live = True if step.alive is None else (step.alive | step.done)
             self.returns[rows] += np.where(live, step.reward, 0.0)
             self.lengths[rows] += live
-            if not step.done.any():
+            if not np.count_nonzero(step.done):
                 return _NONE_ENDED
             ended = rows[step.done]
             out = (ended, self.returns[ended], self.lengths[ended])

@@ -114,7 +114,7 @@ class NStepTransition(RowAdder):
             o_dt = buf.dtype
             a_dt = self.action_specs["action"].dtype
             disc = self._disc_n.copy()
-            if terminated.any():
+            if np.count_nonzero(terminated):
                 disc[terminated] = 0.0
             out = {"obs": buf[:, 0], "action": np.array(act["action"], dtype=a_dt),
                    "reward": np.array(reward, dtype=np.float32), "discount": disc,

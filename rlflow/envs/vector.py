@@ -302,7 +302,7 @@ class VectorEnv:
             info = {"episode_return": ret.astype(np.float32), "episode_length": length}
             self._ret[ids] = ret
             self._len[ids] = length
-        if done.any():
+        if np.count_nonzero(done):
             ended = ids[done]
             self._ret[ended] = 0.0
             self._len[ended] = 0
