@@ -185,6 +185,12 @@ def _poll_for(poller, seconds: float) -> list:
     return ready
 
 
+def _wait(poller, spin: float) -> list:
+    """Poll for up to `spin` seconds, then block until a registered fd is readable (or closed);
+    returns the (fd, event) list."""
+    return (_poll_for(poller, spin) if spin else []) or poller.poll()
+
+
 def inline_split(n: int, workers: int, step_cost: float | None, wake_cost: float | None,
                  cores: int | None = None) -> list[int]:
     """Envs per slice, [worker 0, ..., worker W-1, inline slice], for the inline mode.
@@ -311,10 +317,10 @@ class ProcessVectorEnv(VectorEnv):
                 up_r, up_w = ctx.Pipe(duplex=False)
                 # an eventfd in a Connection: multiprocessing hands its descriptor to the child on
                 # every start method
-                bells = ((Connection(os.eventfd(0, os.EFD_CLOEXEC)), Connection(os.eventfd(0, os.EFD_CLOEXEC)))
-                         if _BELLS else (None, None))
+                bells = (tuple(Connection(os.eventfd(0, os.EFD_CLOEXEC)) for _ in "du") if _BELLS
+                         else (None, None))
                 # fork: the child inherits every parent end so far (and the other workers' bells)
-                inherited = (self._downs + self._ups + [down_w, up_r] + [b for pair in self._bells for b in pair]
+                inherited = (self._downs + self._ups + [down_w, up_r] + [b for bs in self._bells for b in bs]
                              if method == "fork" else [])
                 p = ctx.Process(target=_worker_main, name=f"rlflow-env-worker-{w}", daemon=True,
                                 args=(w, cls, list(env_fns), layout, self._block.handle(),
@@ -391,15 +397,14 @@ class ProcessVectorEnv(VectorEnv):
             self._fail(w, "died (its pipe is closed)")
 
     def _recv(self, w):
-        ready = _poll_for(self._pollers[w], self.spin) if self.spin else []
         if _BELLS:
             bell = self._bells[w][1].fileno()
-            if not ready:
-                ready = self._pollers[w].poll()
-            if any(fd == bell for fd, _ in ready):
+            if any(fd == bell for fd, _ in _wait(self._pollers[w], self.spin)):
                 os.eventfd_read(bell)          # done
                 return
             # else the up pipe is readable: an error report, or end-of-file (the worker died)
+        elif self.spin:
+            _poll_for(self._pollers[w], self.spin)
         try:
             msg = os.read(self._up_fds[w], 1)
         except OSError:
@@ -504,10 +509,7 @@ class ProcessVectorEnv(VectorEnv):
         is readable only when the worker died (end-of-file): `_recv` raises WorkerError for it."""
         if not self._busy:
             return
-        ready = _poll_for(self._any_up, self.spin if block else 0.0)
-        if block and not ready:
-            ready = self._any_up.poll()
-        fds = {fd for fd, _ in ready}
+        fds = {fd for fd, _ in (_wait(self._any_up, self.spin) if block else self._any_up.poll(0))}
         for w in range(self.num_workers):
             if self._up_fds[w] in fds or (_BELLS and self._bells[w][1].fileno() in fds):
                 self._recv(w)
@@ -602,13 +604,12 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
     def receive():
         """The next command (b"" when the parent is gone). With bells: the down bell's code, or
         what the pipe holds (the close command, or end-of-file)."""
-        ready = _poll_for(poller, spin) if spin else []
-        if bell_down is not None:
-            if not ready:
-                ready = poller.poll()
-            if any(fd == bell_down for fd, _ in ready):
-                code = os.eventfd_read(bell_down)
-                return _CLOSE if code & _CODE[_CLOSE] else _MSG.get(code, b"?")
+        if bell_down is None:
+            if spin:
+                _poll_for(poller, spin)
+        elif any(fd == bell_down for fd, _ in _wait(poller, spin)):
+            code = os.eventfd_read(bell_down)
+            return _CLOSE if code & _CODE[_CLOSE] else _MSG.get(code, b"?")
         return os.read(rfd, 1)
 
     def done():
