@@ -9,13 +9,14 @@ Two workloads, 16 envs each, random actions drawn up front:
                 clock, so every backend pays it in full): measures parallel speed-up.
                 Peer: gymnasium AsyncVectorEnv(shared_memory=True).
 What bounds the figures on a 2-vCPU VM whose idle vCPU halts at once (the cpuidle driver is printed
-in the header: "haltpoll" polls a while first, "none" does not): waking a process blocked in
-a pipe read on an idle CPU costs ~15-20 us (an IPI and a VM exit), and a
+in the header: "haltpoll" polls a while first, "none" does not): waking a process blocked on
+an idle CPU costs ~15-20 us (an IPI and a VM exit), and a
 step of the process backend pays about two of them on its critical path (a worker's start, the
-parent's return), while 8 CartPoles take ~40 us. What makes the process backend pay off on
+parent's return), while 8 CartPoles take ~30-40 us. What makes the process backend pay off on
 CartPole is the inline slice (the parent steps envs too, split as printed: envs per worker /
-inline) and, where the workers and the parent each have a core, polling a pipe for up to 100 us
-before blocking on it (`spin`), which skips most of those wake-ups.
+inline), polling for the peer for up to 100 us before blocking (`spin`; the polls yield the CPU),
+which skips most of those wake-ups, and eventfd doorbells, whose wake-ups do not pull the woken
+process onto the waker's CPU as a pipe's do (see rlflow/runtime/env_workers.py).
 Ceilings, measured in the same run and printed beside the figures they bound:
   CartPole: any backend that steps gymnasium's Python CartPole is bounded by (cores) x (the raw
             step rate of one unwrapped env in a tight loop, resets included, its action check as
