@@ -211,6 +211,8 @@ def test_fast_discrete_answers_as_discrete(n, start, dtype, x):
     fast_discrete(fast)
     assert type(fast) is FastDiscrete and fast == ref and repr(fast) == repr(ref)
     assert fast.contains(x) == ref.contains(x)
+    built = FastDiscrete(n, start=start, dtype=dtype)            # made directly, not converted
+    assert built.contains(x) == ref.contains(x) and built == ref
     for v in range(start - 2, start + n + 2):                 # the space's own scalar type
         assert fast.contains(ref.dtype.type(v)) == ref.contains(ref.dtype.type(v)) == (start <= v < start + n)
 
