@@ -67,10 +67,8 @@ def _run(args) -> int:
     options = {k: getattr(args, k) for k in ("max_env_steps", "max_learner_steps", "max_seconds", "log_dir",
                                              "checkpoint_dir", "checkpoint_every", "resume")
                if getattr(args, k) is not None}
-    if args.backend == "process":
-        options["max_restarts"] = args.max_restarts
     result = rf.run(exp, backend=args.backend, num_actors=args.num_actors, progress=not args.quiet,
-                    **options)
+                    max_restarts=args.max_restarts, **options)
     f = result.figures
     solved = (f"solved at {result.solved_at:,} env steps" if result.solved_at is not None
               else "target not reached" if exp.target_return is not None else "no target")

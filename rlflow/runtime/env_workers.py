@@ -544,7 +544,7 @@ class ProcessVectorEnv(VectorEnv):
         return list(self._pids)
 
 
-def _shutdown(procs, downs, ups, block, bells=()):
+def _shutdown(procs, downs, ups, block, bells):
     """Stop and reap every worker, close the pipes and bells, free the shared block. Safe to call
     twice. (A worker waits on its bell and its pipe: the close command goes down the pipe.)"""
     for c in downs:
@@ -573,8 +573,7 @@ def _shutdown(procs, downs, ups, block, bells=()):
     procs.clear()
     downs.clear()
     ups.clear()
-    if bells:
-        bells.clear()
+    bells.clear()
     block.close()
 
 
