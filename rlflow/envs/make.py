@@ -54,12 +54,18 @@ class GymMake:
     made lean: ~0.2 us less per step of each (CartPole: 4.3 -> 4.1 us). Same dynamics, same
     TimeLimit, same kwargs; an id that is not in the registry is made as usual. A lean env's
     Discrete action space also checks actions faster (`fast_discrete`: same answers).
+
+    `fast_space=True` gives the fast check alone, with every wrapper kept: env 0 of the process
+    backends, built in a worker, where its space is not the one the caller sees (that is the probe
+    env's, in this process). Without it env 0 was ~1.8 us a step slower than the others (CartPole:
+    ~6.0 against ~4.2 us), and the worker stepping it finished last.
     """
 
-    def __init__(self, env_id: str, kwargs: dict, lean: bool = False):
+    def __init__(self, env_id: str, kwargs: dict, lean: bool = False, fast_space: bool = False):
         self.env_id = env_id
         self.kwargs = dict(kwargs)
         self.lean = lean
+        self.fast_space = fast_space or lean
 
     def __call__(self):
         import dataclasses
@@ -68,7 +74,10 @@ class GymMake:
 
         spec = gym.envs.registry.get(self.env_id) if self.lean else None
         if spec is None:
-            return gym.make(self.env_id, **self.kwargs)
+            env = gym.make(self.env_id, **self.kwargs)
+            if self.fast_space:
+                fast_discrete(env.unwrapped.action_space)
+            return env
         lean = {"order_enforce": False}
         if "disable_env_checker" not in self.kwargs:
             lean["disable_env_checker"] = True
@@ -77,7 +86,8 @@ class GymMake:
         return env
 
     def __repr__(self):
-        return f"GymMake({self.env_id!r}, {self.kwargs}{', lean' if self.lean else ''})"
+        extra = ", lean" if self.lean else ", fast_space" if self.fast_space else ""
+        return f"GymMake({self.env_id!r}, {self.kwargs}{extra})"
 
 
 class CopyOf:
@@ -263,6 +273,8 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         _close(probe)
     from rlflow.runtime.env_workers import ProcessVectorEnv
 
+    if isinstance(factory, GymMake):      # env 0 is built in a worker: its space is not the caller's
+        factory = GymMake(env, kwargs, fast_space=True)
     return ProcessVectorEnv(cls, [factory] + [others] * (num_envs - 1), layout, workers=workers,
                             batch_size=batch_size, seed=seed, start_method=start_method, inline=inline,
                             step_cost=step_cost, spin=spin)
