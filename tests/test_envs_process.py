@@ -192,6 +192,39 @@ def test_spin_polls_then_blocks(inline):
     assert not any(_alive(p) for p in pids)
 
 
+class Sleepy(Tagged):
+    """Sleeps action x 0.5 ms a step (0 to 2 ms)."""
+
+    def step(self, action):
+        time.sleep(int(action) * 5e-4)
+        return super().step(action)
+
+
+@pytest.mark.parametrize("mode", ["inline", "workers", "pool"])
+def test_no_wake_up_is_lost_around_the_spin_window(monkeypatch, mode):
+    """A sender skips the bell while the receiver is sure to be spinning (shared-memory words, see
+    env_workers._BELLS). Steps whose gaps straddle the end of the spin window (both sides: the
+    caller waits, or an env is slow) must each come back at once: with the blocked side's
+    periodic re-read pushed to 60 s, a lost wake-up would show as a step of a minute."""
+    from rlflow.runtime import env_workers
+
+    monkeypatch.setattr(env_workers, "_INSURANCE_MS", 60_000)      # forked workers inherit it
+    n, spin = 4, 1e-3
+    kw = {"inline": dict(workers=1, inline=True), "workers": dict(workers=2, inline=False),
+          "pool": dict(workers=2, inline=False, batch_size=2)}[mode]
+    rng = np.random.default_rng(0)
+    with rf.envs.make(Sleepy, n, backend="pool" if mode == "pool" else "process", spin=spin,
+                      start_method="fork", **kw) as venv:
+        step = venv.reset(seed=0)
+        slowest = 0.0
+        for i in range(150):
+            time.sleep(float(rng.uniform(0, 2.5 * spin)))         # before, around and after the window
+            t = time.perf_counter()
+            step = venv.step(rng.integers(0, 5, len(step)))
+            slowest = max(slowest, time.perf_counter() - t)
+        assert slowest < 5.0, slowest
+
+
 def test_spin_default_and_bad_values():
     from rlflow.runtime.env_workers import default_spin
 
