@@ -282,6 +282,8 @@ class VectorEnv:
 
     def _make_step(self, arrays: dict, obs: ObsBuffer, final: ObsBuffer, ids=None, index=None) -> Step:
         """A Step of copies of `arrays` (all rows, or rows `index`), with episode statistics."""
+        if index is None and obs.flat and "alive" not in arrays and "action_mask" not in arrays:
+            return self._make_full_step(arrays, obs, final)
         take = (lambda a: a.copy()) if index is None else (lambda a: a[index])
         reward = take(arrays["reward"])
         terminated = take(arrays["terminated"])
@@ -308,6 +310,23 @@ class VectorEnv:
             self._len[ended] = 0
         return Step(obs=obs.tree(index), reward=reward, terminated=terminated, truncated=truncated,
                     final_obs=final.tree(index), env_ids=ids, alive=alive, action_mask=mask, info=info)
+
+    def _make_full_step(self, arrays: dict, obs: ObsBuffer, final: ObsBuffer) -> Step:
+        """`_make_step` of every row of a single-agent env with one observation array: the same
+        Step in fewer numpy calls (it is on every step's critical path: ~5 -> ~3.5 us at 16 rows)."""
+        reward = arrays["reward"].copy()
+        terminated = arrays["terminated"].copy()
+        truncated = arrays["truncated"].copy()
+        ret, length = self._ret, self._len
+        ret += reward
+        length += 1
+        info = {"episode_return": ret.astype(np.float32), "episode_length": length.copy()}
+        if np.count_nonzero(terminated) or np.count_nonzero(truncated):
+            ended = terminated | truncated
+            ret[ended] = 0.0
+            length[ended] = 0
+        return Step(obs=obs.arrays[0].copy(), reward=reward, terminated=terminated, truncated=truncated,
+                    final_obs=final.arrays[0].copy(), env_ids=self._all_ids, info=info)
 
     # ---- what a subclass implements -------------------------------------------------------------
     def _reset(self, seed) -> Step:
