@@ -325,6 +325,8 @@ def test_pool_mode_streams(n, workers, k, inline):
         step = venv.reset(seed=10)
         np.testing.assert_array_equal(step.env_ids, np.arange(n))
         seen = set()
+        totals = np.zeros((n, 2))                   # each env's episode return and length so far
+        kept = []                                   # earlier Steps: later steps must not change them
         for _ in range(60):
             np.testing.assert_array_equal(step.obs[:, 0], 10 + step.env_ids)   # rows name their env
             for row, i in enumerate(step.env_ids):
@@ -343,7 +345,17 @@ def test_pool_mode_streams(n, workers, k, inline):
                 o, r, te, tr = expected[i]
                 np.testing.assert_array_equal(step.final_obs[row], o)
                 assert step.reward[row] == r and step.terminated[row] == te and step.truncated[row] == tr
+                totals[i] += (r, 1)
+                assert step.info["episode_return"][row] == np.float32(totals[i, 0])
+                assert step.info["episode_length"][row] == totals[i, 1]
+                if te or tr:
+                    totals[i] = 0
                 expected[i] = refs[i].reset()[0] if te or tr else o
+            kept.append((step, {f: np.copy(getattr(step, f)) for f in ("obs", "reward", "final_obs", "env_ids")}))
+            assert not np.shares_memory(step.obs, venv.arrays["obs"])     # copies, not views of the block
+        for old, copies in kept:
+            for f, v in copies.items():
+                np.testing.assert_array_equal(getattr(old, f), v)
         assert seen == set(range(n))
         with pytest.raises(SpecError, match="actions"):
             venv.step(np.zeros(n, np.int64))       # the last step returned k rows, not n

@@ -311,13 +311,22 @@ class VectorEnv:
         return Step(obs=obs.tree(index), reward=reward, terminated=terminated, truncated=truncated,
                     final_obs=final.tree(index), env_ids=ids, alive=alive, action_mask=mask, info=info)
 
-    def _make_full_step(self, arrays: dict, obs: ObsBuffer, final: ObsBuffer) -> Step:
-        """`_make_step` of every row of a single-agent env with one observation array: the same
-        Step in fewer numpy calls (it is on every step's critical path: ~5 -> ~3.5 us at 16 rows)."""
-        reward = arrays["reward"].copy()
-        terminated = arrays["terminated"].copy()
-        truncated = arrays["truncated"].copy()
-        ret, length = self._ret, self._len
+    def _make_full_step(self, arrays: dict, obs: ObsBuffer, final: ObsBuffer, rows: slice | None = None,
+                        ids=None) -> Step:
+        """`_make_step` of every row (or of the contiguous `rows`, whose ids are `ids`) of a
+        single-agent env with one observation array: the same Step in fewer numpy calls, with
+        slices where `_make_step` indexes (it is on every step's critical path: ~5 -> ~4 us at
+        16 rows)."""
+        if rows is None:
+            reward, terminated = arrays["reward"].copy(), arrays["terminated"].copy()
+            truncated = arrays["truncated"].copy()
+            ret, length, ids = self._ret, self._len, self._all_ids
+            o, f = obs.arrays[0].copy(), final.arrays[0].copy()
+        else:
+            reward, terminated = arrays["reward"][rows].copy(), arrays["terminated"][rows].copy()
+            truncated = arrays["truncated"][rows].copy()
+            ret, length = self._ret[rows], self._len[rows]          # views: updated in place
+            o, f = obs.arrays[0][rows].copy(), final.arrays[0][rows].copy()
         ret += reward
         length += 1
         info = {"episode_return": ret.astype(np.float32), "episode_length": length.copy()}
@@ -325,8 +334,8 @@ class VectorEnv:
             ended = terminated | truncated
             ret[ended] = 0.0
             length[ended] = 0
-        return Step(obs=obs.arrays[0].copy(), reward=reward, terminated=terminated, truncated=truncated,
-                    final_obs=final.arrays[0].copy(), env_ids=self._all_ids, info=info)
+        return Step(obs=o, reward=reward, terminated=terminated, truncated=truncated, final_obs=f,
+                    env_ids=ids, info=info)
 
     # ---- what a subclass implements -------------------------------------------------------------
     def _reset(self, seed) -> Step:

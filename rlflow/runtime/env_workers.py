@@ -395,6 +395,9 @@ class ProcessVectorEnv(VectorEnv):
         self._ready: deque[int] = deque()  # result read, rows not yet returned (pool mode)
         self._last: list[int] = list(range(len(self._env_bounds)))   # slices the last Step returned
         self._local_pending = False      # pool mode: the inline slice holds actions not yet stepped
+        self._sliceable = (self._obs.flat and not layout.multi_agent and "alive" not in self.arrays
+                           and "action_mask" not in self.arrays)   # a Step of adjacent slices can slice
+        self._range_ids: dict = {}       # (r0, r1) -> read-only arange: env_ids of such a Step
 
     # ---- transport --------------------------------------------------------------------------------
     def _ping(self, w, k):
@@ -557,9 +560,18 @@ class ProcessVectorEnv(VectorEnv):
             self._collect(block=True)
         chosen = [self._ready.popleft() for _ in range(need)]
         self._last = chosen
-        index = np.concatenate([self._ids_of[w] for w in chosen])
-        step = self._make_step(self.arrays, self._obs, self._final, ids=index, index=index)
-        self._expected_rows = len(index)
+        r0, r1 = self._row_bounds[chosen[0]][0], self._row_bounds[chosen[-1]][1]
+        if self._sliceable and all(b == a + 1 for a, b in zip(chosen, chosen[1:])):
+            # adjacent slices in order (always so for one slice a step): rows r0:r1, no indexing
+            ids = self._range_ids.get((r0, r1))
+            if ids is None:
+                ids = self._range_ids[r0, r1] = np.arange(r0, r1, dtype=np.int64)
+                ids.flags.writeable = False
+            step = self._make_full_step(self.arrays, self._obs, self._final, rows=slice(r0, r1), ids=ids)
+        else:
+            index = np.concatenate([self._ids_of[w] for w in chosen])
+            step = self._make_step(self.arrays, self._obs, self._final, ids=index, index=index)
+        self._expected_rows = len(step)
         return step
 
     def _collect(self, block: bool):
@@ -701,7 +713,7 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
             if spin:
                 _poll_for(poller, spin)
             return os.read(rfd, 1)
-        words, want = block.arrays["down"][w], seq + 1
+        words, want = down_words, seq + 1
         clock = time.monotonic_ns
         while words[0] >> 8 != want and clock() < deadline:
             os.sched_yield()
@@ -722,16 +734,16 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
         if bell_up is None:
             os.write(wfd, _OK)
             return
-        mine = block.arrays["up"][w]
         now = time.monotonic_ns()
         deadline = now + spin_ns
-        mine[1] = deadline                       # no blocking before then: a command may skip the bell
-        mine[0] = seq
-        if now + _MARGIN_NS >= block.arrays["down"][w, 1]:
+        up_words[1] = deadline                   # no blocking before then: a command may skip the bell
+        up_words[0] = seq
+        if now + _MARGIN_NS >= down_words[1]:
             os.eventfd_write(bell_up, 1)
 
     try:
         block = SharedArrays.attach(handle)
+        down_words, up_words = block.arrays["down"][w], block.arrays["up"][w]    # this worker's words
         poller = select.poll()
         for fd in (rfd, bell_down):
             if fd is not None:
