@@ -318,6 +318,7 @@ class ProcessVectorEnv(VectorEnv):
         self._down_words = self._block.arrays["down"]
         self._up_words = self._block.arrays["up"]
         self._seq = [1] * workers          # the seq of the last command (1: a worker's attach reply)
+        self._down_rows = list(self._down_words)      # per worker: its down words (a view)
         self._spin_ns = int(self.spin * 1e9)
         self._actions = self.arrays["actions"]
         self._obs = ObsBuffer(layout, self.arrays, "obs")
@@ -419,7 +420,7 @@ class ProcessVectorEnv(VectorEnv):
         try:
             if _BELLS:
                 seq = self._seq[w] = self._seq[w] + 1
-                words = self._down_words[w]
+                words = self._down_rows[w]
                 now = time.monotonic_ns()
                 words[1] = now + self._spin_ns          # no blocking before then: a reply may skip the bell
                 words[0] = seq << 8 | _CODE[msg]
