@@ -140,11 +140,11 @@ from rlflow.runtime.threads import child_threads
 __all__ = ["ProcessVectorEnv", "default_start_method", "default_spin", "inline_split"]
 
 PINGS = 32                  # round trips timed to the first worker for the wake-up cost
-SPIN = 100e-6               # seconds a process polls a pipe before it blocks (see "Spin, then block")
+SPIN = 100e-6               # seconds a process polls (a pipe, or a word) before it blocks (see "Spin, then block")
 
 _STEP, _RESET, _CLOSE, _ASSIGN, _PING = b"s", b"r", b"c", b"a", b"p"
 _OK, _ERR = b"k", b"e"
-# Doorbells (Linux): commands and "done" replies ring an eventfd instead of writing a pipe byte. A
+# Doorbells (Linux x86-64): a blocked side is woken by an eventfd, not by a pipe byte. A
 # pipe wakes its reader as a "sync" wake-up, which tells the scheduler the writer is about to sleep,
 # so the woken process is placed on the writer's CPU; a parent that goes on stepping its inline
 # slice (or a worker that polls after replying) then shares one CPU with the process it woke while
