@@ -25,9 +25,10 @@ stepping worker (perf sched: ~5 context switches per worker round trip instead o
 the critical path per step). A pipe wakes only its readers on write.
 
 Spin, then block (`spin`, seconds). A process about to block on a pipe first polls it (or, with
-words, reads the word) for up to `spin` seconds: a worker after each reply (the next command comes once the parent has stepped its
-own slice and the caller has acted), the parent before each worker's reply (pool mode: before the
-first reply of any busy worker, through one poll set of every worker's pipe). Each poll is one
+words, reads the word) for up to `spin` seconds: a worker after each reply (the next command comes
+once the parent has stepped its own slice and the caller has acted), the parent before each
+worker's reply (pool mode: before the first reply of any busy worker, through one poll set of every
+worker's pipe). Each poll is one
 `poll(2)` call that returns at once; after `spin` the read blocks as before, so an idle vector env
 costs no CPU. (Pool mode, 16 CartPoles, 1 worker + inline, batch 8: ~245k -> ~270-285k steps/s from
 polling before blocking and from one persistent poll set instead of a selector built per wait.) On a
@@ -140,7 +141,7 @@ from rlflow.runtime.threads import child_threads
 __all__ = ["ProcessVectorEnv", "default_start_method", "default_spin", "inline_split"]
 
 PINGS = 32                  # round trips timed to the first worker for the wake-up cost
-SPIN = 100e-6               # seconds a process polls (a pipe, or a word) before it blocks (see "Spin, then block")
+SPIN = 100e-6               # seconds a process polls (pipe or word) before it blocks ("Spin, then block")
 
 _STEP, _RESET, _CLOSE, _ASSIGN, _PING = b"s", b"r", b"c", b"a", b"p"
 _OK, _ERR = b"k", b"e"
@@ -208,6 +209,42 @@ def _wait(poller, spin: float) -> list:
     return (_poll_for(poller, spin) if spin else []) or poller.poll()
 
 
+def _post(mine, word: int, spin_ns: int, peer_until, bell: int) -> int:
+    """Write `word` into this side's words `mine` (mine[0]; mine[1] = until when this side spins
+    before it blocks), and ring the peer's `bell` unless the peer will still be spinning
+    _MARGIN_NS from now (`peer_until`, the peer's mine[1]). Returns this side's spin deadline."""
+    now = time.monotonic_ns()
+    mine[1] = until = now + spin_ns          # no blocking before then: the peer may skip our bell
+    mine[0] = word
+    if now + _MARGIN_NS >= peer_until:
+        os.eventfd_write(bell, 1)
+    return until
+
+
+def _await_word(done, poller, bells, until_ns: int) -> list:
+    """Wait until `done()` holds: spin on it (sched_yield between reads, no system call) until the
+    monotonic `until_ns`, then block on `poller`, reading the rung `bells` (eventfds) and
+    re-reading `done()` after each wake-up (at least every _INSURANCE_MS). Returns [] once done,
+    or the readable fds that are not bells (a pipe: an error report, a command, end-of-file)."""
+    clock = time.monotonic_ns
+    while not done():
+        if clock() >= until_ns:
+            break
+        os.sched_yield()
+    else:
+        return []
+    while True:
+        ready = poller.poll(_INSURANCE_MS)
+        for fd, _ in ready:
+            if fd in bells:
+                os.eventfd_read(fd)
+        if done():
+            return []
+        pipes = [fd for fd, _ in ready if fd not in bells]
+        if pipes:
+            return pipes
+
+
 def inline_split(n: int, workers: int, step_cost: float | None, wake_cost: float | None,
                  cores: int | None = None) -> list[int]:
     """Envs per slice, [worker 0, ..., worker W-1, inline slice], for the inline mode.
@@ -226,7 +263,8 @@ def inline_split(n: int, workers: int, step_cost: float | None, wake_cost: float
     cores - 1 others, so p is balanced against W' = max(1, cores - 1) workers' worth of parallel
     stepping (p = (n + W' * d) / (W' + 1)) and the rest is still spread over all W workers.
     p is rounded to the nearest int and kept in [1, n - W] (every worker keeps at least one env);
-    the other n - p envs are split near-equally among the workers, lower slices first. Unknown costs (None) give d = 0: near-equal slices, as for an expensive env (d ~ 0).
+    the other n - p envs are split near-equally among the workers, lower slices first. Unknown
+    costs (None) give d = 0: near-equal slices, as for an expensive env (d ~ 0).
     """
     if not 1 <= workers < n:
         raise UsageError(mismatch("argument", "workers", f"an int in [1, num_envs - 1 = {n - 1}] with "
@@ -315,10 +353,9 @@ class ProcessVectorEnv(VectorEnv):
         self._block = SharedArrays(specs, named=method != "fork")
         self.arrays = {k: v for k, v in self._block.arrays.items() if k not in _CONTROL}
         self._seeds = self._block.arrays["seed"]
-        self._down_words = self._block.arrays["down"]
+        self._down_rows = list(self._block.arrays["down"])    # per worker: its words (views)
         self._up_words = self._block.arrays["up"]
         self._seq = [1] * workers          # the seq of the last command (1: a worker's attach reply)
-        self._down_rows = list(self._down_words)      # per worker: its down words (a view)
         self._spin_ns = int(self.spin * 1e9)
         self._actions = self.arrays["actions"]
         self._obs = ObsBuffer(layout, self.arrays, "obs")
@@ -396,8 +433,6 @@ class ProcessVectorEnv(VectorEnv):
         self._ready: deque[int] = deque()  # result read, rows not yet returned (pool mode)
         self._last: list[int] = list(range(len(self._env_bounds)))   # slices the last Step returned
         self._local_pending = False      # pool mode: the inline slice holds actions not yet stepped
-        self._sliceable = (self._obs.flat and not layout.multi_agent and "alive" not in self.arrays
-                           and "action_mask" not in self.arrays)   # a Step of adjacent slices can slice
         self._range_ids: dict = {}       # (r0, r1) -> read-only arange: env_ids of such a Step
 
     # ---- transport --------------------------------------------------------------------------------
@@ -420,12 +455,8 @@ class ProcessVectorEnv(VectorEnv):
         try:
             if _BELLS:
                 seq = self._seq[w] = self._seq[w] + 1
-                words = self._down_rows[w]
-                now = time.monotonic_ns()
-                words[1] = now + self._spin_ns          # no blocking before then: a reply may skip the bell
-                words[0] = seq << 8 | _CODE[msg]
-                if now + _MARGIN_NS >= self._up_words[w, 1]:
-                    os.eventfd_write(self._bells[w][0].fileno(), 1)
+                _post(self._down_rows[w], seq << 8 | _CODE[msg], self._spin_ns, self._up_words[w, 1],
+                      self._bells[w][0].fileno())
             else:
                 os.write(self._down_fds[w], msg)
         except OSError:
@@ -435,26 +466,10 @@ class ProcessVectorEnv(VectorEnv):
         """Wait (spin, then block) until worker w has done the last command (True), or its up pipe is
         readable (False: an error report, or end-of-file)."""
         up, seq = self._up_words, self._seq[w]
-        if up[w, 0] == seq:
+        if up[w, 0] == seq:              # the common case: done while this process stepped its slice
             return True
-        if self.spin:
-            clock, end = time.perf_counter, time.perf_counter() + self.spin
-            while clock() < end:
-                os.sched_yield()
-                if up[w, 0] == seq:
-                    return True
-        bell, pipe = self._bells[w][1].fileno(), self._up_fds[w]
-        while True:
-            if up[w, 0] == seq:
-                return True
-            ready = self._pollers[w].poll(_INSURANCE_MS)
-            for fd, _ in ready:
-                if fd == bell:
-                    os.eventfd_read(bell)
-            if up[w, 0] == seq:
-                return True
-            if any(fd == pipe for fd, _ in ready):
-                return False
+        return not _await_word(lambda: up[w, 0] == seq, self._pollers[w], self._up_bell_fds,
+                               time.monotonic_ns() + self._spin_ns)
 
     def _recv(self, w):
         if _BELLS:
@@ -561,17 +576,17 @@ class ProcessVectorEnv(VectorEnv):
             self._collect(block=True)
         chosen = [self._ready.popleft() for _ in range(need)]
         self._last = chosen
-        r0, r1 = self._row_bounds[chosen[0]][0], self._row_bounds[chosen[-1]][1]
-        if self._sliceable and all(b == a + 1 for a, b in zip(chosen, chosen[1:])):
-            # adjacent slices in order (always so for one slice a step): rows r0:r1, no indexing
+        if all(b == a + 1 for a, b in zip(chosen, chosen[1:])):
+            # adjacent slices in order (always so for one slice a step): rows r0:r1, a slice
+            r0, r1 = self._row_bounds[chosen[0]][0], self._row_bounds[chosen[-1]][1]
             ids = self._range_ids.get((r0, r1))
             if ids is None:
                 ids = self._range_ids[r0, r1] = np.arange(r0, r1, dtype=np.int64)
                 ids.flags.writeable = False
-            step = self._make_full_step(self.arrays, self._obs, self._final, rows=slice(r0, r1), ids=ids)
+            index = slice(r0, r1)
         else:
-            index = np.concatenate([self._ids_of[w] for w in chosen])
-            step = self._make_step(self.arrays, self._obs, self._final, ids=index, index=index)
+            ids = index = np.concatenate([self._ids_of[w] for w in chosen])
+        step = self._make_step(self.arrays, self._obs, self._final, ids=ids, index=index)
         self._expected_rows = len(step)
         return step
 
@@ -594,27 +609,18 @@ class ProcessVectorEnv(VectorEnv):
 
     def _collect_words(self, block: bool):
         up, seq = self._up_words, self._seq
+        done = []
 
         def finished():
-            return [w for w in sorted(self._busy) if up[w, 0] == seq[w]]
+            done[:] = [w for w in sorted(self._busy) if up[w, 0] == seq[w]]
+            return bool(done)
 
-        done = finished()
-        if not done and block:
-            if self.spin:
-                end = time.perf_counter() + self.spin
-                while not done and time.perf_counter() < end:
-                    os.sched_yield()
-                    done = finished()
-            while not done:
-                ready = self._any_up.poll(_INSURANCE_MS)
-                for fd, _ in ready:
-                    if fd in self._up_bell_fds:
-                        os.eventfd_read(fd)
-                done = finished()
-                if not done:
-                    for w in range(self.num_workers):    # an error report, or a worker's death
-                        if any(fd == self._up_fds[w] for fd, _ in ready):
-                            self._read_pipe(w)
+        if not finished() and block:
+            pipes = _await_word(finished, self._any_up, self._up_bell_fds,
+                                time.monotonic_ns() + self._spin_ns)
+            for w in range(self.num_workers):    # an error report, or a worker's death
+                if self._up_fds[w] in pipes:
+                    self._read_pipe(w)
         for w in done:
             self._busy.discard(w)
             self._ready.append(w)
@@ -691,6 +697,7 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
         c.close()
     rfd, wfd = down.fileno(), up.fileno()
     bell_down, bell_up = (b.fileno() if b is not None else None for b in bells)
+    bells_down = {bell_down}
     venv = None
 
     def reply_error(exc):
@@ -714,33 +721,18 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
             if spin:
                 _poll_for(poller, spin)
             return os.read(rfd, 1)
-        words, want = down_words, seq + 1
-        clock = time.monotonic_ns
-        while words[0] >> 8 != want and clock() < deadline:
-            os.sched_yield()
-        while True:
-            word = int(words[0])
-            if word >> 8 == want:
-                seq = want
-                return _MSG.get(word & 0xFF, b"?")
-            ready = poller.poll(_INSURANCE_MS)
-            for fd, _ in ready:
-                if fd == bell_down:
-                    os.eventfd_read(bell_down)
-            if int(words[0]) >> 8 != want and any(fd == rfd for fd, _ in ready):
-                return os.read(rfd, 1)           # the close command, or end-of-file
+        want = seq + 1
+        if _await_word(lambda: down_words[0] >> 8 == want, poller, bells_down, deadline):
+            return os.read(rfd, 1)               # the close command, or end-of-file
+        seq = want
+        return _MSG.get(int(down_words[0]) & 0xFF, b"?")
 
     def done():
         nonlocal deadline
         if bell_up is None:
             os.write(wfd, _OK)
-            return
-        now = time.monotonic_ns()
-        deadline = now + spin_ns
-        up_words[1] = deadline                   # no blocking before then: a command may skip the bell
-        up_words[0] = seq
-        if now + _MARGIN_NS >= down_words[1]:
-            os.eventfd_write(bell_up, 1)
+        else:
+            deadline = _post(up_words, seq, spin_ns, down_words[1], bell_up)
 
     try:
         block = SharedArrays.attach(handle)
