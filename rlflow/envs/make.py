@@ -75,14 +75,13 @@ class GymMake:
         spec = gym.envs.registry.get(self.env_id) if self.lean else None
         if spec is None:
             env = gym.make(self.env_id, **self.kwargs)
-            if self.fast_space:
-                fast_discrete(env.unwrapped.action_space)
-            return env
-        lean = {"order_enforce": False}
-        if "disable_env_checker" not in self.kwargs:
-            lean["disable_env_checker"] = True
-        env = gym.make(dataclasses.replace(spec, **lean), **self.kwargs)
-        fast_discrete(env.unwrapped.action_space)
+        else:
+            lean = {"order_enforce": False}
+            if "disable_env_checker" not in self.kwargs:
+                lean["disable_env_checker"] = True
+            env = gym.make(dataclasses.replace(spec, **lean), **self.kwargs)
+        if self.fast_space:
+            fast_discrete(env.unwrapped.action_space)
         return env
 
     def __repr__(self):
