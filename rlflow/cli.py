@@ -65,10 +65,10 @@ def _run(args) -> int:
 
     exp = load_experiment(args.target)
     options = {k: getattr(args, k) for k in ("max_env_steps", "max_learner_steps", "max_seconds", "log_dir",
-                                             "checkpoint_dir", "checkpoint_every", "resume")
+                                             "checkpoint_dir", "checkpoint_every", "resume", "max_restarts")
                if getattr(args, k) is not None}
     result = rf.run(exp, backend=args.backend, num_actors=args.num_actors, progress=not args.quiet,
-                    max_restarts=args.max_restarts, **options)
+                    **options)
     f = result.figures
     solved = (f"solved at {result.solved_at:,} env steps" if result.solved_at is not None
               else "target not reached" if exp.target_return is not None else "no target")
@@ -125,7 +125,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-dir")
     r.add_argument("--checkpoint-every", type=_positive(int), help="learner steps between checkpoints")
     r.add_argument("--resume", help="a checkpoint directory to carry on from")
-    r.add_argument("--max-restarts", type=int, default=3, help="restarts per dead actor (process backend)")
+    r.add_argument("--max-restarts", type=int, help="restarts per dead actor (process backend; default: "
+                   "rf.run's)")
     r.add_argument("--quiet", action="store_true", help="no live progress lines")
     r.set_defaults(func=_run)
     i = sub.add_parser("info", help="versions of rlflow, its dependencies and extras; CPUs")
