@@ -452,6 +452,32 @@ def test_evaluations_happen_at_their_env_step(num_actors):
     assert r.figures["env_steps"] >= 2_400 and r.learner.steps > 0
 
 
+class StepsAtEvalPolicy(RandomPolicy):
+    """Evaluation policy (built in the learner's process): records the learner steps each set of
+    parameters it is handed carries (CountingLearner's elements equal its step count)."""
+
+    seen: list = []
+
+    def set_params(self, params):
+        StepsAtEvalPolicy.seen.append(int(params[0].flat[0]))
+
+
+def test_learner_catches_up_before_each_evaluation_as_in_the_local_runtime():
+    """With a ratio limiter the process runtime's learner is the slower side, so the actors run
+    ahead of it by the ring and the error buffer. At an evaluation it first takes every step the
+    limiter allows on what the actors published, as the local runtime's learner has at that env
+    step: the same learner steps at every evaluation on both runtimes."""
+    exp = experiment(learner=SlowLearner, eval_policy=StepsAtEvalPolicy, eval_every=400, eval_episodes=2)
+    steps = {}
+    for backend in ("local", "process"):
+        StepsAtEvalPolicy.seen = []
+        r = rf.run(exp, backend=backend, max_env_steps=2_400, progress=False)
+        assert [e[0] for e in r.evals][:5] == [400, 800, 1200, 1600, 2000], r.evals
+        steps[backend] = StepsAtEvalPolicy.seen[:5]
+    assert len(steps["local"]) == 5 and steps["local"][0] > 0, steps
+    assert steps["process"] == steps["local"], steps
+
+
 def test_learner_constructor_error_after_actors_started_leaves_nothing():
     """Actors start while the learner is built; a learner that cannot be built stops them all."""
     import multiprocessing

@@ -38,7 +38,10 @@ long (a GPU learner, large batches): choose them with receiver="thread", prefetc
 * Evaluation (experiment.eval_every) happens at its env step: the actors wait there (a shared
   control word) until the learner has evaluated, then go on. With one actor the evaluated policy is
   that of exactly eval_every * k env steps, as in the local runtime; with K actors the total may
-  pass it by less than a vector step per actor.
+  pass it by less than a vector step per actor. With a samples-per-insert limiter the learner first
+  takes every step the limiter allows on what the actors published, so the evaluated policy has
+  had the same learner steps as the local runtime's at that env step (the learner, the slower
+  side, would otherwise be short by up to the ring and the error buffer).
 * The table's rate limiter counts a batch when it is drawn, so samples per insert hold as in the
   local runtime, prefetching or not; with `max_learner_steps` no batch is drawn past the limit.
 * Faults. An actor process that dies without an exception (killed, out of memory) is restarted,
@@ -565,6 +568,10 @@ class _ProcessRun:
             elapsed = now - t0
             evaluated = False
             if next_eval is not None and env_steps >= next_eval:
+                if ratio is not None:
+                    env_steps = self._catch_up(batches, driver, stats)
+                    now = time.monotonic()       # those learner steps are training time
+                    elapsed = now - t0
                 next_eval = (env_steps // exp.eval_every + 1) * exp.eval_every
                 train_time = elapsed - self.evaluator.seconds
                 eval_return = self.evaluator(learner.get_params(), env_steps, elapsed)
@@ -600,6 +607,22 @@ class _ProcessRun:
         return RunResult(learner=learner, table=table, figures=final, history=history,
                          evals=list(self.evaluator.results) if self.evaluator else [], solved_at=solved_at,
                          solved_time=solved_time)
+
+    def _catch_up(self, batches, driver, stats) -> int:
+        """Before an evaluation (rate-limited tables): the items the actors published so far go
+        into the table and the learner takes every step the rate limiter allows on them, as the
+        local runtime's learner has when it evaluates. The learner, the slower side, otherwise
+        evaluates up to ring + error buffer items (~50 learner steps on DQN/CartPole) short of
+        that. Returns the env steps then (the actors hold at the evaluation's env step)."""
+        while True:
+            if self.errors:
+                raise self.errors[0]
+            try:
+                sample = batches.get_nowait()
+            except queue.Empty:
+                break
+            driver.step(sample)
+        return int(stats[:, ENV_STEPS].sum())
 
     # ---- figures -----------------------------------------------------------------------------
     def _mean_return(self) -> float:
