@@ -547,11 +547,8 @@ class _ProcessRun:
         figures = Figures(t0, base_env_steps, driver.steps)
         next_check = 0.0
         while True:
-            if self.errors:
-                raise self.errors[0]
-            try:
-                sample = batches.get_nowait()
-            except queue.Empty:
+            sample = self._ready_batch(batches)
+            if sample is None:
                 w = time.monotonic()
                 try:
                     sample = batches.get(timeout=0.05)
@@ -614,15 +611,18 @@ class _ProcessRun:
         local runtime's learner has when it evaluates. The learner, the slower side, otherwise
         evaluates up to ring + error buffer items (~50 learner steps on DQN/CartPole) short of
         that. Returns the env steps then (the actors hold at the evaluation's env step)."""
-        while True:
-            if self.errors:
-                raise self.errors[0]
-            try:
-                sample = batches.get_nowait()
-            except queue.Empty:
-                break
+        while (sample := self._ready_batch(batches)) is not None:
             driver.step(sample)
         return int(stats[:, ENV_STEPS].sum())
+
+    def _ready_batch(self, batches):
+        """A batch that can be had now, else None; a receiver or sampler thread's error first."""
+        if self.errors:
+            raise self.errors[0]
+        try:
+            return batches.get_nowait()
+        except queue.Empty:
+            return None
 
     # ---- figures -----------------------------------------------------------------------------
     def _mean_return(self) -> float:
