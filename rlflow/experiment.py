@@ -204,7 +204,8 @@ def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Option
     resume            a checkpoint directory to carry on from: counters and table continue exactly
     max_restarts      how many times a dead actor process is restarted before the run fails
     backend_options   backend="process" only: start_method ("spawn"), receiver ("inline" | "thread"),
-                      prefetch (batches sampled ahead by a thread), queue_slots, slot_rows,
+                      prefetch (batches drawn ahead of the learner: 4 at once by default),
+                      queue_slots, slot_rows,
                       actor_threads (math-library threads per actor process, default 1)
     """
     if not isinstance(experiment, Experiment):

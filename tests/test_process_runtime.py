@@ -478,6 +478,50 @@ def test_learner_catches_up_before_each_evaluation_as_in_the_local_runtime():
     assert steps["process"] == steps["local"], steps
 
 
+def _filled_ratio_table(items, error_buffer):
+    specs = {"reward": ArraySpec((), np.float32)}
+    t = rf.Table(capacity=5_000, sampler=rf.selectors.Uniform(seed=3), remover=rf.selectors.Fifo(),
+                 rate_limiter=rf.rate_limiters.SampleToInsertRatio(
+                     samples_per_insert=4.0, min_size_to_sample=64, error_buffer=error_buffer), specs=specs)
+    t.insert({"reward": np.arange(items, dtype=np.float32)})
+    return t
+
+
+def test_inline_sampler_draws_batches_ahead_as_one_sample():
+    """The learner's thread draws up to `depth` batches with one table.sample and hands them out
+    one per call: the same items as one draw of depth * batch_size from a twin table, the limiter
+    charged at the draw, never past `limit`, and fewer when the limiter admits fewer."""
+    from rlflow.runtime.process import _InlineSampler
+
+    table, twin = _filled_ratio_table(200, 1000.0), _filled_ratio_table(200, 1000.0)
+    s = _InlineSampler(table, 16, limit=6, depth=4)
+    first = s.get_nowait()
+    assert table.stats()["samples"] == 64 and len(s.ahead) == 3
+    batches = [first] + [s.get_nowait() for _ in range(3)]
+    assert table.stats()["samples"] == 64                  # handed out, not drawn again
+    ref = twin.sample(64)
+    assert np.array_equal(np.concatenate([b.keys for b in batches]), ref.keys)
+    assert np.array_equal(np.concatenate([b["reward"] for b in batches]), ref["reward"])
+    assert all(len(b) == 16 and b["reward"].shape == (16,) for b in batches)
+    more = [s.get_nowait(), s.get_nowait()]                 # the limit leaves room for 2 more
+    assert table.stats()["samples"] == 96 and all(len(b) == 16 for b in more)
+    with pytest.raises(__import__("queue").Empty):
+        s.get_nowait()
+    # a limiter that admits 2 batches now: 2 are drawn, not 4
+    small = _filled_ratio_table(64, 32.0)      # samples allowed: 64 * 4 - (64 * 4 - 32) = 32
+    s = _InlineSampler(small, 16, limit=None, depth=4)
+    assert s.get_nowait() is not None and small.stats()["samples"] == 32 and len(s.ahead) == 1
+
+
+def test_inline_draw_ahead_stops_at_max_learner_steps_and_loses_no_batch():
+    r = rf.run(experiment(), backend="process", max_learner_steps=301, progress=False)
+    assert r.learner.steps == 301
+    assert r.table.stats()["samples"] == 301 * 16          # no batch drawn past the limit
+    assert all(len(k) == 16 for k in r.learner.keys)
+    r1 = rf.run(experiment(), backend="process", max_learner_steps=50, progress=False, prefetch=1)
+    assert r1.learner.steps == 50 and r1.table.stats()["samples"] == 50 * 16
+
+
 def test_learner_constructor_error_after_actors_started_leaves_nothing():
     """Actors start while the learner is built; a learner that cannot be built stops them all."""
     import multiprocessing
@@ -558,7 +602,7 @@ def test_unknown_or_bad_options_are_refused():
     with pytest.raises(UsageError, match="max_restarts"):
         rf.run(experiment(), backend="process", max_env_steps=100, progress=False, max_restarts=-1)
     with pytest.raises(UsageError, match="prefetch"):
-        rf.run(experiment(), backend="process", max_env_steps=100, progress=False, prefetch=2)
+        rf.run(experiment(), backend="process", max_env_steps=100, progress=False, prefetch=-1)
     with pytest.raises(UsageError, match="start_method"):
         rf.run(experiment(), backend="process", max_env_steps=100, progress=False, start_method="thread")
     with pytest.raises(UsageError, match="actor_threads"):
