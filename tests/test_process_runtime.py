@@ -514,12 +514,16 @@ def test_inline_sampler_draws_batches_ahead_as_one_sample():
 
 
 def test_inline_draw_ahead_stops_at_max_learner_steps_and_loses_no_batch():
+    """No batch is drawn past max_learner_steps, and a run that stops on env steps learns from
+    every batch it drew: the table's samples are the learner's steps times the batch size."""
     r = rf.run(experiment(), backend="process", max_learner_steps=301, progress=False)
     assert r.learner.steps == 301
     assert r.table.stats()["samples"] == 301 * 16          # no batch drawn past the limit
     assert all(len(k) == 16 for k in r.learner.keys)
     r1 = rf.run(experiment(), backend="process", max_learner_steps=50, progress=False, prefetch=1)
     assert r1.learner.steps == 50 and r1.table.stats()["samples"] == 50 * 16
+    r2 = rf.run(experiment(), backend="process", max_env_steps=1_500, progress=False)
+    assert r2.learner.steps > 0 and r2.table.stats()["samples"] == r2.learner.steps * 16
 
 
 def test_learner_constructor_error_after_actors_started_leaves_nothing():

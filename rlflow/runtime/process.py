@@ -614,6 +614,9 @@ class _ProcessRun:
                 next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every
                 self._checkpoint(checkpoint_dir, driver, resumes)
             stop = limits.reached(env_steps, driver.steps, elapsed) or solved_at is not None
+            if stop and solved_at is None and self.inline_sampler is not None:
+                while self.inline_sampler.ahead:     # every batch drawn is learned from
+                    driver.step(self.inline_sampler.ahead.popleft())
             if evaluated or stop or figures.due(progress_every):
                 row = figures.row(env_steps, driver.steps, table, int(stats[:, EPISODES].sum()),
                                   self._mean_return(), {"eval_return": eval_return, **self._live(),
