@@ -203,7 +203,12 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
                     time.sleep(0.005)    # the run's env steps are done: no step past max_env_steps
                     continue
                 if 0 <= hold <= total:
-                    time.sleep(0.0002)   # the learner evaluates the policy of exactly these env steps
+                    # the learner catches up and evaluates the policy of exactly these env steps;
+                    # meanwhile this actor takes its newer parameters, and acts on them after
+                    actor.update_params()
+                    if client.version != version:
+                        version = row[VERSION] = client.version
+                    time.sleep(0.0002)
                     continue
             actor.step()
             actor.update_params()
