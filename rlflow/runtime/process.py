@@ -188,6 +188,13 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         episodes = actor.stats.episodes
         version = client.version
         blocked = 0.0
+
+        def pull_params():       # the policy delayer; the figures show the version acted on
+            nonlocal version
+            actor.update_params()
+            if client.version != version:
+                version = row[VERSION] = client.version
+
         k = 0
         all_stats = control.arrays["stats"]
         limit = int(flags[ENV_LIMIT])
@@ -205,15 +212,11 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
                 if 0 <= hold <= total:
                     # the learner catches up and evaluates the policy of exactly these env steps;
                     # meanwhile this actor takes its newer parameters, and acts on them after
-                    actor.update_params()
-                    if client.version != version:
-                        version = row[VERSION] = client.version
+                    pull_params()
                     time.sleep(0.0002)
                     continue
             actor.step()
-            actor.update_params()
-            if client.version != version:
-                version = row[VERSION] = client.version
+            pull_params()
             row[ENV_STEPS] = actor.env_steps
             row[ITEMS] = actor.items_added
             if actor.stats.episodes != episodes:
