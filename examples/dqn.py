@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rlflow as rf
-from rlflow.torch_utils import clip_grad_norm, load_params, module_params
+from rlflow.torch_utils import FlatParams, load_params, module_params
 
 
 @dataclass
@@ -94,9 +94,10 @@ class EpsilonGreedy(rf.Policy):
 class DQN(rf.Learner):
     def __init__(self, spec: rf.EnvSpec, args: Args):
         self.q = q_network(spec, args.hidden)
-        self.target, self.opt = copy.deepcopy(self.q), torch.optim.Adam(self.q.parameters(), lr=args.lr, fused=True)
+        self.target = copy.deepcopy(self.q)
+        self.flat = FlatParams(self.q)         # q's weights (and grads) as views of one tensor (each)
+        self.opt = torch.optim.Adam([self.flat.param], lr=args.lr, fused=True)   # = Adam(q.parameters())
         self.args, self.steps = args, 0
-        self.weights = list(self.q.parameters())
         self.params = module_params(self.q)    # numpy views of the live weights; stores copy on publish
 
     def step(self, batch):
@@ -104,9 +105,9 @@ class DQN(rf.Learner):
         with torch.no_grad():  # discount is 0 where the episode terminated, gamma where it was truncated
             target = b["reward"] + b["discount"] * self.target(b["next_obs"]).max(1).values
         loss = F.smooth_l1_loss(self.q(b["obs"]).gather(1, b["action"].long()[:, None]).squeeze(1), target)
-        self.opt.zero_grad()
+        self.flat.zero_grad()
         loss.backward()
-        clip_grad_norm(self.weights, 10.0)     # = nn.utils.clip_grad_norm_, minus a no-op rescale
+        self.flat.clip_grad_norm(10.0)         # = nn.utils.clip_grad_norm_, minus a no-op rescale
         self.opt.step()
         self.steps += 1
         if self.steps % self.args.target_update == 0:

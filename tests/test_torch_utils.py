@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from rlflow.errors import SpecError  # noqa: E402
-from rlflow.torch_utils import clip_grad_norm, load_params, module_params  # noqa: E402
+from rlflow.torch_utils import FlatParams, clip_grad_norm, load_params, module_params  # noqa: E402
 
 
 def _net(seed):
@@ -59,3 +59,71 @@ def test_module_params_round_trip_and_shape_errors():
     params[0] = np.zeros((2, 2), np.float32)
     with pytest.raises(SpecError, match="shape"):
         load_params(b, params)
+
+
+def _train(net, opt_params, zero, clip, steps, max_norm, seed):
+    """`steps` Adam steps of a regression loss on seeded random data; returns the losses."""
+    opt = torch.optim.Adam(opt_params, lr=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    true_w = torch.randn(4, 3, generator=gen) * 10
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 4, generator=gen)
+        y = x @ true_w
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        zero()
+        loss.backward()
+        clip(max_norm)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("max_norm", [float("inf"), 1.0])
+def test_flat_params_train_as_the_per_parameter_optimizer(max_norm):
+    """Adam over FlatParams' one tensor (zeroed and clipped there) against Adam over the module's
+    parameters with torch's own zero_grad and clip_grad_norm_: the same weights after 40 steps,
+    bit for bit without clipping; with clipping (max_norm 1 clips every step here) up to the
+    float order of the norm's sum."""
+    ref, net = _net(3), _net(3)
+    ref_params = list(ref.parameters())
+    ref_losses = _train(ref, ref_params, lambda: [setattr(p, "grad", None) for p in ref_params],
+                        lambda m: torch.nn.utils.clip_grad_norm_(ref_params, m), 40, max_norm, 0)
+    flat = FlatParams(net)
+    losses = _train(net, [flat.param], flat.zero_grad, flat.clip_grad_norm, 40, max_norm, 0)
+    for a, b in zip(ref.parameters(), net.parameters()):
+        if max_norm == float("inf"):
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert losses[-1] < losses[0] and np.allclose(losses, ref_losses, rtol=1e-5)
+    # the module's tensors are views of the flat ones: an update to one is an update to the other
+    assert all(p.data_ptr() >= flat.param.data_ptr() for p in net.parameters())
+    with torch.no_grad():
+        flat.param.zero_()
+    assert all(float(p.detach().abs().sum()) == 0.0 for p in net.parameters())
+
+
+def test_flat_params_keep_state_dict_and_checkpoint_loading():
+    net, other = _net(0), _net(1)
+    flat = FlatParams(net)
+    net.load_state_dict(other.state_dict())             # copies into the views
+    assert torch.equal(flat.param, torch.cat([p.reshape(-1) for p in other.parameters()]))
+    assert all(np.array_equal(a, b) for a, b in zip(module_params(net), module_params(other)))
+    before = flat.param.detach().clone()
+    opt = torch.optim.Adam([flat.param], lr=0.1)
+    net(torch.ones(2, 4)).sum().backward()
+    assert float(flat.param.grad.abs().sum()) > 0       # backward wrote into the flat gradient
+    opt.step()
+    assert not torch.equal(flat.param, before)
+    flat.zero_grad()
+    assert float(flat.param.grad.abs().sum()) == 0.0 and all(float(p.grad.abs().sum()) == 0.0
+                                                           for p in net.parameters())
+
+
+def test_flat_params_refuse_modules_they_cannot_flatten():
+    with pytest.raises(SpecError, match="module"):
+        FlatParams(torch.nn.ReLU())
+    mixed = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).double())
+    with pytest.raises(SpecError, match=r"1\.weight.*torch\.float32.*torch\.float64"):
+        FlatParams(mixed)
