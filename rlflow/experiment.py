@@ -139,8 +139,8 @@ def build(component, cls, *args):
 
 
 def make_venv(experiment: Experiment, num_envs: Optional[int] = None, backend: Optional[str] = None,
-              spin: Optional[float] = None):
-    """The experiment's vector env. `spin`: as rf.envs.make's, for a process env backend."""
+              spin: Optional[float] = None, pin: Optional[bool] = None):
+    """The experiment's vector env. `spin`, `pin`: as rf.envs.make's, for a process env backend."""
     from rlflow import envs
 
     kwargs = {}
@@ -150,6 +150,8 @@ def make_venv(experiment: Experiment, num_envs: Optional[int] = None, backend: O
             kwargs["workers"] = experiment.env_workers
         if spin is not None:
             kwargs["spin"] = spin
+        if pin is not None:
+            kwargs["pin"] = pin
     return envs.make(experiment.env, num_envs=num_envs or experiment.num_envs, backend=backend, **kwargs)
 
 

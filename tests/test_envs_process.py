@@ -605,3 +605,37 @@ def test_more_workers_than_spare_cores_step_inline_only_for_cheap_envs(monkeypat
                 np.testing.assert_array_equal(a.obs, b.obs)
                 act = np.arange(8) % 2
                 a, b = venv.step(act), serial.step(act)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+def test_workers_of_an_expensive_env_get_a_cpu_each():
+    """With as many workers as usable CPUs and an env step above CHEAP_STEP, worker w runs on CPU w
+    only (pin); a cheap env, pin=False, or fewer workers leave the affinity alone; pin=True asks for
+    it. The caller's own affinity never changes. Run on 2 of this machine's CPUs."""
+    mine = os.sched_getaffinity(0)
+    if len(mine) < 2:
+        pytest.skip("needs 2 CPUs")
+    two = sorted(mine)[:2]
+    os.sched_setaffinity(0, two)
+    try:
+        with rf.envs.make(_slow_cartpole, 4, backend="process", workers=2) as venv:
+            assert venv.pinned and not venv.inline
+            assert [os.sched_getaffinity(p) for p in venv.pids] == [{two[0]}, {two[1]}]
+            with rf.envs.make(_slow_cartpole, 4) as serial:
+                a, b = venv.reset(seed=2), serial.reset(seed=2)
+                for t in range(20):
+                    np.testing.assert_array_equal(a.obs, b.obs)
+                    a, b = venv.step(np.arange(4) % 2), serial.step(np.arange(4) % 2)
+        for kwargs in ({"env": _slow_cartpole, "workers": 2, "pin": False},
+                       {"env": _slow_cartpole, "workers": 1},
+                       {"env": "CartPole-v1", "workers": 2}):
+            with rf.envs.make(num_envs=4, backend="process", **kwargs) as venv:
+                assert not venv.pinned, kwargs
+                assert all(os.sched_getaffinity(p) == set(two) for p in venv.pids), kwargs
+        with rf.envs.make("CartPole-v1", 4, backend="process", workers=1, pin=True) as venv:
+            assert venv.pinned and [os.sched_getaffinity(p) for p in venv.pids] == [{two[0]}]
+        assert os.sched_getaffinity(0) == set(two)
+        with pytest.raises(UsageError, match="pin"):
+            rf.envs.make("CartPole-v1", 2, pin=True)
+    finally:
+        os.sched_setaffinity(0, mine)

@@ -291,11 +291,12 @@ class ProcessVectorEnv(VectorEnv):
     `step_cost` / `wake_cost` (seconds; inline mode only) set the inline split (`inline_split`);
     None measures them (see the module docstring). Both are kept as attributes.
     `spin` (seconds) how long a process polls a pipe before it blocks on it; None: `default_spin`.
+    `pin` runs worker w on the w-th CPU (modulo their count) of those this process may use.
     """
 
     def __init__(self, cls, env_fns, layout: Layout, workers: int, batch_size=None, seed=None,
                  start_method=None, inline: bool = False, step_cost: float | None = None,
-                 wake_cost: float | None = None, spin: float | None = None):
+                 wake_cost: float | None = None, spin: float | None = None, pin: bool = False):
         n = len(env_fns)
         if not isinstance(workers, int) or not 1 <= workers <= n:
             raise UsageError(mismatch("argument", "workers", f"an int in [1, num_envs={n}]", repr(workers)))
@@ -307,6 +308,7 @@ class ProcessVectorEnv(VectorEnv):
             raise UsageError(mismatch("argument", "spin", "seconds in [0, 1), or None (default)", repr(spin)))
         self.num_workers = workers
         self.inline = bool(inline)
+        self.pinned = bool(pin)
         rpe = layout.rows_per_env
         bounds = None                   # inline mode: decided once the workers are up (wake cost)
         if batch_size is None or batch_size == n:
@@ -393,6 +395,8 @@ class ProcessVectorEnv(VectorEnv):
                 up_w.close()           # its death reads as EOF
                 self._procs.append(p)
                 self._pids.append(p.pid)
+                if pin:
+                    _pin(p.pid, w)
                 self._downs.append(down_w)
                 self._ups.append(up_r)
                 self._down_fds.append(down_w.fileno())
@@ -650,6 +654,15 @@ class ProcessVectorEnv(VectorEnv):
     def pids(self) -> list[int]:
         """The worker processes' ids."""
         return list(self._pids)
+
+
+def _pin(pid: int, w: int) -> None:
+    """Run process `pid` on the w-th (modulo their count) of the CPUs this process may use."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(pid, {cpus[w % len(cpus)]})
+    except (AttributeError, OSError):  # pragma: no cover - not Linux, or refused
+        pass
 
 
 def _shutdown(procs, downs, ups, block, bells):

@@ -164,7 +164,8 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
             return flags[STOP] != 0 or os.getppid() != ppid
 
         seed_all(seed)
-        venv = make_venv(exp, spin=0.0)     # env workers block at once: the learner needs the cores
+        # env workers block at once and stay unpinned: the learner needs the cores
+        venv = make_venv(exp, spin=0.0, pin=False)
         policy = build(exp.policy, Policy, venv.spec)
         adder = fresh_adder(exp)
         adder.item_specs(venv.spec, extras_specs)      # the adder checks the data against these
