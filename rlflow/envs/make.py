@@ -191,8 +191,9 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
                 Default: on where the workers are as many as those CPUs, there is no inline slice
                 and one env step costs at least CHEAP_STEP (measured): each worker then has a core
                 to itself, and none is ever placed beside another while a core idles (200 us env,
-                16 envs, 2 workers, 2 vCPUs: ~1.86x -> ~1.93x serial, with less spread). Off for
-                cheap envs, where this process's own work needs a core a worker would hold.
+                16 envs, 2 workers, 2 vCPUs, two interleaved A/Bs: 1.89x -> 1.93x and 1.90x ->
+                1.91x serial: a small gain). Off for cheap envs, where this process's own work
+                needs a core that a pinned worker would hold (CartPole, 2 workers: 1.25x -> 1.02x).
     seed        the seed of the first `reset()` called without one.
     start_method "fork" (default on Linux while this process runs one thread) or "spawn" (else);
                 with "spawn" the env (id, callable or instance) must be picklable.
