@@ -637,5 +637,7 @@ def test_workers_of_an_expensive_env_get_a_cpu_each():
         assert os.sched_getaffinity(0) == set(two)
         with pytest.raises(UsageError, match="pin"):
             rf.envs.make("CartPole-v1", 2, pin=True)
+        with pytest.raises(UsageError, match=r"pin.*True, False or None.*'yes'"):
+            rf.envs.make("CartPole-v1", 2, backend="process", pin="yes")
     finally:
         os.sched_setaffinity(0, mine)

@@ -200,6 +200,8 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
     """
     if backend not in BACKENDS:
         raise UsageError(mismatch("argument", "backend", f"one of {BACKENDS}", repr(backend)))
+    if pin is not None and not isinstance(pin, bool):
+        raise UsageError(mismatch("argument", "pin", "True, False or None (default)", repr(pin)))
     if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
         raise UsageError(mismatch("argument", "num_envs", "an int >= 1", repr(num_envs)))
     if backend == "serial":
