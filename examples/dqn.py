@@ -41,6 +41,9 @@ class Args:
     """random warm-up steps; the learner starts once the table holds this many items"""
     samples_per_insert: float = 32.0
     """rl-zoo: 128 gradient steps of 64 every 256 env steps"""
+    param_sync: int = 128
+    """learner steps between the actors' parameter pulls (rl-zoo's train_freq=256: the acting policy
+    changes once per 256 env steps, i.e. per 128 learner steps)"""
     gamma: float = 0.99
     target_update: int = 128
     """learner steps between target-network copies"""
@@ -174,6 +177,7 @@ def experiment(args: Args | None = None) -> rf.Experiment:
         batch_size=args.batch_size,
         warmup_steps=args.learning_starts,
         seed=args.seed,
+        param_sync_steps=args.param_sync,
         eval_policy=PolicyFactory(args, greedy=True),
         eval_every=args.eval_every,
         eval_episodes=args.eval_episodes,
