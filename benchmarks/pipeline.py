@@ -12,6 +12,9 @@
     rlflow's start-up until the first actor acts (printed per seed as 'start').
 
     flock /tmp/rlflow-bench.lock .venv/bin/python benchmarks/pipeline.py [--seeds 10] [--first-seed 0] [--only flow|dqn]
+
+Before and after, it prints benchmarks/machine.py's check: whether one busy CPU slows the other down.
+Both targets compare two busy processes (actor and learner) against one, so they move with it.
 """
 
 from __future__ import annotations
@@ -198,10 +201,14 @@ def main():
     p.add_argument("--eval-every", type=int, default=2_000)
     p.add_argument("--only", choices=["flow", "dqn"], default=None)
     a = p.parse_args()
+    import machine
+
+    print(f"# before: {machine.describe()}", flush=True)
     if a.only != "dqn":
         flow(a.seconds)
     if a.only != "flow":
         dqn(a.seeds, a.max_steps, a.eval_every, a.first_seed)
+    print(f"# after: {machine.describe()}")
 
 
 if __name__ == "__main__":

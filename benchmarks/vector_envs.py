@@ -17,6 +17,8 @@ CartPole is the inline slice (the parent steps envs too, split as printed: envs 
 inline), polling for the peer for up to 100 us before blocking (`spin`; the polls yield the CPU),
 which skips most of those wake-ups, and eventfd doorbells, whose wake-ups do not pull the woken
 process onto the waker's CPU as a pipe's do (see rlflow/runtime/env_workers.py).
+Before and after the figures it prints benchmarks/machine.py's check: whether one busy CPU slows the
+other down (a VM's vCPUs can share a host core at times; every process-backend figure moves with it).
 Ceilings, measured in the same run and printed beside the figures they bound:
   CartPole: any backend that steps gymnasium's Python CartPole is bounded by (cores) x (the raw
             step rate of one unwrapped env in a tight loop, resets included, its action check as
@@ -48,6 +50,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rlflow as rf  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
 
 N = 16
 ROUNDS = 11
@@ -215,6 +220,7 @@ def main():
     sec = args.seconds
     print(f"# numpy {np.__version__}, gymnasium {gym.__version__}, {os.cpu_count()} CPUs, {N} envs, "
           f"median of {ROUNDS} interleaved rounds, {sec:.1f} s per figure; cpuidle driver: {cpuidle_driver()}")
+    print(f"# before: {machine.describe()}", flush=True)
 
     # ---- CartPole --------------------------------------------------------------------------------
     cp = [rlflow_runner("rlflow serial", "CartPole-v1"),
@@ -262,7 +268,8 @@ def main():
           f"{cores * raw:,.0f} | {cores * raw / serial:.2f}x | {cores * raw / peer:.2f}x {peer_name} |")
     print(f"| heavy (200 us) | ceiling: 2 stepping processes = 2 x serial | {2 * hserial:,.0f} | 2.00x | "
           f"{2 * hserial / hasync:.2f}x AsyncVectorEnv |")
-    print(f"\nEnvPool: {ep_note}")
+    print(f"\n# after: {machine.describe()}")
+    print(f"EnvPool: {ep_note}")
     proc = cp[1].rate
     print("targets:")
     print(f"  CartPole: rlflow best / {peer_name} (its best mode) = {best_cp / peer:.2f} (>= 1.0); the ceiling "
