@@ -24,14 +24,21 @@ import time
 _SPIN = "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end: pass\n"
 
 
-def _step_time(seconds: float) -> float:
-    """Microseconds per step of one unwrapped CartPole in a tight loop (resets included)."""
+def cartpole_step_us(seconds: float, fast_check: bool = False) -> float:
+    """Microseconds per step of one unwrapped CartPole in a tight loop (resets included), the best
+    of 3 spans of seconds / 3; actions are numpy int64 scalars, as a vector env passes them.
+    `fast_check`: its action space checks actions as rlflow's lean envs' does
+    (rf.envs.make.fast_discrete)."""
     import gymnasium as gym
     import numpy as np
 
     env = gym.make("CartPole-v1").unwrapped
+    if fast_check:
+        from rlflow.envs.make import fast_discrete
+
+        fast_discrete(env.action_space)
     env.reset(seed=0)
-    actions = [int(a) for a in np.random.default_rng(0).integers(0, 2, 1000)]
+    actions = list(np.random.default_rng(0).integers(0, 2, 512))
     best = float("inf")
     for _ in range(3):
         n, t0 = 0, time.perf_counter()
@@ -59,12 +66,12 @@ def contention(seconds: float = 0.3, pairs: int = 3):
     try:
         os.sched_setaffinity(0, {first})
         for _ in range(pairs):
-            alone.append(_step_time(seconds))
+            alone.append(cartpole_step_us(seconds))
             spinner = subprocess.Popen([sys.executable, "-c", _SPIN],
                                        preexec_fn=lambda: os.sched_setaffinity(0, {second}))
             try:
                 time.sleep(0.15)        # the spinner is up and running
-                busy.append(_step_time(seconds))
+                busy.append(cartpole_step_us(seconds))
             finally:
                 spinner.kill()
                 spinner.wait()
