@@ -103,7 +103,7 @@ def print_header(header):
     return header
 
 
-def flow(seconds, rounds=3):
+def flow(seconds, rounds=5):
     print(f"(1) data flow overhead, CartPole-v1, random actions, Transition adder, MinSize table, learner "
           f"consuming 256-batches, process runtime with 1 actor; {rounds} interleaved rounds of bare env "
           f"({seconds:.0f} s) then pipeline ({seconds:.0f} s steady state), median of the per-round ratios")
