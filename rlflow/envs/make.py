@@ -278,8 +278,10 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
             # worker: the workers then mostly wait on wake-ups, not on the CPU.
             inline = step_cost is not None and step_cost < CHEAP_STEP
             if pin is None:        # an expensive env, a worker per CPU: each keeps its own core
+                from rlflow.runtime.children import usable_cpus
+
                 pin = (not inline and step_cost is not None and sync
-                       and workers == len(_usable_cpus()) and workers > 1)
+                       and workers == len(usable_cpus()) and workers > 1)
     elif not given:
         _close(probe)
     from rlflow.runtime.env_workers import ProcessVectorEnv
@@ -289,14 +291,6 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
     return ProcessVectorEnv(cls, [factory] + [others] * (num_envs - 1), layout, workers=workers,
                             batch_size=batch_size, seed=seed, start_method=start_method, inline=inline,
                             step_cost=step_cost, spin=spin, pin=bool(pin))
-
-
-def _usable_cpus() -> list:
-    """The CPUs this process may run on (its affinity mask), sorted."""
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return list(range(os.cpu_count() or 1))
 
 
 def _is_env(obj) -> bool:

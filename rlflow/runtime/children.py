@@ -12,6 +12,9 @@ the scheduler moves the parent to the idle CPU or the first worker's time slice 
 10-15% of the steps in some runs (worker 1's start delayed by a whole slice), ~3% of the
 throughput on average (8,949 against 9,211 steps/s over 5 runs each). Linux lets any process switch
 between SCHED_OTHER and SCHED_BATCH; elsewhere this does nothing.
+
+usable_cpus / pin: the CPUs this process may use, and pinning a child to one of them (the process
+vector env's `pin`).
 """
 
 from __future__ import annotations
@@ -35,5 +38,21 @@ def batch_scheduling() -> None:
     """Put this process under SCHED_BATCH where the system allows it."""
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux, or refused
+        pass
+
+
+def usable_cpus() -> list:
+    """The CPUs this process may run on (its affinity mask), sorted."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Run process `pid` on `cpu` only, where the system allows it."""
+    try:
+        os.sched_setaffinity(pid, {cpu})
     except (AttributeError, OSError):  # pragma: no cover - not Linux, or refused
         pass

@@ -134,7 +134,7 @@ import numpy as np
 
 from rlflow.envs.vector import Layout, ObsBuffer, VectorEnv
 from rlflow.errors import UsageError, WorkerError, mismatch
-from rlflow.runtime.children import batch_scheduling, die_with_parent
+from rlflow.runtime.children import batch_scheduling, die_with_parent, pin as pin_to, usable_cpus
 from rlflow.runtime.shm import SharedArrays
 from rlflow.runtime.threads import child_threads
 
@@ -373,6 +373,7 @@ class ProcessVectorEnv(VectorEnv):
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._downs, self._ups,
                                            self._block, self._bells)
         self._env_bounds = [(0, n)] * workers       # until each worker is given its slice
+        cpus = usable_cpus() if pin else []
         try:
             # every worker gets every factory and waits for its slice: the inline split needs the
             # wake-up cost, measured on a running worker
@@ -396,7 +397,7 @@ class ProcessVectorEnv(VectorEnv):
                 self._procs.append(p)
                 self._pids.append(p.pid)
                 if pin:
-                    _pin(p.pid, w)
+                    pin_to(p.pid, cpus[w % len(cpus)])
                 self._downs.append(down_w)
                 self._ups.append(up_r)
                 self._down_fds.append(down_w.fileno())
@@ -654,15 +655,6 @@ class ProcessVectorEnv(VectorEnv):
     def pids(self) -> list[int]:
         """The worker processes' ids."""
         return list(self._pids)
-
-
-def _pin(pid: int, w: int) -> None:
-    """Run process `pid` on the w-th (modulo their count) of the CPUs this process may use."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(pid, {cpus[w % len(cpus)]})
-    except (AttributeError, OSError):  # pragma: no cover - not Linux, or refused
-        pass
 
 
 def _shutdown(procs, downs, ups, block, bells):
