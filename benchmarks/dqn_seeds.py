@@ -19,7 +19,6 @@ Measured on a 2-vCPU VM (twelfth session): SB3 seeds 0-47 median 28,000 / mean 2
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -30,23 +29,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def steps_to_solve(backend: str, seed: int, max_steps: int, eval_every: int, param_sync: int | None):
-    import torch
-
     import learning
 
     if backend == "sb3":
         return learning.run_sb3(seed, max_steps, eval_every)[0]
-    import dqn
-    import rlflow as rf
-
-    args = dqn.Args(seed=seed, total_steps=max_steps, eval_every=eval_every,
-                    target_return=learning.THRESHOLD, backend=backend)
-    if param_sync is not None:
-        args = dataclasses.replace(args, param_sync=param_sync)
-    torch.manual_seed(seed)
-    result = rf.run(dqn.experiment(args), backend=backend, num_actors=1, max_env_steps=max_steps,
-                    progress=False)
-    return result.solved_at
+    extra = {} if param_sync is None else {"param_sync": param_sync}
+    return learning.run_rlflow(seed, max_steps, eval_every, backend=backend, **extra)[0]
 
 
 def main():

@@ -29,12 +29,14 @@ import dqn  # noqa: E402
 THRESHOLD = 475.0
 
 
-def run_rlflow(seed: int, max_steps: int, eval_every: int, backend: str = "local", num_actors: int = 1):
+def run_rlflow(seed: int, max_steps: int, eval_every: int, backend: str = "local", num_actors: int = 1,
+               **args):
     """(env steps to solve, training seconds to solve, training seconds in all, start-up seconds).
     Training time leaves out evaluation and start-up (building the env, policy and learner, and
-    with backend="process" starting the actor processes), as SB3's leaves out its constructor."""
+    with backend="process" starting the actor processes), as SB3's leaves out its constructor.
+    `args`: other examples/dqn.py Args fields (e.g. param_sync)."""
     args = dqn.Args(seed=seed, total_steps=max_steps, eval_every=eval_every, target_return=THRESHOLD,
-                    backend=backend, num_actors=num_actors)
+                    backend=backend, num_actors=num_actors, **args)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     result = rf.run(dqn.experiment(args), backend=backend, num_actors=num_actors,
