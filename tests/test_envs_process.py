@@ -230,8 +230,10 @@ def test_spin_default_and_bad_values():
 
     assert default_spin(1, cpus=2) == SPIN and default_spin(3, cpus=4) == SPIN
     assert default_spin(2, cpus=2) == SPIN and default_spin(8, cpus=2) == SPIN      # sync: always
-    assert default_spin(1, cpus=2, pool=True) == SPIN
-    assert default_spin(2, cpus=2, pool=True) == 0.0 and default_spin(1, cpus=1, pool=True) == 0.0
+    assert default_spin(1, cpus=2, pool=True, inline=True) == SPIN          # 2 slices, 2 CPUs
+    assert default_spin(2, cpus=2, pool=True) == SPIN                       # 2 slices, 2 CPUs
+    assert default_spin(2, cpus=2, pool=True, inline=True) == 0.0           # 3 slices, 2 CPUs
+    assert default_spin(4, cpus=2, pool=True) == 0.0 and default_spin(1, cpus=1, pool=True) == 0.0
     with rf.envs.make("CartPole-v1", 4, backend="process", workers=1, spin=0.0) as venv:
         venv.reset(seed=0)
         venv.step(np.zeros(4, np.int64))
@@ -572,19 +574,22 @@ def _slow_cartpole():
     return Slow(gym.make("CartPole-v1"))
 
 
-def test_pool_mode_with_more_workers_than_spare_cores_does_not_spin(monkeypatch):
-    """Pollers sharing a core pass over the worker they share it with: pool mode keeps spin 0 there
-    (sync mode waits for every worker, so it polls for cheap envs)."""
+def test_pool_mode_with_more_slices_than_cores_does_not_spin(monkeypatch):
+    """Pollers sharing a core pass over the worker they share it with: pool mode keeps spin 0 where
+    the stepping slices outnumber the CPUs (sync mode waits for every worker, so it polls for cheap
+    envs), and polls where there are as many slices as CPUs."""
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     env = "CartPole-v1"
-    with rf.envs.make(env, 8, backend="pool", workers=2, batch_size=4) as venv:
-        assert venv.num_workers == 2 and not venv.inline and venv.pool
-        assert venv.spin == 0.0
-        step = venv.reset(seed=1)
-        for _ in range(20):
-            step = venv.step(np.zeros(len(step), np.int64))
-        assert len(step) == 4
-    with rf.envs.make(env, 8, backend="pool", workers=2, batch_size=4, spin=SPIN) as venv:
+    for workers, inline, spin in ((4, False, 0.0), (2, True, 0.0), (2, False, SPIN)):
+        with rf.envs.make(env, 12 if inline else 8, backend="pool", workers=workers, batch_size=4,
+                          inline=inline) as venv:
+            assert venv.num_workers == workers and venv.inline == inline and venv.pool
+            assert venv.spin == spin, (workers, inline)
+            step = venv.reset(seed=1)
+            for _ in range(20):
+                step = venv.step(np.zeros(len(step), np.int64))
+            assert len(step) == 4
+    with rf.envs.make(env, 8, backend="pool", workers=4, batch_size=4, spin=SPIN) as venv:
         assert venv.spin == SPIN                                     # an explicit value wins
 
 

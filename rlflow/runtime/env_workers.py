@@ -39,11 +39,16 @@ CPU (sched_yield), so where there are more stepping processes than CPUs a poller
 whichever of them has work: on a 2-vCPU VM (cpuidle "haltpoll"), 16 envs, 2 workers, CartPole went
 from ~0.70x to ~1.25x serial (~1.14x with an inline slice) and a 200 us env from ~1.83x to ~1.87x
 (2 x 15 interleaved rounds); 4 and 8 workers gained on CartPole and were unchanged on the 200 us
-env. So it is on by default (`SPIN`, `default_spin`), except in pool mode with more steppers than
-CPUs: pool mode returns whoever finishes first, and a worker that shares a core with pollers
-finishes last more often (2 workers, an inline slice, 2 CPUs: one worker's slice was returned ~1/8
-of the time instead of ~1/4, though spin took its CartPole rate from ~0.84x to ~1.0x serial). The
-process runtime turns it off for its actors' env workers, whose cores the learner needs.
+env. So it is on by default (`SPIN`, `default_spin`), except in pool mode with more stepping
+slices (workers, plus the inline slice) than CPUs, or one CPU: pool mode returns whoever finishes
+first, and a worker that shares a core with pollers finishes last more often (2 workers, an inline
+slice, 2 CPUs: one worker's slice was returned ~1/8 of the time instead of ~1/4, though spin took its
+CartPole rate from ~0.84x to ~1.0x serial; 4 workers, batch 8, 2 CPUs: the least returned slice 3x
+less often than the most with spin, 2x without). With as many slices as CPUs it stays on: 2 workers,
+no inline slice, batch 8, 2 CPUs, CartPole went from 0.62-0.70x to 0.83-0.99x serial (3 interleaved
+rounds), the two slices returned 45% / 55% of the time (47% / 53% without spin), and a 200 us env
+was unchanged (~1.86x). The process runtime turns it off for its actors' env workers, whose cores
+the learner needs.
 
 Inline slice (`inline=True`; sync mode, and pool mode below). The parent steps one more slice
 itself, with the same class on the same shared block, between sending "s" and reading the replies:
@@ -182,12 +187,12 @@ def default_start_method() -> str:
     return "spawn"
 
 
-def default_spin(workers: int, cpus: int | None = None, pool: bool = False) -> float:
-    """`SPIN`, except in pool mode with more stepping processes than CPUs (W + 1 > CPUs), where it
-    is 0: pool mode returns whoever finishes first, and a worker that shares a CPU with pollers
-    would finish last more often than its share."""
+def default_spin(workers: int, cpus: int | None = None, pool: bool = False, inline: bool = False) -> float:
+    """`SPIN`, except in pool mode with more stepping slices than CPUs (W workers, + 1 with an inline
+    slice, > CPUs) or a single CPU, where it is 0: pool mode returns whoever finishes first, and a
+    worker that shares a CPU with pollers would finish last more often than its share."""
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
-    return SPIN if not pool or workers + 1 <= cpus else 0.0
+    return SPIN if not pool or (cpus >= 2 and workers + bool(inline) <= cpus) else 0.0
 
 
 def _poll_for(poller, seconds: float) -> list:
@@ -336,7 +341,7 @@ class ProcessVectorEnv(VectorEnv):
             self.batch_size = batch_size
             bounds = np.arange(0, n + 1, epw)
         self.pool = self.batch_size < n
-        self.spin = float(default_spin(workers, pool=self.pool) if spin is None else spin)
+        self.spin = float(default_spin(workers, pool=self.pool, inline=self.inline) if spin is None else spin)
         self.step_cost = step_cost
         self.wake_cost = wake_cost
         super().__init__(layout, n * rpe, seed=seed)
