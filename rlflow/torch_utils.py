@@ -45,15 +45,37 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    total = _total_norm(grads)
     if not grads:
         return total
-    if all(g.device.type == "cpu" for g in grads):
-        coef = max_norm / (total + 1e-6)          # torch's expression, in the norm's dtype
-        if not bool(coef < 1.0):
-            return total
+    if all(g.device.type == "cpu" for g in grads) and not _clips(max_norm, total):
+        return total
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total
+
+
+def _total_norm(grads: list) -> torch.Tensor:
+    """`torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)`. For one gradient (FlatParams) its
+    own computation, the vector norm of the stacked `_foreach_norm`, without its grouping of the
+    tensors by device and dtype: ~22 -> ~13 us on a CPU."""
+    if len(grads) == 1 and hasattr(torch, "_foreach_norm"):
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+    return torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+
+
+_NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _clips(max_norm: float, total: torch.Tensor) -> bool:
+    """torch's clip test, coefficient `max_norm / (total + 1e-6)` below 1 in the norm's dtype, on
+    a CPU norm: for float32 and float64 in numpy scalars of that dtype, ~1 us instead of three
+    tensor operations, ~12 us. The same IEEE operations as torch's: a Python number divided by a
+    tensor is the tensor's reciprocal times the number, both rounded to the tensor's dtype (a
+    plain division disagrees a few ulps either side of the edge)."""
+    f = _NUMPY_FLOAT.get(total.dtype)
+    if f is None:
+        return bool(max_norm / (total + 1e-6) < 1.0)
+    return bool((f(1.0) / (f(total.item()) + f(1e-6))) * f(max_norm) < 1.0)
 
 
 class FlatParams:

@@ -35,6 +35,36 @@ def test_clip_grad_norm_matches_torch_bit_for_bit(seed):
     assert (after < float(ref)) == clipped
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_tensor_clip_matches_torch_bit_for_bit_at_the_edge(dtype):
+    """One gradient tensor (FlatParams' case) takes a shorter path to the norm and the clip test:
+    over scales from 1e-6 to 1e6, and over max_norm a few ulps either side of the norm (where
+    torch's test max_norm / (norm + 1e-6) < 1 flips), the norm and the clipped gradient equal
+    torch.nn.utils.clip_grad_norm_'s exactly."""
+    from rlflow.torch_utils import _clips
+
+    rng = np.random.default_rng(0)
+    flips = set()
+    for i in range(300):
+        g = torch.from_numpy(rng.standard_normal(1000) * 10.0 ** rng.uniform(-6, 6)).to(dtype)
+        a = torch.zeros(1000, dtype=dtype, requires_grad=True)
+        b = torch.zeros(1000, dtype=dtype, requires_grad=True)
+        a.grad, b.grad = g.clone(), g.clone()
+        norm = torch.nn.utils.get_total_norm([g])
+        edge = float(norm + 1e-6)
+        max_norm = float(np.nextafter(edge, np.inf if i % 2 else -np.inf) if i % 3 else edge) \
+            if i < 200 else edge * rng.uniform(0.5, 1.5)
+        for _ in range(int(rng.integers(0, 3))):
+            max_norm = float(np.nextafter(max_norm, np.inf if rng.random() < 0.5 else -np.inf))
+        ref = torch.nn.utils.clip_grad_norm_([a], max_norm, foreach=True)
+        got = clip_grad_norm(b, max_norm)
+        assert torch.equal(ref, got) and torch.equal(a.grad, b.grad), (i, max_norm)
+        torch_says = bool(max_norm / (ref + 1e-6) < 1.0)
+        assert _clips(max_norm, got) == torch_says
+        flips.add(torch_says)
+    assert flips == {True, False}
+
+
 def test_clip_grad_norm_skips_missing_grads_and_takes_a_tensor():
     net = _net(1)
     w = net[0].weight
