@@ -225,6 +225,56 @@ def test_no_wake_up_is_lost_around_the_spin_window(monkeypatch, mode):
         assert slowest < 5.0, slowest
 
 
+@pytest.mark.skipif(not hasattr(os, "eventfd"), reason="the word protocol's bells are eventfds (Linux)")
+def test_a_word_posted_as_the_spin_window_closes_is_not_missed(monkeypatch):
+    """The two sides of the word protocol's race, played out deterministically (with the blocked
+    side's insurance re-read pushed to 60 s, a miss would show as a wait of a minute):
+    the waiter's last read inside its spin window says "not yet", the word lands, the window
+    closes: the waiter reads once more before it blocks; and a sender preempted between reading
+    the clock and writing the word judges by the time after the write, so it rings a peer whose
+    window has closed meanwhile."""
+    import select
+
+    from rlflow.runtime import env_workers as ew
+
+    monkeypatch.setattr(ew, "_INSURANCE_MS", 60_000)
+    r, w = os.pipe()
+    try:
+        poller = select.poll()
+        poller.register(r, select.POLLIN)
+        reads = []
+
+        def done():                       # "not yet" on the spin window's only read, then posted
+            reads.append(1)
+            return len(reads) > 1
+
+        t = time.monotonic()
+        assert ew._await_word(done, poller, set(), time.monotonic_ns() - 1) == []
+        assert time.monotonic() - t < 1.0 and len(reads) == 2
+    finally:
+        os.close(r)
+        os.close(w)
+
+    bell = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        t0 = time.monotonic_ns()
+        clock = iter([t0, t0 + 10**9])            # preempted for 1 s around the word's write
+        monkeypatch.setattr(ew.time, "monotonic_ns", lambda: next(clock))
+        mine = np.zeros(2, np.int64)
+        until = ew._post(mine, 7, 100_000, t0 + 200_000, bell)    # the peer spins 200 us past t0
+        monkeypatch.undo()
+        assert mine[0] == 7 and mine[1] == until == t0 + 100_000
+        assert os.eventfd_read(bell) == 1         # rung: the peer stopped spinning during the write
+        clock = iter([t0, t0 + 1_000])            # not preempted: the peer still spins, no bell
+        monkeypatch.setattr(ew.time, "monotonic_ns", lambda: next(clock))
+        ew._post(mine, 8, 100_000, t0 + 200_000, bell)
+        monkeypatch.undo()
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(bell)
+    finally:
+        os.close(bell)
+
+
 def test_spin_default_and_bad_values():
     from rlflow.runtime.env_workers import default_spin
 

@@ -217,11 +217,14 @@ def _wait(poller, spin: float) -> list:
 def _post(mine, word: int, spin_ns: int, peer_until, bell: int) -> int:
     """Write `word` into this side's words `mine` (mine[0]; mine[1] = until when this side spins
     before it blocks), and ring the peer's `bell` unless the peer will still be spinning
-    _MARGIN_NS from now (`peer_until`, the peer's mine[1]). Returns this side's spin deadline."""
-    now = time.monotonic_ns()
-    mine[1] = until = now + spin_ns          # no blocking before then: the peer may skip our bell
+    _MARGIN_NS from now (`peer_until`, the peer's mine[1]). Returns this side's spin deadline.
+
+    "Now" is read after the word is written: a sender preempted between a clock read and the
+    write would otherwise judge by a time before the write, skip the bell, and leave a peer that
+    stopped spinning meanwhile blocked until its next insurance re-read (_INSURANCE_MS)."""
+    mine[1] = until = time.monotonic_ns() + spin_ns    # no blocking before then: the peer may skip our bell
     mine[0] = word
-    if now + _MARGIN_NS >= peer_until:
+    if time.monotonic_ns() + _MARGIN_NS >= peer_until:
         os.eventfd_write(bell, 1)
     return until
 
@@ -230,7 +233,11 @@ def _await_word(done, poller, bells, until_ns: int) -> list:
     """Wait until `done()` holds: spin on it (sched_yield between reads, no system call) until the
     monotonic `until_ns`, then block on `poller`, reading the rung `bells` (eventfds) and
     re-reading `done()` after each wake-up (at least every _INSURANCE_MS). Returns [] once done,
-    or the readable fds that are not bells (a pipe: an error report, a command, end-of-file)."""
+    or the readable fds that are not bells (a pipe: an error report, a command, end-of-file).
+
+    `done()` is read once more after the spin window closes, before the first block: a word
+    posted between the window's last read and its close rang no bell (the sender saw this side
+    spinning), so blocking without that read would wait for the insurance re-read."""
     clock = time.monotonic_ns
     while not done():
         if clock() >= until_ns:
@@ -239,14 +246,14 @@ def _await_word(done, poller, bells, until_ns: int) -> list:
     else:
         return []
     while True:
+        if done():
+            return []
         ready = poller.poll(_INSURANCE_MS)
         for fd, _ in ready:
             if fd in bells:
                 os.eventfd_read(fd)
-        if done():
-            return []
         pipes = [fd for fd, _ in ready if fd not in bells]
-        if pipes:
+        if pipes and not done():
             return pipes
 
 
