@@ -504,17 +504,27 @@ class SerialVectorEnv(_InPlace):
 # --------------------------------------------------------------------------------------------------
 # Calibration: what one env costs per step, measured on a throwaway instance
 # --------------------------------------------------------------------------------------------------
+MIN_TIMED = 8          # steps measure_step_cost times at least (within 4 x its budget)
+
+
 def measure_step_cost(cls, env, layout: Layout, steps: int = 32, budget: float = 0.05,
                       seed: int = 0) -> float | None:
     """Median seconds that `cls.step_rows` takes for one env, measured on `env` (a throwaway).
 
     `env` is reset with `seed` and stepped up to `steps` times with random actions from the action
     space (seeded; legal ones where the env gives masks; drawn outside the timed calls), and
-    stepping stops once `budget` seconds have passed since the reset began: a slow env gets one
-    step, or none when its reset alone took the budget (then the result is the time the reset
-    took, a lower bound: such an env is slow whatever it is). The first step is a warm-up, left out
-    of the median when there are others. `env` is closed afterwards. Returns None when the env
-    raised (a random action may be illegal): the cost is then unknown.
+    stepping stops once `budget` seconds have passed since the reset began and `MIN_TIMED` steps
+    were timed, or once 4 x `budget` has passed: a slow env gets one step, or none when its reset
+    alone took that long (then the result is the time the reset took, a lower bound: such an env
+    is slow whatever it is). The first step is a warm-up, left out of the median when there are
+    others. `env` is closed afterwards. Returns None when the env raised (a random action may be
+    illegal): the cost is then unknown.
+
+    MIN_TIMED: a process preempted for the whole budget (in the reset, or in one step) would
+    otherwise leave one or two timings, and a cheap env measured as an expensive one (CartPole
+    judged >= 20 us a step once in a CI run). The steps right after such a stall are slow too
+    (CartPole after 60 ms asleep: ~150-330 us, then ~12-23 us, then its ~7 us): with 7 timings
+    beside the warm-up the stalled step and the two after it cannot move the median.
 
     The median, not the mean: a calibration run on a shared machine is preempted now and then, and
     the split it feeds (ProcessVectorEnv's inline slice) needs the typical step, not the tail.
@@ -536,7 +546,8 @@ def measure_step_cost(cls, env, layout: Layout, steps: int = 32, budget: float =
         venv.reset_rows(seed)
         times = []
         for _ in range(steps):
-            if clock() - t0 > budget:
+            elapsed = clock() - t0
+            if elapsed > budget and (len(times) >= MIN_TIMED or elapsed > 4 * budget):
                 break
             if mask is not None and isinstance(space, spaces.Discrete):
                 acts = [int(space.start + rng.choice(np.flatnonzero(m))) if m.any() else int(space.start)
