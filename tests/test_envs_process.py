@@ -682,8 +682,11 @@ def test_pool_mode_with_more_slices_than_cores_does_not_spin(monkeypatch):
 @pytest.mark.parametrize("env,expect_inline", [("CartPole-v1", True), (_slow_cartpole, False)])
 def test_more_workers_than_spare_cores_step_inline_only_for_cheap_envs(monkeypatch, env, expect_inline):
     """workers + 1 > CPUs: the calling process also steps a slice only where an env step is cheaper
-    than waking a worker; an expensive env keeps its cores to the workers."""
+    than waking a worker; an expensive env keeps its cores to the workers. The threshold is put
+    half way between the two envs here (CartPole ~4-12 us a step, depending on the host's phase;
+    the other 100 us more), so the test checks the rule, not this machine's speed."""
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sys.modules["rlflow.envs.make"], "CHEAP_STEP", 50e-6)
     with rf.envs.make(env, 8, backend="process", workers=2) as venv:
         assert venv.num_workers == 2 and venv.inline == expect_inline
         from rlflow.envs.make import CHEAP_STEP
@@ -699,10 +702,12 @@ def test_more_workers_than_spare_cores_step_inline_only_for_cheap_envs(monkeypat
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
-def test_workers_of_an_expensive_env_get_a_cpu_each():
+def test_workers_of_an_expensive_env_get_a_cpu_each(monkeypatch):
     """With as many workers as usable CPUs and an env step above CHEAP_STEP, worker w runs on CPU w
     only (pin); a cheap env, pin=False, or fewer workers leave the affinity alone; pin=True asks for
-    it. The caller's own affinity never changes. Run on 2 of this machine's CPUs."""
+    it. The caller's own affinity never changes. Run on 2 of this machine's CPUs, with CHEAP_STEP
+    half way between CartPole and the 100 us env (the rule, not this machine's speed)."""
+    monkeypatch.setattr(sys.modules["rlflow.envs.make"], "CHEAP_STEP", 50e-6)
     mine = os.sched_getaffinity(0)
     if len(mine) < 2:
         pytest.skip("needs 2 CPUs")

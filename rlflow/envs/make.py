@@ -269,7 +269,14 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         from rlflow.envs.vector import measure_step_cost
 
         try:
-            target = copy.deepcopy(probe) if given else probe
+            if isinstance(others, GymMake) and others.lean:
+                # an id: time a lean env, as the workers step (envs 1..N-1 lean, env 0 with the
+                # fast action check), not the probe with its checking wrappers (CartPole: ~6
+                # against ~4 us a step; CHEAP_STEP's margin then held in slow phases of the host)
+                _close(probe)
+                target = others()
+            else:
+                target = copy.deepcopy(probe) if given else probe
         except Exception:        # an instance that does not copy: no calibration, an even split
             target = None
         step_cost = None if target is None else measure_step_cost(cls, target, layout)
