@@ -182,7 +182,8 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
                 with more workers when one env step costs under CHEAP_STEP (20 us, measured): the
                 workers of such envs mostly wait on wake-ups, not on a core. This
                 process's slice is larger by (a worker's wake-up) / (one env's step), both measured
-                at construction (the probe env is stepped for <= ~50 ms; see ProcessVectorEnv).
+                at construction (a throwaway env, lean for an id, is stepped for ~50 ms and at
+                most ~200 ms; see ProcessVectorEnv).
     spin        process backends: seconds a process polls for its peer's reply before it blocks
                 (a worker waiting for the next step, this process for a worker), yielding its CPU
                 between polls. Default: 100 us, except in pool mode with more stepping processes

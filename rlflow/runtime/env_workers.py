@@ -58,8 +58,8 @@ exception in the inline slice is raised as WorkerError too (where = "inline slic
 
 The inline slice is the last one, and larger: a worker's slice starts a wake-up later, so the
 parent takes d = wake_cost / step_cost envs more than each worker (`inline_split`). step_cost is
-measured before the workers start, on a throwaway env (`rf.envs.vector.measure_step_cost`: at
-most ~50 ms). wake_cost is the median of 32 empty round trips to worker 0, which waits for its
+measured before the workers start, on a throwaway env (`rf.envs.vector.measure_step_cost`: ~50
+ms, at most ~200 ms). wake_cost is the median of 32 empty round trips to worker 0, which waits for its
 slice until then (every worker gets all the factories and builds only its slice's envs). A round
 trip holds two wake-ups where the step's critical path holds about one, and the 1-env step
 includes the per-call overhead (~2 us); the two overestimates about cancel on CartPole, and the
