@@ -186,8 +186,8 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
                 most ~200 ms; see ProcessVectorEnv).
     spin        process backends: seconds a process polls for its peer's reply before it blocks
                 (a worker waiting for the next step, this process for a worker), yielding its CPU
-                between polls. Default: 100 us, except in pool mode with more stepping processes
-                than CPUs: 0 (see ProcessVectorEnv).
+                between polls. Default: 100 us, except in pool mode with more stepping slices
+                (workers, plus the inline slice) than CPUs, or one CPU: 0 (see ProcessVectorEnv).
     pin         process backend: run worker w on CPU w only (of the CPUs this process may use).
                 Default: on where the workers are as many as those CPUs, there is no inline slice
                 and one env step costs at least CHEAP_STEP (measured): each worker then has a core
@@ -270,16 +270,15 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         from rlflow.envs.vector import measure_step_cost
 
         try:
-            if isinstance(others, GymMake) and others.lean:
-                # an id: time a lean env, as the workers step (envs 1..N-1 lean, env 0 with the
-                # fast action check), not the probe with its checking wrappers (CartPole: ~6
-                # against ~4 us a step; CHEAP_STEP's margin then held in slow phases of the host)
-                _close(probe)
-                target = others()
-            else:
-                target = copy.deepcopy(probe) if given else probe
+            # an env as envs 1..N-1 are built: the probe itself where it is one (a callable), a
+            # copy of a given instance, and for an id a lean env, not the probe with its checking
+            # wrappers (CartPole: ~4 against ~6 us a step; in slow phases of the host the probe
+            # read near CHEAP_STEP)
+            target = probe if others is factory else others()
         except Exception:        # an instance that does not copy: no calibration, an even split
             target = None
+        if not given and target is not probe:
+            _close(probe)
         step_cost = None if target is None else measure_step_cost(cls, target, layout)
         if cheap_only:
             # More steppers than cores pays only where an env step costs less than waking a

@@ -334,7 +334,7 @@ class ProcessVectorEnv(VectorEnv):
             elif step_cost is None:     # calibration on a throwaway env (never one of the n)
                 from rlflow.envs.vector import measure_step_cost
 
-                step_cost = measure_step_cost(cls, env_fns[0](), layout)
+                step_cost = measure_step_cost(cls, env_fns[-1](), layout)   # as the later envs are built
         else:
             slices = workers + self.inline
             if n % slices:
