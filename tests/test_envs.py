@@ -161,8 +161,9 @@ def test_env_instance_and_wrappers():
 
 
 def test_envs_made_from_an_id_leave_out_only_the_checking_wrappers():
-    """Env 0 keeps gymnasium's full stack (env checker, order enforcer); envs 1..N-1 leave both out
-    and step exactly like fully wrapped envs: same seeds and actions, same rows, same time limit."""
+    """Env 0 keeps gymnasium's full stack (env checker, order enforcer, TimeLimit); envs 1..N-1 leave
+    the checkers out and their time limit to the vector env, and step exactly like fully wrapped
+    envs: same seeds and actions, same rows, same time limit."""
     def stack(e):
         names = []
         while hasattr(e, "env"):
@@ -173,7 +174,7 @@ def test_envs_made_from_an_id_leave_out_only_the_checking_wrappers():
     n, rng = 4, np.random.default_rng(3)
     with rf.envs.make("CartPole-v1", n, max_episode_steps=9) as venv:
         assert stack(venv.envs[0]) == ["TimeLimit", "OrderEnforcing", "PassiveEnvChecker"]
-        assert all(stack(e) == ["TimeLimit"] for e in venv.envs[1:])
+        assert all(stack(e) == [] and e.rlflow_time_limit == 9 for e in venv.envs[1:])
         refs = [gym.make("CartPole-v1", max_episode_steps=9) for _ in range(n)]
         step = venv.reset(seed=5)
         expected = np.stack([e.reset(seed=5 + i)[0] for i, e in enumerate(refs)])
@@ -190,7 +191,37 @@ def test_envs_made_from_an_id_leave_out_only_the_checking_wrappers():
                 np.testing.assert_array_equal(step.obs[i], e.reset()[0] if te or tr else o)
         assert truncations > 0
     with rf.envs.make("CartPole-v1", 2, disable_env_checker=False) as venv:   # the user's word wins
-        assert stack(venv.envs[1]) == ["TimeLimit", "PassiveEnvChecker"]
+        assert stack(venv.envs[1]) == ["PassiveEnvChecker"] and venv.envs[1].rlflow_time_limit == 500
+
+
+@pytest.mark.parametrize("backend", ["serial", "process"])
+def test_native_time_limits_truncate_exactly_as_the_time_limit_wrapper(backend):
+    """Envs 1..N-1 of an id carry their time limit (no TimeLimit wrapper); the vector env truncates
+    them at the same steps as gymnasium's wrapper, through terminations, autoresets and a new
+    reset(seed), with env 0 (wrapped) beside them. Random CartPole episodes last ~10-40 steps: with a
+    limit of 15, truncations and terminations both come often."""
+    n, limit = 7, 15
+    refs = [gym.make("CartPole-v1", max_episode_steps=limit) for _ in range(n)]
+    kw = {} if backend == "serial" else {"workers": 2}
+    with rf.envs.make("CartPole-v1", n, backend=backend, max_episode_steps=limit, **kw) as venv:
+        rng = np.random.default_rng(0)
+        counts = np.zeros(2, int)
+        for seed in (1, 100):
+            step = venv.reset(seed=seed)
+            np.testing.assert_array_equal(step.obs, np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(refs)]))
+            for _ in range(80):
+                actions = rng.integers(0, 2, n)
+                step = venv.step(actions)
+                for i, (e, a) in enumerate(zip(refs, actions)):
+                    o, r, te, tr, _ = e.step(a)
+                    assert (step.reward[i], step.terminated[i], step.truncated[i]) == (r, te, tr), (i, seed)
+                    np.testing.assert_array_equal(step.final_obs[i], o)
+                    np.testing.assert_array_equal(step.obs[i], e.reset()[0] if te or tr else o)
+                    counts += (te, tr)
+        assert counts.min() > 5, counts
+    with rf.envs.make("CartPole-v1", 3, max_episode_steps=-1) as venv:      # -1: no time limit at all
+        assert not any(hasattr(e, "rlflow_time_limit") for e in venv.envs)
+        assert venv.envs[1].unwrapped is venv.envs[1]
 
 
 VALUES = st.one_of(st.integers(-2**40, 2**40), st.integers(-3, 9).map(np.int64), st.integers(-3, 9).map(np.int32),

@@ -55,6 +55,13 @@ class GymMake:
     TimeLimit, same kwargs; an id that is not in the registry is made as usual. A lean env's
     Discrete action space also checks actions faster (`fast_discrete`: same answers).
 
+    A lean env also leaves its time limit to the vector env: gymnasium's TimeLimit wrapper is left
+    out and the limit (`max_episode_steps` of the kwargs, else of the registered spec) is put on the
+    env as `rlflow_time_limit`, which SerialVectorEnv applies as TimeLimit does (truncated once the
+    episode's step count reaches the limit), without a wrapper call per step (CartPole: ~0.3 us of
+    ~4.9 us a step). Only where nothing wraps the env above TimeLimit (no `additional_wrappers` in
+    the spec, no `render_mode`), so no wrapper could see a step before its truncation.
+
     `fast_space=True` gives the fast check alone, with every wrapper kept: env 0 of the process
     backends, built in a worker, where its space is not the one the caller sees (that is the probe
     env's, in this process). Without it env 0 was ~1.8 us a step slower than the others (CartPole:
@@ -79,7 +86,16 @@ class GymMake:
             lean = {"order_enforce": False}
             if "disable_env_checker" not in self.kwargs:
                 lean["disable_env_checker"] = True
-            env = gym.make(dataclasses.replace(spec, **lean), **self.kwargs)
+            kwargs = dict(self.kwargs)
+            limit = kwargs.pop("max_episode_steps", None)
+            limit = spec.max_episode_steps if limit is None else limit
+            native = (isinstance(limit, int) and limit > 0 and not spec.additional_wrappers
+                      and "render_mode" not in kwargs)
+            if native:
+                env = gym.make(dataclasses.replace(spec, **lean), max_episode_steps=-1, **kwargs)
+                env.rlflow_time_limit = limit          # applied by SerialVectorEnv
+            else:
+                env = gym.make(dataclasses.replace(spec, **lean), **self.kwargs)
         if self.fast_space:
             fast_discrete(env.unwrapped.action_space)
         return env

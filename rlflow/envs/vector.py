@@ -446,6 +446,12 @@ class SerialVectorEnv(_InPlace):
     `reset(seed)` resets env i with `seed + seed_offset + i` (the process backend passes each worker
     its first env index as `seed_offset`, so seeded episodes are the same on every backend). After an
     autoreset the env is reset without a seed: its own generator, seeded at the first reset, goes on.
+
+    An env with an `rlflow_time_limit` (rf.envs.make's lean envs of an id, made without gymnasium's
+    TimeLimit wrapper) is truncated here as TimeLimit would: at the step where its episode's step
+    count reaches the limit. This vector env counts steps once per call (`_t`) and keeps the call
+    at which each env's episode began; the per-row check runs only once `_t` reaches the earliest
+    possible deadline, so a step pays one int compare for it.
     """
 
     @staticmethod
@@ -454,6 +460,28 @@ class SerialVectorEnv(_InPlace):
 
     def _setup(self):
         self._obs_flat = self._obs.arrays[0] if self._obs.flat else None
+        limits = [getattr(e, "rlflow_time_limit", None) for e in self.envs]
+        self._limit = None
+        if any(lim is not None for lim in limits):
+            never = np.iinfo(np.int64).max // 4
+            self._limit = np.array([never if lim is None else int(lim) for lim in limits], np.int64)
+            self._began = np.zeros(len(limits), np.int64)     # `_t` when each env's episode began
+            self._t = 0
+            self._deadline = 0            # no env reaches its limit before this `_t` (a lower bound)
+
+    def _time_limits(self, trunc: np.ndarray) -> bool:
+        """The native time limit at this step: truncate the envs whose episode reached its limit.
+        Returns whether any did."""
+        self._t = t = self._t + 1
+        if t < self._deadline:
+            return False
+        hit = t - self._began >= self._limit
+        # rows that hit are reset at this step (their episodes begin at t); the others' deadlines stand
+        self._deadline = int((np.where(hit, t, self._began) + self._limit).min())
+        if not np.count_nonzero(hit):
+            return False
+        trunc |= hit
+        return True
 
     def reset_rows(self, seed) -> None:
         off = self.seed_offset
@@ -470,6 +498,9 @@ class SerialVectorEnv(_InPlace):
         a["reward"][:] = 0
         a["terminated"][:] = False
         a["truncated"][:] = False
+        if self._limit is not None:
+            self._began[:] = self._t
+            self._deadline = self._t + int(self._limit.min())
 
     def step_rows(self, actions: np.ndarray) -> None:
         acts = list(actions)          # numpy scalars: gymnasium checks them ~10% faster than ints
@@ -491,9 +522,15 @@ class SerialVectorEnv(_InPlace):
         trunc = a["truncated"]
         term[:] = term_l
         trunc[:] = trunc_l
+        ended = any(term_l) or any(trunc_l)
+        if self._limit is not None and self._time_limits(trunc):
+            ended = True
         self._obs.copy_to(self._final)                 # final_obs = obs: the true last obs where done
-        if any(term_l) or any(trunc_l):
-            for i in np.flatnonzero(term | trunc).tolist():
+        if ended:
+            rows = np.flatnonzero(term | trunc)
+            if self._limit is not None:
+                self._began[rows] = self._t
+            for i in rows.tolist():
                 try:
                     self._obs.write(i, self.envs[i].reset()[0])   # same-step autoreset
                 except Exception as exc:
