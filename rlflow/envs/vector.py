@@ -465,19 +465,18 @@ class SerialVectorEnv(_InPlace):
         if any(lim is not None for lim in limits):
             never = np.iinfo(np.int64).max // 4
             self._limit = np.array([never if lim is None else int(lim) for lim in limits], np.int64)
-            self._began = np.zeros(len(limits), np.int64)     # `_t` when each env's episode began
+            self._began = [0] * len(limits)       # `_t` when each env's episode began (a list: set per reset)
             self._t = 0
             self._deadline = 0            # no env reaches its limit before this `_t` (a lower bound)
 
     def _time_limits(self, trunc: np.ndarray) -> bool:
-        """The native time limit at this step: truncate the envs whose episode reached its limit.
-        Returns whether any did."""
-        self._t = t = self._t + 1
-        if t < self._deadline:
-            return False
-        hit = t - self._began >= self._limit
+        """The native time limit once `_t` reached `_deadline`: truncate the envs whose episode
+        reached its limit, and move `_deadline` to the next one. Returns whether any env hit."""
+        t = self._t
+        began = np.array(self._began, np.int64)
+        hit = t - began >= self._limit
         # rows that hit are reset at this step (their episodes begin at t); the others' deadlines stand
-        self._deadline = int((np.where(hit, t, self._began) + self._limit).min())
+        self._deadline = int((np.where(hit, t, began) + self._limit).min())
         if not np.count_nonzero(hit):
             return False
         trunc |= hit
@@ -499,7 +498,7 @@ class SerialVectorEnv(_InPlace):
         a["terminated"][:] = False
         a["truncated"][:] = False
         if self._limit is not None:
-            self._began[:] = self._t
+            self._began = [self._t] * len(self._began)
             self._deadline = self._t + int(self._limit.min())
 
     def step_rows(self, actions: np.ndarray) -> None:
@@ -523,14 +522,16 @@ class SerialVectorEnv(_InPlace):
         term[:] = term_l
         trunc[:] = trunc_l
         ended = any(term_l) or any(trunc_l)
-        if self._limit is not None and self._time_limits(trunc):
-            ended = True
+        if self._limit is not None:
+            self._t += 1
+            if self._t >= self._deadline and self._time_limits(trunc):
+                ended = True
         self._obs.copy_to(self._final)                 # final_obs = obs: the true last obs where done
         if ended:
-            rows = np.flatnonzero(term | trunc)
-            if self._limit is not None:
-                self._began[rows] = self._t
-            for i in rows.tolist():
+            began, t = (self._began, self._t) if self._limit is not None else (None, 0)
+            for i in np.flatnonzero(term | trunc).tolist():
+                if began is not None:
+                    began[i] = t
                 try:
                     self._obs.write(i, self.envs[i].reset()[0])   # same-step autoreset
                 except Exception as exc:
