@@ -65,6 +65,10 @@ class FakeVectorEnv:
         self.single_action_space = spaces.Discrete(self.n_actions)
         self.spec = EnvSpec.from_spaces(self.single_observation_space, self.single_action_space, self.num_envs)
         self._last: Optional[Step] = None
+        # every full step hands out this one read-only array, as rlflow's vector envs do (the
+        # adders' short path for full steps keys on it)
+        self._all_ids = np.arange(self.num_envs, dtype=np.int64)
+        self._all_ids.flags.writeable = False
 
     # ---------------------------------------------------------------- helpers
     def _obs(self, rows: np.ndarray, final: bool):
@@ -99,7 +103,7 @@ class FakeVectorEnv:
                 alive[self.rng.integers(n)] = True
             self._status[~alive] = _DEAD
         self._in_flight = np.zeros(n, bool)
-        rows = np.arange(n, dtype=np.int64)
+        rows = self._all_ids
         obs = self._obs(rows, False)
         self._last = Step(obs=obs, reward=np.zeros(n, np.float32), terminated=np.zeros(n, bool),
                           truncated=np.zeros(n, bool), final_obs=obs, env_ids=rows,
@@ -119,7 +123,7 @@ class FakeVectorEnv:
             k = int(rng.integers(1, len(cand) + 1))
             rows = rng.permutation(cand)[:k].astype(np.int64)
         else:
-            rows = np.arange(self.num_envs, dtype=np.int64)
+            rows = self._all_ids
         self._in_flight[rows] = False
         B = len(rows)
         status = self._status[rows]

@@ -278,6 +278,77 @@ def test_transition_is_one_step():
     assert set(np.unique(got["discount"]).tolist()) == {0.0, np.float32(0.9)}
 
 
+class ActionsOnly:
+    """Random actions and no extras: the policy of the Transition adder's short path."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def act_step(self, step):
+        return self.rng.integers(0, 3, len(step)), {}
+
+
+@SETTINGS
+@given(num_envs=st.integers(1, 6), seed=st.integers(0, 2**31 - 1), switch_at=st.one_of(st.none(), st.integers(0, 30)),
+       pool=st.booleans(), resets=st.lists(st.integers(1, 40), max_size=2), steps=st.integers(1, 60))
+def test_transition_short_path_matches_reference(num_envs, seed, switch_at, pool, resets, steps):
+    """Full steps that share the vector env's read-only env_ids array (as rlflow's vector envs hand
+    them out) take the adder's short path; with resets in between and a switch to multi-agent steps
+    (rows not alive, with the same env_ids array or, in pool mode, others), the items are still the
+    reference's."""
+    env = FakeVectorEnv(num_envs, seed=seed, p_terminate=0.2, p_truncate=0.1)
+    policy, a, rec = ActionsOnly(seed + 1), adders.Transition(0.9), Recorder()
+    got, expected = [], []
+    step = env.reset(seed=seed)
+    a.add_first(step)
+    rec.add_first(step)
+    for i in range(steps):
+        if i in resets:                     # a new episode everywhere: add_first drops open transitions
+            expected += ref_nstep(rec, 1, 0.9)
+            step, rec = env.reset(), Recorder()
+            a.add_first(step)
+            rec.add_first(step)
+        if i == switch_at:
+            env.pool, env.multi_agent = pool, True
+        actions, _ = policy.act_step(step)
+        step = env.step(actions)
+        got.append(a.add(actions, step, {}))
+        rec.add(actions, step, {})
+    expected += [tr for tr in ref_nstep(rec, 1, 0.9)]
+    merged = {k: np.concatenate([o[k] for o in got]) for k in got[0]}
+    assert_same_items(merged, expected)
+    if switch_at is None or switch_at >= steps:
+        assert a._fast is not None and a._fast[0] is env._all_ids    # the short path was in use
+
+
+def test_transition_short_path_checks_like_the_general_one():
+    env = FakeVectorEnv(3, seed=0)
+    a = adders.Transition(0.9)
+    step = env.reset()
+    a.add_first(step)
+    for _ in range(3):
+        actions = np.zeros(3, np.int64)
+        step = env.step(actions)
+        a.add(actions, step, {})
+    assert a._fast is not None
+    good = env.step(actions)
+    bad_obs = rf.Step(**{**vars(good), "obs": good.obs[:, :3]})
+    with pytest.raises(SpecError, match=r"observation 'obs': expected shape \(3, 4\)"):
+        a.add(actions, bad_obs, {})
+    bad_final = rf.Step(**{**vars(good), "final_obs": good.final_obs.astype(np.int64)})
+    with pytest.raises(SpecError, match="final observation 'obs': expected dtype float32"):
+        a.add(actions, bad_final, {})
+    bad_flag = rf.Step(**{**vars(good), "terminated": good.terminated.astype(np.int8)})
+    with pytest.raises(SpecError, match="step 'terminated'"):
+        a.add(actions, bad_flag, {})
+    with pytest.raises(SpecError, match=r"action 'action': expected shape \(3,\)"):
+        a.add(actions[:2], good, {})
+    a.add(actions, good, {})                  # the good step still goes in
+    a.reset()
+    with pytest.raises(UsageError, match="add_first"):
+        a.add(actions, env.step(actions), {})
+
+
 EXTRAS_SPECS = {"value": rf.ArraySpec((), np.float32), "final_value": rf.ArraySpec((), np.float32),
                 "log_prob": rf.ArraySpec((), np.float32), "state": rf.ArraySpec((2,), np.float32)}
 

@@ -132,6 +132,7 @@ class RowAdder(Adder):
         self._prev_alive: Optional[np.ndarray] = None   # None: every previous row alive
         self._open_rows: Optional[np.ndarray] = None     # bool [num_rows]: has an open transition
         self._prev_full = False       # the previous step had every row, all alive
+        self._fast = None             # (ids, ...): `add`'s short path for steps whose env_ids is ids
         self._full_call = False       # this add call: every row opens, closes and starts, in order
 
     def reset(self) -> None:
@@ -300,6 +301,11 @@ class RowAdder(Adder):
 
     def add(self, actions, step: Step, extras: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
         """Feed one vector step; return the items that are ready (field -> [k, ...], k >= 0)."""
+        fast = self._fast
+        if fast is not None and step.env_ids is fast[0] and self._prev_full and self._started and self._allocated:
+            items = self._fast_add(fast, actions, step, extras)
+            if items is not None:
+                return items
         if not self._started:
             raise UsageError(mismatch("adder", "add", "add_first(step) after a reset before add",
                                       "add without add_first" if self._prev_ids is None else "add after reset()"))
@@ -325,6 +331,13 @@ class RowAdder(Adder):
                 self._prev_ids = ids
                 self._prev_alive = alive
                 self._prev_full = True
+                if (self._fast is None and not ids.flags.writeable and ids.base is None
+                        and len(self.obs_specs) == 1 and "obs" in self.obs_specs and self._plain_action is not None):
+                    # this step's ids array (a vector env's own, read-only: rlflow's reuse one) marks
+                    # the full, in-order steps to come; see _fast_add
+                    leaf = self.obs_specs["obs"]
+                    self._fast = (ids, (len(ids),), (len(ids),) + leaf.shape, leaf.dtype,
+                                  self._plain_action.dtype, (len(ids),) + self._plain_action.shape)
                 return items
         trunc = step.truncated
         done = term | trunc
@@ -345,6 +358,31 @@ class RowAdder(Adder):
         self._prev_alive = alive
         self._prev_full = full and alive is None
         return _concat(out, self._specs)
+
+    def _fast_add(self, fast, actions, step: Step, extras):
+        """`add` of the usual step, checked in few operations: every row in order (the step's
+        env_ids is the read-only ids array a validated full step had), all alive, one plain
+        observation array and one action array of the exact specs, no extras. The same checks
+        as the general path (shapes and dtypes of the flags, the observations and the actions),
+        only fewer calls; returns None where any differs, and `add` takes the general path."""
+        ids, rows, obs_shape, obs_dtype, act_dtype, act_shape = fast
+        obs, final, reward, term = step.obs, step.final_obs, step.reward, step.terminated
+        trunc = step.truncated
+        if (not self._fast_full or extras or step.alive is not None or type(actions) is not np.ndarray
+                or actions.dtype != act_dtype
+                or actions.shape != act_shape or type(obs) is not np.ndarray or obs.shape != obs_shape
+                or type(final) is not np.ndarray or final.shape != obs_shape
+                or (obs.dtype != obs_dtype and obs.dtype.kind != obs_dtype.kind)
+                or (final.dtype != obs_dtype and final.dtype.kind != obs_dtype.kind)
+                or getattr(reward, "shape", None) != rows or getattr(term, "shape", None) != rows
+                or getattr(trunc, "shape", None) != rows or term.dtype != np.bool_ or trunc.dtype != np.bool_):
+            return None
+        self._full_call = True
+        items = self._full_add({"action": actions}, _EMPTY, reward, term, {"obs": obs}, {"obs": final})
+        if items is not None:
+            self._prev_ids = ids
+            self._prev_alive = None
+        return items
 
     def _partial_add(self, prev_ids, prev_alive, act, ext, ids, alive, obs, final, reward, term, trunc, done, out):
         """The row rule of rf.Step for any subset of rows and any alive mask (see the module doc)."""
