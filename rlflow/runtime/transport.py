@@ -215,8 +215,12 @@ class RingWriter:
             whole = k == n                       # the usual case: one slot, whole arrays
             self._acquire()
             s = self._next
-            for name, view in self._views[s]:
-                view[:k] = items[name] if whole else items[name][start:start + k]
+            if whole and k == self.slot_rows:    # whole arrays into whole slots: no slicing (~0.35 us)
+                for name, view in self._views[s]:
+                    view[...] = items[name]
+            else:
+                for name, view in self._views[s]:
+                    view[:k] = items[name] if whole else items[name][start:start + k]
             self._rows[s] = k
             self._next = s + 1 if s + 1 < self.slots else 0
             self._head += 1                      # this writer alone moves the head
