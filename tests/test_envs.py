@@ -174,7 +174,7 @@ def test_envs_made_from_an_id_leave_out_only_the_checking_wrappers():
     n, rng = 4, np.random.default_rng(3)
     with rf.envs.make("CartPole-v1", n, max_episode_steps=9) as venv:
         assert stack(venv.envs[0]) == ["TimeLimit", "OrderEnforcing", "PassiveEnvChecker"]
-        assert all(stack(e) == [] and e.rlflow_time_limit == 9 for e in venv.envs[1:])
+        assert all(stack(e) == [] and e.rlflow_time_limit == 9 == e.spec.max_episode_steps for e in venv.envs[1:])
         refs = [gym.make("CartPole-v1", max_episode_steps=9) for _ in range(n)]
         step = venv.reset(seed=5)
         expected = np.stack([e.reset(seed=5 + i)[0] for i, e in enumerate(refs)])

@@ -94,6 +94,8 @@ class GymMake:
             if native:
                 env = gym.make(dataclasses.replace(spec, **lean), max_episode_steps=-1, **kwargs)
                 env.rlflow_time_limit = limit          # applied by SerialVectorEnv
+                if env.unwrapped.spec is not None:     # the spec says the limit the env runs under
+                    env.unwrapped.spec = dataclasses.replace(env.unwrapped.spec, max_episode_steps=limit)
             else:
                 env = gym.make(dataclasses.replace(spec, **lean), **self.kwargs)
         if self.fast_space:
