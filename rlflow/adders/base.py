@@ -331,7 +331,7 @@ class RowAdder(Adder):
                 self._prev_ids = ids
                 self._prev_alive = alive
                 self._prev_full = True
-                if (self._fast is None and not ids.flags.writeable and ids.base is None
+                if ((self._fast is None or self._fast[0] is not ids) and not ids.flags.writeable and ids.base is None
                         and len(self.obs_specs) == 1 and "obs" in self.obs_specs and self._plain_action is not None):
                     # this step's ids array (a vector env's own, read-only: rlflow's reuse one) marks
                     # the full, in-order steps to come; see _fast_add

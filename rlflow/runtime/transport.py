@@ -215,7 +215,7 @@ class RingWriter:
             whole = k == n                       # the usual case: one slot, whole arrays
             self._acquire()
             s = self._next
-            if whole and k == self.slot_rows:    # whole arrays into whole slots: no slicing (~0.35 us)
+            if whole and k == self.slot_rows:    # whole arrays into whole slots: no slicing (~3 -> ~1.5 us)
                 for name, view in self._views[s]:
                     view[...] = items[name]
             else:
