@@ -261,6 +261,14 @@ def main():
     if len(pools) == 2:
         print(f"    by mode: rlflow best 16-env step / EnvPool sync = {best_sync / pools[0].rate:.2f}; "
               f"rlflow best pool (8 of 16) / EnvPool async (8 of 16) = {best_pool / pools[1].rate:.2f}")
+    if best_ep is not None:
+        # how far the verdict moves within this run: the two figures' rounds, and their ratio round
+        # by round (each round times every backend once, in turn, so a round pairs close-by times)
+        ours = max(cp[:5], key=lambda r: r.rate)
+        per = np.array(ours.rates) / np.array(best_ep.rates)
+        print(f"    spread over the {len(per)} rounds: {ours.name} {min(ours.rates):,.0f}-{max(ours.rates):,.0f}, "
+              f"{best_ep.name} {min(best_ep.rates):,.0f}-{max(best_ep.rates):,.0f} steps/s; their ratio round by "
+              f"round: median {np.median(per):.2f}, {np.mean(per >= 1.0):.0%} of rounds >= 1.0")
     print(f"  CartPole: process / serial, never below 0.9: auto {proc / serial:.2f}, 2 workers "
           f"{cp[2].rate / serial:.2f} (>= 0.9 each; the calibrated split aims at >= 1.1)")
     print(f"  heavy: process(2 workers) / serial = {hproc / hserial:.2f} (>= 1.8)")
