@@ -194,29 +194,32 @@ def test_envs_made_from_an_id_leave_out_only_the_checking_wrappers():
         assert stack(venv.envs[1]) == ["PassiveEnvChecker"] and venv.envs[1].rlflow_time_limit == 500
 
 
-@pytest.mark.parametrize("backend", ["serial", "process"])
+@pytest.mark.parametrize("backend", ["serial", "process", "pool"])
 def test_native_time_limits_truncate_exactly_as_the_time_limit_wrapper(backend):
     """Envs 1..N-1 of an id carry their time limit (no TimeLimit wrapper); the vector env truncates
     them at the same steps as gymnasium's wrapper, through terminations, autoresets and a new
-    reset(seed), with env 0 (wrapped) beside them. Random CartPole episodes last ~10-40 steps: with a
-    limit of 15, truncations and terminations both come often."""
-    n, limit = 7, 15
+    reset(seed), with env 0 (wrapped) beside them, in pool mode too (each env's rows checked as they
+    come back). Random CartPole episodes last ~10-40 steps: with a limit of 15, truncations and
+    terminations both come often."""
+    n, limit = 8, 15
     refs = [gym.make("CartPole-v1", max_episode_steps=limit) for _ in range(n)]
-    kw = {} if backend == "serial" else {"workers": 2}
+    kw = {"serial": {}, "process": {"workers": 2}, "pool": {"workers": 2, "batch_size": 4}}[backend]
     with rf.envs.make("CartPole-v1", n, backend=backend, max_episode_steps=limit, **kw) as venv:
         rng = np.random.default_rng(0)
         counts = np.zeros(2, int)
         for seed in (1, 100):
             step = venv.reset(seed=seed)
             np.testing.assert_array_equal(step.obs, np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(refs)]))
+            sent = {}                       # env id -> the action it was sent (pool: it returns later)
             for _ in range(80):
-                actions = rng.integers(0, 2, n)
+                actions = rng.integers(0, 2, len(step))
+                sent.update(zip(step.env_ids.tolist(), actions.tolist()))
                 step = venv.step(actions)
-                for i, (e, a) in enumerate(zip(refs, actions)):
-                    o, r, te, tr, _ = e.step(a)
-                    assert (step.reward[i], step.terminated[i], step.truncated[i]) == (r, te, tr), (i, seed)
+                for i, env_id in enumerate(step.env_ids.tolist()):
+                    o, r, te, tr, _ = refs[env_id].step(sent.pop(env_id))
+                    assert (step.reward[i], step.terminated[i], step.truncated[i]) == (r, te, tr), (env_id, seed)
                     np.testing.assert_array_equal(step.final_obs[i], o)
-                    np.testing.assert_array_equal(step.obs[i], e.reset()[0] if te or tr else o)
+                    np.testing.assert_array_equal(step.obs[i], refs[env_id].reset()[0] if te or tr else o)
                     counts += (te, tr)
         assert counts.min() > 5, counts
     with rf.envs.make("CartPole-v1", 3, max_episode_steps=-1) as venv:      # -1: no time limit at all
