@@ -227,7 +227,8 @@ def main():
     rows = [("CartPole-v1", r.name, r.rate, serial, peer, peer_name) for r in cp + pools]
     best_sync = max(r.rate for r in cp[:3])          # steps of all 16 envs
     best_pool = max(r.rate for r in cp[3:5])         # steps of 8 of 16 (EnvPool's async mode)
-    best_cp = max(best_sync, best_pool)
+    ours = max(cp[:5], key=lambda r: r.rate)         # rlflow's best backend
+    best_cp = ours.rate
 
     # ---- heavy -----------------------------------------------------------------------------------
     hv = [rlflow_runner("rlflow serial", heavy),
@@ -256,8 +257,11 @@ def main():
     print(f"EnvPool: {ep_note}")
     proc = cp[1].rate
 
+    met = []
+
     def verdict(value, target):          # on the unrounded ratio: 1.798 prints as 1.80 but misses 1.8
-        return f"{value:.3f} ({'MET' if value >= target else 'NOT MET'}: >= {target})"
+        met.append(value >= target)
+        return f"{value:.3f} ({'MET' if met[-1] else 'NOT MET'}: >= {target})"
 
     print("targets:")
     print(f"  CartPole: rlflow best / {peer_name} (its best mode) = {verdict(best_cp / peer, 1.0)}; the ceiling "
@@ -268,7 +272,6 @@ def main():
     if best_ep is not None:
         # how far the verdict moves within this run: the two figures' rounds, and their ratio round
         # by round (each round times every backend once, in turn, so a round pairs close-by times)
-        ours = max(cp[:5], key=lambda r: r.rate)
         per = np.array(ours.rates) / np.array(best_ep.rates)
         print(f"    spread over the {len(per)} rounds: {ours.name} {min(ours.rates):,.0f}-{max(ours.rates):,.0f}, "
               f"{best_ep.name} {min(best_ep.rates):,.0f}-{max(best_ep.rates):,.0f} steps/s; their ratio round by "
@@ -278,9 +281,7 @@ def main():
     print(f"  heavy: process(2 workers) / serial = {verdict(hproc / hserial, 1.8)}")
     print(f"  heavy: process(2 workers) / AsyncVectorEnv = {verdict(hproc / hasync, 1.3)}; ceiling in this run "
           f"(2 x serial) / AsyncVectorEnv = {2 * hserial / hasync:.2f}")
-    checks = [best_cp / peer >= 1.0, proc / serial >= 0.9, cp[2].rate / serial >= 0.9, hproc / hserial >= 1.8,
-              hproc / hasync >= 1.3]
-    print(f"  all targets: {'MET' if all(checks) else 'NOT MET'} ({sum(checks)} of {len(checks)})")
+    print(f"  all targets: {'MET' if all(met) else 'NOT MET'} ({sum(met)} of {len(met)})")
 
 
 if __name__ == "__main__":

@@ -88,17 +88,17 @@ class GymMake:
             if "disable_env_checker" not in self.kwargs:
                 lean["disable_env_checker"] = True
             kwargs = dict(self.kwargs)
-            limit = kwargs.pop("max_episode_steps", None)
+            limit = kwargs.get("max_episode_steps")
             limit = spec.max_episode_steps if limit is None else limit
             native = (isinstance(limit, int) and limit > 0 and not spec.additional_wrappers
                       and "render_mode" not in kwargs)
             if native:
-                env = gym.make(dataclasses.replace(spec, **lean), max_episode_steps=-1, **kwargs)
+                kwargs["max_episode_steps"] = -1      # gymnasium adds no TimeLimit
+            env = gym.make(dataclasses.replace(spec, **lean), **kwargs)
+            if native:
                 env.rlflow_time_limit = limit          # applied by SerialVectorEnv
                 if env.unwrapped.spec is not None:     # the spec says the limit the env runs under
                     env.unwrapped.spec = dataclasses.replace(env.unwrapped.spec, max_episode_steps=limit)
-            else:
-                env = gym.make(dataclasses.replace(spec, **lean), **self.kwargs)
         if self.fast_space:
             fast_discrete(env.unwrapped.action_space)
         return env
