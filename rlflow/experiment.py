@@ -86,6 +86,15 @@ class Experiment:
         if not isinstance(self.adder, Adder):
             raise UsageError(mismatch("Experiment", "adder", "an rf.Adder (e.g. rf.adders.Transition)",
                                       type(self.adder).__name__))
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
+            raise UsageError(mismatch("Experiment", "seed", "an int", repr(self.seed)))
+        if self.param_sync_seconds is not None and (
+                not isinstance(self.param_sync_seconds, (int, float, np.integer, np.floating))
+                or isinstance(self.param_sync_seconds, bool) or not self.param_sync_seconds >= 0):
+            raise UsageError(mismatch("Experiment", "param_sync_seconds", "None or a number of seconds >= 0",
+                                      repr(self.param_sync_seconds)))
+        if self.env_backend not in ("serial", "process"):
+            raise UsageError(mismatch("Experiment", "env_backend", "'serial' or 'process'", repr(self.env_backend)))
         if self.target_return is not None and self.eval_every == 0:
             raise UsageError(mismatch("Experiment", "eval_every", "> 0 when target_return is set", 0))
 
@@ -218,6 +227,13 @@ def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Option
             and experiment.target_return is None:
         raise UsageError("run: give at least one of max_env_steps, max_learner_steps, max_seconds "
                          "or the experiment's target_return, else the run never ends")
+    for name, value in (("max_env_steps", max_env_steps), ("max_learner_steps", max_learner_steps)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+                                  or value < 1):
+            raise UsageError(mismatch("run", name, "None or an int >= 1", repr(value)))
+    if max_seconds is not None and (not isinstance(max_seconds, (int, float, np.integer, np.floating))
+                                    or isinstance(max_seconds, bool) or not max_seconds > 0):
+        raise UsageError(mismatch("run", "max_seconds", "None or a number of seconds > 0", repr(max_seconds)))
     if not isinstance(num_actors, (int, np.integer)) or num_actors < 1:
         raise UsageError(mismatch("run", "num_actors", "an int >= 1", repr(num_actors)))
     allowed = PROCESS_OPTIONS if backend == "process" else ()

@@ -80,7 +80,8 @@ class Logger:
             if self._tb is not None:
                 step = int(row.get(self.step_key, len(self._rows)))
                 for k, v in row.items():
-                    if k != self.step_key:
+                    # NaN (no evaluation yet, no episode ended): no point, not tensorboardX's warning
+                    if k != self.step_key and math.isfinite(v):
                         self._tb.add_scalar(k, v, step)
         now = time.monotonic()
         if self.progress_every is not None and (force or now - self._last_progress >= self.progress_every):

@@ -141,3 +141,22 @@ def test_bad_checkpoint_options_are_refused(tmp_path):
         rf.run(experiment(), max_env_steps=10, progress=False, checkpoint_dir=str(tmp_path), checkpoint_every=0)
     with pytest.raises(UsageError, match="resume"):
         rf.run(experiment(), max_env_steps=10, progress=False, resume=str(tmp_path))
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("process", marks=MP)])
+def test_resuming_a_run_at_its_limit_takes_no_step(tmp_path, backend):
+    """A run resumed with the limit it already reached changes nothing: no env step, no learner
+    step (the process runtime's sampler draws batches ahead: none of them is learned from either),
+    no item; its figures are the checkpoint's counters."""
+    d = str(tmp_path / "ckpt")
+    a = rf.run(experiment(), backend=backend, max_env_steps=1_000, progress=False, checkpoint_dir=d)
+    saved = ckpt.load_run(d)
+    inserts = saved.table.stats()["inserts"]
+    b = rf.run(experiment(), backend=backend, max_env_steps=saved.counters["env_steps"], progress=False,
+               resume=d)
+    assert b.figures["env_steps"] == saved.counters["env_steps"] == a.figures["env_steps"]
+    assert b.learner.steps == saved.counters["learner_steps"] == a.learner.steps
+    assert b.figures["learner_steps"] == a.learner.steps and b.figures["episodes"] == a.figures["episodes"]
+    assert b.table.stats()["inserts"] == inserts and len(b.table) == len(saved.table)
+    c = rf.run(experiment(), backend=backend, max_learner_steps=a.learner.steps, progress=False, resume=d)
+    assert c.learner.steps == a.learner.steps and c.figures["env_steps"] == a.figures["env_steps"]

@@ -158,6 +158,34 @@ def test_pool_mode_worker_killed_mid_step_is_worker_error():
         assert venv.closed and not any(_alive(p) for p in pids)
 
 
+@pytest.mark.parametrize("fault", ["exception", "death"])
+def test_pool_mode_fault_surfaces_while_the_other_worker_keeps_finishing(fault):
+    """Pool mode returns whichever worker finishes first. Worker 1 raises (or is killed) while
+    worker 0 keeps finishing its cheap steps, so the parent never has to block: the fault must
+    still surface within a fraction of a second (an error report is a word as well as a pipe
+    message; a busy worker's pipe is polled once its step is late), not whenever a wait happens
+    to block."""
+    venv = rf.envs.make(Exploding, 4, backend="pool", workers=2, batch_size=2, inline=False)
+    pids = venv.pids
+    step = venv.reset(seed=0)
+    actions = np.array([0, 0, 4 if fault == "exception" else 0, 0])
+    if fault == "death":
+        os.kill(pids[1], signal.SIGKILL)
+    calls, t0 = 0, time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        while time.monotonic() - t0 < 5.0:
+            step = venv.step(actions[:len(step)] if calls else actions)
+            assert set(step.env_ids.tolist()) <= {0, 1} or calls == 0
+            calls += 1
+    elapsed = time.monotonic() - t0
+    assert elapsed < 0.5, f"the fault surfaced after {elapsed:.2f} s and {calls} calls"
+    if fault == "exception":
+        assert "boom from the env" in info.value.remote_traceback and "env 2" in info.value.where
+    else:
+        assert "SIGKILL" in str(info.value)
+    assert venv.closed and not any(_alive(p) for p in pids)
+
+
 def _cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()

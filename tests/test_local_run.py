@@ -1,5 +1,7 @@
 """The local runtime: deterministic for a seed, rate-limited learning, clear errors."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -128,3 +130,50 @@ def test_unknown_backend_options_are_named():
         rf.run(experiment(), backend="local", max_env_steps=10, start_method="fork")
     with pytest.raises(UsageError, match="prefetch_batches"):
         rf.run(experiment(), backend="process", max_env_steps=10, prefetch_batches=2)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"max_env_steps": 0}, "max_env_steps"), ({"max_env_steps": -10}, "max_env_steps"),
+    ({"max_learner_steps": -5}, "max_learner_steps"), ({"max_env_steps": 2.5}, "max_env_steps"),
+    ({"max_seconds": -1}, "max_seconds"), ({"max_seconds": 0}, "max_seconds"),
+    ({"max_seconds": "10"}, "max_seconds")])
+@pytest.mark.parametrize("backend", ["local", "process"])
+def test_bad_limits_are_refused_naming_the_field(backend, kwargs, field):
+    with pytest.raises(UsageError, match=f"'{field}'.*got"):
+        rf.run(experiment(), backend=backend, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("param_sync_seconds", -1.0, ">= 0"), ("param_sync_seconds", "1", ">= 0"),
+    ("env_backend", "bogus", "'serial' or 'process'"), ("seed", "a", "an int"), ("seed", 1.5, "an int")])
+def test_bad_experiment_fields_are_refused_naming_the_field(field, value, expected):
+    exp = experiment()
+    kwargs = {f: getattr(exp, f) for f in ("env", "policy", "learner", "adder", "table")}
+    with pytest.raises(UsageError, match=f"Experiment '{field}': expected .*{expected}.*got"):
+        rf.Experiment(**kwargs, **{field: value})
+
+
+class PullRecordingPolicy(LinearQPolicy):
+    """Appends the time of every parameter set it is given to `log`."""
+
+    log: list = []
+
+    def set_params(self, params):
+        super().set_params(params)
+        PullRecordingPolicy.log.append(time.monotonic())
+
+
+def test_param_sync_seconds_brings_newer_parameters_on_time():
+    """param_sync_steps far beyond the run's learner steps: only the seconds rule can bring the
+    actors new parameters; the learner publishes on time for it, every ~0.1 s."""
+    PullRecordingPolicy.log = []
+    exp = experiment()
+    exp.policy = PullRecordingPolicy
+    exp.param_sync_steps = 10**9
+    exp.param_sync_seconds = 0.1
+    r = rf.run(exp, max_seconds=1.2, progress=False)
+    pulls = PullRecordingPolicy.log
+    assert r.learner.steps > 100
+    assert len(pulls) >= 6, f"{len(pulls)} parameter sets in 1.2 s"
+    gaps = np.diff(pulls[1:])
+    assert np.all(gaps >= 0.1 - 0.01), gaps

@@ -707,3 +707,117 @@ def test_signal_stops_the_run_and_leaves_nothing_behind(tmp_path, sig, env_backe
     segments = [n for n in os.listdir("/dev/shm") if n.startswith("rlflow_")
                 and int(n.split("_")[1]) in family]
     assert segments == [], f"shared memory left behind: {segments}"
+
+
+class PullTimesPolicy(VersionCheckingPolicy):
+    """VersionCheckingPolicy that appends each parameter set's version and time to the file named
+    by $PULL_LOG (one per actor process)."""
+
+    def set_params(self, params):
+        super().set_params(params)
+        with open(f"{os.environ['PULL_LOG']}-{os.getpid()}", "a") as f:
+            f.write(f"{self.last} {time.monotonic()}\n")
+
+
+def test_param_sync_seconds_brings_newer_parameters_on_time(tmp_path, monkeypatch):
+    """param_sync_steps far beyond the run's learner steps: only the seconds rule brings an actor
+    new parameters, every ~0.2 s, each a newer version, never torn."""
+    monkeypatch.setenv("PULL_LOG", str(tmp_path / "pulls"))
+    exp = experiment(policy=PullTimesPolicy, table=minsize_table, param_sync_steps=10**9,
+                     param_sync_seconds=0.2)
+    r = rf.run(exp, backend="process", max_seconds=2.5, progress=False)
+    assert r.learner.steps > 100
+    [log] = list(tmp_path.glob("pulls-*"))
+    rows = np.loadtxt(log, ndmin=2)
+    versions, times = rows[:, 0], rows[:, 1]
+    assert len(versions) >= 5, rows
+    assert np.all(np.diff(versions) > 0)
+    assert np.all(np.diff(times[1:]) >= 0.2 - 0.02), np.diff(times)
+
+
+def test_no_named_semaphore_is_left_after_a_run_ends_or_fails():
+    """Under "spawn" every multiprocessing semaphore has a /dev/shm name (sem.mp-*) for as long as
+    the object lives; a run unlinks its own when it ends, and when it fails (while its exception,
+    which holds the run's frames, is still alive)."""
+    def ours():
+        return {n for n in os.listdir("/dev/shm") if n.startswith("sem.mp-")}
+
+    before = ours()
+    rf.run(experiment(), backend="process", num_actors=2, max_learner_steps=50, progress=False)
+    assert ours() - before == set()
+    with pytest.raises(WorkerError) as info:
+        rf.run(experiment(policy=RaisingPolicy), backend="process", max_env_steps=10_000, progress=False)
+    assert info.value is not None and ours() - before == set()
+
+
+def test_the_last_row_counts_what_the_final_figures_count(tmp_path):
+    """Stopped by max_seconds, the actors step on until they see the stop: the last figures row
+    (history and CSV) is written once they stopped, so it counts what result.figures counts; what
+    they published by then went into the table (a MinSize table takes all of it)."""
+    r = rf.run(experiment(table=minsize_table), backend="process", num_actors=2, max_seconds=1.5,
+               progress=False, log_dir=str(tmp_path))
+    last = r.history[-1]
+    for k in ("env_steps", "learner_steps", "episodes"):
+        assert last[k] == r.figures[k], k
+    import csv
+    with open(tmp_path / "figures.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[-1]["env_steps"]) == r.figures["env_steps"]
+    assert r.figures["items_in_flight"] == 0
+    assert r.table.stats()["inserts"] == r.figures["actor_items"]
+
+
+LOST_SIGNAL_SCRIPT = textwrap.dedent("""
+    import ctypes, os, signal, sys
+    import numpy as np
+    import rlflow as rf
+
+    class Policy(rf.Policy):
+        def __init__(self, spec):
+            self.n = int(spec.action_space.n)
+        def act(self, obs):
+            return np.random.randint(self.n, size=len(obs))
+
+    def signal_in_a_callback():
+        # the handler's exception is raised inside the callback, where Python prints and drops it
+        # (as when numba loads its compiled kernels at start-up)
+        def callback():
+            os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+            for _ in range(100_000):
+                pass
+        ctypes.CFUNCTYPE(None)(callback)()
+
+    class Learner(rf.Learner):
+        def __init__(self, spec):
+            signal_in_a_callback()
+            print("LEARNER BUILT", flush=True)
+        def step(self, batch):
+            return {}
+
+    def table(specs):
+        return rf.Table(capacity=1000, rate_limiter=rf.rate_limiters.MinSize(10), specs=specs)
+
+    if __name__ == "__main__":
+        exp = rf.Experiment(env="CartPole-v1", policy=Policy, learner=Learner,
+                            adder=rf.adders.Transition(discount=0.99), table=table, num_envs=2)
+        rf.run(exp, backend="process", num_actors=1, max_seconds=60, progress=False)
+        print("RUN COMPLETED", flush=True)
+""")
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 128 + signal.SIGTERM), ("SIGINT", None)])
+def test_a_signal_whose_exception_was_dropped_still_stops_the_run(tmp_path, sig, code):
+    """A signal that arrives while the learner's process is inside a ctypes callback (numba's
+    kernel loading at start-up) raises where Python drops the exception; the run must still stop
+    within seconds, not run on to max_seconds."""
+    script = tmp_path / "lost.py"
+    script.write_text(LOST_SIGNAL_SCRIPT)
+    t = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script), sig], capture_output=True, text=True, timeout=50)
+    assert time.monotonic() - t < 30
+    assert "LEARNER BUILT" in proc.stdout and "RUN COMPLETED" not in proc.stdout, proc.stdout + proc.stderr
+    assert "ctypes callback" in proc.stderr            # the exception was dropped there
+    if code is not None:
+        assert proc.returncode == code, proc.stderr[-2000:]
+    else:
+        assert "KeyboardInterrupt" in proc.stderr and proc.returncode != 0, proc.stderr[-2000:]

@@ -17,22 +17,27 @@ from rlflow.logging import Logger
 
 class LearnerDriver:
     """Samples from the table, steps the learner, writes back priorities, publishes parameters
-    every `experiment.param_sync_steps` learner steps."""
+    every `publish_every` learner steps (the experiment's param_sync_steps) and, with
+    `publish_seconds` (its param_sync_seconds), also once that many seconds have passed since the
+    last publication: the actors' time-based pulls then find a newer version."""
 
     def __init__(self, learner: Learner, table, batch_size: int, store, publish_every: int,
-                 sampler=None):
+                 sampler=None, publish_seconds: Optional[float] = None):
         self.learner = learner
         self.table = table
         self.batch_size = batch_size
         self.store = store
         self.publish_every = publish_every
+        self.publish_seconds = publish_seconds
         self.sample = sampler or (lambda: table.sample(batch_size))
         self.steps = 0
         self.last_metrics: dict = {}
+        self._published_at = -math.inf
 
     def publish(self) -> None:
         if self.store is not None:
             self.store.publish(self.learner.get_params(), self.steps)
+            self._published_at = time.monotonic()
 
     def step(self, sample=None) -> dict:
         """One learner step on `sample` (a batch drawn elsewhere, e.g. by a prefetching thread),
@@ -50,7 +55,9 @@ class LearnerDriver:
             self.table.update_priorities(sample.keys, priorities)
         self.steps += 1
         self.last_metrics = metrics
-        if self.steps % self.publish_every == 0:
+        if self.steps % self.publish_every == 0 or (
+                self.publish_seconds is not None
+                and time.monotonic() - self._published_at >= self.publish_seconds):
             self.publish()
         return metrics
 

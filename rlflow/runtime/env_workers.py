@@ -175,6 +175,7 @@ _MSG = {v: k for k, v in _CODE.items()}
 # 1.08x, 2 workers 1.11x and 1.15x. A blocked waiter also wakes every _INSURANCE_MS and re-reads
 # its word, so not even a lost bell could hang it.
 _MARGIN_NS = 20_000
+STRAGGLER_NS = 2_000_000         # pool mode: a busy worker's pipe is polled once its step took this long
 _INSURANCE_MS = 200
 _NO_SEED = np.iinfo(np.int64).min
 _CONTROL = ("seed", "slice", "down", "up")          # shared arrays beside the rows
@@ -447,6 +448,7 @@ class ProcessVectorEnv(VectorEnv):
             raise
         self._ids_of = [np.arange(r0, r1, dtype=np.int64) for r0, r1 in self._row_bounds]
         self._busy: set[int] = set()     # stepping, result not read
+        self._sent_ns = [0] * workers    # pool mode: when each worker's last step was sent
         self._ready: deque[int] = deque()  # result read, rows not yet returned (pool mode)
         self._last: list[int] = list(range(len(self._env_bounds)))   # slices the last Step returned
         self._local_pending = False      # pool mode: the inline slice holds actions not yet stepped
@@ -485,8 +487,10 @@ class ProcessVectorEnv(VectorEnv):
         up, seq = self._up_words, self._seq[w]
         if up[w, 0] == seq:              # the common case: done while this process stepped its slice
             return True
-        return not _await_word(lambda: up[w, 0] == seq, self._pollers[w], self._up_bell_fds,
-                               time.monotonic_ns() + self._spin_ns)
+        # -seq: the worker reported an error on its pipe (read it now, not after the spin)
+        pipes = _await_word(lambda: up[w, 0] == seq or up[w, 0] == -seq, self._pollers[w],
+                            self._up_bell_fds, time.monotonic_ns() + self._spin_ns)
+        return not pipes and up[w, 0] == seq
 
     def _recv(self, w):
         if _BELLS:
@@ -581,6 +585,7 @@ class ProcessVectorEnv(VectorEnv):
             else:
                 self._send(w, _STEP)
                 self._busy.add(w)
+                self._sent_ns[w] = time.monotonic_ns()
         need = self.batch_size // (self._env_bounds[0][1] - self._env_bounds[0][0])
         if self._local_pending:
             self._collect(block=False)     # workers that finished while the caller acted come first
@@ -625,11 +630,17 @@ class ProcessVectorEnv(VectorEnv):
                     self._ready.append(w)
 
     def _collect_words(self, block: bool):
+        """Pool mode with words: collect the busy workers whose up word is their command's seq.
+        A worker whose word is -seq has reported an error on its pipe: it is read (and raised)
+        at once. A worker that died posts nothing: while others keep finishing, this process
+        would block (and see its pipe's end-of-file) only by chance, so the pipes are polled,
+        without blocking, whenever a busy worker has not finished STRAGGLER_NS after its
+        command."""
         up, seq = self._up_words, self._seq
         done = []
 
         def finished():
-            done[:] = [w for w in sorted(self._busy) if up[w, 0] == seq[w]]
+            done[:] = [w for w in sorted(self._busy) if up[w, 0] == seq[w] or up[w, 0] == -seq[w]]
             return bool(done)
 
         if not finished() and block:
@@ -639,8 +650,17 @@ class ProcessVectorEnv(VectorEnv):
                 if self._up_fds[w] in pipes:
                     self._read_pipe(w)
         for w in done:
+            if up[w, 0] != seq[w]:
+                self._read_pipe(w)               # raises the worker's error
             self._busy.discard(w)
             self._ready.append(w)
+        if self._busy:
+            late = time.monotonic_ns() - STRAGGLER_NS
+            if any(self._sent_ns[w] < late for w in self._busy):
+                readable = {fd for fd, _ in self._any_up.poll(0)}
+                for w in sorted(self._busy):
+                    if self._up_fds[w] in readable:
+                        self._read_pipe(w)       # an error report or end-of-file: raises
 
     def _run_local(self, fn, arg):
         try:
@@ -725,8 +745,11 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
             up.send_bytes(payload)
         except OSError:
             pass
+        if up_words is not None:        # the report is on the pipe: -seq tells a waiter to read it
+            up_words[0] = -seq
 
     seq = 1                      # the attach reply's; the parent's first command is 2
+    up_words = None
     spin_ns = int(spin * 1e9)
     deadline = 0                 # monotonic ns until which this worker spins before it blocks
 

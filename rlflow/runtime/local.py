@@ -56,7 +56,8 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
             table = build_table(exp, spec, lambda: extras_specs_of(policy, spec, first))
         else:
             table = resumed.table
-        driver = LearnerDriver(learner, table, exp.batch_size, store, exp.param_sync_steps)
+        driver = LearnerDriver(learner, table, exp.batch_size, store, exp.param_sync_steps,
+                              publish_seconds=exp.param_sync_seconds)
         resumes = ckpt.resume_local(resumed, learner, actor, driver)   # counters go on from the checkpoint
         driver.publish()                      # version 0: the actors start from the learner's params
         actor.update_params()
@@ -88,17 +89,20 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
             ckpt.restore_rng(resumed.rng, actor.rng)
         table.warm_up()                       # compiled kernels load now, not on the run's clock
         t0 = time.monotonic()
+        # a resumed run may begin at its limits: then it takes no step, and the loop writes its row
+        at_limit = limits.reached(actor.env_steps, driver.steps, 0.0)
         while True:
-            actor.step()
-            if free_running:
-                if table.can_sample(exp.batch_size):
-                    learn_once()
-            else:
-                while table.can_sample(exp.batch_size):
-                    learn_once()
-                    if max_learner_steps is not None and driver.steps >= max_learner_steps:
-                        break
-            actor.update_params()
+            if not at_limit:
+                actor.step()
+                if free_running:
+                    if table.can_sample(exp.batch_size):
+                        learn_once()
+                else:
+                    while table.can_sample(exp.batch_size):
+                        learn_once()
+                        if max_learner_steps is not None and driver.steps >= max_learner_steps:
+                            break
+                actor.update_params()
             elapsed = time.monotonic() - t0
             evaluated = False
             if evaluator is not None and actor.env_steps >= next_eval:

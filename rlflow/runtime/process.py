@@ -55,7 +55,12 @@ long (a GPU learner, large batches): choose them with receiver="thread", prefetc
   (policy, env, adder) stops the run with `rlflow.errors.WorkerError` carrying its traceback; the
   learner's exceptions propagate as they are. Ctrl-C (SIGINT) and SIGTERM stop the run within
   seconds: actors are asked to stop, then terminated, then killed; every shared-memory segment
-  ("/dev/shm/rlflow_*") is unlinked. Actors ignore SIGINT (the terminal sends it to the whole
+  ("/dev/shm/rlflow_*") is unlinked, and so are the names of the run's semaphores ("sem.mp-*",
+  which "spawn" would otherwise keep until they are garbage-collected). A signal whose exception
+  was dropped (raised inside a ctypes callback, as numba's kernel loading runs at start-up) is
+  raised again at the run loop's next turn. At the end of a run the actors are stopped before the
+  last row of figures is written, and what they had published goes into the table as far as its
+  rate limiter admits (`items_in_flight` in the final figures counts the rest). Actors ignore SIGINT (the terminal sends it to the whole
   process group; this process does the stopping) and die with this process (PR_SET_PDEATHSIG).
 * Start method: "spawn" by default. Fork after torch's (or any) threads have started can deadlock,
   and this process runs threads (receivers, sampler) by the time actors restart; spawn is safe
@@ -109,7 +114,7 @@ from rlflow.runtime import checkpoint as ckpt
 from rlflow.runtime.children import die_with_parent
 from rlflow.runtime.common import Evaluator, Figures, LearnerDriver, Limits, make_logger, scalar_metrics
 from rlflow.runtime.params import SharedParamStore
-from rlflow.runtime.shm import SharedArrays
+from rlflow.runtime.shm import SharedArrays, unlink_semaphore
 from rlflow.runtime.threads import child_threads
 from rlflow.runtime.transport import Receiver, Ring, RingWriter, slot_bytes
 from rlflow.sync import ParamClient
@@ -417,8 +422,10 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
                       slot_rows, actor_threads)
     old_handlers = _install_signal_handlers()
     try:
-        return run.run(max_env_steps, max_learner_steps, max_seconds, log_dir, progress, progress_every,
-                       checkpoint_dir, checkpoint_every, resume)
+        result = run.run(max_env_steps, max_learner_steps, max_seconds, log_dir, progress, progress_every,
+                         checkpoint_dir, checkpoint_every, resume)
+        _check_signals()                 # a signal lost while the run finished still stops the process
+        return result
     finally:
         _ignore_signals()                # a second Ctrl-C must not interrupt the clean-up
         try:
@@ -427,10 +434,36 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
             _restore_signal_handlers(old_handlers)
 
 
+_signalled: list = []            # SIGINT / SIGTERM received by this run's process, newest last
+
+
+def _on_signal(signum, frame):
+    _signalled.append(signum)
+    _raise_for(signum)
+
+
+def _raise_for(signum):
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+def _check_signals():
+    """Raise for a SIGINT / SIGTERM whose exception was lost where the handler raised it: inside a
+    ctypes callback (numba loading its compiled kernels at start-up) Python prints such an
+    exception and drops it, and the run would go on. Called where the run loops and waits."""
+    if _signalled:
+        _raise_for(_signalled.pop())
+
+
 def _install_signal_handlers():
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, _sigterm_exit), signal.getsignal(signal.SIGINT)
+    _signalled.clear()
+    old_int = signal.getsignal(signal.SIGINT)
+    if old_int is signal.default_int_handler:     # a handler of the caller's own stays in place
+        signal.signal(signal.SIGINT, _on_signal)
+    return signal.signal(signal.SIGTERM, _on_signal), old_int
 
 
 def _ignore_signals():
@@ -535,11 +568,15 @@ class _ProcessRun:
         _track(self.control)
         stats = self.control.arrays["stats"]
         stats[:] = 0
-        self.control.arrays["control"][ENV_LIMIT] = -1 if max_env_steps is None else int(max_env_steps)
         # The actors start now (process start-up, imports, envs, policies) while the learner is built
         # here; each gets the param store through a pipe once it exists.
         bases = ckpt.actor_bases(resumed, K)
         base_env_steps = sum(int(b["env_steps"]) for b in bases)
+        env_limit = -1 if max_env_steps is None else int(max_env_steps)
+        if (resumed is not None and max_learner_steps is not None
+                and int(resumed.counters["learner_steps"]) >= max_learner_steps):
+            env_limit = base_env_steps       # resumed at its learner-step limit: the actors take no step
+        self.control.arrays["control"][ENV_LIMIT] = env_limit
         next_eval = (base_env_steps // exp.eval_every + 1) * exp.eval_every if exp.eval_every else None
         self.control.arrays["control"][EVAL_AT] = -1 if next_eval is None else next_eval
         for h, b in zip(self.actors, bases):
@@ -549,8 +586,10 @@ class _ProcessRun:
         # Compiled kernels (numba: ~0.25 s on its first call in a process) load now, while the
         # actors start, and not at the first sample inside the run's clock.
         table.warm_up()
+        _check_signals()
         learner = build(exp.learner, Learner, spec)
         self.learner = learner
+        _check_signals()
         base_learner_steps = 0
         if resumed is not None:
             learner.load_state_dict(resumed.learner_state)
@@ -558,7 +597,8 @@ class _ProcessRun:
             base_learner_steps = int(resumed.counters["learner_steps"])
         self.store = store = SharedParamStore(learner.get_params())
         _track(store._block)
-        driver = LearnerDriver(learner, table, exp.batch_size, store, exp.param_sync_steps)
+        driver = LearnerDriver(learner, table, exp.batch_size, store, exp.param_sync_steps,
+                              publish_seconds=exp.param_sync_seconds)
         driver.steps = base_learner_steps
         driver.publish()                 # the actors start from the learner's parameters
         for h in self.actors:
@@ -589,9 +629,13 @@ class _ProcessRun:
         t0 = self._wait_for_an_actor()   # the run's clock starts when the first actor starts acting
         figures = Figures(t0, base_env_steps, driver.steps)
         next_check = 0.0
+        # a resumed run may begin at its limits: then it takes no step, and the loop writes its row
+        at_limit = limits.reached(base_env_steps, driver.steps, 0.0)
         while True:
-            sample = self._ready_batch(batches)
-            if sample is None:
+            if _signalled:
+                _check_signals()
+            sample = None if at_limit else self._ready_batch(batches)
+            if sample is None and not at_limit:
                 w = time.monotonic()
                 try:
                     sample = batches.get(timeout=0.05)
@@ -626,6 +670,8 @@ class _ProcessRun:
             if stop and solved_at is None and self.inline_sampler is not None:
                 while self.inline_sampler.ahead:     # every batch drawn is learned from
                     driver.step(self.inline_sampler.ahead.popleft())
+            if stop:
+                env_steps = self._wind_down()
             if evaluated or stop or figures.due(progress_every):
                 row = figures.row(env_steps, driver.steps, table, int(stats[:, EPISODES].sum()),
                                   self._mean_return(), {"eval_return": eval_return, **self._live(),
@@ -650,6 +696,16 @@ class _ProcessRun:
         return RunResult(learner=learner, table=table, figures=final, history=history,
                          evals=list(self.evaluator.results) if self.evaluator else [], solved_at=solved_at,
                          solved_time=solved_time)
+
+    def _wind_down(self) -> int:
+        """At the run's end: stop the actors, then move what they published into the table, as
+        far as its rate limiter admits (receiver="inline"; receiver threads insert on their own
+        until stopped). Returns the env steps then: the last row and the final figures count the
+        same steps (with max_seconds the actors step on until they see the stop)."""
+        self._stop_actors()
+        if self.inline:
+            self._pump()
+        return int(self.control.arrays["stats"][:, ENV_STEPS].sum())
 
     def _catch_up(self, batches, driver, stats) -> int:
         """Before an evaluation (rate-limited tables): the items the actors published so far go
@@ -713,6 +769,7 @@ class _ProcessRun:
         while True:
             if self.errors:
                 raise self.errors[0]
+            _check_signals()
             self._supervise()
             ready = stats[:, READY] > 0
             if ready.any():
@@ -870,6 +927,7 @@ class _ProcessRun:
                 self.evaluator.close()
             if self.logger is not None:
                 self.logger.close()
+            unlink_semaphore(self.wake)       # no actor starts any more: its name can go
 
 
 def _track(block):

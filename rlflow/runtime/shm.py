@@ -140,3 +140,27 @@ def _unlink_named(name):
             os.unlink("/dev/shm" + name)
     except FileNotFoundError:
         pass
+
+
+def unlink_semaphore(sem) -> None:
+    """Remove the /dev/shm name ("sem.mp-...") of a multiprocessing Semaphore or Lock now.
+
+    Under the "spawn" and "forkserver" start methods a semaphore keeps its name for as long as
+    the object lives, so that children can open it by name; multiprocessing unlinks it only when
+    the object is garbage-collected (a run's objects sit in reference cycles, and an exception's
+    traceback keeps them alive) or at interpreter exit. Call this once no process will open it
+    again: it runs multiprocessing's own finalizer for it (unlink, and unregister from the
+    resource tracker) at once, so nothing is left to do at collection. Open handles stay valid.
+    A semaphore made under "fork" has no name: nothing to do."""
+    if sem is None or getattr(getattr(sem, "_semlock", None), "name", None) is None:
+        return
+    from multiprocessing import util
+
+    for fin in list(getattr(util, "_finalizer_registry", {}).values()):
+        ref = getattr(fin, "_weakref", None)
+        if ref is not None and ref() is sem:
+            try:
+                fin()
+            except OSError:  # pragma: no cover - already unlinked
+                pass
+            return

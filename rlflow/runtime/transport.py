@@ -32,7 +32,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from rlflow.errors import ClosedError, SpecError, Timeout, UsageError, mismatch
-from rlflow.runtime.shm import SharedArrays
+from rlflow.runtime.shm import SharedArrays, unlink_semaphore
 from rlflow.specs import ArraySpec
 
 _HEAD, _TAIL = 0, 1          # counters: slots published (writer), slots consumed (reader)
@@ -82,7 +82,11 @@ class Ring:
         self.block.unlink()
 
     def close(self) -> None:
+        """Free the block, and the semaphores' names (the writer, whether it started or not, opens
+        them no more: a restarted actor gets a new ring)."""
         self.block.close()
+        unlink_semaphore(self.free)
+        unlink_semaphore(self.full)
 
 
 class RingReader:

@@ -1,0 +1,53 @@
+"""Run figures: CSV rows as written, TensorBoard scalars (tensorboardX) without NaN points."""
+
+import csv
+import math
+import struct
+
+import pytest
+
+from rlflow.logging import Logger
+
+
+def test_csv_keeps_every_row_and_nan_stays_nan(tmp_path):
+    log = Logger(str(tmp_path), progress_every=None, tensorboard=False)
+    log.write({"env_steps": 10, "episode_return": math.nan, "loss": 1.5})
+    log.write({"env_steps": 20, "episode_return": 3.0, "loss": 0.5, "eval_return": 7.0})
+    log.close()
+    with open(tmp_path / "figures.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["env_steps"]) for r in rows] == [10.0, 20.0]
+    assert math.isnan(float(rows[0]["episode_return"])) and float(rows[1]["eval_return"]) == 7.0
+
+
+def test_tensorboard_gets_the_finite_figures_only(tmp_path, capsys):
+    """A figure that is NaN (no evaluation yet, no episode ended) is no point on a TensorBoard
+    curve: it is left out, and tensorboardX has nothing to warn about."""
+    pytest.importorskip("tensorboardX")
+    log = Logger(str(tmp_path), progress_every=None)
+    for i in range(3):
+        log.write({"env_steps": 100 * (i + 1), "eval_return": math.nan if i < 2 else 9.0, "loss": float(i)})
+    log.close()
+    out = capsys.readouterr()
+    assert "NaN" not in out.out + out.err
+    points = _scalars(tmp_path)
+    assert points["loss"] == [(100, 0.0), (200, 1.0), (300, 2.0)]
+    assert points["eval_return"] == [(300, 9.0)]
+
+
+def _scalars(directory):
+    """tag -> [(step, value)] of the TensorBoard event files in `directory` (TFRecord framing:
+    length, its CRC, an Event proto, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            n = struct.unpack("<Q", data[pos:pos + 8])[0]
+            event = Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
