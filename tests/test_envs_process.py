@@ -96,6 +96,8 @@ def test_process_rejects_bad_actions_and_arguments():
         rf.envs.make("CartPole-v1", 4, backend="pool")
     with pytest.raises(UsageError, match="batch_size"):
         rf.envs.make("CartPole-v1", 4, backend="pool", workers=2, batch_size=3)
+    with pytest.raises(UsageError, match="'batch_size'.*backend='pool' returns batches, got 2"):
+        rf.envs.make("CartPole-v1", 4, backend="process", workers=2, batch_size=2)
     with pytest.raises(UsageError, match="workers"):
         rf.envs.make("CartPole-v1", 4, backend="process", workers=5)
     with pytest.raises(UsageError, match="workers"):

@@ -265,6 +265,12 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         if not given:
             _close(probe)
         raise UsageError(mismatch("argument", "batch_size", "an int < num_envs with backend='pool'", None))
+    if backend == "process" and batch_size is not None and batch_size != num_envs:
+        if not given:
+            _close(probe)
+        raise UsageError(mismatch("argument", "batch_size", f"None (or num_envs = {num_envs}) with "
+                                  "backend='process', whose steps return every env; backend='pool' "
+                                  "returns batches", repr(batch_size)))
     cpus = min(os.cpu_count() or 1, num_envs)
     sync = batch_size is None or batch_size == num_envs
     cheap_only = False
