@@ -6,6 +6,7 @@
     ├── ClosedError        the component was closed
     ├── Timeout            a blocking call ran past its deadline (also a TimeoutError)
     └── WorkerError        user code failed in another process or thread; carries its traceback
+        └── WorkerDied     a worker process died (killed or exited) instead
 
 Messages name the field, the expected and the actual value: use `mismatch` to build them.
 """
@@ -52,6 +53,11 @@ class WorkerError(RLFlowError):
 
     def __reduce__(self):  # keep the fields when the error crosses a process boundary
         return (_rebuild_worker_error, (self.__class__, self.args[0], self.remote_traceback, self.where))
+
+
+class WorkerDied(WorkerError):
+    """A worker process died (killed, or exited) rather than raised: the process runtime restarts
+    an actor whose env worker died, as it restarts an actor that died itself."""
 
 
 def _rebuild_worker_error(cls, text, remote_traceback, where):

@@ -821,3 +821,46 @@ def test_a_signal_whose_exception_was_dropped_still_stops_the_run(tmp_path, sig,
         assert proc.returncode == code, proc.stderr[-2000:]
     else:
         assert "KeyboardInterrupt" in proc.stderr and proc.returncode != 0, proc.stderr[-2000:]
+
+
+class KillEnvWorkerPolicy(RandomPolicy):
+    """SIGKILLs one env worker of its own actor process after 200 acts, once per marker file."""
+
+    def __init__(self, spec, marker):
+        super().__init__(spec)
+        self.marker, self.calls = marker, 0
+
+    def act(self, obs):
+        self.calls += 1
+        if self.calls == 200 and KillSelfPolicy._claim_marker(self):
+            me = str(os.getpid())
+            for pid in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        if pid.isdigit() and f.read().rsplit(")", 1)[1].split()[1] == me:
+                            os.kill(int(pid), signal.SIGKILL)      # a child: an env worker
+                            break
+                except OSError:
+                    continue
+        return super().act(obs)
+
+
+class KillEnvWorkerFactory:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __call__(self, spec):
+        return KillEnvWorkerPolicy(spec, self.marker)
+
+
+@pytest.mark.slow
+def test_an_actor_whose_env_worker_died_is_restarted_and_the_run_completes(tmp_path):
+    """A process-backed vector env inside an actor: one of its env workers is SIGKILLed. That is
+    a process fault, not the env's code raising: the actor dies with it and is restarted."""
+    marker = str(tmp_path / "killed-once")
+    exp = experiment(policy=KillEnvWorkerFactory(marker), table=minsize_table, num_envs=2,
+                     env_backend="process", env_workers=2)
+    r = rf.run(exp, backend="process", num_actors=1, max_env_steps=3_000, progress=False)
+    assert os.path.exists(marker)
+    assert r.figures["actor_restarts"] == 1
+    assert r.figures["env_steps"] >= 3_000

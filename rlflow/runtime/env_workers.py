@@ -138,7 +138,7 @@ from collections import deque
 import numpy as np
 
 from rlflow.envs.vector import Layout, ObsBuffer, VectorEnv
-from rlflow.errors import UsageError, WorkerError, mismatch
+from rlflow.errors import UsageError, WorkerDied, WorkerError, mismatch
 from rlflow.runtime.children import batch_scheduling, die_with_parent, pin as pin_to, usable_cpus
 from rlflow.runtime.shm import SharedArrays
 from rlflow.runtime.threads import child_threads
@@ -526,7 +526,7 @@ class ProcessVectorEnv(VectorEnv):
         code, pid = p.exitcode, p.pid
         e0, e1 = self._env_bounds[w]
         self.close()
-        raise WorkerError(f"the worker process {what} (exit code {code}"
+        raise WorkerDied(f"the worker process {what} (exit code {code}"
                           f"{', signal ' + signal.Signals(-code).name if code and code < 0 else ''})",
                           "", f"env worker {w} (envs {e0}..{e1 - 1}, pid {pid})")
 

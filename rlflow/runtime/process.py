@@ -48,7 +48,8 @@ long (a GPU learner, large batches): choose them with receiver="thread", prefetc
   side, would otherwise be short by up to the ring and the error buffer).
 * The table's rate limiter counts a batch when it is drawn, so samples per insert hold as in the
   local runtime, prefetching or not; with `max_learner_steps` no batch is drawn past the limit.
-* Faults. An actor process that dies without an exception (killed, out of memory) is restarted,
+* Faults. An actor process that dies without an exception (killed, out of memory; or one of its
+  env workers did, with env_backend="process": the actor then exits and counts as dead) is restarted,
   up to `max_restarts` times per actor: the new one continues its counters (env steps, so no second
   warm-up), starts fresh episodes with a new seed, and pulls the latest parameters; what the dead
   one had published is inserted, nothing else is lost. An exception in user code on the actor side
@@ -107,7 +108,7 @@ import numpy as np
 from rlflow.actor import Actor
 from rlflow.adders.base import RowAdder
 from rlflow.core import Learner, Policy, Sample
-from rlflow.errors import ClosedError, Timeout, UsageError, WorkerError, mismatch
+from rlflow.errors import ClosedError, Timeout, UsageError, WorkerDied, WorkerError, mismatch
 from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
@@ -233,6 +234,14 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
                 blocked = row[BLOCKED] = writer.blocked_seconds
     except ClosedError:
         pass                                             # the run is stopping
+    except WorkerDied as exc:
+        # an env worker of this actor died (not the env's code raising): this actor dies too, and
+        # is restarted like one that was killed itself
+        try:
+            conn.send(("died", str(exc).splitlines()[0]))
+        except Exception:
+            pass
+        sys.exit(3)
     except BaseException as exc:                         # noqa: BLE001 - forwarded to the parent
         if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
             try:
@@ -796,6 +805,8 @@ class _ProcessRun:
                 raise WorkerError(message[1], message[2], where)
             code = p.exitcode
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            if message is not None and message[0] == "died":
+                how = f"its vector env's {message[1]}"
             if code >= 0 and stats[h.index, READY] != h.incarnation + 1:
                 # it never started acting: a restart would fail the same way (see its stderr)
                 raise WorkerError(f"the actor process exited ({how}) before it started acting; its "
