@@ -378,6 +378,36 @@ def test_item_specs_match_items(make_adder, dict_obs):
         assert got[k].shape[1:] == s.shape and got[k].dtype == s.dtype, (k, got[k].shape, s)
 
 
+@pytest.mark.parametrize("make_adder", [lambda: adders.Transition(0.9), lambda: adders.NStepTransition(2, 0.9),
+                                        lambda: adders.NStepTransition(3, 0.9)])
+@pytest.mark.parametrize("subset", [False, True])
+def test_items_keep_the_spec_dtypes_when_the_env_gives_wider_ones(make_adder, subset):
+    """An env whose observations are float64 under a float32 spec (accepted: same kind): next_obs
+    is cast to the spec like obs, on every path (all rows, pool-mode subsets, n > 1)."""
+    from gymnasium import spaces
+
+    spec = rf.EnvSpec.from_spaces(spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2), 3)
+
+    def step(t, ids=(0, 1, 2), done=()):
+        o = np.full((len(ids), 3), t, np.float64)
+        return rf.Step(obs=o, reward=np.ones(len(ids)), terminated=np.isin(ids, done),
+                       truncated=np.zeros(len(ids), bool), final_obs=o, env_ids=np.array(ids, np.int64))
+
+    a = make_adder()
+    specs = a.item_specs(spec)
+    a.add_first(step(0))
+    emitted, prev = 0, (0, 1, 2)
+    for t in range(1, 7):
+        ids = (0, 2) if subset and t % 2 else (0, 1, 2)
+        # actions belong to the previous step's rows
+        items = a.add(np.zeros(len(prev), np.int64), step(t, ids, done=(2,) if t == 4 else ()))
+        prev = ids
+        for k, s in specs.items():
+            assert items[k].dtype == s.dtype, (k, items[k].dtype, s.dtype)
+        emitted += len(items["reward"])
+    assert emitted > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # errors
 # ------------------------------------------------------------------------------------------------
@@ -413,6 +443,24 @@ def test_errors_name_the_field(make_adder):
     a.reset()
     with pytest.raises(UsageError, match="add_first"):
         a.add(actions, nxt2, extras)
+
+
+@pytest.mark.parametrize("make_adder", ALL_ADDERS)
+def test_repeated_env_ids_are_refused(make_adder):
+    """A step that names one env twice (a hand-made Step; rlflow's envs never do) is an error naming
+    env_ids, not two items of one stream."""
+    env = FakeVectorEnv(3, seed=0)
+    policy = FakePolicy(env.spec, seed=0)
+    a = make_adder()
+    step = env.reset()
+    a.add_first(step)
+    actions, extras = policy.act_step(step)
+    nxt = env.step(actions)
+    twice = rf.Step(obs=nxt.obs[[1, 1]], reward=nxt.reward[[1, 1]], terminated=nxt.terminated[[1, 1]],
+                    truncated=nxt.truncated[[1, 1]], final_obs=nxt.final_obs[[1, 1]],
+                    env_ids=np.array([1, 1]))
+    with pytest.raises(SpecError, match=r"step 'env_ids': expected distinct ids.*got \[1, 1\]"):
+        a.add(actions, twice, extras)        # the actions of the previous (full) step's rows
 
 
 def test_declared_specs_are_enforced():

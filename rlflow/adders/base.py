@@ -184,6 +184,11 @@ class RowAdder(Adder):
             if not full and n and (ids.min() < 0 or ids.max() >= self.num_rows):
                 raise SpecError(mismatch("step", "env_ids", f"ids in [0, {self.num_rows})",
                                          f"min {ids.min()}, max {ids.max()}"))
+            if not full and n > 1:
+                counts = np.bincount(ids, minlength=self.num_rows)
+                if counts.max() > 1:
+                    raise SpecError(mismatch("step", "env_ids", "distinct ids (one row per env)",
+                                             f"{ids.tolist()} (repeated: {np.flatnonzero(counts > 1).tolist()})"))
         shape = (n,)
         for name in ("reward", "terminated", "truncated"):
             a = getattr(step, name)

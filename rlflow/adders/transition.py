@@ -182,7 +182,7 @@ class NStepTransition(RowAdder):
                     out["reward"] = self._ret[:, s].astype(np.float32)
                     out["discount"] = self._disc_n.copy()
                     for k, a in final_obs.items():
-                        out["next_" + k] = a.copy()
+                        out["next_" + k] = np.array(a, dtype=self.obs_specs[k].dtype)
                     out.update({k: b[:, s].copy() for k, b in self._ext.items()})
                     col[:] = False
                     return out
@@ -220,8 +220,8 @@ class NStepTransition(RowAdder):
         if np.count_nonzero(terminated):
             disc[terminated[ci]] = 0.0
         out["discount"] = disc
-        for k, a in final_obs.items():
-            out["next_" + k] = a[ci]
+        for k, a in final_obs.items():               # in the spec's dtype, as obs (the env's may differ)
+            out["next_" + k] = a[ci].astype(self.obs_specs[k].dtype, copy=False)
         out.update({k: b[r, slot] for k, b in self._ext.items()})
         return out
 
