@@ -35,7 +35,9 @@ class ArraySpec:
         """Return `array` if it has `batch_ndim` leading axes then this spec's shape and dtype.
 
         Raises SpecError naming the field, the expected and the actual shape or dtype. Python
-        scalars and lists are accepted when they convert to the exact dtype without loss of kind.
+        scalars and lists are accepted when they convert to the exact dtype without loss of kind;
+        an array of a narrower dtype of the same kind (int64 for int32, float64 for float32) when
+        its values fit: one that would wrap or overflow to inf raises SpecError.
         """
         a = np.asarray(array)
         if a.shape[batch_ndim:] != self.shape or a.ndim != batch_ndim + len(self.shape):
@@ -44,7 +46,25 @@ class ArraySpec:
         if a.dtype != self.dtype:
             if not np.can_cast(a.dtype, self.dtype, casting="same_kind") or a.dtype.kind != self.dtype.kind:
                 raise SpecError(mismatch(what, field, f"dtype {self.dtype}", f"dtype {a.dtype}"))
+            if a.size and not np.can_cast(a.dtype, self.dtype, casting="safe"):
+                self._check_narrowing(a, field, what)
         return a
+
+    def _check_narrowing(self, a: np.ndarray, field: str, what: str) -> None:
+        """A narrower dtype of the same kind takes the values only if they fit: an int out of the
+        spec's range would wrap, a finite float beyond its range would become inf."""
+        if self.dtype.kind in "iu":
+            info = np.iinfo(self.dtype)
+            lo, hi = a.min(), a.max()
+            if lo < info.min or hi > info.max:
+                raise SpecError(mismatch(what, field, f"dtype {self.dtype} (values in [{info.min}, {info.max}])",
+                                         f"dtype {a.dtype} with values in [{lo}, {hi}]"))
+        elif self.dtype.kind == "f":
+            big = np.abs(a[np.isfinite(a)])
+            limit = np.finfo(self.dtype).max
+            if big.size and big.max() > limit:
+                raise SpecError(mismatch(what, field, f"dtype {self.dtype} (finite values up to {limit:.4g})",
+                                         f"dtype {a.dtype} with a finite value of {big.max():.4g}"))
 
     def __repr__(self):
         return f"ArraySpec(shape={self.shape}, dtype={self.dtype.name})"

@@ -205,6 +205,8 @@ BAD_ITEMS = [
     ("reward", lambda b: b.pop("reward"), "missing"),
     ("extra", lambda b: b.update(extra=np.zeros(2)), "unknown"),
     ("action", lambda b: b.update(action=np.int64(3)), "shape"),
+    # a narrower dtype of the same kind is taken only if its values fit (here a float32 overflow)
+    ("reward", lambda b: b.update(reward=np.full(len(b["reward"]), 1e300)), "finite value of 1e+300"),
 ]
 
 
@@ -222,6 +224,26 @@ def test_bad_batches_name_the_field_and_change_nothing(field, mutate, what, n):
         t.insert(b)
     assert f"'{field}'" in str(e.value) and what in str(e.value)
     assert same(before, snapshot(t))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("sampler", [selectors.Uniform, selectors.Fifo, lambda: selectors.Prioritized(0.6)])
+def test_ints_that_would_wrap_are_refused_and_change_nothing(tmp_path, n, sampler):
+    """int64 values for an int32 field: taken when they fit (stored exactly), refused naming the
+    field when they would wrap, with the table as it was (a full table evicts nothing)."""
+    t = Table(2, sampler=sampler(), remover=selectors.Fifo(), specs={"a": ArraySpec((), np.int32)})
+    t.insert({"a": np.array([7, -7], np.int64)})
+    def stored():                                  # the live items' values, through a checkpoint
+        t.save(tmp_path / "ck")
+        return sorted(np.load(tmp_path / "ck" / "field_0.npy").tolist())
+
+    assert stored() == [-7, 7]
+    before = snapshot(t)
+    with pytest.raises(SpecError, match=r"field 'a': expected dtype int32 \(values in .*got dtype int64"):
+        t.insert({"a": np.array([2 ** 33] * n, np.int64)})
+    assert same(before, snapshot(t))
+    t.insert({"a": np.array([2 ** 31 - 1] * n, np.int64)})
+    assert stored() == ([-7, 2 ** 31 - 1] if n == 1 else [2 ** 31 - 1] * 2)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, -1.0])
@@ -484,6 +506,45 @@ def test_checkpoint_replaces_atomically(tmp_path, monkeypatch):
     assert len(Table.load(tmp_path / "ck")) == 5
     with pytest.raises(UsageError):
         Table.load(tmp_path / "nothing")
+
+
+def test_saves_that_died_between_their_renames_never_hide_the_newest_checkpoint(tmp_path, monkeypatch):
+    """A save moves the old checkpoint aside, then renames the new one in. Dying between the two
+    leaves only the moved-aside copy: load takes it (the newest, if several), and the next good save
+    removes every such copy."""
+    from rlflow.replay import checkpoint
+
+    real = os.replace
+
+    def die_between_renames():
+        calls = []
+
+        def replace(a, b):
+            calls.append(a)
+            if len(calls) == 2:
+                raise KeyboardInterrupt("killed between the renames")
+            return real(a, b)
+        monkeypatch.setattr(checkpoint.os, "replace", replace)
+
+    t = Table(16)
+    t.insert(batch(3))
+    d = tmp_path / "ck"
+    t.save(d)
+    die_between_renames()
+    with pytest.raises(KeyboardInterrupt):
+        t.save(d)
+    monkeypatch.undo()
+    assert len(Table.load(d)) == 3
+    t.insert(batch(2, 3))
+    t.save(d)
+    assert sorted(os.listdir(tmp_path)) == ["ck"]      # the moved-aside copy is gone
+    t.insert(batch(4, 5))
+    t.save(d)                                          # 9 items
+    die_between_renames()
+    with pytest.raises(KeyboardInterrupt):
+        t.save(d)
+    monkeypatch.undo()
+    assert len(Table.load(d)) == 9
 
 
 def test_empty_table_checkpoint(tmp_path):

@@ -106,12 +106,15 @@ def save(table, directory) -> None:
             old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex}")
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # the new checkpoint is in place: the one it replaced goes, and so does any left by a save
+    # that died between its two renames (`load` falls back to those only while no target exists)
+    for stale in glob.glob(os.path.join(parent, f".{base}.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _fsync_dir_files(d):
@@ -161,11 +164,12 @@ def load(cls, directory):
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.exists(os.path.join(directory, "table.json")):
         parent, base = os.path.split(directory)
-        olds = glob.glob(os.path.join(parent, f".{base}.old-*"))  # a save died between its renames
-        if len(olds) == 1 and os.path.exists(os.path.join(olds[0], "table.json")):
-            directory = olds[0]
-        else:
+        # a save died between its renames: the checkpoint it moved aside is the newest good one
+        olds = [d for d in glob.glob(os.path.join(parent, f".{base}.old-*"))
+                if os.path.exists(os.path.join(d, "table.json"))]
+        if not olds:
             raise UsageError(f"no table checkpoint in {directory!r} (table.json is missing)")
+        directory = max(olds, key=lambda d: os.path.getmtime(os.path.join(d, "table.json")))
     with open(os.path.join(directory, "table.json")) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
