@@ -179,11 +179,14 @@ def build_table(experiment: Experiment, env_spec, extras_specs):
     `extras_specs` may be a zero-argument callable, called only when a factory needs it."""
     from rlflow.replay import Table
 
-    if isinstance(experiment.table, Table):
+    if isinstance(experiment.table, Table) and experiment.table.specs is not None:
         return experiment.table
     if callable(extras_specs):
         extras_specs = extras_specs()
     item_specs = experiment.adder.item_specs(env_spec, extras_specs)
+    if isinstance(experiment.table, Table):       # made without specs: the adder's, up front
+        experiment.table.declare_specs(item_specs)
+        return experiment.table
     return build(experiment.table, Table, item_specs)
 
 

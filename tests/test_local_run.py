@@ -177,3 +177,24 @@ def test_param_sync_seconds_brings_newer_parameters_on_time():
     assert len(pulls) >= 6, f"{len(pulls)} parameter sets in 1.2 s"
     gaps = np.diff(pulls[1:])
     assert np.all(gaps >= 0.1 - 0.01), gaps
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("process", marks=pytest.mark.multiprocess)])
+def test_a_table_given_as_an_object_without_specs_runs(backend):
+    """Experiment.table may be a Table (not a factory) made without specs, as README's taste makes
+    one: the runtime declares the adder's item specs on it and warms it up before the clock starts."""
+    exp = experiment()
+    exp.table = rf.Table(capacity=5_000, sampler=rf.selectors.Uniform(), remover=rf.selectors.Fifo(),
+                         rate_limiter=rf.rate_limiters.MinSize(64))
+    r = rf.run(exp, backend=backend, max_env_steps=600, progress=False)
+    assert r.table is exp.table and len(r.table) > 0 and r.learner.steps > 0
+    assert set(r.table.specs) == {"obs", "action", "reward", "discount", "next_obs"}
+
+
+def test_local_rows_count_from_the_run_clock(tmp_path):
+    """The last row (what figures.csv holds) and the final figures agree on the clock: wall time and
+    rates count from when the actor starts acting, not from before the table's warm-up."""
+    r = rf.run(experiment(), max_env_steps=2_000, progress=False, log_dir=str(tmp_path))
+    last = r.history[-1]
+    assert abs(last["wall_time"] - r.figures["wall_time"]) < 0.05
+    assert last["env_steps"] == r.figures["env_steps"]

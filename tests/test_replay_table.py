@@ -2,6 +2,7 @@
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -721,3 +722,38 @@ def test_warm_up_compiles_the_kernels_and_changes_nothing(sampler, numba_gather,
     import sys
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("op", ["sample", "insert"])
+def test_a_wait_no_other_thread_could_end_is_an_error_not_a_hang(op):
+    """Without a timeout, a sample from an empty table (or an insert into a full queue) waits for
+    another thread; with no other thread in the process it would wait forever: a UsageError that
+    says why, at once. With a thread that inserts, the same call waits and goes ahead."""
+    t = Table.queue(2)
+    if op == "insert":
+        t.insert(batch(2))
+    t0 = time.monotonic()
+    with pytest.raises(UsageError, match="no other thread.*pass timeout="):
+        t.sample(1) if op == "sample" else t.insert(batch(1))
+    assert time.monotonic() - t0 < 1.0
+    assert len(t) == (2 if op == "insert" else 0)
+    other = threading.Timer(0.2, (lambda: t.insert(batch(1))) if op == "sample" else (lambda: t.sample(1)))
+    other.start()
+    if op == "sample":
+        assert len(t.sample(1)) == 1
+    else:
+        t.insert(batch(1))
+    other.join()
+
+
+def test_warm_up_before_the_specs_are_known_and_declared_specs():
+    t = Table(100, sampler=selectors.Prioritized(0.6), remover=selectors.Fifo())
+    t.warm_up()                              # no specs yet: the selectors' kernels only
+    t.declare_specs(SPECS)
+    assert t.specs == SPECS
+    t.warm_up()
+    t.insert(batch(3))
+    with pytest.raises(SpecError, match="'obs'"):
+        t.insert({**batch(1), "obs": np.zeros((1, 3), np.float32)})
+    t.declare_specs({"other": ArraySpec((), np.float32)})    # a table with specs keeps them
+    assert t.specs == SPECS

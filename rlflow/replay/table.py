@@ -592,6 +592,13 @@ def fast_insert(items):
                 if self._closed:
                     raise ClosedError("the table was closed while waiting")
                 if timeout is None:
+                    if threading.active_count() == 1:
+                        # only another thread of this process could insert, sample or close
+                        # (a table is never shared across processes): without one this wait
+                        # would never end
+                        raise UsageError(f"{why()}, and no other thread of this process is running "
+                                         "to change that: waiting without a timeout would never end "
+                                         "(pass timeout= to wait for another thread)")
                     self._cond.wait()
                 else:
                     left = deadline - time.monotonic()
@@ -665,6 +672,15 @@ def fast_insert(items):
                 raise SpecError(mismatch("field", k, "an array with a leading batch axis",
                                          f"shape {a.shape} dtype {a.dtype}"))
             specs[k] = ArraySpec(a.shape[1:], a.dtype)
+        with self._lock:
+            if self._cols is None:
+                self._allocate(specs)
+
+    def declare_specs(self, specs) -> None:
+        """Give a table made without `specs` its item specs (field -> ArraySpec) before its first
+        insert, so its storage and kernels can be ready up front (the runtimes do this with the
+        adder's item specs for a Table given as an object). A table that has specs keeps them."""
+        specs = {k: v if isinstance(v, ArraySpec) else ArraySpec(*v) for k, v in dict(specs).items()}
         with self._lock:
             if self._cols is None:
                 self._allocate(specs)
@@ -1033,7 +1049,7 @@ def fast_insert(items):
         their first call: numba's first call in a process takes ~0.25 s (loading its cache). The
         runtimes call this during start-up (the process runtime while the actor processes start),
         so a run's clock never counts it. Does nothing without numba; changes no state."""
-        g = self._gather_rows
+        g = getattr(self, "_gather_rows", None)    # none before the specs are known
         if g is not None:   # an empty gather: compiles (or loads) the kernel for this row layout
             g[0](g[1], g[2], np.empty(0, dtype=_I64), np.empty(0, dtype=g[3]), g[4], g[5], g[6])
         for sel in (self.sampler, self.remover):

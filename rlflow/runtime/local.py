@@ -81,7 +81,6 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
         actor.sink = insert
         free_running = getattr(table.rate_limiter, "samples_per_insert", None) is None
         limits = Limits(max_env_steps, max_learner_steps, max_seconds)
-        figures = Figures()
         history, solved_at, solved_time, eval_return = [], None, None, float("nan")
         next_eval = (actor.env_steps // exp.eval_every + 1) * exp.eval_every if exp.eval_every else 0
         next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every if checkpoint_every else None
@@ -89,6 +88,7 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
             ckpt.restore_rng(resumed.rng, actor.rng)
         table.warm_up()                       # compiled kernels load now, not on the run's clock
         t0 = time.monotonic()
+        figures = Figures(t0, actor.env_steps, driver.steps)   # rates count this run's steps only
         # a resumed run may begin at its limits: then it takes no step, and the loop writes its row
         at_limit = limits.reached(actor.env_steps, driver.steps, 0.0)
         while True:
