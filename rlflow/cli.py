@@ -14,6 +14,7 @@ Every option maps to the `rf.run` argument of the same name.
 from __future__ import annotations
 
 import argparse
+import inspect
 import importlib
 import os
 import sys
@@ -53,6 +54,13 @@ def load_experiment(target: str):
         raise UsageError(mismatch("rlflow run", "TARGET", f"a name defined in {where}", repr(name)))
     obj = getattr(module, name)
     if not isinstance(obj, Experiment) and callable(obj):
+        try:
+            inspect.signature(obj).bind()
+        except TypeError:
+            raise UsageError(mismatch("rlflow run", "TARGET", "an rf.Experiment or a callable that takes "
+                                      "no arguments", f"{name}{inspect.signature(obj)} in {where}")) from None
+        except ValueError:       # no signature to read (some builtins): the call says
+            pass
         obj = obj()
     if not isinstance(obj, Experiment):
         raise UsageError(mismatch("rlflow run", "TARGET", "an rf.Experiment or a callable returning one",

@@ -237,6 +237,8 @@ def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Option
     if max_seconds is not None and (not isinstance(max_seconds, (int, float, np.integer, np.floating))
                                     or isinstance(max_seconds, bool) or not max_seconds > 0):
         raise UsageError(mismatch("run", "max_seconds", "None or a number of seconds > 0", repr(max_seconds)))
+    if not isinstance(max_restarts, (int, np.integer)) or isinstance(max_restarts, bool) or max_restarts < 0:
+        raise UsageError(mismatch("run", "max_restarts", "an int >= 0", repr(max_restarts)))
     if not isinstance(num_actors, (int, np.integer)) or num_actors < 1:
         raise UsageError(mismatch("run", "num_actors", "an int >= 1", repr(num_actors)))
     allowed = PROCESS_OPTIONS if backend == "process" else ()

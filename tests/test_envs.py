@@ -1,5 +1,7 @@
 """Serial vector env: the one stepping implementation, checked against single envs stepped by hand."""
 
+import re
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -269,3 +271,51 @@ def test_lean_envs_check_actions_fast_and_the_same():
             venv.envs[1].step(np.int64(2))
     with rf.envs.make("Pendulum-v1", 2) as venv:               # other spaces are left alone
         assert type(venv.envs[1].unwrapped.action_space) is spaces.Box
+
+
+class WrongShape(gym.Env):
+    """A Box(4) env whose observations have the shape `shape` from env index `bad` on."""
+
+    observation_space = spaces.Box(-1e9, 1e9, (4,), np.float32)
+    action_space = spaces.MultiBinary(3)
+
+    def __init__(self, shape=(4,), at="step", keep=None):
+        self.shape, self.at, self.keep = shape, at, keep
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.full(self.shape if self.at == "reset" else (4,), 7, np.float32), {}
+
+    def step(self, action):
+        if self.keep is not None:
+            self.keep.append(action)
+        return np.full(self.shape, 7, np.float32), 0.0, False, False, {}
+
+
+@pytest.mark.parametrize("shape", [(1,), (), (3,), (1, 4)])
+@pytest.mark.parametrize("at", ["reset", "step"])
+@pytest.mark.parametrize("which", ["all", "one"])
+def test_observations_of_the_wrong_shape_are_an_error_never_broadcast(shape, at, which):
+    fns = [(lambda s=shape: WrongShape(s, at)) if which == "all" or i == 2 else WrongShape for i in range(4)]
+    from rlflow.envs.vector import SerialVectorEnv
+
+    venv = SerialVectorEnv(fns)
+    bad = 0 if which == "all" else 2
+    with pytest.raises(SpecError, match=rf"env 'obs': expected shape \(4,\).*got shape {re.escape(str(shape))} "
+                                        rf"from row {bad}") as info:
+        venv.reset(seed=0)
+        venv.step(np.zeros((4, 3), np.int8))
+    assert getattr(info.value, "rlflow_env_index", None) == bad
+    venv.close()
+
+
+def test_int_actions_that_would_wrap_in_a_narrower_dtype_are_refused():
+    kept = []
+    with rf.envs.make(lambda: WrongShape(keep=kept), 1) as venv:
+        venv.reset(seed=0)
+        venv.step(np.array([[1, 0, 1]], np.int64))                # fits int8: cast
+        assert kept[-1].dtype == np.int8 and kept[-1].tolist() == [1, 0, 1]
+        with pytest.raises(SpecError, match=r"argument 'actions': expected dtype int8 \(values in "
+                                            r"\[-128, 127\]\), got int64 values in \[0, 257\]"):
+            venv.step(np.array([[1, 0, 257]], np.int64))
+        assert len(kept) == 1

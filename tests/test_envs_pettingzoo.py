@@ -244,3 +244,81 @@ def test_through_an_adder_into_a_table(fn, backend):
             assert (data["reward"][~terminal] == 0).all()
         else:
             assert (data["discount"] == 0.5).all()   # MPE only truncates: always bootstrap
+
+
+@pytest.mark.parametrize("backend", ["serial", pytest.param("process", marks=pytest.mark.multiprocess)])
+def test_multi_agent_episode_length_counts_the_agents_actions(backend):
+    """Agent k of Dying acts k + 1 times an episode, in every episode: an agent that left early is
+    alive again at the autoreset step, which is no action of the new episode (as after reset())."""
+    kw = {} if backend == "serial" else {"workers": 1, "inline": False}
+    with rf.envs.make(Dying, 2, backend=backend, **kw) as venv:
+        venv.reset(seed=0)
+        ended = []
+        for _ in range(9):                  # three episodes
+            s = venv.step(np.zeros(6, np.int64))
+            for r in np.flatnonzero(s.done):
+                ended.append((r % 3, int(s.info["episode_length"][r])))
+        assert ended == [(0, 1), (0, 1), (1, 2), (1, 2), (2, 3), (2, 3)] * 3
+
+
+def test_aec_episode_length_counts_each_players_moves():
+    """Tic-tac-toe: each player's episode_length at the end is the number of its moves (the player
+    who moves second is alive from the first step on, but has not acted then)."""
+    rng = np.random.default_rng(0)
+    with rf.envs.make(ttt, 1) as venv:
+        s = venv.reset(seed=0)
+        moves = {0: 0, 1: 0}
+        checked = 0
+        for _ in range(60):
+            acting = np.flatnonzero(s.alive)
+            s = venv.step(legal_actions(s, rng))
+            for r in acting:
+                moves[int(r)] += 1
+            for r in np.flatnonzero(s.done):
+                assert s.info["episode_length"][r] == moves[int(r)], (r, moves)
+                checked += 1
+            if s.done.any():
+                moves = {0: 0, 1: 0}
+        assert checked >= 4
+
+
+class KeepsActions(ParallelEnv):
+    """2 agents with Box(2) actions, applied only at the end of the episode (as MPE applies all
+    agents' actions once each acted): an env may keep the action arrays it is given."""
+
+    metadata = {"name": "keeps_v0"}
+    possible_agents = ["a", "b"]
+
+    def observation_space(self, agent):
+        return spaces.Box(-1e9, 1e9, (2,), np.float32)
+
+    def action_space(self, agent):
+        return spaces.Box(-10, 10, (2,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        self.agents, self.kept, self.t = list(self.possible_agents), [], 0
+        return {g: np.zeros(2, np.float32) for g in self.agents}, {g: {} for g in self.agents}
+
+    def step(self, actions):
+        self.t += 1
+        self.kept.append(actions["a"])                  # kept, not copied
+        obs = {g: np.array(sum(self.kept), np.float32) for g in actions}
+        end = self.t >= 3
+        if end:
+            self.agents = []
+        return (obs, {g: 0.0 for g in actions}, {g: end for g in actions}, {g: False for g in actions},
+                {g: {} for g in actions})
+
+
+@pytest.mark.parametrize("backend", ["serial", pytest.param("process", marks=pytest.mark.multiprocess)])
+def test_an_env_that_keeps_its_actions_sees_them_unchanged(backend):
+    """The actions array is the caller's (or a worker's shared block, rewritten every step): each
+    env gets its own copy, so an action it kept is the one it was given."""
+    kw = {} if backend == "serial" else {"workers": 1, "inline": False}
+    with rf.envs.make(KeepsActions, 2, backend=backend, **kw) as venv:
+        venv.reset(seed=0)
+        buf = np.zeros((4, 2), np.float32)          # one buffer, rewritten between steps
+        for t in range(1, 4):
+            buf[:] = t
+            s = venv.step(buf)
+        np.testing.assert_array_equal(s.final_obs[0], [6, 6])      # 1 + 2 + 3, not 3 + 3 + 3

@@ -98,7 +98,9 @@ class _AgentBatched(_InPlace):
             self._mask[~self._alive] = 0        # rows that do not act next have no legal action
 
     def _actions_list(self, actions):
-        return actions.tolist() if self._scalar_actions else actions
+        # array actions: rows of a copy (an env may keep its action, e.g. MPE applies them once
+        # every agent acted; the given array is the caller's, or a worker's shared block)
+        return actions.tolist() if self._scalar_actions else actions.copy()
 
     def _seed(self, seed, e):
         return None if seed is None else seed + self.seed_offset + e

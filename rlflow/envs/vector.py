@@ -137,24 +137,51 @@ class ObsBuffer:
         self.arrays = [arrays["/".join([prefix, *map(str, p)])] for p, _ in layout.obs_leaves]
         self.flat = self.paths == [()]
         self.space = layout.observation_space
+        self.shapes = [a.shape[1:] for a in self.arrays]
 
     def write(self, i, value):
+        """Row i's observation; one of another shape raises SpecError (numpy would broadcast it)."""
         if self.flat:
+            if getattr(value, "shape", None) != self.shapes[0]:
+                self.check(value, i)
             self.arrays[0][i] = value
             return
-        for path, arr in zip(self.paths, self.arrays):
+        for path, arr, shape in zip(self.paths, self.arrays, self.shapes):
             v = value
             for key in path:
                 v = v[key]
+            if getattr(v, "shape", None) != shape:
+                self.check(v, i, path)
             arr[i] = v
 
     def write_all(self, values: Sequence):
-        """Rows 0..len(values)-1 at once (a list of per-env observations)."""
+        """Rows 0..len(values)-1 at once (a list of per-env observations). Only the first one's
+        shape is read on the way (one attribute): numpy refuses a mix of shapes, and a wrong shape
+        common to all of them is the first one's; either raises SpecError naming the row."""
         if self.flat:
-            self.arrays[0][: len(values)] = values
+            if getattr(values[0], "shape", None) != self.shapes[0]:
+                self.check(values[0], 0)
+            try:
+                self.arrays[0][: len(values)] = values
+            except ValueError:
+                for i, v in enumerate(values):
+                    self.check(v, i)
+                raise
             return
         for i, v in enumerate(values):
             self.write(i, v)
+
+    def check(self, value, row: int, path=()) -> None:
+        """SpecError unless `value` (row `row`'s observation leaf at `path`) has the leaf's shape;
+        a Python number or list of that shape is fine."""
+        k = self.paths.index(tuple(path)) if path else 0
+        shape = np.shape(value)
+        if shape != self.shapes[k]:
+            leaf = "obs" + "".join(f"[{p!r}]" for p in path)
+            err = SpecError(mismatch("env", leaf, f"shape {self.shapes[k]} (the observation space's)",
+                                     f"shape {shape} from row {row}"))
+            err.rlflow_env_row = row
+            raise err
 
     def copy_to(self, other: "ObsBuffer"):
         for a, b in zip(self.arrays, other.arrays):
@@ -195,8 +222,9 @@ class VectorEnv:
 
     `Step.info` holds two per-row arrays: `episode_return` (float32) and `episode_length` (int64), the
     totals of the row's episode so far including this step; where `step.done`, the totals of the
-    episode that just ended. For multi-agent rows, the length counts steps where the row was alive or
-    done.
+    episode that just ended. For multi-agent rows, the length counts the agent's actions: the steps
+    that followed a Step in which the row was alive (so an agent that left early, or the AEC player
+    that moves second, counts only the moves it made).
     """
 
     num_envs: int
@@ -215,6 +243,7 @@ class VectorEnv:
         self._expected_rows = self.num_envs
         self._ret = np.zeros(self.num_envs, np.float64)
         self._len = np.zeros(self.num_envs, np.int64)
+        self._acted = np.zeros(self.num_envs, bool)     # multi-agent: rows alive in the last Step
         act = layout.action_spec
         self._act_shape = act.shape
         self._act_dtype = act.dtype
@@ -279,6 +308,13 @@ class VectorEnv:
                     a.dtype.kind in "iub" and self._act_dtype.kind in "iu"):
                 raise SpecError(mismatch("argument", "actions", f"dtype {self._act_dtype}",
                                          f"dtype {a.dtype}"))
+            if (self._act_dtype.kind in "iu" and a.dtype.kind in "iu" and a.size
+                    and not np.can_cast(a.dtype, self._act_dtype, casting="safe")):
+                info = np.iinfo(self._act_dtype)          # a narrower int type: values must fit
+                lo, hi = a.min(), a.max()
+                if lo < info.min or hi > info.max:
+                    raise SpecError(mismatch("argument", "actions", f"dtype {self._act_dtype} (values in "
+                                             f"[{info.min}, {info.max}])", f"{a.dtype} values in [{lo}, {hi}]"))
             a = a.astype(self._act_dtype)
         return a
 
@@ -298,18 +334,22 @@ class VectorEnv:
         mask = take(arrays["action_mask"]) if "action_mask" in arrays else None
         done = terminated | truncated
         # episode statistics, vectorized over the rows
+        # a multi-agent row's length counts its agent's actions: the steps after a Step in which
+        # the row was alive (its agent acted in this one), whenever its episode began or ended
         if index is None:
             ids = self._all_ids
             ret, length = self._ret, self._len
             ret += reward
-            length += 1 if alive is None else (alive | done)
+            length += 1 if alive is None else self._acted
             info = {"episode_return": ret.astype(np.float32), "episode_length": length.copy()}
         else:
             ret = self._ret[ids] + reward
-            length = self._len[ids] + (1 if alive is None else (alive | done))
+            length = self._len[ids] + (1 if alive is None else self._acted[ids])
             info = {"episode_return": ret.astype(np.float32), "episode_length": length}
             self._ret[ids] = ret
             self._len[ids] = length
+        if alive is not None:
+            self._acted[ids] = alive
         if np.count_nonzero(done):
             ended = ids[done]
             self._ret[ended] = 0.0
@@ -459,7 +499,6 @@ class SerialVectorEnv(_InPlace):
         return Layout(env.observation_space, env.action_space)
 
     def _setup(self):
-        self._obs_flat = self._obs.arrays[0] if self._obs.flat else None
         limits = [getattr(e, "rlflow_time_limit", None) for e in self.envs]
         self._limit = None
         if any(lim is not None for lim in limits):
@@ -491,7 +530,7 @@ class SerialVectorEnv(_InPlace):
         except Exception as exc:
             note_env_index(exc, off + len(first))
             raise
-        self._obs.write_all(first)
+        self._write_all(first)
         self._obs.copy_to(self._final)
         a = self.arrays
         a["reward"][:] = 0
@@ -501,8 +540,18 @@ class SerialVectorEnv(_InPlace):
             self._began = [self._t] * len(self._began)
             self._deadline = self._t + int(self._limit.min())
 
+    def _write_all(self, obs_l) -> None:
+        try:
+            self._obs.write_all(obs_l)
+        except SpecError as exc:       # an observation of the wrong shape: name its env
+            note_env_index(exc, self.seed_offset + getattr(exc, "rlflow_env_row", 0))
+            raise
+
     def step_rows(self, actions: np.ndarray) -> None:
-        acts = list(actions)          # numpy scalars: gymnasium checks them ~10% faster than ints
+        # numpy scalars: gymnasium checks them ~10% faster than ints. Array actions (Box,
+        # MultiDiscrete...) are rows of a copy: an env may keep its action, and the array given
+        # here is the caller's (or, in a worker, the shared block that the next step rewrites).
+        acts = list(actions) if actions.ndim == 1 else list(actions.copy())
         results = []
         try:
             for env, act in zip(self.envs, acts):
@@ -512,10 +561,7 @@ class SerialVectorEnv(_InPlace):
             raise
         obs_l, rew_l, term_l, trunc_l, _ = zip(*results)
         a = self.arrays
-        if self._obs_flat is not None:
-            self._obs_flat[:] = obs_l
-        else:
-            self._obs.write_all(obs_l)
+        self._write_all(obs_l)
         a["reward"][:] = rew_l
         term = a["terminated"]
         trunc = a["truncated"]

@@ -144,10 +144,23 @@ def _sequence(directory) -> int:
     return 0
 
 
-def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int = KEEP) -> str:
-    """Write one checkpoint into `directory` atomically; returns its path."""
+def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int = KEEP,
+             supersede: bool = False) -> str:
+    """Write one checkpoint into `directory` atomically; returns its path. `supersede` (a run's
+    final checkpoint): the newest one before it goes once this one is in place if it was taken at
+    the same learner step (a periodic checkpoint the run ended on), so the `keep` kept are
+    distinct steps."""
     directory = os.path.abspath(os.fspath(directory))
     os.makedirs(directory, exist_ok=True)
+    previous = None
+    if supersede:
+        try:
+            previous = find(directory)
+            with open(os.path.join(previous, "run.json")) as f:
+                if json.load(f)["counters"]["learner_steps"] != counters["learner_steps"]:
+                    previous = None
+        except (UsageError, OSError, KeyError, ValueError):
+            previous = None
     seq = _sequence(directory) + 1
     name = f"ckpt-{seq:06d}"
     tmp = os.path.join(directory, f".tmp-{name}-{uuid.uuid4().hex}")
@@ -175,6 +188,8 @@ def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int 
         f.flush()
         os.fsync(f.fileno())
     os.replace(pointer, os.path.join(directory, LATEST))
+    if previous is not None and os.path.abspath(previous) != final:
+        shutil.rmtree(previous, ignore_errors=True)
     _prune(directory, keep, name)
     return final
 
@@ -224,7 +239,8 @@ def actor_bases(state: Optional[RunState], num_actors: int) -> list[dict]:
     per = c.get("actors") or []
     if len(per) == num_actors:
         return [dict(zero, **{k: v for k, v in p.items() if k in zero}) for p in per]
-    out[0].update(env_steps=int(c["env_steps"]), episodes=int(c["episodes"]))
+    out[0].update(env_steps=int(c["env_steps"]), episodes=int(c["episodes"]),
+                  items=sum(int(p.get("items", 0)) for p in per))
     return out
 
 
@@ -248,10 +264,11 @@ def resume_local(state: Optional[RunState], learner, actor, driver) -> int:
     return int(c["resumes"]) + 1
 
 
-def save_local(directory, learner, table, actor, driver, store, resumes: int) -> str:
+def save_local(directory, learner, table, actor, driver, store, resumes: int, final: bool = False) -> str:
     counters = {"env_steps": int(actor.env_steps), "learner_steps": int(driver.steps),
                 "episodes": int(actor.stats.episodes), "param_version": int(store.latest_version()),
                 "resumes": int(resumes),
                 "actors": [{"env_steps": int(actor.env_steps), "episodes": int(actor.stats.episodes),
                             "items": int(actor.items_added), "rng_state": None}]}
-    return save_run(directory, learner=learner, table=table, counters=counters, rng=capture_rng(actor.rng))
+    return save_run(directory, learner=learner, table=table, counters=counters, rng=capture_rng(actor.rng),
+                    supersede=final)

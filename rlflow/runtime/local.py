@@ -129,7 +129,7 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
             if stop:
                 break
         if checkpoint_dir is not None:
-            ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes)
+            ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes, final=True)
         final = dict(history[-1]) if history else {}
         final["wall_time"] = time.monotonic() - t0
         final["startup_seconds"] = t0 - start

@@ -361,6 +361,7 @@ class _Sampler(threading.Thread):
         self.on_error = on_error
         self.error = None
         self.drawn = 0
+        self.held: list = []       # drawn when told to stop, with the queue full
         self._halt = threading.Event()
 
     def stop(self):
@@ -374,7 +375,10 @@ class _Sampler(threading.Thread):
                 except Timeout:
                     continue
                 self.drawn += 1
-                while not self._halt.is_set():
+                while True:
+                    if self._halt.is_set():       # drawn and counted: the learner takes it at the end
+                        self.held.append(sample)
+                        break
                     try:
                         self.queue.put(sample, timeout=0.2)
                         break
@@ -620,13 +624,13 @@ class _ProcessRun:
         if exp.eval_every:
             self.evaluator = Evaluator(exp, spec, seed=exp.seed + 1_000_003)
         limit = None if max_learner_steps is None else max(0, max_learner_steps - base_learner_steps)
-        if self.prefetch and not self.inline:
+        # drawing ahead stays off in a run that checkpoints: no checkpoint holds a batch that the
+        # limiter counted and the learner has not learned from
+        if self.prefetch and not self.inline and checkpoint_dir is None:
             self.sampler = _Sampler(table, exp.batch_size, self.prefetch, limit, self._on_thread_error)
             self.sampler.start()
             batches = self.sampler.queue
         else:
-            # drawing ahead stays off in a run that checkpoints: no checkpoint holds a batch that
-            # the limiter counted and the learner has not learned from
             depth = self.prefetch if self.inline and checkpoint_dir is None else 1
             batches = self.inline_sampler = _InlineSampler(
                 table, exp.batch_size, limit, self._pump if self.inline else None, self.wake, depth)
@@ -679,6 +683,16 @@ class _ProcessRun:
             if stop and solved_at is None and self.inline_sampler is not None:
                 while self.inline_sampler.ahead:     # every batch drawn is learned from
                     driver.step(self.inline_sampler.ahead.popleft())
+            if stop and solved_at is None and self.sampler is not None:
+                self.sampler.stop()                  # it draws no more; what it drew is learned from
+                self.sampler.join(timeout=5.0)
+                while True:
+                    try:
+                        driver.step(self.sampler.queue.get_nowait())
+                    except queue.Empty:
+                        break
+                while self.sampler.held:
+                    driver.step(self.sampler.held.pop(0))
             if stop:
                 env_steps = self._wind_down()
             if evaluated or stop or figures.due(progress_every):
@@ -693,7 +707,7 @@ class _ProcessRun:
         self._stop_threads()
         in_flight = sum(r.pending_rows() for r in self._readers())
         if checkpoint_dir is not None:
-            self._checkpoint(checkpoint_dir, driver, resumes)
+            self._checkpoint(checkpoint_dir, driver, resumes, final=True)
         final = dict(history[-1]) if history else {}
         final["env_steps"] = int(stats[:, ENV_STEPS].sum())
         final["wall_time"] = time.monotonic() - t0
@@ -831,7 +845,7 @@ class _ProcessRun:
             stats[h.index, READY] = 0
             self._start_actor(h, base)
 
-    def _checkpoint(self, directory, driver, resumes):
+    def _checkpoint(self, directory, driver, resumes, final=False):
         stats = self.control.arrays["stats"]
         counters = {"env_steps": int(stats[:, ENV_STEPS].sum()), "learner_steps": driver.steps,
                     "episodes": int(stats[:, EPISODES].sum()), "param_version": self.store.latest_version(),
@@ -839,7 +853,7 @@ class _ProcessRun:
                     "actors": [{"env_steps": int(stats[i, ENV_STEPS]), "episodes": int(stats[i, EPISODES]),
                                 "items": int(stats[i, ITEMS]), "rng_state": None} for i in range(len(stats))]}
         ckpt.save_run(directory, learner=self.learner, table=self.table, counters=counters,
-                      rng=ckpt.capture_rng())
+                      rng=ckpt.capture_rng(), supersede=final)
 
     # ---- shutting down -----------------------------------------------------------------------
     def _stop_actors(self, grace: float = 3.0):
