@@ -12,7 +12,7 @@ import rlflow as rf
 from rlflow.errors import UsageError
 from rlflow.runtime import checkpoint as ckpt
 
-from test_process_runtime import CountingLearner, RandomPolicy
+from test_process_runtime import CountingLearner, RandomPolicy, minsize_table
 
 
 def big_table(specs):
@@ -160,3 +160,43 @@ def test_resuming_a_run_at_its_limit_takes_no_step(tmp_path, backend):
     assert b.table.stats()["inserts"] == inserts and len(b.table) == len(saved.table)
     c = rf.run(experiment(), backend=backend, max_learner_steps=a.learner.steps, progress=False, resume=d)
     assert c.learner.steps == a.learner.steps and c.figures["env_steps"] == a.figures["env_steps"]
+
+
+@pytest.mark.parametrize("options", [{}, pytest.param({"receiver": "thread", "prefetch": 3}, marks=MP)])
+def test_checkpoints_count_only_batches_the_learner_learned_from(tmp_path, options):
+    """In a checkpointing run nothing draws ahead: each checkpoint's table has counted exactly the
+    batches its learner stepped on (samples = learner steps x batch size)."""
+    d = str(tmp_path / "ckpt")
+    backend = "process" if options else "local"
+    exp = experiment()
+    exp.table = minsize_table             # the learner runs free: a sampler thread would draw ahead
+    rf.run(exp, backend=backend, max_learner_steps=450, progress=False, checkpoint_dir=d,
+           checkpoint_every=100, **options)
+    for name in sorted(n for n in os.listdir(d) if n.startswith("ckpt-")):
+        state = ckpt.load_run(os.path.join(d, name))
+        assert state.table.stats()["samples"] == 16 * state.counters["learner_steps"], name
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("process", marks=MP)])
+def test_the_final_checkpoint_replaces_a_periodic_one_at_the_same_step(tmp_path, backend):
+    """max_learner_steps=300, a checkpoint every 100: the run ends on a periodic checkpoint's step,
+    and its final one replaces that one, so the two kept are distinct steps (200 and 300)."""
+    d = str(tmp_path / "ckpt")
+    rf.run(experiment(), backend=backend, max_learner_steps=300, progress=False, checkpoint_dir=d,
+           checkpoint_every=100)
+    names = sorted(n for n in os.listdir(d) if n.startswith("ckpt-"))
+    steps = [ckpt.load_run(os.path.join(d, n)).counters["learner_steps"] for n in names]
+    assert steps == [200, 300], (names, steps)
+    assert ckpt.find(d) == os.path.join(d, names[-1])
+
+
+@MP
+def test_actor_items_continue_after_a_resume_with_another_actor_count(tmp_path):
+    d = str(tmp_path / "ckpt")
+    exp = rf.Experiment(env="CartPole-v1", policy=RandomPolicy, learner=CountingLearner,
+                        adder=rf.adders.Transition(discount=0.99), table=minsize_table, num_envs=2,
+                        batch_size=16)
+    a = rf.run(exp, backend="process", num_actors=2, max_env_steps=1_000, progress=False, checkpoint_dir=d)
+    assert a.figures["actor_items"] == a.figures["env_steps"]
+    b = rf.run(exp, backend="process", num_actors=3, max_env_steps=2_000, progress=False, resume=d)
+    assert b.figures["actor_items"] == b.figures["env_steps"] == b.table.stats()["inserts"]

@@ -115,6 +115,7 @@ def test_run_a_file_on_the_process_backend(exp_file, tmp_path):
     ("{file}:missing", "'missing'"),
     ("{file}:not_an_experiment", "int"),
     ("no_such_module_xyz:experiment", "no_such_module_xyz"),
+    ("json:dumps", "a callable that takes no arguments, got dumps(obj"),
 ])
 def test_bad_targets_are_clear_errors(exp_file, tmp_path, target, expected):
     out = rlflow_cmd("run", target.format(file=exp_file), "--max-env-steps", "10", cwd=tmp_path)

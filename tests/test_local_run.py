@@ -198,3 +198,10 @@ def test_local_rows_count_from_the_run_clock(tmp_path):
     last = r.history[-1]
     assert abs(last["wall_time"] - r.figures["wall_time"]) < 0.05
     assert last["env_steps"] == r.figures["env_steps"]
+
+
+@pytest.mark.parametrize("backend", ["local", "process"])
+@pytest.mark.parametrize("value", [-1, "x", 1.5])
+def test_max_restarts_is_checked_on_every_backend(backend, value):
+    with pytest.raises(UsageError, match="'max_restarts': expected an int >= 0"):
+        rf.run(experiment(), backend=backend, max_env_steps=10, max_restarts=value, progress=False)

@@ -864,3 +864,12 @@ def test_an_actor_whose_env_worker_died_is_restarted_and_the_run_completes(tmp_p
     assert os.path.exists(marker)
     assert r.figures["actor_restarts"] == 1
     assert r.figures["env_steps"] >= 3_000
+
+
+@pytest.mark.parametrize("limit", [{"max_env_steps": 3_000}, {"max_seconds": 1.5}])
+def test_every_batch_the_prefetching_thread_drew_is_learned_from(limit):
+    """receiver="thread" with prefetch: when the run stops, the batches the sampler thread had drawn
+    (and the limiter counted) are learned from, as with the inline sampler."""
+    r = rf.run(experiment(table=minsize_table), backend="process", progress=False, receiver="thread",
+               prefetch=4, **limit)
+    assert r.table.stats()["samples"] == 16 * r.learner.steps > 0
