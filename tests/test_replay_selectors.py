@@ -323,3 +323,24 @@ def test_prioritized_numba_and_numpy_same_samples():
         out.append(draws)
     for (i1, p1), (i2, p2) in zip(*out):
         assert np.array_equal(i1, i2) and np.array_equal(p1, p2)
+
+
+@pytest.mark.parametrize("make", [selectors.Uniform, selectors.Fifo, selectors.Lifo,
+                                  lambda: selectors.Prioritized(0.6), selectors.MaxHeap, selectors.MinHeap])
+def test_negative_or_float_ids_are_refused_not_read_from_the_end(make):
+    """Selectors used alone: id -1 is absent (numpy would index the last id), an id 2.9 is no id."""
+    sel = make()
+    sel.add(np.array([3, 7, 15]), np.array([1.0, 2.0, 3.0]))
+    before = repr(sel.state_dict())
+    for call in (lambda: sel.remove(np.array([-1])), lambda: sel.add(np.array([-5])),
+                 lambda: sel.add(np.array([2.9]))):
+        with pytest.raises(UsageError):
+            call()
+    if isinstance(sel, (selectors.Prioritized, selectors.MaxHeap, selectors.MinHeap)):
+        with pytest.raises(UsageError):
+            sel.update_priorities(np.array([-1]), np.array([100.0]))
+    assert repr(sel.state_dict()) == before
+    ids, probs = sel.sample(0)
+    assert len(ids) == 0 and len(probs) == 0
+    ids, probs = sel.sample(3)
+    assert set(ids.tolist()) <= {3, 7, 15} and np.all(probs <= 1.0)

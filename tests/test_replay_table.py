@@ -757,3 +757,43 @@ def test_warm_up_before_the_specs_are_known_and_declared_specs():
         t.insert({**batch(1), "obs": np.zeros((1, 3), np.float32)})
     t.declare_specs({"other": ArraySpec((), np.float32)})    # a table with specs keeps them
     assert t.specs == SPECS
+
+
+@pytest.mark.parametrize("sampler", [selectors.Uniform, selectors.Fifo, selectors.Lifo,
+                                     lambda: selectors.Prioritized(0.6), selectors.MaxHeap, selectors.MinHeap])
+@pytest.mark.parametrize("remover", [selectors.Fifo, selectors.Lifo, selectors.MinHeap, selectors.Uniform])
+@pytest.mark.parametrize("capacity", [1, 4, 7])
+def test_every_live_key_stays_reachable_against_a_reference(sampler, remover, capacity):
+    """A plain dict of the live keys against random inserts, deletes, priority updates and samples
+    (many keys issued while few stay live: the key -> slot index wraps many times): every live key
+    has its priority, takes updates and is deleted; removed keys are refused or ignored."""
+    rng = np.random.default_rng(capacity)
+    t = Table(capacity, sampler=sampler(), remover=remover())
+    live = {}                                            # key -> priority
+    for step in range(600):
+        op = rng.integers(4)
+        if op == 0 or not live:
+            n = int(rng.integers(1, capacity + 1))
+            keys = t.insert({"x": rng.standard_normal((n, 1)).astype(np.float32)})
+            for k in keys.tolist():
+                live[k] = 1.0
+            while len(live) > capacity:                  # the remover evicted some: find which
+                present = set(live)
+                for k in list(present):
+                    if np.isnan(t.priorities(np.array([k]))[0]):
+                        del live[k]
+                assert len(live) <= capacity
+        elif op == 1:
+            k = int(rng.choice(list(live)))
+            assert t.delete(np.array([k])) == 1, (step, k)
+            del live[k]
+        elif op == 2:
+            k = int(rng.choice(list(live)))
+            live[k] = float(rng.uniform(0.1, 5))
+            t.update_priorities(np.array([k]), np.array([live[k]]))
+        else:
+            s = t.sample(1, timeout=1.0)
+            assert int(s.keys[0]) in live
+        assert len(t) == len(live)
+        keys = np.array(sorted(live), dtype=np.int64)
+        np.testing.assert_allclose(t.priorities(keys), [live[k] for k in keys.tolist()])

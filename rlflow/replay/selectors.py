@@ -33,7 +33,10 @@ _I64 = np.int64
 
 
 def _ids(ids) -> np.ndarray:
-    return np.asarray(ids, dtype=_I64).reshape(-1)
+    a = np.asarray(ids)
+    if a.dtype.kind not in "iu" and a.size:          # 2.9 would be truncated to another id
+        raise UsageError(mismatch("selector id", "ids", "integers", f"dtype {a.dtype}"))
+    return a.astype(_I64, copy=False).reshape(-1)
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
@@ -382,7 +385,8 @@ class Fifo(_Base):
         if len(ids) == 0:
             return
         pos = self._pos
-        if ids.max() >= len(pos) or (pos[ids] < 0).any() or len(np.unique(ids)) != len(ids):
+        if (ids.min() < 0 or ids.max() >= len(pos) or (pos[ids] < 0).any()
+                or len(np.unique(ids)) != len(ids)):
             raise UsageError(f"{type(self).__name__}.remove: ids {ids.tolist()} include ids not present")
         self._remove(ids)
 
@@ -530,7 +534,8 @@ class Prioritized(_Base):
         ids = _ids(ids)
         if len(ids) == 0:
             return
-        if ids.max() >= len(self._present) or not self._present[ids].all() or len(np.unique(ids)) != len(ids):
+        if (ids.min() < 0 or ids.max() >= len(self._present) or not self._present[ids].all()
+                or len(np.unique(ids)) != len(ids)):
             raise UsageError(f"Prioritized.remove: ids {ids.tolist()} include ids not present")
         self._remove(ids)
 
@@ -559,7 +564,7 @@ class Prioritized(_Base):
         p = self._check(priorities, len(ids))
         if len(ids) == 0:
             return
-        if ids.max() >= len(self._present) or not self._present[ids].all():
+        if ids.min() < 0 or ids.max() >= len(self._present) or not self._present[ids].all():
             raise UsageError(f"Prioritized.update_priorities: ids {ids.tolist()} include ids not present")
         self._update(ids, p)
 
@@ -568,6 +573,8 @@ class Prioritized(_Base):
         self._tree.update(ids, self._powered(p))
 
     def sample(self, n):
+        if n == 0:
+            return np.empty(0, dtype=_I64), np.empty(0, dtype=np.float64)
         if self._size == 0:
             raise UsageError("Prioritized.sample: no items to sample")
         total = self._tree.total
@@ -636,6 +643,8 @@ class MaxHeap(_Base):
     def add(self, ids, priorities=None):
         ids = _ids(ids).tolist()
         p = np.ones(len(ids)) if priorities is None else Prioritized._check(priorities, len(ids))
+        if ids and min(ids) < 0:
+            raise UsageError(mismatch("selector id", "ids", ">= 0", min(ids)))
         if any(i in self._token for i in ids) or len(set(ids)) != len(ids):
             raise UsageError(f"{type(self).__name__}.add: ids {ids} include ids already present")
         for i, pi in zip(ids, p.tolist()):

@@ -735,7 +735,9 @@ def fast_insert(items):
         d.update(zip(lk[old].tolist(), live[old].tolist()))
         self._old_keys = d
         rest = lk[~old]
-        low = int(rest.min()) if len(rest) else end_key
+        # the window of ring-indexed keys starts at the oldest one left in the ring, or else at
+        # the first key about to be issued (`_next_key`: the caller issues _next_key..end_key - 1)
+        low = int(rest.min()) if len(rest) else self._next_key
         self._ring_safe_until = low + self._ring_mask + 1
 
     def _reindex(self):
