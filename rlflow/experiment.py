@@ -170,7 +170,22 @@ def extras_specs_of(policy: Policy, env_spec, first_step) -> dict:
         return dict(policy.extras_specs(env_spec))
     from rlflow.actor import split_policy_output
 
-    _, extras = split_policy_output(policy.act_step(first_step))
+    # The probe call goes to a copy, with the global random streams put back after it: the acting
+    # policy keeps its state (a recurrent policy's first state, its step count, its own generator)
+    # and a run draws the same numbers whether or not its table needed the probe.
+    try:
+        probe = copy.deepcopy(policy)
+    except Exception:                 # an uncopyable policy is probed itself
+        probe = policy
+    torch = sys.modules.get("torch")
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state() if torch is not None else None)
+    try:
+        _, extras = split_policy_output(probe.act_step(first_step))
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        if states[2] is not None:
+            torch.set_rng_state(states[2])
     return specs_lib.from_extras(extras)
 
 

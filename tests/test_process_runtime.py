@@ -873,3 +873,59 @@ def test_every_batch_the_prefetching_thread_drew_is_learned_from(limit):
     r = rf.run(experiment(table=minsize_table), backend="process", progress=False, receiver="thread",
                prefetch=4, **limit)
     assert r.table.stats()["samples"] == 16 * r.learner.steps > 0
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("batch", r"a sample of 4 items is more than the table's capacity \(2\).*batch_size"),
+    ("rows", r"an insert of 8 items is more than the table's capacity \(4\)")])
+@pytest.mark.parametrize("backend", ["local", "process"])
+def test_a_table_that_can_never_admit_the_run_is_an_error_not_a_hang(case, expected, backend):
+    """Table.queue(2) with batch_size 4, or Table.queue(4) under 8-row vector steps: nothing could
+    ever be learned. The local runtime finds the deadlock as it happens; the process runtime says so
+    up front or at the first refused insert, instead of waiting for ever."""
+    table = (lambda specs: rf.Table.queue(2)) if case == "batch" else (lambda specs: rf.Table.queue(4))
+    exp = experiment(table=table, num_envs=8 if case == "rows" else 2, batch_size=4 if case == "batch" else 2)
+    t0 = time.monotonic()
+    with pytest.raises(UsageError, match=expected if backend == "process" else "deadlock"):
+        rf.run(exp, backend=backend, max_env_steps=100_000, progress=False)
+    assert time.monotonic() - t0 < 30
+
+
+class StepCountingPolicy(RandomPolicy):
+    """Its extras carry how many times act was called before (a recurrent state's stand-in)."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.calls = 0
+
+    def act(self, obs):
+        out = super().act(obs), {"state": np.full(len(obs), self.calls, np.float32)}
+        self.calls += 1
+        return out
+
+
+@pytest.mark.parametrize("backend", ["local", "process"])
+@pytest.mark.parametrize("given", ["factory", "instance"])
+def test_the_extras_probe_leaves_the_acting_policy_as_it_was(backend, given):
+    """Without extras_specs the runtime learns the extras' specs from one probe call: made on a copy,
+    so the first stored state is the policy's first (0), on both backends, and a policy given as an
+    object is not changed by the run's set-up."""
+    def seq_table(specs):
+        return rf.Table(capacity=10_000, remover=rf.selectors.Fifo(), rate_limiter=rf.rate_limiters.MinSize(1),
+                        sampler=rf.selectors.Fifo(), specs=specs)
+
+    policy = None
+    exp = rf.Experiment(env="CartPole-v1", policy=StepCountingPolicy, learner=CountingLearner,
+                        adder=rf.adders.Sequence(4, 4, end_behavior="continue"), table=seq_table, num_envs=1,
+                        batch_size=1)
+    if given == "instance":
+        spec = rf.envs.make("CartPole-v1", 1).spec
+        exp.policy = policy = StepCountingPolicy(spec)
+    r = rf.run(exp, backend=backend, max_env_steps=40, progress=False)
+    assert len(r.table) > 0
+    states = r.table.sample(len(r.table), timeout=1.0)["state"]      # Fifo: every item, in order
+    assert states.shape[1:] == (4,)
+    starts = sorted(states[:, 0].tolist())
+    assert starts[0] == 0.0, starts
+    if given == "instance" and backend == "process":
+        assert policy.calls == 0

@@ -845,6 +845,19 @@ def fast_insert(items):
         with self._lock:
             return not self._closed and self.rate_limiter.can_insert(n)
 
+    def never_goes_ahead(self, kind: str, n: int) -> str | None:
+        """Why an insert (`kind="insert"`) or a sample (`"sample"`) of n items can never go ahead
+        in this table, whatever else happens (more than its capacity, or more than its rate limiter
+        ever admits at once), or None if it can. What `insert` and `sample` raise at once; a caller
+        that only ever asks `can_insert` / `can_sample` (the process runtime) asks this up front."""
+        what = f"{'an insert' if kind == 'insert' else 'a sample'} of {n} items"
+        if n > self.capacity:
+            return f"{what} is more than the table's capacity ({self.capacity})"
+        feasible = self._insert_feasible if kind == "insert" else self._sample_feasible
+        if feasible is not None and not feasible(n):
+            return f"{what} can never go ahead under {self.rate_limiter!r}"
+        return None
+
     def _why_sample(self, n):
         size = len(self)
         if size and self.rate_limiter.can_sample(n):

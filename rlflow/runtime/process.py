@@ -598,6 +598,9 @@ class _ProcessRun:
             self._start_actor(h, b)
         # Compiled kernels (numba: ~0.25 s on its first call in a process) load now, while the
         # actors start, and not at the first sample inside the run's clock.
+        why = table.never_goes_ahead("sample", exp.batch_size)
+        if why is not None:                     # the learner would wait for ever
+            raise UsageError(f"process run: {why} (the experiment's batch_size)")
         table.warm_up()
         _check_signals()
         learner = build(exp.learner, Learner, spec)
@@ -889,7 +892,12 @@ class _ProcessRun:
 
     def _try_insert(self, items) -> bool:
         # Asking first: a refused insert would build and raise a Timeout, once per learner step.
-        if not self.table.can_insert(len(next(iter(items.values())))):
+        n = len(next(iter(items.values())))
+        if not self.table.can_insert(n):
+            why = self.table.never_goes_ahead("insert", n)
+            if why is not None:                 # refused for ever: the run could only hang
+                raise UsageError(f"process run: {why}; an actor publishes up to {self.rows_per_slot} "
+                                 f"items at a time (its vector env's rows)")
             return False
         try:
             self.table.insert(items, timeout=0)
