@@ -165,6 +165,11 @@ class Actor:
             self.reset()
         prev = self._step
         actions, extras = self.act(prev)
+        want = self.venv.spec.action.dtype
+        if actions.dtype != want:
+            # as the env takes them (bool or int32 actions for an int64 space...): the adder's
+            # items then carry the actions the envs applied, in the action spec's dtype
+            actions = self.venv.check_actions(actions, len(prev))
         step = self.venv.step(actions)
         self._step = step
         self.stats.update(step)

@@ -36,15 +36,18 @@ class ArraySpec:
 
         Raises SpecError naming the field, the expected and the actual shape or dtype. Python
         scalars and lists are accepted when they convert to the exact dtype without loss of kind;
-        an array of a narrower dtype of the same kind (int64 for int32, float64 for float32) when
-        its values fit: one that would wrap or overflow to inf raises SpecError.
+        an array of another dtype of the same kind (int64 for int32, float64 for float32; signed
+        and unsigned ints mix) when its values fit: one that would wrap or overflow to inf raises
+        SpecError.
         """
         a = np.asarray(array)
         if a.shape[batch_ndim:] != self.shape or a.ndim != batch_ndim + len(self.shape):
             expected = ("B",) * batch_ndim + self.shape
             raise SpecError(mismatch(what, field, f"shape {_fmt_shape(expected)}", f"shape {a.shape}"))
         if a.dtype != self.dtype:
-            if not np.can_cast(a.dtype, self.dtype, casting="same_kind") or a.dtype.kind != self.dtype.kind:
+            ints = a.dtype.kind in "iu" and self.dtype.kind in "iu"     # signed and unsigned mix when values fit
+            if not ints and (not np.can_cast(a.dtype, self.dtype, casting="same_kind")
+                             or a.dtype.kind != self.dtype.kind):
                 raise SpecError(mismatch(what, field, f"dtype {self.dtype}", f"dtype {a.dtype}"))
             if a.size and not np.can_cast(a.dtype, self.dtype, casting="safe"):
                 self._check_narrowing(a, field, what)
@@ -134,7 +137,9 @@ def _flatten_into(tree, prefix, out):
     if isinstance(tree, Mapping):
         for k, v in tree.items():
             _flatten_into(v, f"{prefix}/{k}" if prefix else str(k), out)
-    elif isinstance(tree, (tuple, list)) and not isinstance(tree, ArraySpec):
+    elif (isinstance(tree, (tuple, list)) and not isinstance(tree, ArraySpec)
+          and not (tree and all(isinstance(v, (int, float, bool, np.generic)) for v in tree))):
+        # a list (or tuple) of numbers is one batched leaf, not fields "0", "1", ...
         for i, v in enumerate(tree):
             _flatten_into(v, f"{prefix}/{i}" if prefix else str(i), out)
     else:

@@ -62,3 +62,22 @@ def test_episode_stats_from_env_totals_equal_summed_rewards():
     assert got == ended
     assert with_info.episodes == summed.episodes == len(ended)
     assert list(with_info.finished) == [e[1] for e in ended[-7:]]
+
+
+def test_actions_reach_the_adder_as_the_env_applied_them():
+    """A greedy CartPole policy that returns bools (obs[:, 2] > 0): the vector env takes them as
+    int64, and so does the adder (its items carry the actions the envs applied, in the spec's dtype)."""
+    class Greedy(rf.Policy):
+        def act(self, obs):
+            return obs[:, 2] > 0
+
+    venv = rf.envs.make("CartPole-v1", 3)
+    adder = rf.adders.Transition(0.99)
+    specs = adder.item_specs(venv.spec)
+    got = []
+    actor = rf.Actor(Greedy(), venv, adder, sink=got.append, seed=0)
+    actor.reset()
+    for _ in range(5):
+        actor.step()
+    venv.close()
+    assert got and all(items["action"].dtype == specs["action"].dtype == np.int64 for items in got)

@@ -66,3 +66,24 @@ def test_validate_names_field_expected_and_actual():
 def test_env_spec_from_spaces():
     spec = rf.EnvSpec.from_spaces(spaces.Box(-1, 1, (4,)), spaces.Discrete(2), 8)
     assert spec.num_envs == 8 and spec.action == ArraySpec((), np.int64)
+
+
+def test_ints_of_either_signedness_are_taken_when_they_fit():
+    spec = ArraySpec((2,), np.int32)
+    assert spec.validate(np.array([[1, 2]], np.uint8), "x").dtype == np.uint8        # fits: taken
+    u8 = ArraySpec((2,), np.uint8)
+    u8.validate([[1, 255]], "img")                                                   # a Python list
+    with pytest.raises(SpecError, match=r"'img': expected dtype uint8 \(values in \[0, 255\]\)"):
+        u8.validate([[1, 256]], "img")
+    with pytest.raises(SpecError, match=r"'img': expected dtype uint8 \(values in \[0, 255\]\)"):
+        u8.validate(np.array([[-1, 0]], np.int8), "img")
+    with pytest.raises(SpecError, match="dtype int32"):
+        spec.validate(np.array([[1.0, 2.0]]), "x")                                   # floats: no
+
+
+def test_a_list_of_numbers_in_extras_is_one_field():
+    from rlflow.specs import from_extras
+
+    assert from_extras({"value": [0.1, 0.2, 0.3]}) == {"value": ArraySpec((), np.float64)}
+    specs = from_extras({"state": (np.zeros((3, 2), np.float32), np.ones((3, 2), np.float32))})
+    assert set(specs) == {"state/0", "state/1"}                  # a tuple of arrays stays nested
