@@ -129,6 +129,7 @@ class Actor:
             raise UsageError(mismatch("Actor", "warmup_steps", ">= 0", warmup_steps))
         self.policy = policy
         self.venv = venv
+        self._act_dtype = venv.spec.action.dtype
         self.adder = adder
         self.sink = sink
         self.warmup_steps = int(warmup_steps)
@@ -165,8 +166,7 @@ class Actor:
             self.reset()
         prev = self._step
         actions, extras = self.act(prev)
-        want = self.venv.spec.action.dtype
-        if actions.dtype != want:
+        if actions.dtype != self._act_dtype:
             # as the env takes them (bool or int32 actions for an int64 space...): the adder's
             # items then carry the actions the envs applied, in the action spec's dtype
             actions = self.venv.check_actions(actions, len(prev))

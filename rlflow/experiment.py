@@ -177,15 +177,13 @@ def extras_specs_of(policy: Policy, env_spec, first_step) -> dict:
         probe = copy.deepcopy(policy)
     except Exception:                 # an uncopyable policy is probed itself
         probe = policy
-    torch = sys.modules.get("torch")
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state() if torch is not None else None)
+    from rlflow.runtime.checkpoint import capture_rng, restore_rng
+
+    states = capture_rng()
     try:
         _, extras = split_policy_output(probe.act_step(first_step))
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        if states[2] is not None:
-            torch.set_rng_state(states[2])
+        restore_rng(states)
     return specs_lib.from_extras(extras)
 
 

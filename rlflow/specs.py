@@ -49,31 +49,35 @@ class ArraySpec:
             if not ints and (not np.can_cast(a.dtype, self.dtype, casting="same_kind")
                              or a.dtype.kind != self.dtype.kind):
                 raise SpecError(mismatch(what, field, f"dtype {self.dtype}", f"dtype {a.dtype}"))
-            if a.size and not np.can_cast(a.dtype, self.dtype, casting="safe"):
-                self._check_narrowing(a, field, what)
+            check_values_fit(a, self.dtype, field, what)
         return a
-
-    def _check_narrowing(self, a: np.ndarray, field: str, what: str) -> None:
-        """A narrower dtype of the same kind takes the values only if they fit: an int out of the
-        spec's range would wrap, a finite float beyond its range would become inf."""
-        if self.dtype.kind in "iu":
-            info = np.iinfo(self.dtype)
-            lo, hi = a.min(), a.max()
-            if lo < info.min or hi > info.max:
-                raise SpecError(mismatch(what, field, f"dtype {self.dtype} (values in [{info.min}, {info.max}])",
-                                         f"dtype {a.dtype} with values in [{lo}, {hi}]"))
-        elif self.dtype.kind == "f":
-            big = np.abs(a[np.isfinite(a)])
-            limit = np.finfo(self.dtype).max
-            if big.size and big.max() > limit:
-                raise SpecError(mismatch(what, field, f"dtype {self.dtype} (finite values up to {limit:.4g})",
-                                         f"dtype {a.dtype} with a finite value of {big.max():.4g}"))
 
     def __repr__(self):
         return f"ArraySpec(shape={self.shape}, dtype={self.dtype.name})"
 
 
 Spec = Union[ArraySpec, Mapping[str, "Spec"]]
+
+
+def check_values_fit(a: np.ndarray, dtype: np.dtype, field: str, what: str = "field") -> None:
+    """SpecError naming the field unless `a`'s values survive a cast to `dtype` where that dtype
+    cannot hold all of `a.dtype`'s (int64 to int32, int to uint8, float64 to float32): an int out
+    of `dtype`'s range would wrap, a finite float beyond it would become inf. Nothing is read
+    where the cast is safe (the usual case) or `a` is empty."""
+    if not a.size or np.can_cast(a.dtype, dtype, casting="safe"):
+        return
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        lo, hi = a.min(), a.max()
+        if lo < info.min or hi > info.max:
+            raise SpecError(mismatch(what, field, f"dtype {dtype} (values in [{info.min}, {info.max}])",
+                                     f"dtype {a.dtype} with values in [{lo}, {hi}]"))
+    elif dtype.kind == "f":
+        big = np.abs(a[np.isfinite(a)])
+        limit = np.finfo(dtype).max
+        if big.size and big.max() > limit:
+            raise SpecError(mismatch(what, field, f"dtype {dtype} (finite values up to {limit:.4g})",
+                                     f"dtype {a.dtype} with a finite value of {big.max():.4g}"))
 
 
 def _fmt_shape(shape) -> str:

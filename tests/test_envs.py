@@ -316,6 +316,6 @@ def test_int_actions_that_would_wrap_in_a_narrower_dtype_are_refused():
         venv.step(np.array([[1, 0, 1]], np.int64))                # fits int8: cast
         assert kept[-1].dtype == np.int8 and kept[-1].tolist() == [1, 0, 1]
         with pytest.raises(SpecError, match=r"argument 'actions': expected dtype int8 \(values in "
-                                            r"\[-128, 127\]\), got int64 values in \[0, 257\]"):
+                                            r"\[-128, 127\]\), got dtype int64 with values in \[0, 257\]"):
             venv.step(np.array([[1, 0, 257]], np.int64))
         assert len(kept) == 1

@@ -32,7 +32,7 @@ from gymnasium import spaces
 
 from rlflow.core import Step
 from rlflow.errors import ClosedError, SpecError, UsageError, mismatch
-from rlflow.specs import ArraySpec, EnvSpec, from_space
+from rlflow.specs import ArraySpec, EnvSpec, check_values_fit, from_space
 
 __all__ = ["Layout", "VectorEnv", "SerialVectorEnv", "ObsBuffer"]
 
@@ -146,12 +146,12 @@ class ObsBuffer:
                 self.check(value, i)
             self.arrays[0][i] = value
             return
-        for path, arr, shape in zip(self.paths, self.arrays, self.shapes):
+        for k, (path, arr, shape) in enumerate(zip(self.paths, self.arrays, self.shapes)):
             v = value
             for key in path:
                 v = v[key]
             if getattr(v, "shape", None) != shape:
-                self.check(v, i, path)
+                self.check(v, i, k)
             arr[i] = v
 
     def write_all(self, values: Sequence):
@@ -171,13 +171,12 @@ class ObsBuffer:
         for i, v in enumerate(values):
             self.write(i, v)
 
-    def check(self, value, row: int, path=()) -> None:
-        """SpecError unless `value` (row `row`'s observation leaf at `path`) has the leaf's shape;
-        a Python number or list of that shape is fine."""
-        k = self.paths.index(tuple(path)) if path else 0
+    def check(self, value, row: int, k: int = 0) -> None:
+        """SpecError unless `value` (row `row`'s observation leaf k, at `paths[k]`) has the leaf's
+        shape; a Python number or list of that shape is fine."""
         shape = np.shape(value)
         if shape != self.shapes[k]:
-            leaf = "obs" + "".join(f"[{p!r}]" for p in path)
+            leaf = "obs" + "".join(f"[{p!r}]" for p in self.paths[k])
             err = SpecError(mismatch("env", leaf, f"shape {self.shapes[k]} (the observation space's)",
                                      f"shape {shape} from row {row}"))
             err.rlflow_env_row = row
@@ -308,13 +307,8 @@ class VectorEnv:
                     a.dtype.kind in "iub" and self._act_dtype.kind in "iu"):
                 raise SpecError(mismatch("argument", "actions", f"dtype {self._act_dtype}",
                                          f"dtype {a.dtype}"))
-            if (self._act_dtype.kind in "iu" and a.dtype.kind in "iu" and a.size
-                    and not np.can_cast(a.dtype, self._act_dtype, casting="safe")):
-                info = np.iinfo(self._act_dtype)          # a narrower int type: values must fit
-                lo, hi = a.min(), a.max()
-                if lo < info.min or hi > info.max:
-                    raise SpecError(mismatch("argument", "actions", f"dtype {self._act_dtype} (values in "
-                                             f"[{info.min}, {info.max}])", f"{a.dtype} values in [{lo}, {hi}]"))
+            if self._act_dtype.kind in "iu":         # no int wraps on the cast
+                check_values_fit(a, self._act_dtype, "actions", "argument")
             a = a.astype(self._act_dtype)
         return a
 

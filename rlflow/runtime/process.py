@@ -138,7 +138,7 @@ def _actor_seed(seed: int, index: int, incarnation: int) -> int:
 # The actor process
 # --------------------------------------------------------------------------------------------------
 def _sigterm_exit(signum, frame):
-    raise SystemExit(128 + signum)
+    _raise_for(signum)               # SystemExit(128 + signum), as in the learner's process
 
 
 def _wait_for_store(store_conn, should_stop):
@@ -683,19 +683,8 @@ class _ProcessRun:
                 next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every
                 self._checkpoint(checkpoint_dir, driver, resumes)
             stop = limits.reached(env_steps, driver.steps, elapsed) or solved_at is not None
-            if stop and solved_at is None and self.inline_sampler is not None:
-                while self.inline_sampler.ahead:     # every batch drawn is learned from
-                    driver.step(self.inline_sampler.ahead.popleft())
-            if stop and solved_at is None and self.sampler is not None:
-                self.sampler.stop()                  # it draws no more; what it drew is learned from
-                self.sampler.join(timeout=5.0)
-                while True:
-                    try:
-                        driver.step(self.sampler.queue.get_nowait())
-                    except queue.Empty:
-                        break
-                while self.sampler.held:
-                    driver.step(self.sampler.held.pop(0))
+            if stop and solved_at is None:
+                self._learn_what_was_drawn(driver)
             if stop:
                 env_steps = self._wind_down()
             if evaluated or stop or figures.due(progress_every):
@@ -722,6 +711,23 @@ class _ProcessRun:
         return RunResult(learner=learner, table=table, figures=final, history=history,
                          evals=list(self.evaluator.results) if self.evaluator else [], solved_at=solved_at,
                          solved_time=solved_time)
+
+    def _learn_what_was_drawn(self, driver) -> None:
+        """At the run's end: every batch drawn ahead (and counted by the limiter) is learned from,
+        the inline sampler's and the prefetching thread's (stopped first, so it draws no more)."""
+        if self.inline_sampler is not None:
+            while self.inline_sampler.ahead:
+                driver.step(self.inline_sampler.ahead.popleft())
+        if self.sampler is not None:
+            self.sampler.stop()
+            self.sampler.join(timeout=5.0)
+            while True:
+                try:
+                    driver.step(self.sampler.queue.get_nowait())
+                except queue.Empty:
+                    break
+            while self.sampler.held:
+                driver.step(self.sampler.held.pop(0))
 
     def _wind_down(self) -> int:
         """At the run's end: stop the actors, then move what they published into the table, as
