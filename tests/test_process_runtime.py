@@ -617,7 +617,7 @@ def test_unknown_or_bad_options_are_refused():
 # Ctrl-C / SIGTERM: nothing left behind
 # --------------------------------------------------------------------------------------------------
 SCRIPT = textwrap.dedent("""
-    import multiprocessing as mp, os, sys, time
+    import ctypes, multiprocessing as mp, os, signal, sys, time
     import numpy as np
     import rlflow as rf
 
@@ -628,12 +628,24 @@ SCRIPT = textwrap.dedent("""
                 open(os.environ["STARTING_FILE"] + str(os.getpid()), "w").close()
                 time.sleep(60)          # an actor that takes long to start (an import, say)
         def act(self, obs):
-            open(os.environ["READY_FILE"] + str(os.getpid()), "w").close()
+            if os.environ.get("READY_FILE"):
+                open(os.environ["READY_FILE"] + str(os.getpid()), "w").close()
             return np.random.randint(self.n, size=len(obs))
+
+    def signal_in_a_callback(name):
+        # the handler's exception is raised inside the callback, where Python prints and drops it
+        # (as when numba loads its compiled kernels at start-up)
+        def callback():
+            os.kill(os.getpid(), getattr(signal, name))
+            for _ in range(100_000):
+                pass
+        ctypes.CFUNCTYPE(None)(callback)()
 
     class Learner(rf.Learner):
         def __init__(self, spec):
-            pass
+            if os.environ.get("SIGNAL_IN_CALLBACK"):
+                signal_in_a_callback(os.environ["SIGNAL_IN_CALLBACK"])
+                print("LEARNER BUILT", flush=True)
         def step(self, batch):
             return {}
 
@@ -645,6 +657,7 @@ SCRIPT = textwrap.dedent("""
                             adder=rf.adders.Transition(discount=0.99), table=table, num_envs=2,
                             env_backend=sys.argv[1])
         rf.run(exp, backend="process", num_actors=2, max_seconds=120, progress=False)
+        print("RUN COMPLETED", flush=True)
 """)
 
 
@@ -767,53 +780,16 @@ def test_the_last_row_counts_what_the_final_figures_count(tmp_path):
     assert r.table.stats()["inserts"] == r.figures["actor_items"]
 
 
-LOST_SIGNAL_SCRIPT = textwrap.dedent("""
-    import ctypes, os, signal, sys
-    import numpy as np
-    import rlflow as rf
-
-    class Policy(rf.Policy):
-        def __init__(self, spec):
-            self.n = int(spec.action_space.n)
-        def act(self, obs):
-            return np.random.randint(self.n, size=len(obs))
-
-    def signal_in_a_callback():
-        # the handler's exception is raised inside the callback, where Python prints and drops it
-        # (as when numba loads its compiled kernels at start-up)
-        def callback():
-            os.kill(os.getpid(), getattr(signal, sys.argv[1]))
-            for _ in range(100_000):
-                pass
-        ctypes.CFUNCTYPE(None)(callback)()
-
-    class Learner(rf.Learner):
-        def __init__(self, spec):
-            signal_in_a_callback()
-            print("LEARNER BUILT", flush=True)
-        def step(self, batch):
-            return {}
-
-    def table(specs):
-        return rf.Table(capacity=1000, rate_limiter=rf.rate_limiters.MinSize(10), specs=specs)
-
-    if __name__ == "__main__":
-        exp = rf.Experiment(env="CartPole-v1", policy=Policy, learner=Learner,
-                            adder=rf.adders.Transition(discount=0.99), table=table, num_envs=2)
-        rf.run(exp, backend="process", num_actors=1, max_seconds=60, progress=False)
-        print("RUN COMPLETED", flush=True)
-""")
-
-
 @pytest.mark.parametrize("sig,code", [("SIGTERM", 128 + signal.SIGTERM), ("SIGINT", None)])
 def test_a_signal_whose_exception_was_dropped_still_stops_the_run(tmp_path, sig, code):
     """A signal that arrives while the learner's process is inside a ctypes callback (numba's
     kernel loading at start-up) raises where Python drops the exception; the run must still stop
     within seconds, not run on to max_seconds."""
-    script = tmp_path / "lost.py"
-    script.write_text(LOST_SIGNAL_SCRIPT)
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
     t = time.monotonic()
-    proc = subprocess.run([sys.executable, str(script), sig], capture_output=True, text=True, timeout=50)
+    proc = subprocess.run([sys.executable, str(script), "serial"], capture_output=True, text=True, timeout=50,
+                          env=dict(os.environ, SIGNAL_IN_CALLBACK=sig))
     assert time.monotonic() - t < 30
     assert "LEARNER BUILT" in proc.stdout and "RUN COMPLETED" not in proc.stdout, proc.stdout + proc.stderr
     assert "ctypes callback" in proc.stderr            # the exception was dropped there
