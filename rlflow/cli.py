@@ -29,6 +29,8 @@ def load_experiment(target: str):
 
     where, _, name = target.partition(":")
     name = name or "experiment"
+    if not where:
+        raise UsageError(mismatch("rlflow run", "TARGET", "FILE.py[:NAME] or MODULE[:NAME]", repr(target)))
     if where.endswith(".py"):
         path = os.path.abspath(where)
         if not os.path.isfile(path):
@@ -43,6 +45,10 @@ def load_experiment(target: str):
                                       f"installed module ({module_name!r} imports {module.__file__})",
                                       repr(where)))
     else:
+        # as `python -m` does: a module in the current directory is importable (the `rlflow`
+        # script's sys.path starts with its own folder instead); spawned actors inherit sys.path
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(where)
         except ModuleNotFoundError as e:
@@ -105,10 +111,15 @@ def _info(_args) -> int:
 
 
 def _positive(kind):
+    what = "an int" if kind is int else "a number"
+
     def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} > 0, got {text!r}") from None
+        if not value > 0:              # (nan too)
+            raise argparse.ArgumentTypeError(f"expected {what} > 0, got {text!r}")
         return value
     return parse
 
@@ -149,6 +160,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as e:
         print(f"rlflow: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:            # Ctrl-C: the run has stopped and cleaned up; no traceback
+        print("rlflow: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:              # `rlflow info | head -1`: the reader has gone, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

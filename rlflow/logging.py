@@ -7,7 +7,13 @@ installed.
 
 `write` takes a flat dict of numbers; the CSV's columns are the union of all keys seen (the file is
 rewritten with the wider header when a new key appears). Progress lines go to stderr at most every
-`progress_every` seconds (and always when `force=True`).
+`progress_every` seconds (and always when `force=True`; the runtimes decide when a row is due and
+pass it).
+
+A new Logger starts `figures.csv` afresh, except with `keep_rows_upto=N` (a resumed run: N is the
+env steps it resumes from), where the file's rows up to N env steps stay and the new rows follow
+them; rows past N (written after the checkpoint the run resumes from) are dropped, so the file is
+one series. TensorBoard files are never rewritten: a resumed run adds its points beside the old.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import os
 import sys
 import time
 from typing import Mapping, Optional
+
+from rlflow.errors import UsageError, mismatch
 
 _SHORT = [
     ("env_steps", "env steps", "{:,.0f}"),
@@ -34,6 +42,25 @@ _SHORT = [
 ]
 
 
+def usable_dir(name: str, directory) -> str:
+    """Create `directory` (and its parents) if need be and check that files can be written there,
+    before a run starts: a path that cannot be used is a UsageError naming `name`, not an error at
+    the first save, after the run's work."""
+    try:
+        d = os.fspath(directory)
+    except TypeError:
+        raise UsageError(mismatch("run", name, "a path (str or os.PathLike)", repr(directory))) from None
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise UsageError(mismatch("run", name, "a directory that can be created",
+                                  f"{d!r} ({e.strerror or e})")) from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UsageError(mismatch("run", name, "a writable directory", f"{d!r} (not writable)"))
+    return d
+
+
+
 def format_progress(row: Mapping[str, float]) -> str:
     parts = []
     for key, label, fmt in _SHORT:
@@ -48,7 +75,8 @@ class Logger:
     """Writes figures to a progress line, a CSV file (`<directory>/figures.csv`) and TensorBoard."""
 
     def __init__(self, directory: Optional[str] = None, progress_every: Optional[float] = 2.0,
-                 tensorboard: bool = True, stream=None, step_key: str = "env_steps"):
+                 tensorboard: bool = True, stream=None, step_key: str = "env_steps",
+                 keep_rows_upto: Optional[float] = None):
         self.directory = directory
         self.progress_every = progress_every
         self.stream = stream if stream is not None else sys.stderr
@@ -60,7 +88,9 @@ class Logger:
         self._csv = None
         self._tb = None
         if directory:
-            os.makedirs(directory, exist_ok=True)
+            usable_dir("log_dir", directory)
+            if keep_rows_upto is not None:
+                self._keep_old_rows(keep_rows_upto)
             if tensorboard:
                 try:
                     from tensorboardX import SummaryWriter  # optional
@@ -88,10 +118,26 @@ class Logger:
             self._last_progress = now
             print(format_progress(row), file=self.stream, flush=True)
 
+    def _keep_old_rows(self, upto: float) -> None:
+        try:
+            with open(self.csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                columns = list(reader.fieldnames or [])
+                rows = []
+                for r in reader:
+                    row = {k: float(v) for k, v in r.items() if k is not None and v not in (None, "")}
+                    if row.get(self.step_key, math.inf) <= upto:
+                        rows.append(row)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, csv.Error):
+            return                 # not a figures file this logger can read: started afresh
+        self._rows, self._columns = rows, columns
+
     def _write_csv(self, row):
         new = [k for k in row if k not in self._columns]
         self._rows.append(row)
-        if new or self._csv is None:
+        if new or self._csv is None:          # (re)write the whole file: header, kept and new rows
             self._columns.extend(new)
             if self._csv_file is not None:
                 self._csv_file.close()

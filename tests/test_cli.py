@@ -135,3 +135,27 @@ def test_info_lists_versions(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("rlflow ")
     assert "numpy" in out.stdout and "gymnasium" in out.stdout
+
+
+def test_the_installed_command_imports_a_module_from_the_current_directory(exp_file, tmp_path):
+    """`rlflow run MODULE:NAME` from the folder that holds MODULE, as `python -m` would find it (the
+    console script's sys.path starts with its own bin folder, not the current one)."""
+    script = pathlib.Path(sys.executable).parent / "rlflow"
+    assert script.exists(), f"no rlflow command beside {sys.executable}"
+    out = subprocess.run([str(script), "run", "cli_exp_fixture:experiment", "--max-env-steps", "100",
+                          "--quiet"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "local: 100 env steps" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", ":experiment", "--max-env-steps", "10"], "got ':experiment'"),
+    (["run", "{file}", "--max-env-steps", "1.5"], "--max-env-steps: expected an int > 0, got '1.5'"),
+    (["run", "{file}", "--max-seconds", "nan"], "--max-seconds: expected a number > 0, got 'nan'"),
+    (["run", "{file}", "--max-env-steps", "10", "--log-dir", "{file}"], "'log_dir'"),
+    (["run", "{file}", "--max-env-steps", "10", "--checkpoint-dir", "{file}/ckpt"], "'checkpoint_dir'"),
+])
+def test_bad_command_lines_are_one_line_errors(exp_file, tmp_path, args, expected):
+    out = rlflow_cmd(*[a.format(file=exp_file) for a in args], cwd=tmp_path)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert expected in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]

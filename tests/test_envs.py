@@ -319,3 +319,24 @@ def test_int_actions_that_would_wrap_in_a_narrower_dtype_are_refused():
                                             r"\[-128, 127\]\), got dtype int64 with values in \[0, 257\]"):
             venv.step(np.array([[1, 0, 257]], np.int64))
         assert len(kept) == 1
+
+
+def test_a_step_after_an_env_raised_asks_for_a_reset():
+    """An env that raises mid-step leaves the envs before it stepped and the others not: the next
+    step says to reset (naming the env and the error) instead of going on from mixed states; a
+    reset makes the vector env usable again."""
+    class Faulty(Scripted):
+        def step(self, action):
+            if action == 4:
+                raise ValueError("bad luck")
+            return super().step(action)
+
+    venv = rf.envs.make(lambda: Faulty(), num_envs=3)
+    venv.reset(seed=0)
+    with pytest.raises(ValueError, match="bad luck"):
+        venv.step(np.array([0, 4, 0]))
+    with pytest.raises(UsageError, match=r"reset\(\) after an env raised.*env 1's ValueError"):
+        venv.step(np.array([0, 0, 0]))
+    venv.reset(seed=0)
+    assert venv.step(np.array([1, 1, 1])).reward.tolist() == [11.0, 11.0, 11.0]
+    venv.close()

@@ -322,3 +322,21 @@ def test_an_env_that_keeps_its_actions_sees_them_unchanged(backend):
             buf[:] = t
             s = venv.step(buf)
         np.testing.assert_array_equal(s.final_obs[0], [6, 6])      # 1 + 2 + 3, not 3 + 3 + 3
+
+
+def test_aec_step_after_an_env_raised_asks_for_a_reset_then_plays_on():
+    """tictactoe refuses an out-of-range action before any env moves; the next step asks for a
+    reset (it used to blame the caller: 'a row that was not alive', on every later step)."""
+    with rf.envs.make(ttt, 2) as venv:
+        s = venv.reset(seed=0)
+        bad = legal_actions(s, np.random.default_rng(0))
+        bad[np.flatnonzero(s.alive)[0]] = 99
+        with pytest.raises(Exception, match="action"):
+            venv.step(bad)
+        with pytest.raises(UsageError, match=r"reset\(\) after an env raised"):
+            venv.step(legal_actions(s, np.random.default_rng(0)))
+        s = venv.reset(seed=0)
+        rng = np.random.default_rng(1)
+        for _ in range(20):
+            s = venv.step(legal_actions(s, rng))
+        assert s.alive.sum() == 2

@@ -205,3 +205,70 @@ def test_local_rows_count_from_the_run_clock(tmp_path):
 def test_max_restarts_is_checked_on_every_backend(backend, value):
     with pytest.raises(UsageError, match="'max_restarts': expected an int >= 0"):
         rf.run(experiment(), backend=backend, max_env_steps=10, max_restarts=value, progress=False)
+
+
+class MetricNamesLikeFigures(LinearQLearner):
+    """Returns metrics named like run figures."""
+
+    def step(self, batch):
+        super().step(batch)
+        return {"learner_steps": -1.0, "env_steps": -2.0, "param_lag": -3.0, "eval_seconds": -4.0,
+                "loss": 0.5}
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("process", marks=pytest.mark.multiprocess)])
+def test_learner_metrics_never_hide_the_run_figures(backend):
+    exp = experiment()
+    exp.learner = MetricNamesLikeFigures
+    r = rf.run(exp, backend=backend, max_learner_steps=200, progress=False)
+    f = r.figures
+    assert f["learner_steps"] == 200 and f["env_steps"] >= 100 and f["param_lag"] >= 0
+    assert f["eval_seconds"] >= 0 and f["loss"] == 0.5
+    assert (f["learner/learner_steps"], f["learner/env_steps"], f["learner/param_lag"],
+            f["learner/eval_seconds"]) == (-1.0, -2.0, -3.0, -4.0)
+    assert all(row["learner_steps"] >= 0 and row["env_steps"] >= 0 for row in r.history)
+
+
+def test_progress_prints_a_line_for_every_row_with_a_log_dir(tmp_path, capsys):
+    """The runtime decides when a row is due; the logger printed only some of them (its own clock,
+    read after the CSV write, came out a few ms short of progress_every)."""
+    r = rf.run(experiment(), max_seconds=2.0, progress=True, progress_every=0.1, log_dir=str(tmp_path))
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("env steps")]
+    assert len(r.history) >= 5 and len(lines) == len(r.history)
+
+
+def test_param_lag_counts_learner_steps_behind_the_learner():
+    """param_lag: learner steps between the learner's parameters and those the actor acts with
+    (it read 0 whatever param_sync_steps was: lag behind the latest *published* version)."""
+    exp = experiment()
+    exp.param_sync_steps = 50
+    r = rf.run(exp, max_learner_steps=1_000, progress=False, progress_every=0.01)
+    lags = [(row["learner_steps"], row["param_lag"]) for row in r.history]
+    # published every 50 steps; the actor pulls at its next step, and learning may cross one more 50
+    assert all(lag in (steps % 50, steps % 50 + 50) for steps, lag in lags), lags
+    assert any(lag > 0 for _, lag in lags)
+
+
+def test_a_resumed_run_keeps_the_first_runs_rows_in_its_log_dir(tmp_path):
+    import csv
+
+    log, ck = str(tmp_path / "log"), str(tmp_path / "ck")
+    rf.run(experiment(), max_env_steps=1_000, progress=False, progress_every=0.01, log_dir=log,
+           checkpoint_dir=ck)
+    with open(tmp_path / "log" / "figures.csv") as f:
+        first = [float(row["env_steps"]) for row in csv.DictReader(f)]
+    rf.run(experiment(), max_env_steps=2_000, progress=False, progress_every=0.01, log_dir=log, resume=ck)
+    with open(tmp_path / "log" / "figures.csv") as f:
+        both = [float(row["env_steps"]) for row in csv.DictReader(f)]
+    assert len(first) > 2 and both[:len(first)] == first and both[-1] == 2_000
+    assert all(a < b for a, b in zip(both, both[1:])), both
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("process", marks=pytest.mark.multiprocess)])
+def test_an_unusable_checkpoint_dir_is_refused_before_the_run(tmp_path, backend):
+    (tmp_path / "file").write_text("x")
+    t = time.monotonic()
+    with pytest.raises(UsageError, match="'checkpoint_dir'"):
+        rf.run(experiment(), backend=backend, max_seconds=30, checkpoint_dir=str(tmp_path / "file" / "ck"),
+               progress=False)
+    assert time.monotonic() - t < 10

@@ -51,3 +51,32 @@ def _scalars(directory):
             for v in event.summary.value:
                 out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out
+
+
+def test_a_resumed_logger_keeps_the_rows_up_to_its_checkpoint(tmp_path):
+    """keep_rows_upto=N: the old file's rows up to N env steps stay, those past N (written after the
+    checkpoint) go, and the new rows follow: one series, whatever columns either run had."""
+    log = Logger(str(tmp_path), progress_every=None, tensorboard=False)
+    for e in (100, 200, 300):
+        log.write({"env_steps": e, "loss": e / 100})
+    log.close()
+    log = Logger(str(tmp_path), progress_every=None, tensorboard=False, keep_rows_upto=200)
+    log.write({"env_steps": 250, "loss": 9.0, "eval_return": 5.0})
+    log.close()
+    with open(tmp_path / "figures.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["env_steps"]) for r in rows] == [100.0, 200.0, 250.0]
+    assert [r["eval_return"] for r in rows] == ["", "", "5.0"] and rows[1]["loss"] == "2.0"
+    fresh = Logger(str(tmp_path), progress_every=None, tensorboard=False)     # not a resume: a new file
+    fresh.write({"env_steps": 7})
+    fresh.close()
+    with open(tmp_path / "figures.csv") as f:
+        assert [r["env_steps"] for r in csv.DictReader(f)] == ["7.0"]
+
+
+def test_a_log_dir_that_cannot_be_made_names_log_dir(tmp_path):
+    from rlflow.errors import UsageError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="'log_dir'.*file"):
+        Logger(str(tmp_path / "file"), progress_every=None)

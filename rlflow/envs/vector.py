@@ -424,6 +424,7 @@ class _InPlace(VectorEnv):
         self.arrays = layout.allocate(rows) if arrays is None else arrays
         self._obs = ObsBuffer(layout, self.arrays, "obs")
         self._final = ObsBuffer(layout, self.arrays, "final_obs")
+        self._raised = None               # what an env raised in the last step, until a reset
         self._setup()
 
     @staticmethod
@@ -435,10 +436,20 @@ class _InPlace(VectorEnv):
 
     def _reset(self, seed):
         self.reset_rows(seed)
+        self._raised = None
         return self._make_step(self.arrays, self._obs, self._final)
 
     def _step(self, actions):
-        self.step_rows(actions)
+        if self._raised is not None:
+            raise UsageError(mismatch(f"{type(self).__name__}.step", "envs", "reset() after an env raised "
+                                      "(the envs before it had stepped, the others had not)",
+                                      f"a step after {self._raised}"))
+        try:
+            self.step_rows(actions)
+        except Exception as exc:
+            index = getattr(exc, "rlflow_env_index", None)
+            self._raised = f"env {index}'s {type(exc).__name__}" if index is not None else type(exc).__name__
+            raise
         return self._make_step(self.arrays, self._obs, self._final)
 
     def _close(self):

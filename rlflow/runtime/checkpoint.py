@@ -49,6 +49,7 @@ from typing import Any, Optional
 import numpy as np
 
 from rlflow.errors import UsageError, mismatch
+from rlflow.logging import usable_dir
 
 LATEST = "LATEST"
 FORMAT = 1
@@ -77,6 +78,8 @@ def check_options(checkpoint_dir, checkpoint_every, resume) -> Optional[int]:
             raise UsageError(mismatch("run", "checkpoint_every", "an int >= 1 (learner steps)",
                                       repr(checkpoint_every)))
         checkpoint_every = int(checkpoint_every)
+    if checkpoint_dir is not None:
+        usable_dir("checkpoint_dir", checkpoint_dir)
     if resume is not None:
         find(resume)           # raises if there is nothing to resume from
     return checkpoint_every

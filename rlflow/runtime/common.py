@@ -118,7 +118,11 @@ class Figures:
         next row's rates."""
         self._paused += seconds
 
-    def row(self, env_steps, learner_steps, table, episodes, episode_return, extra=None) -> dict:
+    def row(self, env_steps, learner_steps, table, episodes, episode_return, extra=None,
+            metrics=None) -> dict:
+        """The figures row; the learner's scalar `metrics` join it under their own names, except
+        names the run's figures use (RESERVED and the row's own keys), which get "learner/" in
+        front: a learner's "env_steps" metric never hides the run's counter."""
         now = time.monotonic()
         t, e, l = self._last
         dt = max(now - t - self._paused, 1e-9)
@@ -139,7 +143,14 @@ class Figures:
         }
         if extra:
             row.update(extra)
+        for k, v in (metrics or {}).items():
+            row[f"learner/{k}" if k in row or k in RESERVED else k] = v
         return row
+
+
+RESERVED = frozenset({"startup_seconds", "eval_seconds", "eval_return", "param_lag", "queue_depth"})
+"""Names of run figures that are not in every row (the final figures' extras, the runtimes' live
+figures): a learner metric of one of these names is logged as "learner/<name>"."""
 
 
 def scalar_metrics(metrics: dict) -> dict:
@@ -153,5 +164,8 @@ def scalar_metrics(metrics: dict) -> dict:
     return out
 
 
-def make_logger(log_dir: Optional[str], progress: bool, progress_every: float) -> Logger:
-    return Logger(directory=log_dir, progress_every=progress_every if progress else None)
+def make_logger(log_dir: Optional[str], progress: bool, progress_every: float, resumed=None) -> Logger:
+    """The run's logger; a resumed run keeps the figures rows written up to its checkpoint."""
+    upto = None if resumed is None else float(resumed.counters["env_steps"])
+    return Logger(directory=log_dir, progress_every=progress_every if progress else None,
+                  keep_rows_upto=upto)

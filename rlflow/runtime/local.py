@@ -40,7 +40,7 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
     seed_all(exp.seed)
     venv = make_venv(exp)
     evaluator = None
-    logger = make_logger(log_dir, progress, progress_every)
+    logger = make_logger(log_dir, progress, progress_every, resumed)
     try:
         spec = venv.spec
         policy = build(exp.policy, Policy, spec)
@@ -122,10 +122,11 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
             if evaluated or stop or figures.due(progress_every):
                 row = figures.row(actor.env_steps, driver.steps, table, actor.stats.episodes,
                                   actor.stats.mean_return(),
-                                  {"eval_return": eval_return, "param_lag": client.lag(),
-                                   **scalar_metrics(driver.last_metrics)})
+                                  {"eval_return": eval_return,
+                                   "param_lag": float(max(0, driver.steps - client.version))},
+                                  scalar_metrics(driver.last_metrics))
                 history.append(row)
-                logger.write(row, force=evaluated or stop)
+                logger.write(row, force=True)        # due: the progress line too
             if stop:
                 break
         if checkpoint_dir is not None:

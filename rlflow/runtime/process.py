@@ -574,7 +574,7 @@ class _ProcessRun:
             self.slots = int(min(256, max(8, (32 << 20) // max(1, slot_bytes(self.item_specs, self.rows_per_slot)))))
         self.seed0 = ckpt.env_seed(exp.seed, resumed)
 
-        self.logger = make_logger(log_dir, progress, progress_every)
+        self.logger = make_logger(log_dir, progress, progress_every, resumed)
         K = self.num_actors
         self.control = SharedArrays({"stats": ((K, NSTATS), np.float64), "control": ((4,), np.int64)},
                                     named=True)
@@ -689,10 +689,10 @@ class _ProcessRun:
                 env_steps = self._wind_down()
             if evaluated or stop or figures.due(progress_every):
                 row = figures.row(env_steps, driver.steps, table, int(stats[:, EPISODES].sum()),
-                                  self._mean_return(), {"eval_return": eval_return, **self._live(),
-                                                        **scalar_metrics(driver.last_metrics)})
+                                  self._mean_return(), {"eval_return": eval_return, **self._live(driver.steps)},
+                                  scalar_metrics(driver.last_metrics))
                 history.append(row)
-                self.logger.write(row, force=evaluated or stop)
+                self.logger.write(row, force=True)   # due: the progress line too
             if stop:
                 break
         self._stop_actors()
@@ -766,9 +766,11 @@ class _ProcessRun:
             return math.nan
         return float((s[:, RETURN] * w).sum() / w.sum())
 
-    def _live(self) -> dict:
+    def _live(self, learner_steps: int) -> dict:
+        """Queue depths and each actor's parameter lag: learner steps between the learner's
+        parameters and the version the actor acts with."""
         s = self.control.arrays["stats"]
-        latest = self.store.latest_version()
+        latest = learner_steps
         out = {}
         lags, depths = [], []
         for h in self.actors:
