@@ -200,3 +200,56 @@ def test_actor_items_continue_after_a_resume_with_another_actor_count(tmp_path):
     assert a.figures["actor_items"] == a.figures["env_steps"]
     b = rf.run(exp, backend="process", num_actors=3, max_env_steps=2_000, progress=False, resume=d)
     assert b.figures["actor_items"] == b.figures["env_steps"] == b.table.stats()["inserts"]
+
+
+def test_resuming_with_another_table_is_refused_naming_what_differs(tmp_path):
+    ck = str(tmp_path / "ck")
+    rf.run(experiment(), max_env_steps=400, progress=False, checkpoint_dir=ck)
+    other = experiment()
+
+    def limiter():
+        return rf.rate_limiters.SampleToInsertRatio(samples_per_insert=2.0, min_size_to_sample=64,
+                                                    error_buffer=64.0)
+    other.table = lambda specs: rf.Table(capacity=5_000, sampler=rf.selectors.Uniform(seed=2),
+                                         remover=rf.selectors.Fifo(), specs=specs, rate_limiter=limiter())
+    with pytest.raises(UsageError, match="'table capacity': expected 20000 as in the checkpoint.*got 5000"):
+        rf.run(other, max_env_steps=800, progress=False, resume=ck)
+    other.table = lambda specs: rf.Table(capacity=20_000, sampler=rf.selectors.Lifo(), specs=specs,
+                                         remover=rf.selectors.Fifo(), rate_limiter=limiter())
+    with pytest.raises(UsageError, match="'table sampler': expected Uniform().*got Lifo()"):
+        rf.run(other, max_env_steps=800, progress=False, resume=ck)
+    again = experiment(seed=5)                     # the same table (its seed aside) resumes
+    assert rf.run(again, max_env_steps=800, progress=False, resume=ck).figures["env_steps"] == 800
+
+
+@pytest.mark.parametrize("damage", ["learner.pkl", "run.pkl", "table/table.json", "table/field_0.npy",
+                                    "table/priorities.npy"])
+@pytest.mark.parametrize("how", ["truncate", "remove"])
+def test_a_damaged_checkpoint_file_is_an_error_naming_it(tmp_path, damage, how):
+    ck = tmp_path / "ck"
+    rf.run(experiment(), max_env_steps=300, progress=False, checkpoint_dir=str(ck))
+    path = pathlib.Path(ckpt.find(ck)) / damage
+    if how == "remove":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    if damage == "run.pkl" and how == "remove":
+        expected = "which is missing"             # LATEST names no complete checkpoint
+    elif damage == "table/table.json" and how == "remove":
+        expected = r"no table checkpoint in .*table.json is missing"
+    else:
+        expected = f"{os.path.basename(damage)}'?: expected a complete, readable file"
+    with pytest.raises(UsageError, match=expected):
+        rf.run(experiment(), max_env_steps=600, progress=False, resume=str(ck))
+
+
+def test_a_good_save_removes_what_killed_saves_left(tmp_path):
+    """A save killed before its rename leaves .tmp-ckpt-* (a table-sized copy) and maybe a LATEST
+    pointer file; the next good save removes them."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / ".tmp-ckpt-000007-deadbeef" / "table").mkdir(parents=True)
+    (ck / ".tmp-ckpt-000007-deadbeef" / "learner.pkl").write_bytes(b"x" * 100)
+    (ck / ".LATEST.cafe").write_text("ckpt-000007\n")
+    rf.run(experiment(), max_env_steps=300, progress=False, checkpoint_dir=str(ck))
+    assert sorted(p.name for p in ck.iterdir()) == ["LATEST", "ckpt-000001"]

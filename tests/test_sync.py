@@ -60,3 +60,23 @@ def test_a_learner_without_params_is_followed_by_version_only(shared):
     finally:
         if shared:
             store.close()
+
+
+def test_the_shared_store_never_narrows_a_leaf_and_names_it_by_key():
+    """The shared store's slots keep the first publication's dtypes. A later int64 2**40 in an int32
+    slot read back as 0, a float64 1e300 in a float32 one as inf; now it is a SpecError naming the
+    user's key, while casts that keep every value (int32 -> int64 slots) still go through."""
+    from rlflow.errors import SpecError
+    from rlflow.runtime.params import SharedParamStore
+
+    store = SharedParamStore({"w": np.zeros(2, np.float32), "nc": np.zeros(2, np.int64)})
+    try:
+        store.publish({"w": np.ones(2, np.float32), "nc": np.array([1, 2], np.int32)}, 0)
+        assert store.read()[1]["nc"].tolist() == [1, 2]
+        with pytest.raises(SpecError, match=r"params\['w'\]'.*float32.*got dtype float64"):
+            store.publish({"w": np.array([1e300, 0.1]), "nc": np.zeros(2, np.int64)}, 1)
+        with pytest.raises(SpecError, match=r"params\['nc'\]'.*shape \(2,\)"):
+            store.publish({"w": np.ones(2, np.float32), "nc": np.zeros(3, np.int64)}, 1)
+        assert store.read()[0] == 0                   # nothing half-published
+    finally:
+        store.close()

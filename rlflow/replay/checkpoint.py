@@ -80,7 +80,7 @@ def _part(name, obj, tmp) -> dict:
     return entry
 
 
-def _restore_part(name, entry, directory):
+def _restore_part(name, entry, directory, load_npy=np.load):
     if "config" in entry:
         obj = _import(entry["class"])(**entry["config"])
     else:
@@ -88,7 +88,7 @@ def _restore_part(name, entry, directory):
             obj = pickle.load(f)
     state = dict(entry["state"])
     for k in entry["arrays"]:
-        state[k] = np.load(os.path.join(directory, f"{name}.{k}.npy"), allow_pickle=False)
+        state[k] = load_npy(os.path.join(directory, f"{name}.{k}.npy"), allow_pickle=False)
     return obj, state
 
 
@@ -161,7 +161,25 @@ def _write(table, tmp):
 
 
 def load(cls, directory):
+    """The table saved in `directory`; a file that is missing, truncated or corrupt is a UsageError
+    naming it."""
     directory = os.path.abspath(os.fspath(directory))
+    reading = [os.path.join(directory, "table.json")]
+    try:
+        return _load(cls, directory, reading)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"table checkpoint file {reading[0]!r}: expected a "
+                         f"complete, readable file, got {type(e).__name__}: {e}") from e
+
+
+def _load(cls, directory, reading):
+    """`load`; `reading[0]` is the path of the file being read, for the error."""
+    def load_npy(path, **kw):
+        reading[0] = path
+        return np.load(path, **kw)
+
     if not os.path.exists(os.path.join(directory, "table.json")):
         parent, base = os.path.split(directory)
         # a save died between its renames: the checkpoint it moved aside is the newest good one
@@ -170,13 +188,14 @@ def load(cls, directory):
         if not olds:
             raise UsageError(f"no table checkpoint in {directory!r} (table.json is missing)")
         directory = max(olds, key=lambda d: os.path.getmtime(os.path.join(d, "table.json")))
+    reading[0] = os.path.join(directory, "table.json")
     with open(os.path.join(directory, "table.json")) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
         raise UsageError(f"table checkpoint format {meta.get('format')!r} in {directory!r}, expected {FORMAT}")
-    sampler, s_state = _restore_part("sampler", meta["sampler"], directory)
-    remover, r_state = _restore_part("remover", meta["remover"], directory)
-    limiter, l_state = _restore_part("rate_limiter", meta["rate_limiter"], directory)
+    sampler, s_state = _restore_part("sampler", meta["sampler"], directory, load_npy)
+    remover, r_state = _restore_part("remover", meta["remover"], directory, load_npy)
+    limiter, l_state = _restore_part("rate_limiter", meta["rate_limiter"], directory, load_npy)
     specs = None
     if meta["specs"] is not None:
         specs = {k: ArraySpec(meta["specs"][k]["shape"], np.dtype(meta["specs"][k]["dtype"])) for k in meta["fields"]}
@@ -184,17 +203,17 @@ def load(cls, directory):
     sampler.load_state_dict(s_state)
     remover.load_state_dict(r_state)
     limiter.load_state_dict(l_state)
-    slot_key = np.load(os.path.join(directory, "slot_keys.npy"))
+    slot_key = load_npy(os.path.join(directory, "slot_keys.npy"))
     table._slot_key[:] = slot_key
-    table._times[:] = np.load(os.path.join(directory, "times.npy"))
-    table._prio[:] = np.load(os.path.join(directory, "priorities.npy"))
-    free = np.load(os.path.join(directory, "free.npy"))
+    table._times[:] = load_npy(os.path.join(directory, "times.npy"))
+    table._prio[:] = load_npy(os.path.join(directory, "priorities.npy"))
+    free = load_npy(os.path.join(directory, "free.npy"))
     table._free[:len(free)] = free
     table._nfree = len(free)
     table._free_sorted = bool(len(free) < 2 or (np.diff(free) < 0).all())
     live = np.flatnonzero(slot_key >= 0)
     for i, name in enumerate(meta["fields"]):
-        table._storage[name][live] = np.load(os.path.join(directory, f"field_{i}.npy"))
+        table._storage[name][live] = load_npy(os.path.join(directory, f"field_{i}.npy"))
     table._next_key = int(meta["next_key"])
     table._reindex()
     table._budget = int(meta["budget"])

@@ -198,9 +198,19 @@ def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int 
 
 
 def _prune(directory, keep, newest):
+    """Keep the `keep` newest checkpoints up to `newest`; also remove what saves killed before
+    their rename left (".tmp-ckpt-*", ".LATEST.*"): a good save is in place, they are garbage."""
     names = sorted(n for n in os.listdir(directory) if n.startswith("ckpt-") and n <= newest)
     for n in names[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(directory, n), ignore_errors=True)
+    for n in os.listdir(directory):
+        if n.startswith(".tmp-ckpt-"):
+            shutil.rmtree(os.path.join(directory, n), ignore_errors=True)
+        elif n.startswith(f".{LATEST}."):
+            try:
+                os.remove(os.path.join(directory, n))
+            except OSError:
+                pass
 
 
 def _jsonable(v):
@@ -220,15 +230,52 @@ def load_run(directory) -> RunState:
     from rlflow.replay import Table
 
     path = find(directory)
-    with open(os.path.join(path, "run.pkl"), "rb") as f:
-        meta = pickle.load(f)
-    if meta.get("format") != FORMAT:
-        raise UsageError(mismatch("checkpoint", path, f"format {FORMAT}", f"format {meta.get('format')!r}"))
-    with open(os.path.join(path, "learner.pkl"), "rb") as f:
-        learner_state = pickle.load(f)
-    table = Table.load(os.path.join(path, "table"))
-    return RunState(path=path, counters=meta["counters"], rng=meta["rng"], learner_state=learner_state,
-                    table=table)
+    reading = "run.pkl"
+    try:
+        with open(os.path.join(path, "run.pkl"), "rb") as f:
+            meta = pickle.load(f)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise UsageError(mismatch("checkpoint", path, f"format {FORMAT}", f"format {fmt!r}"))
+        counters, rng = meta["counters"], meta["rng"]
+        reading = "learner.pkl"
+        with open(os.path.join(path, "learner.pkl"), "rb") as f:
+            learner_state = pickle.load(f)
+    except UsageError:
+        raise
+    except Exception as e:         # truncated, corrupt or missing: name the file
+        raise damaged(path, reading, e) from e
+    table = Table.load(os.path.join(path, "table"))     # names a damaged file of its own
+    return RunState(path=path, counters=counters, rng=rng, learner_state=learner_state, table=table)
+
+
+def damaged(path: str, name: str, e: BaseException) -> UsageError:
+    """The error for a checkpoint file that cannot be read."""
+    return UsageError(mismatch("checkpoint", os.path.join(path, name), "a complete, readable file",
+                               f"{type(e).__name__}: {e}"))
+
+
+def check_resumed_table(saved, wanted) -> None:
+    """A resumed run carries on with the checkpoint's table; the experiment's table (`wanted`, built
+    as a fresh run would build it) must be configured the same: capacity, max_times_sampled, item
+    specs, and sampler / remover / rate limiter classes and constructor arguments (seeds aside: the
+    checkpoint's random state goes on). A difference is a UsageError naming it, never a run that
+    silently keeps the old table."""
+    def parts(t):
+        out = {"capacity": t.capacity, "max_times_sampled": t.max_times_sampled}
+        for name in ("sampler", "remover", "rate_limiter"):
+            obj = getattr(t, name)
+            config = obj.config() if hasattr(obj, "config") else {}
+            config = {k: v for k, v in _jsonable(config).items() if k != "seed"}
+            out[name] = f"{type(obj).__name__}({', '.join(f'{k}={v!r}' for k, v in sorted(config.items()))})"
+        out["specs"] = t.specs
+        return out
+
+    have, want = parts(saved), parts(wanted)
+    for k in have:
+        if want[k] is not None and have[k] is not None and have[k] != want[k]:
+            raise UsageError(mismatch("resume", f"table {k}", f"{have[k]} as in the checkpoint (a resumed run "
+                                      "carries on with its table)", f"{want[k]} in the experiment"))
 
 
 def actor_bases(state: Optional[RunState], num_actors: int) -> list[dict]:

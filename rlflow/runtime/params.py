@@ -60,6 +60,18 @@ def _flatten(params, leaves: list):
     return ("leaf", len(leaves) - 1)
 
 
+def _leaf_names(tree, at: str = "params") -> list:
+    """Where each leaf sits in the user's structure ("params['w']", "params[0][1]"), in leaf order."""
+    kind = tree[0]
+    if kind == "leaf":
+        return [at]
+    if kind == "dict":
+        return [n for k, v in tree[1] for n in _leaf_names(v, f"{at}[{k!r}]")]
+    if kind in ("list", "tuple"):
+        return [n for i, v in enumerate(tree[1]) for n in _leaf_names(v, f"{at}[{i}]")]
+    return []
+
+
 def _build(tree, leaves):
     kind = tree[0]
     if kind == "none":
@@ -128,12 +140,16 @@ class SharedParamStore:
         dst = self._bufs[b]
         for i, (a, (shape, dtype)) in enumerate(zip(leaves, self._leaf_specs)):
             if a.shape != shape:
-                raise SpecError(mismatch("params", f"leaf {i}", f"shape {shape}", f"shape {a.shape}"))
-            if a.dtype != dtype and not np.can_cast(a.dtype, dtype, casting="same_kind"):
-                raise SpecError(mismatch("params", f"leaf {i}", f"dtype {dtype}", f"dtype {a.dtype}"))
+                raise SpecError(mismatch("params", _leaf_names(self._tree)[i], f"shape {shape} (as first "
+                                         "published)", f"shape {a.shape}"))
+            # the slots keep the first publication's dtypes: a later dtype is taken only where every
+            # value survives the cast (int32 -> int64, float32 -> float64), never narrowed
+            if a.dtype != dtype and not np.can_cast(a.dtype, dtype, casting="safe"):
+                raise SpecError(mismatch("params", _leaf_names(self._tree)[i], f"dtype {dtype} (as first "
+                                         "published) or one that casts to it exactly", f"dtype {a.dtype}"))
         h[_SEQ + b] += 1                       # odd: being written
         for a, d in zip(leaves, dst):
-            np.copyto(d, a, casting="same_kind")
+            np.copyto(d, a, casting="safe")
         h[_VER + b] = version
         h[_SEQ + b] += 1                       # even: consistent
         h[_ACTIVE] = b

@@ -562,7 +562,10 @@ class _ProcessRun:
             probe.close()
         self.extras_specs = extras_specs
         self.item_specs = fresh_adder(exp).item_specs(spec, extras_specs)
-        table = resumed.table if resumed is not None else build_table(exp, spec, extras_specs)
+        table = build_table(exp, spec, extras_specs)
+        if resumed is not None:               # the checkpoint's table goes on, if it is the same one
+            ckpt.check_resumed_table(resumed.table, table)
+            table = resumed.table
         self.table = table
         self.rows_per_slot = self.slot_rows or max(1, spec.num_envs)
         ratio = getattr(table.rate_limiter, "samples_per_insert", None)
