@@ -222,7 +222,8 @@ class Selector(abc.ABC):
         selector.remove(victims)
         selector.update_priorities(ids, new_priorities)
 
-    Selectors that ignore priorities (Uniform, Fifo, Lifo) accept them and do nothing with them.
+    Selectors that ignore priorities (Uniform, Fifo, Lifo) check them as every selector does (present
+    ids; finite priorities >= 0) and do nothing with them.
     `state_dict` / `load_state_dict` let a checkpoint restore the exact order and priorities.
     """
 
@@ -236,7 +237,8 @@ class Selector(abc.ABC):
     def remove(self, ids: np.ndarray) -> None: ...
 
     def update_priorities(self, ids: np.ndarray, priorities: np.ndarray) -> None:
-        """Default: priorities do not matter to this selector."""
+        """Default: priorities do not matter to this selector (rlflow's own selectors still check
+        that the ids are present and the priorities finite and >= 0)."""
 
     @abc.abstractmethod
     def __len__(self) -> int: ...

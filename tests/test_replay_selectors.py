@@ -344,3 +344,44 @@ def test_negative_or_float_ids_are_refused_not_read_from_the_end(make):
     assert len(ids) == 0 and len(probs) == 0
     ids, probs = sel.sample(3)
     assert set(ids.tolist()) <= {3, 7, 15} and np.all(probs <= 1.0)
+
+
+@pytest.mark.parametrize("make", [selectors.Uniform, selectors.Fifo, selectors.Lifo])
+def test_selectors_that_ignore_priorities_still_check_updates(make):
+    """The module's promise: updating an absent id is a UsageError, and no selector takes a NaN or
+    negative priority (Uniform, Fifo and Lifo inherited a do-nothing update_priorities)."""
+    s = make()
+    s.add(np.arange(4), np.ones(4))
+    s.update_priorities(np.array([1, 3]), np.array([0.0, 2.5]))          # fine: nothing changes
+    for ids, p, what in (([5], [1.0], "not present"), ([1], [np.nan], "finite"), ([1], [-1.0], "finite"),
+                         ([1, 2], [1.0], r"shape \(2,\)")):
+        with pytest.raises(UsageError, match=what):
+            s.update_priorities(np.array(ids), np.array(p))
+    with pytest.raises(UsageError, match="finite"):
+        s.add(np.array([7]), np.array([np.inf]))
+    assert len(s) == 4
+
+
+@pytest.mark.parametrize("alpha, priorities", [(1.0, [1e308, 1e308]), (2.0, [1e200, 1.0])])
+def test_priorities_whose_powers_overflow_are_refused_before_anything_changes(alpha, priorities):
+    """Finite priorities whose p ** alpha sum overflows made the tree's total inf: draws then landed
+    on empty leaves (key -1, probability 0). The table and the selector alone refuse them; the
+    table stays as it was."""
+    import rlflow as rf
+
+    t = rf.Table(10, sampler=rf.selectors.Prioritized(alpha=alpha, seed=0))
+    t.insert({"x": np.array([1, 2], np.int64)}, priorities=np.array([1.0, 1.0]))
+    with pytest.raises(UsageError, match="finite float64"):
+        t.insert({"x": np.array([10, 11], np.int64)}, priorities=np.array(priorities))
+    with pytest.raises(UsageError, match="finite float64"):
+        t.update_priorities([0, 1], np.array(priorities))
+    assert len(t) == 2
+    s = t.sample(8)
+    assert set(s.keys.tolist()) == {0, 1} and (s.probabilities == 0.5).all()
+    alone = selectors.Prioritized(alpha=alpha, seed=0)
+    with pytest.raises(UsageError, match="finite float64"):
+        alone.add(np.array([0, 1]), np.array(priorities))
+    assert len(alone) == 0
+    t.update_priorities([0], [3.0])                     # replacing a value: checked against the new total
+    alone.add(np.array([0]), np.array([1e150 if alpha == 2.0 else 1e307]))
+    alone.update_priorities(np.array([0]), np.array([1e150 if alpha == 2.0 else 1e307]))

@@ -30,6 +30,7 @@ from rlflow.replay.sumtree import SumTree
 __all__ = ["Uniform", "Prioritized", "Fifo", "Lifo", "MaxHeap", "MinHeap"]
 
 _I64 = np.int64
+_MAX_TOTAL = np.finfo(np.float64).max / 4      # headroom for the tree's partial sums' rounding
 
 
 def _ids(ids) -> np.ndarray:
@@ -60,6 +61,26 @@ def _pos_for_new_ids(pos: np.ndarray, ids: np.ndarray, who: str) -> np.ndarray:
     if (pos[ids] >= 0).any() or len(np.unique(ids)) != len(ids):
         raise UsageError(f"{who}.add: ids {ids.tolist()} include ids already present")
     return pos
+
+
+def _check_priorities(priorities, n):
+    """`priorities` as n float64s, finite and >= 0, or a UsageError naming the first bad one."""
+    p = np.asarray(priorities, dtype=np.float64).reshape(-1)
+    if len(p) != n:
+        raise UsageError(mismatch("priorities", "priorities", f"shape ({n},)", f"shape {p.shape}"))
+    if not np.isfinite(p).all() or (p < 0).any():
+        bad = p[~(np.isfinite(p) & (p >= 0))][0]
+        raise UsageError(mismatch("priority", "priorities", "finite values >= 0", bad))
+    return p
+
+
+def _update_checks(selector, ids, priorities) -> None:
+    """update_priorities of a selector that ignores priorities: present ids, valid priorities."""
+    ids = _ids(ids)
+    _check_priorities(priorities, len(ids))
+    if len(ids) and not selector._all_present(ids):
+        raise UsageError(f"{type(selector).__name__}.update_priorities: ids {ids.tolist()} include ids "
+                         "not present")
 
 
 def _rng_for(seed):
@@ -170,6 +191,8 @@ class Uniform(_Base):
         n = len(ids)
         if n == 0:
             return
+        if priorities is not None:
+            _check_priorities(priorities, n)
         self._materialize()
         self._pos = _pos_for_new_ids(self._pos, ids, type(self).__name__)
         self._room(n)
@@ -207,19 +230,28 @@ class Uniform(_Base):
         self._pos[start:start + n] = np.arange(t, t + n, dtype=_I64)
         self._size += n
 
+    def _all_present(self, ids) -> bool:
+        pos = self._pos
+        if self._identity:
+            h = self._head
+            return bool(ids.min() >= h and ids.max() < h + self._size)
+        return not (ids.max() >= len(pos) or ids.min() < 0 or (pos[ids] < 0).any())
+
     def remove(self, ids):
         ids = _ids(ids)
         if len(ids) == 0:
             return
-        pos = self._pos
-        if self._identity:
-            h = self._head
-            bad = ids.min() < h or ids.max() >= h + self._size
-        else:
-            bad = ids.max() >= len(pos) or ids.min() < 0 or (pos[ids] < 0).any()
-        if bad or len(np.unique(ids)) != len(ids):
+        if not self._all_present(ids) or len(np.unique(ids)) != len(ids):
             raise UsageError(f"Uniform.remove: ids {ids.tolist()} include ids not present")
         self._remove(ids)
+
+    def update_priorities(self, ids, priorities):
+        """Priorities do not change a uniform draw; the ids must be present and the priorities
+        valid all the same (finite, >= 0), as for every selector."""
+        _update_checks(self, ids, priorities)
+
+    def _update(self, ids, priorities):       # the table's fast path: it has checked both
+        pass
 
     def _remove(self, ids):
         """Remove present, distinct ids (see the class docstring for the order that results)."""
@@ -342,6 +374,8 @@ class Fifo(_Base):
         n = len(ids)
         if n == 0:
             return
+        if priorities is not None:
+            _check_priorities(priorities, n)
         self._pos = _pos_for_new_ids(self._pos, ids, type(self).__name__)
         if self._tail + n > len(self._buf):
             self._compact(n)
@@ -380,15 +414,25 @@ class Fifo(_Base):
         self._pos[ids] = np.arange(n, dtype=_I64)
         self._head, self._tail, self._size = 0, n, n
 
+    def _all_present(self, ids) -> bool:
+        pos = self._pos
+        return not (ids.min() < 0 or ids.max() >= len(pos) or (pos[ids] < 0).any())
+
     def remove(self, ids):
         ids = _ids(ids)
         if len(ids) == 0:
             return
-        pos = self._pos
-        if (ids.min() < 0 or ids.max() >= len(pos) or (pos[ids] < 0).any()
-                or len(np.unique(ids)) != len(ids)):
+        if not self._all_present(ids) or len(np.unique(ids)) != len(ids):
             raise UsageError(f"{type(self).__name__}.remove: ids {ids.tolist()} include ids not present")
         self._remove(ids)
+
+    def update_priorities(self, ids, priorities):
+        """Priorities do not change the order; the ids must be present and the priorities valid
+        all the same (finite, >= 0), as for every selector."""
+        _update_checks(self, ids, priorities)
+
+    def _update(self, ids, priorities):       # the table's fast path: it has checked both
+        pass
 
     def _remove(self, ids):
         self._pos[ids] = -1
@@ -504,15 +548,21 @@ class Prioritized(_Base):
             return (p > 0).astype(np.float64)
         return np.power(p, self.alpha)
 
-    @staticmethod
-    def _check(priorities, n):
-        p = np.asarray(priorities, dtype=np.float64).reshape(-1)
-        if len(p) != n:
-            raise UsageError(mismatch("priorities", "priorities", f"shape ({n},)", f"shape {p.shape}"))
-        if not np.isfinite(p).all() or (p < 0).any():
-            bad = p[~(np.isfinite(p) & (p >= 0))][0]
-            raise UsageError(mismatch("priority", "priorities", "finite values >= 0", bad))
-        return p
+    def check_fits(self, p, replacing=None) -> None:
+        """Raise a UsageError unless the sum tree's total stays a finite float64 once priorities
+        `p` are added (or replace those of the ids `replacing`): with an infinite total, draws
+        would land on empty leaves. Only priorities near 1e308 ** (1 / alpha) fail. A table calls
+        this before it changes anything."""
+        with np.errstate(over="ignore"):          # an overflow is what this looks for
+            total = self._tree.total + float(np.sum(self._powered(np.asarray(p, dtype=np.float64))))
+            if (not np.isfinite(total) or total > _MAX_TOTAL) and replacing is not None and len(replacing):
+                total -= float(self._tree.values(replacing).sum())
+        if not np.isfinite(total) or total > _MAX_TOTAL:
+            raise UsageError(mismatch("priority", "priorities", f"values whose p ** alpha (alpha={self.alpha}) "
+                                      "keep the sum of all priorities a finite float64",
+                                      f"values up to {float(np.max(p)):.3g}"))
+
+    _check = staticmethod(_check_priorities)
 
     def add(self, ids, priorities=None):
         ids = _ids(ids)
@@ -525,6 +575,7 @@ class Prioritized(_Base):
         self._resize(int(ids.max()) + 1)
         if self._present[ids].any() or len(np.unique(ids)) != n:
             raise UsageError(f"Prioritized.add: ids {ids.tolist()} include ids already present")
+        self.check_fits(p)
         self._present[ids] = True
         self._prio[ids] = p
         self._tree.update(ids, self._powered(p))
@@ -566,6 +617,7 @@ class Prioritized(_Base):
             return
         if ids.min() < 0 or ids.max() >= len(self._present) or not self._present[ids].all():
             raise UsageError(f"Prioritized.update_priorities: ids {ids.tolist()} include ids not present")
+        self.check_fits(p, replacing=ids)
         self._update(ids, p)
 
     def _update(self, ids, p):

@@ -199,6 +199,8 @@ class Table:
         self._storage: dict[str, np.ndarray] = {}
         self._cols = None
         # bound methods of the hot path (user selectors without the fast hooks get adapters)
+        # selectors whose sums could overflow (Prioritized) check priorities before anything changes
+        self._fit_checks = [x.check_fits for x in (sampler, remover) if hasattr(x, "check_fits")]
         self._s_add, self._r_add = sampler.add, remover.add
         self._s_add1, self._r_add1 = (getattr(x, "add1", None) or (
             lambda i, p, x=x: x.add(np.array([i], dtype=_I64), np.array([p]))) for x in (sampler, remover))
@@ -650,6 +652,9 @@ def fast_insert(items):
         with self._lock:
             if not limiter.can_insert(n) or self._closed:
                 self._wait(lambda: limiter.can_insert(n), timeout, lambda: self._why_insert(n))
+            if p is not None:
+                for check in self._fit_checks:
+                    check(p)
             if self._ring_mode:
                 return self._ring_store(arrays, n, p)
             if n == 1:
@@ -1028,6 +1033,8 @@ def fast_insert(items):
                     slots, p = u, p[::-1][first]
             if len(slots) == 0:
                 return
+            for check in self._fit_checks:
+                check(p, slots)
             self._ring_prio = True
             self._prio[slots] = p
             self._s_update(slots, p)
