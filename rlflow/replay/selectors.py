@@ -553,8 +553,13 @@ class Prioritized(_Base):
         `p` are added (or replace those of the ids `replacing`): with an infinite total, draws
         would land on empty leaves. Only priorities near 1e308 ** (1 / alpha) fail. A table calls
         this before it changes anything."""
+        p = np.asarray(p, dtype=np.float64)
+        if not len(p):
+            return
         with np.errstate(over="ignore"):          # an overflow is what this looks for
-            total = self._tree.total + float(np.sum(self._powered(np.asarray(p, dtype=np.float64))))
+            if self._tree.total + len(p) * np.float64(p.max()) ** self.alpha <= _MAX_TOTAL:
+                return                             # the usual case, from one max
+            total = self._tree.total + float(np.sum(self._powered(p)))
             if (not np.isfinite(total) or total > _MAX_TOTAL) and replacing is not None and len(replacing):
                 total -= float(self._tree.values(replacing).sum())
         if not np.isfinite(total) or total > _MAX_TOTAL:
