@@ -577,3 +577,24 @@ def test_env_buffers_reused_in_place(make_adder, reference):
     env = InPlaceEnv(FakeVectorEnv(4, seed=7, p_terminate=0.2, p_truncate=0.1))
     got, rec = run(make_adder(), env, FakePolicy(env.spec, seed=7), 60, seed=7)
     assert_same_items(got, reference(rec))
+
+
+@SETTINGS
+@given(sched=schedules, n=st.integers(2, 4), steps=st.integers(5, 40))
+def test_nstep_items_of_each_env_come_out_in_step_order(sched, n, steps):
+    """At an episode's end the last n - 1 windows close at once; they came out in the ring's slot
+    order ((1, 6), (1, 4), (1, 5)), so a FIFO table or a queue handed a learner one env's steps out
+    of order. Each env's items are now emitted in the order of its steps, on every path."""
+    env, policy, seed, switch_at = make(sched)
+    got, rec = run(adders.NStepTransition(n, 0.9), env, policy, steps, seed, switch_at)
+    where = {}                                  # item key -> (env row, its place in that row's stream)
+    for row in rec.streams:
+        one = Recorder.__new__(Recorder)
+        one.streams = {row: rec.streams[row]}
+        for i, item in enumerate(ref_nstep(one, n, 0.9)):
+            where[_key(item)] = (row, i)
+    count = len(next(iter(got.values()))) if got else 0
+    order = [where[_key({k: v[i] for k, v in got.items()})] for i in range(count)]
+    for row in rec.streams:
+        places = [i for r, i in order if r == row]
+        assert places == sorted(places), (row, places)

@@ -905,3 +905,37 @@ def test_the_extras_probe_leaves_the_acting_policy_as_it_was(backend, given):
     assert starts[0] == 0.0, starts
     if given == "instance" and backend == "process":
         assert policy.calls == 0
+
+
+def _stalling_table(specs):
+    # 3-row inserts, samples of 4: after 15 inserts the error is 3.75; an insert would take it to
+    # 4.5 (> 4) and a sample to -0.25 (< 0): neither can ever go ahead again
+    return rf.Table(capacity=1_000, sampler=rf.selectors.Uniform(seed=1), remover=rf.selectors.Fifo(),
+                    rate_limiter=rf.rate_limiters.SampleToInsertRatio(
+                        samples_per_insert=0.25, min_size_to_sample=8, error_buffer=2.0), specs=specs)
+
+
+@pytest.mark.parametrize("receiver", ["inline", "thread"])
+def test_a_limiter_that_deadlocks_mid_run_is_reported_as_the_local_runtime_does(receiver):
+    """Such a state is reachable only mid-run, so no up-front check catches it; the local runtime
+    raises when it gets there and the process runtime waited for ever."""
+    exp = experiment(table=_stalling_table, num_envs=3, batch_size=4)
+    for backend, opts in (("local", {}), ("process", {"receiver": receiver})):
+        t0 = time.monotonic()
+        with pytest.raises(UsageError, match="admits neither an insert of 3 items nor a sample of 4"):
+            rf.run(exp, backend=backend, max_seconds=60, progress=False, **opts)
+        assert time.monotonic() - t0 < 30, backend
+
+
+@pytest.mark.slow
+def test_a_step_whose_write_the_stop_cut_short_is_counted_and_in_flight():
+    """A vector step's items spanning several ring slots: a stop that came after some were published
+    left the step uncounted (env_steps and actor_items) while the table held part of it. Now the
+    step counts and its unpublished rows are in items_in_flight: inserts + in flight = items."""
+    exp = experiment(learner=SlowLearner, table=minsize_table, num_envs=3)
+    for _ in range(3):
+        r = rf.run(exp, backend="process", num_actors=2, max_env_steps=600, progress=False,
+                   queue_slots=1, slot_rows=1)
+        f = r.figures
+        assert f["env_steps"] == f["actor_items"]                 # one Transition item per env step
+        assert f["actor_items"] == r.table.stats()["inserts"] + f["items_in_flight"], f

@@ -192,6 +192,7 @@ class NStepTransition(RowAdder):
                 emit = valid & done[:, None]
                 emit[:, s] |= valid[:, s]
                 ci, slot = np.nonzero(emit)
+                ci, slot = _in_time_order(ci, slot, self._age_by_head[h][slot])
             if not len(ci):
                 return None
             valid[ci, slot] = False
@@ -206,6 +207,8 @@ class NStepTransition(RowAdder):
         if not len(ci):
             self._age[rows] = age
             return None
+        if len(ci) > len(rows) or np.count_nonzero(done):     # an episode's end: several per row
+            ci, slot = _in_time_order(ci, slot, age[ci, slot])
         m = age[ci, slot]
         age[ci, slot] = -1
         self._age[rows] = age
@@ -224,6 +227,13 @@ class NStepTransition(RowAdder):
             out["next_" + k] = a[ci].astype(self.obs_specs[k].dtype, copy=False)
         out.update({k: b[r, slot] for k, b in self._ext.items()})
         return out
+
+
+def _in_time_order(ci, slot, ages):
+    """(row, ring slot) pairs sorted by row, then oldest first (the ring's slot order is not the
+    steps' order once it has wrapped): an episode's last items come out in the order of its steps."""
+    order = np.lexsort((-np.asarray(ages), ci))
+    return ci[order], slot[order]
 
 
 class Transition(NStepTransition):

@@ -121,7 +121,7 @@ from rlflow.runtime.transport import Receiver, Ring, RingWriter, slot_bytes
 from rlflow.sync import ParamClient
 
 # columns of the per-actor stats rows (float64, written by the actor process)
-ENV_STEPS, ITEMS, EPISODES, RETURN, VERSION, READY, BLOCKED, READY_AT, NSTATS = range(9)
+ENV_STEPS, ITEMS, EPISODES, RETURN, VERSION, READY, BLOCKED, READY_AT, UNSENT, NSTATS = range(10)
 STOP = 0                         # control flag: 1 = every actor should stop
 ENV_LIMIT = 1                    # control: the run's max_env_steps (all actors together), -1 for none
 EVAL_AT = 2                      # control: env steps (all actors) of the next evaluation, -1 for none:
@@ -159,7 +159,7 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
     # The process that started this one: the learner's ("spawn", "fork") or the fork server's
     # ("forkserver", which exits with the learner). A new parent pid means it is gone.
     ppid = os.getppid()
-    venv = None
+    venv = actor = writer = row = None
     try:
         os.kill(parent_pid, 0)        # the learner exited before this process watched its parent
         control = SharedArrays.attach(control_handle)
@@ -232,8 +232,15 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
                 row[RETURN] = actor.stats.mean_return()
             if writer.blocked_seconds != blocked:
                 blocked = row[BLOCKED] = writer.blocked_seconds
-    except ClosedError:
-        pass                                             # the run is stopping
+    except ClosedError:                                  # the run is stopping
+        if actor is not None and writer.unsent:
+            # the stop came while this step's items were being published (a full ring): the step
+            # counts, and the rows it could not publish are in flight, as those in the ring are
+            row[ENV_STEPS] = actor.env_steps
+            row[ITEMS] = actor.items_added + writer.unsent_of
+            row[UNSENT] = writer.unsent
+            row[EPISODES] = actor.stats.episodes
+            row[RETURN] = actor.stats.mean_return()
     except WorkerDied as exc:
         # an env worker of this actor died (not the env's code raising): this actor dies too, and
         # is restarted like one that was killed itself
@@ -648,6 +655,7 @@ class _ProcessRun:
         t0 = self._wait_for_an_actor()   # the run's clock starts when the first actor starts acting
         figures = Figures(t0, base_env_steps, driver.steps)
         next_check = 0.0
+        stalled_at = None
         # a resumed run may begin at its limits: then it takes no step, and the loop writes its row
         at_limit = limits.reached(base_env_steps, driver.steps, 0.0)
         while True:
@@ -663,10 +671,13 @@ class _ProcessRun:
                 self.learner_wait += time.monotonic() - w
             if sample is not None:
                 driver.step(sample)
+                stalled_at = None
             now = time.monotonic()
             if now >= next_check:
                 self._supervise()
                 next_check = now + 0.05
+                if sample is None and not at_limit:
+                    stalled_at = self._check_stall(stalled_at, exp.batch_size, now)
             env_steps = int(stats[:, ENV_STEPS].sum())
             elapsed = now - t0
             evaluated = False
@@ -700,7 +711,8 @@ class _ProcessRun:
                 break
         self._stop_actors()
         self._stop_threads()
-        in_flight = sum(r.pending_rows() for r in self._readers())
+        # published and not inserted, and rows a stop left unpublished in a step's write
+        in_flight = sum(r.pending_rows() for r in self._readers()) + int(stats[:, UNSENT].sum())
         if checkpoint_dir is not None:
             self._checkpoint(checkpoint_dir, driver, resumes, final=True)
         final = dict(history[-1]) if history else {}
@@ -741,6 +753,40 @@ class _ProcessRun:
         if self.inline:
             self._pump()
         return int(self.control.arrays["stats"][:, ENV_STEPS].sum())
+
+    STALL_SECONDS = 1.0
+
+    def _check_stall(self, since, batch_size: int, now: float):
+        """The local runtime's deadlock error, for this backend: every actor's ring holds a slot
+        (rings are FIFO: its oldest must go in first), the rate limiter refuses the smallest of
+        those slots and refuses the learner a batch. Only an insert or a sample changes the
+        limiter, so nothing can move: once that has held for STALL_SECONDS with the table's
+        counters unchanged, it is a UsageError (the run would hang). Returns the stall's start
+        (table counters, time) or None."""
+        heads = []
+        for h in self.actors:
+            readers = [r if self.inline else r.reader for _, r in h.retired if r is not None]
+            current = h.reader if self.inline else (h.receiver.reader if h.receiver is not None else None)
+            if current is None or h.process is None or not h.process.is_alive():
+                return None               # starting, restarting or gone: it may still publish
+            rows = [r.head_rows() for r in readers + [current]]
+            rows = [x for x in rows if x is not None]
+            if not rows:
+                return None               # this actor is still producing: its next slot may fit
+            heads.append(min(rows))
+        table = self.table
+        n = min(heads)
+        if table.can_insert(n) or table.can_sample(batch_size):
+            return None
+        stats = table.stats()
+        counts = (stats.get("inserts"), stats.get("samples"))
+        if since is None or since[0] != counts:
+            return (counts, now)
+        if now - since[1] >= self.STALL_SECONDS:
+            raise UsageError(f"process run: the rate limiter admits neither an insert of {n} items nor a "
+                             f"sample of {batch_size} (table stats {stats}), and every actor waits to "
+                             f"insert: this configuration deadlocks (the local backend reports the same)")
+        return since
 
     def _catch_up(self, batches, driver, stats) -> int:
         """Before an evaluation (rate-limited tables): the items the actors published so far go
