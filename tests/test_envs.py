@@ -340,3 +340,90 @@ def test_a_step_after_an_env_raised_asks_for_a_reset():
     venv.reset(seed=0)
     assert venv.step(np.array([1, 1, 1])).reward.tolist() == [11.0, 11.0, 11.0]
     venv.close()
+
+
+@pytest.mark.parametrize("backend", ["serial", pytest.param("process", marks=pytest.mark.multiprocess)])
+def test_copies_of_an_instance_that_was_reset_play_their_own_episodes(backend):
+    """A deep copy of an env reset already carried its seeded generator: N copies played N identical
+    episodes. Each copy now draws its own."""
+    env = gym.make("CartPole-v1")
+    env.reset(seed=0)
+    venv = rf.envs.make(env, 4, backend=backend)
+    try:
+        obs = venv.reset().obs
+        assert len({tuple(o) for o in obs.tolist()}) == 4, obs
+    finally:
+        venv.close()
+
+
+class BadOutputs(Scripted):
+    def __init__(self, what):
+        super().__init__()
+        self.what = what
+
+    def step(self, action):
+        obs, r, te, tr, info = super().step(action)
+        if self.what == "reward None":
+            r = None
+        elif self.what == "flag str":
+            te = "False"
+        elif self.what == "reward (1,)" and self.t > 1:
+            r = np.array([1.0])
+        return obs, r, te, tr, info
+
+
+@pytest.mark.parametrize("what, expected", [
+    ("reward None", r"'reward': expected a real number, got None \(NoneType\) from env 1"),
+    ("flag str", r"'terminated': expected a bool, got 'False' \(str\) from env 1"),
+    ("reward (1,)", r"'reward': expected a real number, got array\(\[1.\]\) \(ndarray, shape \(1,\)\) from env 1")])
+def test_env_outputs_that_are_not_numbers_or_flags_are_errors_naming_the_field(what, expected):
+    """A None reward became NaN and a "False" flag True, silently; a (1,) reward was numpy's
+    'setting an array element with a sequence'."""
+    made = []
+
+    def factory():                          # env 0 is fine, env 1 is not
+        made.append(1)
+        return Scripted() if len(made) == 1 else BadOutputs(what)
+
+    venv = rf.envs.make(factory, 2)
+    venv.reset(seed=0)
+    with pytest.raises(SpecError, match=expected):
+        for _ in range(3):
+            venv.step(np.zeros(2, np.int64))
+
+
+
+def test_a_dict_observation_without_a_key_names_it():
+    class Missing(gym.Env):
+        observation_space = spaces.Dict({"a": spaces.Box(-1, 1, (2,)), "b": spaces.Discrete(3)})
+        action_space = spaces.Discrete(2)
+
+        def reset(self, seed=None, options=None):
+            return {"a": np.zeros(2, np.float32), "b": 0}, {}
+
+        def step(self, action):
+            return {"a": np.zeros(2, np.float32)}, 0.0, False, False, {}
+
+    venv = rf.envs.make(Missing, 2)
+    venv.reset(seed=0)
+    with pytest.raises(SpecError, match=r"obs\['b'\]'.*without it"):
+        venv.step(np.zeros(2, np.int64))
+
+
+@pytest.mark.parametrize("kwargs, field", [({"workers": True}, "workers"), ({"inline": "yes"}, "inline"),
+                                           ({"backend": "pool", "batch_size": 4}, "batch_size"),
+                                           ({"seed": "x"}, "seed"), ({"seed": -1}, "seed"),
+                                           ({"seed": 2**63 - 2}, "seed")])
+def test_bad_make_arguments_name_the_argument(kwargs, field):
+    kwargs = dict({"backend": "process"}, **kwargs)
+    with pytest.raises(UsageError, match=f"'{field}'"):
+        rf.envs.make("CartPole-v1", 4, **kwargs)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, np.uint64(2**63 + 1)])
+def test_a_seed_out_of_range_is_the_same_error_on_every_backend(seed):
+    for backend in ("serial", "process"):
+        with rf.envs.make("CartPole-v1", 4, **({} if backend == "serial" else {"backend": backend})) as venv:
+            with pytest.raises(UsageError, match="'seed': expected an int in"):
+                venv.reset(seed=seed)
+            venv.reset(seed=3)                  # still usable

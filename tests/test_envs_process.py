@@ -767,3 +767,69 @@ def test_workers_of_an_expensive_env_get_a_cpu_each(monkeypatch):
             rf.envs.make("CartPole-v1", 2, backend="process", pin="yes")
     finally:
         os.sched_setaffinity(0, mine)
+
+
+class StuckOnAction(Tagged):
+    """Action 3 blocks the step for a minute."""
+
+    def step(self, action):
+        if int(action) == 3:
+            time.sleep(60)
+        return super().step(action)
+
+
+STUCK_CHILD = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    sys.path.insert(0, "tests")
+    import rlflow as rf
+    from test_envs_process import StuckOnAction
+    venv = rf.envs.make(lambda: StuckOnAction(), 8, backend="process", workers=4, inline=False)
+    venv.reset(seed=0)
+    print(" ".join(str(p) for p in venv.pids), flush=True)
+    venv.step(np.full(8, 3))
+""")
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_step_of_stuck_workers_takes_seconds_not_seconds_per_worker():
+    """Closing waited 2 s per busy worker (a worker in a long env step cannot read the close
+    command): 4 workers took 8 s. Now one grace period covers them all."""
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_CHILD], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 4, proc.stderr.read()
+        time.sleep(0.5)
+        t = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+        took = time.monotonic() - t
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "KeyboardInterrupt" in proc.stderr.read()
+    assert took < 5.0, took
+    assert not any(_alive(p) for p in pids)
+    assert _rlflow_segments(proc.pid) == []
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_process_vector_env_made_in_a_thread_outlives_the_thread(start_method):
+    """Linux's parent-death signal follows the thread that started a process: workers of a vector
+    env made in a thread were killed when that thread ended."""
+    import threading
+
+    made = []
+    t = threading.Thread(target=lambda: made.append(rf.envs.make(Tagged, 4, backend="process", workers=2,
+                                                                  inline=False, start_method=start_method)))
+    t.start()
+    t.join()
+    venv = made[0]
+    try:
+        venv.reset(seed=0)
+        for _ in range(20):
+            venv.step(np.zeros(4, np.int64))
+    finally:
+        venv.close()

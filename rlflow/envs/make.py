@@ -6,6 +6,7 @@ import copy
 import os
 from typing import Any
 
+import numpy as np
 from gymnasium import spaces
 
 from rlflow.errors import UsageError, mismatch
@@ -115,7 +116,36 @@ class CopyOf:
         self.env = env
 
     def __call__(self):
-        return copy.deepcopy(self.env)
+        env = copy.deepcopy(self.env)
+        fresh_random_state(env)
+        return env
+
+
+def fresh_random_state(env) -> None:
+    """Give a copied Gymnasium env (and its spaces) a random generator of its own: a deep copy of
+    an instance that was reset already carries the original's seeded generator, and N copies then
+    play N identical episodes (each autoreset too). A seeded `reset(seed=...)` reseeds it anyway."""
+    import gymnasium as gym
+
+    inner = getattr(env, "unwrapped", None)
+    if not isinstance(inner, gym.Env):
+        return
+    inner._np_random = None                # drawn afresh from the OS on first use (gymnasium)
+    for space in (inner.action_space, inner.observation_space):
+        if isinstance(getattr(space, "_np_random", None), np.random.Generator):
+            space._np_random = None
+
+
+def check_seed(seed, num_envs: int, name: str = "seed") -> None:
+    """A seed for `num_envs` envs (env i gets seed + i): None, or an int with every seed + i in
+    [0, 2**63 - 1] (the process backends carry seeds as int64; gymnasium refuses negative ones)."""
+    if seed is None:
+        return
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
+        raise UsageError(mismatch("argument", name, "an int or None", repr(seed)))
+    if not 0 <= int(seed) <= 2**63 - num_envs:
+        raise UsageError(mismatch("argument", name, f"an int in [0, 2**63 - {num_envs}] (env i gets "
+                                  f"seed + i, for {num_envs} envs)", repr(seed)))
 
 
 class _Call:
@@ -181,8 +211,10 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
                 checker and order wrappers, see GymMake), a zero-argument callable
                 returning a Gymnasium Env (wrappers included) or a PettingZoo AECEnv / ParallelEnv
                 (called with `**kwargs`), or an env instance. An instance is used as env 0 by the
-                serial backend and every other env is a `copy.deepcopy` of it; the process backend
-                pickles it into its workers (prefer a callable).
+                serial backend and every other env is a `copy.deepcopy` of it with a random
+                generator of its own (not the instance's: the copies of an instance that was reset
+                would play the same episodes); the process backend pickles it into its workers
+                (prefer a callable).
     num_envs    how many envs (a multi-agent env gives num_envs x agents rows).
     backend     "serial": all envs in this process, one after another.
                 "process": worker processes, each stepping a slice of the envs into shared memory.
@@ -214,7 +246,8 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
                 16 envs, 2 workers, 2 vCPUs, two interleaved A/Bs: 1.89x -> 1.93x and 1.90x ->
                 1.91x serial: a small gain). Off for cheap envs, where this process's own work
                 needs a core that a pinned worker would hold (CartPole, 2 workers: 1.25x -> 1.02x).
-    seed        the seed of the first `reset()` called without one.
+    seed        the seed of the first `reset()` called without one. Env i gets seed + i, which
+                must lie in [0, 2**63 - 1] (also for `reset(seed=...)`).
     start_method "fork" (default on Linux while this process runs one thread) or "spawn" (else);
                 with "spawn" the env (id, callable or instance) must be picklable.
     """
@@ -224,6 +257,17 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         raise UsageError(mismatch("argument", "pin", "True, False or None (default)", repr(pin)))
     if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
         raise UsageError(mismatch("argument", "num_envs", "an int >= 1", repr(num_envs)))
+    if workers is not None and (not isinstance(workers, (int, np.integer)) or isinstance(workers, bool)):
+        raise UsageError(mismatch("argument", "workers", "an int or None (default)", repr(workers)))
+    if inline is not None and not isinstance(inline, (bool, np.bool_)):
+        raise UsageError(mismatch("argument", "inline", "True, False or None (default)", repr(inline)))
+    if backend == "pool" and batch_size is not None and (
+            not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
+            or not 1 <= batch_size < num_envs):
+        raise UsageError(mismatch("argument", "batch_size", f"an int in [1, num_envs - 1 = {num_envs - 1}] "
+                                  "with backend='pool' (backend='process' steps every env)", repr(batch_size)))
+    check_seed(seed, num_envs, "seed")
+    workers = None if workers is None else int(workers)
     if backend == "serial":
         for name, value in (("workers", workers), ("batch_size", batch_size), ("start_method", start_method),
                             ("inline", inline), ("spin", spin), ("pin", pin)):

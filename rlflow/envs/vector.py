@@ -148,8 +148,15 @@ class ObsBuffer:
             return
         for k, (path, arr, shape) in enumerate(zip(self.paths, self.arrays, self.shapes)):
             v = value
-            for key in path:
-                v = v[key]
+            try:
+                for key in path:
+                    v = v[key]
+            except (KeyError, IndexError, TypeError):
+                leaf = "obs" + "".join(f"[{p!r}]" for p in path)
+                err = SpecError(mismatch("env", leaf, f"a value there (the observation space is "
+                                         f"{self.space})", f"an observation without it from row {i}"))
+                err.rlflow_env_row = i
+                raise err from None
             if getattr(v, "shape", None) != shape:
                 self.check(v, i, k)
             arr[i] = v
@@ -259,8 +266,9 @@ class VectorEnv:
         self._check_open()
         if seed is None and self._default_seed is not None:
             seed, self._default_seed = self._default_seed, None
-        if seed is not None and not isinstance(seed, (int, np.integer)):
-            raise UsageError(mismatch("argument", "seed", "an int or None", repr(seed)))
+        if seed is not None:
+            from rlflow.envs.make import check_seed
+            check_seed(seed, self.num_envs)
         step = self._reset(None if seed is None else int(seed))
         self._ret[:] = 0             # the reset step is no step of an episode: totals start at 0
         self._len[:] = 0
@@ -405,7 +413,8 @@ class _InPlace(VectorEnv):
             try:
                 for fn in env_fns:
                     envs.append(fn())
-            except BaseException:
+            except BaseException as exc:
+                note_env_index(exc, int(seed_offset) + len(envs))     # which env failed to build
                 for e in envs:
                     _safe_close(e)
                 raise
@@ -552,6 +561,26 @@ class SerialVectorEnv(_InPlace):
             note_env_index(exc, self.seed_offset + getattr(exc, "rlflow_env_row", 0))
             raise
 
+    _checked_outputs = False
+
+    def _check_outputs(self, rewards, terminated, truncated) -> None:
+        """SpecError naming the env and the field unless each reward is a real number and each flag
+        a bool (a None reward became NaN, a "False" flag True). Run on the first step, and when
+        numpy refuses a later step's values (a reward of shape (1,))."""
+        for i, (r, te, tr) in enumerate(zip(rewards, terminated, truncated)):
+            for name, v, kinds, what in (("reward", r, "biuf", "a real number"),
+                                         ("terminated", te, "b", "a bool"), ("truncated", tr, "b", "a bool")):
+                ok = isinstance(v, (bool, int, float, np.number, np.bool_, np.ndarray)) and \
+                    np.ndim(v) == 0 and np.asarray(v).dtype.kind in kinds
+                if name != "reward" and not ok and isinstance(v, (int, np.integer)) and v in (0, 1):
+                    ok = True                  # 0 / 1 flags are taken as bools
+                if not ok:
+                    err = SpecError(mismatch("env", name, what, f"{v!r} ({type(v).__name__}"
+                                             f"{', shape ' + str(np.shape(v)) if np.ndim(v) else ''}) "
+                                             f"from env {self.seed_offset + i}"))
+                    note_env_index(err, self.seed_offset + i)
+                    raise err
+
     def step_rows(self, actions: np.ndarray) -> None:
         # numpy scalars: gymnasium checks them ~10% faster than ints. Array actions (Box,
         # MultiDiscrete...) are rows of a copy: an env may keep its action, and the array given
@@ -567,11 +596,22 @@ class SerialVectorEnv(_InPlace):
         obs_l, rew_l, term_l, trunc_l, _ = zip(*results)
         a = self.arrays
         self._write_all(obs_l)
-        a["reward"][:] = rew_l
         term = a["terminated"]
         trunc = a["truncated"]
-        term[:] = term_l
-        trunc[:] = trunc_l
+        if self._checked_outputs:
+            try:
+                a["reward"][:] = rew_l
+                term[:] = term_l
+                trunc[:] = trunc_l
+            except (TypeError, ValueError):
+                self._check_outputs(rew_l, term_l, trunc_l)
+                raise
+        else:                 # the first step: every env's reward and flags are checked once
+            self._check_outputs(rew_l, term_l, trunc_l)
+            a["reward"][:] = rew_l
+            term[:] = term_l
+            trunc[:] = trunc_l
+            self._checked_outputs = True
         ended = any(term_l) or any(trunc_l)
         if self._limit is not None:
             self._t += 1

@@ -402,7 +402,8 @@ class ProcessVectorEnv(VectorEnv):
                              if method == "fork" else [])
                 p = ctx.Process(target=_worker_main, name=f"rlflow-env-worker-{w}", daemon=True,
                                 args=(w, cls, list(env_fns), layout, self._block.handle(),
-                                      down_r, up_w, inherited, not self.inline, self.spin, bells))
+                                      down_r, up_w, inherited, not self.inline, self.spin, bells,
+                                      threading.current_thread() is threading.main_thread()))
                 with child_threads(1):  # W workers share the cores: one math-library thread each
                     p.start()
                 down_r.close()         # the worker holds the only write end of its up pipe:
@@ -697,11 +698,17 @@ def _shutdown(procs, downs, ups, block, bells):
             os.write(c.fileno(), _CLOSE)
         except (OSError, ValueError):
             pass
+    # one deadline for all: a worker busy in a long env step cannot read the close command, and W
+    # such workers cost 2 s in all, not 2 s each (Ctrl-C in a step of slow envs)
+    deadline = time.monotonic() + 2.0
     for p in procs:
-        p.join(timeout=2.0)
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
         if p.exitcode is None:
             p.terminate()
-            p.join(timeout=1.0)
+    deadline = time.monotonic() + 1.0
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
         if p.exitcode is None:
             p.kill()
             p.join()
@@ -725,9 +732,14 @@ def _shutdown(procs, downs, ups, block, bells):
 # --------------------------------------------------------------------------------------------------
 # The worker process
 # --------------------------------------------------------------------------------------------------
-def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, spin, bells=(None, None)):
+def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, spin, bells=(None, None),
+                 made_by_main_thread=True):
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is the parent's to handle
-    die_with_parent()
+    if made_by_main_thread:
+        # Linux sends PR_SET_PDEATHSIG when the *thread* that started this process ends: a vector
+        # env made in a thread that then ends would lose its workers. Made elsewhere than in the
+        # main thread, a worker finds its parent gone by its pipe's end-of-file instead.
+        die_with_parent()
     if batch:
         batch_scheduling()
     for c in inherited:                                # the parent's pipe ends (fork)
