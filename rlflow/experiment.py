@@ -86,8 +86,10 @@ class Experiment:
         if not isinstance(self.adder, Adder):
             raise UsageError(mismatch("Experiment", "adder", "an rf.Adder (e.g. rf.adders.Transition)",
                                       type(self.adder).__name__))
-        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
-            raise UsageError(mismatch("Experiment", "seed", "an int", repr(self.seed)))
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) \
+                or not 0 <= self.seed <= 2**62:
+            # envs are seeded seed + i (+ offsets per actor and resume): non-negative, within int64
+            raise UsageError(mismatch("Experiment", "seed", "an int in [0, 2**62]", repr(self.seed)))
         if self.param_sync_seconds is not None and (
                 not isinstance(self.param_sync_seconds, (int, float, np.integer, np.floating))
                 or isinstance(self.param_sync_seconds, bool) or not self.param_sync_seconds >= 0):
