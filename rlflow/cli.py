@@ -8,7 +8,7 @@
 TARGET is `FILE.py[:NAME]` or `MODULE[:NAME]` (NAME defaults to `experiment`): an rf.Experiment, or a
 callable that takes no arguments and returns one. A file is imported as a module named after it, with
 its folder on sys.path, so actor processes (started with "spawn") import the same factories.
-Every option maps to the `rf.run` argument of the same name.
+Every option maps to the `rf.run` argument of the same name (`--quiet`: progress=False).
 """
 
 from __future__ import annotations

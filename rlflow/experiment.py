@@ -23,6 +23,7 @@ makes one learner step per actor step, concurrent runtimes let both run at full 
 from __future__ import annotations
 
 import copy
+import math
 import random
 import sys
 from dataclasses import dataclass, field
@@ -77,11 +78,11 @@ class Experiment:
     def __post_init__(self):
         for name in ("batch_size", "num_envs", "param_sync_steps", "eval_episodes"):
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v < 1:
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise UsageError(mismatch("Experiment", name, "an int >= 1", repr(v)))
         for name in ("warmup_steps", "eval_every"):
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v < 0:
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
                 raise UsageError(mismatch("Experiment", name, "an int >= 0", repr(v)))
         if not isinstance(self.adder, Adder):
             raise UsageError(mismatch("Experiment", "adder", "an rf.Adder (e.g. rf.adders.Transition)",
@@ -97,6 +98,13 @@ class Experiment:
                                       repr(self.param_sync_seconds)))
         if self.env_backend not in ("serial", "process"):
             raise UsageError(mismatch("Experiment", "env_backend", "'serial' or 'process'", repr(self.env_backend)))
+        if self.env_workers is not None:
+            v = self.env_workers
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise UsageError(mismatch("Experiment", "env_workers", "None (default) or an int >= 1", repr(v)))
+            if self.env_backend != "process":
+                raise UsageError(mismatch("Experiment", "env_workers", "None with env_backend='serial' "
+                                          "(worker processes are env_backend='process')", repr(v)))
         if self.target_return is not None and self.eval_every == 0:
             raise UsageError(mismatch("Experiment", "eval_every", "> 0 when target_return is set", 0))
 
@@ -254,7 +262,10 @@ def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Option
         raise UsageError(mismatch("run", "max_seconds", "None or a number of seconds > 0", repr(max_seconds)))
     if not isinstance(max_restarts, (int, np.integer)) or isinstance(max_restarts, bool) or max_restarts < 0:
         raise UsageError(mismatch("run", "max_restarts", "an int >= 0", repr(max_restarts)))
-    if not isinstance(num_actors, (int, np.integer)) or num_actors < 1:
+    if (not isinstance(progress_every, (int, float, np.integer, np.floating)) or isinstance(progress_every, bool)
+            or not 0 < progress_every < math.inf):
+        raise UsageError(mismatch("run", "progress_every", "a number of seconds > 0", repr(progress_every)))
+    if not isinstance(num_actors, (int, np.integer)) or isinstance(num_actors, bool) or num_actors < 1:
         raise UsageError(mismatch("run", "num_actors", "an int >= 1", repr(num_actors)))
     allowed = PROCESS_OPTIONS if backend == "process" else ()
     unknown = sorted(set(backend_options) - set(allowed))

@@ -752,6 +752,11 @@ def test_workers_of_an_expensive_env_get_a_cpu_each(monkeypatch):
                 for t in range(20):
                     np.testing.assert_array_equal(a.obs, b.obs)
                     a, b = venv.step(np.arange(4) % 2), serial.step(np.arange(4) % 2)
+        # "no inline slice" spelled out, as README does: the same calibrated default
+        with rf.envs.make(_slow_cartpole, 4, backend="process", workers=2, inline=False) as venv:
+            assert venv.pinned and [os.sched_getaffinity(p) for p in venv.pids] == [{two[0]}, {two[1]}]
+        with rf.envs.make("CartPole-v1", 4, backend="process", workers=2, inline=False) as venv:
+            assert not venv.pinned
         for kwargs in ({"env": _slow_cartpole, "workers": 2, "pin": False},
                        {"env": _slow_cartpole, "workers": 1},
                        {"env": "CartPole-v1", "workers": 2}):

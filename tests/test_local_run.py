@@ -213,7 +213,7 @@ class MetricNamesLikeFigures(LinearQLearner):
     def step(self, batch):
         super().step(batch)
         return {"learner_steps": -1.0, "env_steps": -2.0, "param_lag": -3.0, "eval_seconds": -4.0,
-                "loss": 0.5}
+                "param_lag_0": -5.0, "loss": 0.5}
 
 
 @pytest.mark.parametrize("backend", ["local", pytest.param("process", marks=pytest.mark.multiprocess)])
@@ -227,6 +227,7 @@ def test_learner_metrics_never_hide_the_run_figures(backend):
     assert (f["learner/learner_steps"], f["learner/env_steps"], f["learner/param_lag"],
             f["learner/eval_seconds"]) == (-1.0, -2.0, -3.0, -4.0)
     assert all(row["learner_steps"] >= 0 and row["env_steps"] >= 0 for row in r.history)
+    assert f["learner/param_lag_0"] == -5.0        # a per-actor figure's name, on every backend
 
 
 def test_progress_prints_a_line_for_every_row_with_a_log_dir(tmp_path, capsys):
@@ -272,3 +273,48 @@ def test_an_unusable_checkpoint_dir_is_refused_before_the_run(tmp_path, backend)
         rf.run(experiment(), backend=backend, max_seconds=30, checkpoint_dir=str(tmp_path / "file" / "ck"),
                progress=False)
     assert time.monotonic() - t < 10
+
+
+class CountingEpsilonPolicy(LinearQPolicy):
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.versions, self.acts = [], 0
+
+    def act(self, obs):
+        self.acts += 1
+        return super().act(obs)
+
+    def set_params(self, params):
+        self.versions.append(float(params[0].sum()))
+        super().set_params(params)
+
+
+def test_evaluations_use_a_copy_of_an_acting_policy_given_as_an_object():
+    """With eval_policy None and the policy an object, evaluations set the learner's parameters on
+    the acting policy itself (past the policy delayer) and stepped its act() counter and RNG."""
+    exp = experiment()
+    probe = rf.envs.make("CartPole-v1", 4)
+    exp.policy = policy = CountingEpsilonPolicy(probe.spec)
+    probe.close()
+    exp.param_sync_steps = 10**6               # the actor takes only the first parameters
+    exp.eval_every, exp.eval_episodes = 200, 2
+    rf.run(exp, max_env_steps=1_000, progress=False)
+    assert len(policy.versions) == 1
+    assert policy.acts == 1_000 // 4           # one act per vector step: none by the evaluations
+
+
+@pytest.mark.parametrize("field, value", [("env_workers", 0), ("env_workers", "two"), ("batch_size", True),
+                                          ("warmup_steps", True)])
+def test_more_bad_experiment_fields(field, value):
+    exp = experiment()
+    kwargs = {f: getattr(exp, f) for f in ("env", "policy", "learner", "adder", "table")}
+    with pytest.raises(UsageError, match=f"Experiment '{field}'"):
+        rf.Experiment(**kwargs, **{field: value}, **({"env_backend": "process"} if field == "env_workers" else {}))
+    with pytest.raises(UsageError, match="'env_workers': expected None with env_backend='serial'"):
+        rf.Experiment(**kwargs, env_workers=2)
+
+
+@pytest.mark.parametrize("value", ["x", -1.0, float("nan"), 0])
+def test_progress_every_is_checked_up_front(value):
+    with pytest.raises(UsageError, match="'progress_every'"):
+        rf.run(experiment(), max_env_steps=100, progress_every=value)

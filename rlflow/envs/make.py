@@ -334,7 +334,12 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         inline = workers + 1 <= cpus
         cheap_only = not inline      # decided by the calibration: on for cheap envs only
     step_cost = None
-    if (inline or cheap_only) and sync and isinstance(workers, int) and 1 <= workers < num_envs:
+    pin_by_cost = False          # inline=False given: pin as the calibrated default would
+    if pin is None and sync and not inline and not cheap_only and workers > 1:
+        from rlflow.runtime.children import usable_cpus
+
+        pin_by_cost = workers == len(usable_cpus())
+    if (inline or cheap_only or pin_by_cost) and sync and isinstance(workers, int) and 1 <= workers < num_envs:
         # the inline split's calibration steps the probe (a copy of a given instance), then closes it
         from rlflow.envs.vector import measure_step_cost
 
@@ -358,6 +363,8 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
 
                 pin = (not inline and step_cost is not None and sync
                        and workers == len(usable_cpus()) and workers > 1)
+        elif pin_by_cost:
+            pin = step_cost is not None and step_cost >= CHEAP_STEP
     elif not given:
         _close(probe)
     from rlflow.runtime.env_workers import ProcessVectorEnv

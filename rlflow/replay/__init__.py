@@ -24,7 +24,7 @@ def importance_weights(probabilities, size: int, beta: float) -> np.ndarray:
         w_i = (size * P_i) ** -beta / max_j w_j
 
     `probabilities` are the sample's draw probabilities P_i (> 0), `size` the number of items the
-    table held, `beta` in [0, 1] (0: no correction, 1: full correction).
+    table held, `beta` >= 0 (0: no correction, 1: full correction; PER anneals it towards 1).
     """
     p = np.asarray(probabilities, dtype=np.float64)
     if p.ndim != 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Optional
@@ -69,6 +70,10 @@ class Evaluator:
         self.experiment = experiment
         self.venv = make_venv(experiment, num_envs=experiment.eval_episodes, backend="serial")
         source = experiment.eval_policy if experiment.eval_policy is not None else experiment.policy
+        if isinstance(source, Policy) and source is experiment.policy:
+            # the acting policy given as an object: evaluate a copy, so that evaluations neither
+            # hand it parameters past the policy delayer nor step its exploration schedule or RNG
+            source = copy.deepcopy(source)
         self.policy = build(source, Policy, self.venv.spec)
         self.seed = seed
         self.results: list = []
@@ -144,13 +149,20 @@ class Figures:
         if extra:
             row.update(extra)
         for k, v in (metrics or {}).items():
-            row[f"learner/{k}" if k in row or k in RESERVED else k] = v
+            row[f"learner/{k}" if k in row or reserved(k) else k] = v
         return row
 
 
-RESERVED = frozenset({"startup_seconds", "eval_seconds", "eval_return", "param_lag", "queue_depth"})
+RESERVED = frozenset({"startup_seconds", "eval_seconds", "eval_return", "param_lag", "queue_depth",
+                      "queue_capacity", "prefetch_depth", "actor_blocked_s", "actor_restarts",
+                      "learner_wait_s", "actor_items", "items_in_flight"})
 """Names of run figures that are not in every row (the final figures' extras, the runtimes' live
-figures): a learner metric of one of these names is logged as "learner/<name>"."""
+figures, on any backend): a learner metric of one of these names, or of a per-actor figure's
+("param_lag_<i>", "queue_depth_<i>"), is logged as "learner/<name>" on every backend."""
+
+
+def reserved(name: str) -> bool:
+    return name in RESERVED or name.startswith(("param_lag_", "queue_depth_"))
 
 
 def scalar_metrics(metrics: dict) -> dict:
