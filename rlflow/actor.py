@@ -200,8 +200,8 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
     episodes. With `venv.num_envs >= episodes`, rows 0..episodes-1 each play exactly one episode
     (no bias toward short episodes); otherwise episodes count in the order they end. Deterministic
     for a given seed and policy."""
-    if episodes < 1:
-        raise UsageError(mismatch("evaluate", "episodes", ">= 1", episodes))
+    if not isinstance(episodes, (int, np.integer)) or isinstance(episodes, bool) or episodes < 1:
+        raise UsageError(mismatch("evaluate", "episodes", "an int >= 1", repr(episodes)))
     one_each = venv.num_envs >= episodes
     step = venv.reset(seed=seed)
     stats = EpisodeStats(window=episodes)

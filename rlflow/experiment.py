@@ -185,7 +185,14 @@ def extras_specs_of(policy: Policy, env_spec, first_step) -> dict:
     # and a run draws the same numbers whether or not its table needed the probe.
     try:
         probe = copy.deepcopy(policy)
-    except Exception:                 # an uncopyable policy is probed itself
+    except Exception as e:            # an uncopyable policy is probed itself: say so
+        import warnings
+
+        warnings.warn(f"rlflow: the policy ({type(policy).__name__}) cannot be copied ({type(e).__name__}: "
+                      f"{e}), so the call that reads its extras' specs goes to the acting policy itself, "
+                      f"before the run: a policy with state (a recurrent one) then starts from the state "
+                      f"after that call. Give the policy an extras_specs(env_spec) method to skip the "
+                      f"call.", RuntimeWarning, stacklevel=2)
         probe = policy
     from rlflow.runtime.checkpoint import capture_rng, restore_rng
 

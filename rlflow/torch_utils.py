@@ -31,6 +31,8 @@ def load_params(module: torch.nn.Module, params) -> None:
             value = np.asarray(value)
             if tuple(t.shape) != value.shape:
                 raise SpecError(mismatch("params", name, f"shape {tuple(t.shape)}", f"shape {value.shape}"))
+            if any(st < 0 for st in value.strides):   # torch takes no negative strides (a[:, ::-1])
+                value = np.ascontiguousarray(value)
             t.copy_(torch.from_numpy(value))
 
 

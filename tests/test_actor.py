@@ -6,6 +6,7 @@ import pytest
 import rlflow as rf
 from rlflow.actor import EpisodeStats
 from rlflow.core import Step
+from rlflow.errors import UsageError
 
 
 def _reference_episodes(venv, steps, seed):
@@ -81,3 +82,46 @@ def test_actions_reach_the_adder_as_the_env_applied_them():
         actor.step()
     venv.close()
     assert got and all(items["action"].dtype == specs["action"].dtype == np.int64 for items in got)
+
+
+@pytest.mark.parametrize("episodes", [2.5, None, "3", True, 0])
+def test_evaluate_checks_episodes(episodes):
+    with rf.envs.make("CartPole-v1", 2) as venv:
+        with pytest.raises(UsageError, match="'episodes': expected an int >= 1"):
+            rf.evaluate(RandomPolicyForEval(), venv, episodes)
+
+
+class RandomPolicyForEval(rf.Policy):
+    def act(self, obs):
+        return np.zeros(len(obs), np.int64)
+
+
+def test_an_uncopyable_policy_probed_for_its_extras_is_a_warning():
+    """The extras probe calls a copy of the policy; one that cannot be copied is called itself,
+    before the run, which a recurrent policy's first stored state shows: that is now said."""
+    import threading
+
+    class Locked(rf.Policy):
+        def __init__(self, spec):
+            self.lock = threading.Lock()
+
+        def act(self, obs):
+            return np.zeros(len(obs), np.int64), {"v": np.zeros(len(obs), np.float32)}
+
+    def table(specs):
+        return rf.Table(capacity=1_000, sampler=rf.selectors.Uniform(), remover=rf.selectors.Fifo(),
+                        rate_limiter=rf.rate_limiters.MinSize(8), specs=specs)
+
+    class Learner(rf.Learner):
+        def step(self, batch):
+            return {}
+
+        def get_params(self):
+            return None
+
+    with rf.envs.make("CartPole-v1", 2) as venv:
+        policy = Locked(venv.spec)
+    exp = rf.Experiment(env="CartPole-v1", policy=policy, learner=lambda spec: Learner(),
+                        adder=rf.adders.Transition(0.99), table=table, num_envs=2, batch_size=4)
+    with pytest.warns(RuntimeWarning, match="cannot be copied.*extras_specs"):
+        rf.run(exp, max_env_steps=20, progress=False)

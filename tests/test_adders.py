@@ -598,3 +598,21 @@ def test_nstep_items_of_each_env_come_out_in_step_order(sched, n, steps):
     for row in rec.streams:
         places = [i for r, i in order if r == row]
         assert places == sorted(places), (row, places)
+
+
+@pytest.mark.parametrize("make_adder", [lambda: adders.Transition(0.9), lambda: adders.NStepTransition(3, 0.9),
+                                        lambda: adders.Sequence(4, 2), lambda: adders.Episode(50)])
+def test_extras_that_would_wrap_or_overflow_in_their_spec_dtype_are_refused(make_adder):
+    """The first call fixes an extras field's dtype; a later int64 300 for an int8 field was stored
+    as 44, a float64 1e39 for a float32 one as inf. Narrower-dtype values that fit still pass."""
+    env = FakeVectorEnv(2, seed=0)
+    a = make_adder()
+    step = env.reset()
+    a.add_first(step)
+    acts = np.zeros(2, np.int64)
+    a.add(acts, env.step(acts), {"w": np.zeros(2, np.int8), "f": np.zeros(2, np.float32)})
+    a.add(acts, env.step(acts), {"w": np.array([5, -7]), "f": np.array([0.5, 1e30])})       # fit
+    with pytest.raises(SpecError, match=r"extras field 'w'.*int8.*\[300, 300\]"):
+        a.add(acts, env.step(acts), {"w": np.array([300, 300]), "f": np.zeros(2, np.float32)})
+    with pytest.raises(SpecError, match=r"extras field 'f'.*float32.*1e\+39"):
+        a.add(acts, env.step(acts), {"w": np.zeros(2, np.int8), "f": np.array([1e39, 0.0])})

@@ -157,3 +157,11 @@ def test_flat_params_refuse_modules_they_cannot_flatten():
     mixed = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).double())
     with pytest.raises(SpecError, match=r"1\.weight.*torch\.float32.*torch\.float64"):
         FlatParams(mixed)
+
+
+def test_load_params_takes_views_with_negative_strides():
+    net = torch.nn.Linear(3, 2)
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::-1]        # a view torch cannot wrap
+    load_params(net, [w, np.array([1.0, 2.0], np.float32)[::-1]])
+    np.testing.assert_array_equal(net.weight.detach().numpy(), w)
+    np.testing.assert_array_equal(net.bias.detach().numpy(), [2.0, 1.0])

@@ -24,7 +24,7 @@ import numpy as np
 
 from rlflow.core import Adder, Step
 from rlflow.errors import SpecError, UsageError, mismatch
-from rlflow.specs import ArraySpec, EnvSpec, flatten
+from rlflow.specs import ArraySpec, EnvSpec, check_values_fit, flatten
 
 _EMPTY: dict = {}
 
@@ -253,8 +253,10 @@ class RowAdder(Adder):
                 a = np.asarray(a)
             if a.shape[:1] != (n,) or a.shape[1:] != s.shape:
                 raise SpecError(mismatch("extras field", k, f"shape {(n,) + s.shape}", f"shape {a.shape}"))
-            if a.dtype != s.dtype and a.dtype.kind != s.dtype.kind:
-                raise SpecError(mismatch("extras field", k, f"dtype {s.dtype}", f"dtype {a.dtype}"))
+            if a.dtype != s.dtype:
+                if a.dtype.kind != s.dtype.kind:
+                    raise SpecError(mismatch("extras field", k, f"dtype {s.dtype}", f"dtype {a.dtype}"))
+                check_values_fit(a, s.dtype, k, "extras field")     # int64 300 into int8 would wrap
             out_e[k] = a
         if self._plain_action is None and not specs and list(self.action_specs) == ["action"]:
             self._plain_action = self.action_specs["action"]
