@@ -939,3 +939,35 @@ def test_a_step_whose_write_the_stop_cut_short_is_counted_and_in_flight():
         f = r.figures
         assert f["env_steps"] == f["actor_items"]                 # one Transition item per env step
         assert f["actor_items"] == r.table.stats()["inserts"] + f["items_in_flight"], f
+
+
+def _small_expiring_table(specs):
+    return rf.Table(capacity=64, sampler=rf.selectors.Prioritized(seed=1), remover=rf.selectors.Fifo(),
+                    rate_limiter=rf.rate_limiters.MinSize(16), max_times_sampled=2, specs=specs)
+
+
+@pytest.mark.slow
+def test_the_inline_receiver_leaves_the_learner_its_share_when_actors_outpace_inserts():
+    """A free-running limiter and actors that publish faster than the learner's thread inserts: the
+    inline pump emptied the rings before each draw, which never happened, and the learner made a few
+    steps a second. It now inserts for about as long as a learner step takes, then learns."""
+    exp = experiment(table=_small_expiring_table, num_envs=2, batch_size=8)
+    r = rf.run(exp, backend="process", num_actors=2, max_learner_steps=300, max_seconds=30, progress=False)
+    assert r.figures["learner_steps"] == 300
+    assert r.figures["wall_time"] < 10, r.figures["wall_time"]
+
+
+def test_ring_pump_stops_at_a_ring_s_worth_or_its_deadline():
+    import multiprocessing as mp
+
+    ring = Ring({"x": rf.ArraySpec((), np.int64)}, slot_rows=1, slots=4, ctx=mp.get_context("fork"))
+    try:
+        writer, reader = RingWriter(ring.writer_args()), ring.reader()
+        got = []
+        for i in range(4):
+            writer.write({"x": np.array([i])})
+        assert reader.pump(lambda items: got.append(int(items["x"][0])) or True, until=0.0) == 1
+        assert reader.pump(lambda items: got.append(int(items["x"][0])) or True) == 3
+        assert got == [0, 1, 2, 3]
+    finally:
+        ring.close()

@@ -518,6 +518,8 @@ class _ProcessRun:
         self._error_event = threading.Event()
         self.stopping = False
         self.learner_wait = 0.0          # seconds the learner waited for a batch
+        self.step_seconds = 0.0          # the last learner step's duration (the inline pump's budget)
+        self.catching_up = False         # before an evaluation: the inline pump moves all it can
 
     # ---- set-up ------------------------------------------------------------------------------
     def _on_thread_error(self, e):
@@ -670,7 +672,9 @@ class _ProcessRun:
                     sample = None
                 self.learner_wait += time.monotonic() - w
             if sample is not None:
+                t_step = time.monotonic()
                 driver.step(sample)
+                self.step_seconds = time.monotonic() - t_step
                 stalled_at = None
             now = time.monotonic()
             if now >= next_check:
@@ -751,7 +755,7 @@ class _ProcessRun:
         same steps (with max_seconds the actors step on until they see the stop)."""
         self._stop_actors()
         if self.inline:
-            self._pump()
+            self._pump(drain=True)
         return int(self.control.arrays["stats"][:, ENV_STEPS].sum())
 
     STALL_SECONDS = 1.0
@@ -794,8 +798,12 @@ class _ProcessRun:
         local runtime's learner has when it evaluates. The learner, the slower side, otherwise
         evaluates up to ring + error buffer items (~50 learner steps on DQN/CartPole) short of
         that. Returns the env steps then (the actors hold at the evaluation's env step)."""
-        while (sample := self._ready_batch(batches)) is not None:
-            driver.step(sample)
+        self.catching_up = True
+        try:
+            while (sample := self._ready_batch(batches)) is not None:
+                driver.step(sample)
+        finally:
+            self.catching_up = False
         return int(stats[:, ENV_STEPS].sum())
 
     def _ready_batch(self, batches):
@@ -962,14 +970,22 @@ class _ProcessRun:
         except Timeout:
             return False
 
-    def _pump(self) -> int:
-        """receiver="inline": move every published slot the table takes now into it."""
+    PUMP_SECONDS = 0.0005
+
+    def _pump(self, drain: bool = False) -> int:
+        """receiver="inline": move the published slots the table takes now into it. While the run
+        goes on, for at most as long as the last learner step took (PUMP_SECONDS at least): when
+        actors publish faster than this thread inserts (a free-running limiter), inserting and
+        learning then share the thread about evenly, as a receiver thread shares the interpreter
+        with the learner's. `drain` (the actors have stopped): everything the table takes."""
         moved = 0
+        until = (None if drain or self.catching_up
+                 else time.monotonic() + max(self.PUMP_SECONDS, self.step_seconds))
         for h in self.actors:
             for _, reader in h.retired:
-                moved += reader.pump(self._try_insert)
+                moved += reader.pump(self._try_insert, until)
             if h.reader is not None:
-                moved += h.reader.pump(self._try_insert)
+                moved += h.reader.pump(self._try_insert, until)
         for _ in range(moved):
             self.wake.acquire(block=False)
         return moved

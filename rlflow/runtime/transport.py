@@ -27,6 +27,7 @@ consumed slots) is what the figures report as the queue depth.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Mapping, Optional
 
 import numpy as np
@@ -116,12 +117,15 @@ class RingReader:
         n = int(self._rows[s])
         return {name: arr[s, :n] for name, arr in self._cols}
 
-    def pump(self, insert) -> int:
-        """Inline receiving: insert every published slot the table takes now (`insert(items)` returns
-        False when the rate limiter refuses; the slot then stays for the next call). Returns the
-        number of slots moved."""
+    def pump(self, insert, until: Optional[float] = None) -> int:
+        """Inline receiving: insert the published slots the table takes now (`insert(items)` returns
+        False when the rate limiter refuses; the slot then stays for the next call), at most one
+        ring's worth (`slots`), and none after the time.monotonic() `until`: a writer that publishes
+        as fast as the slots are inserted would otherwise keep the caller (the learner's thread)
+        here for ever. A stopped writer's ring holds at most `slots`. Returns the slots moved."""
         moved = 0
-        while True:
+        most = self.ring.slots
+        while moved < most and (until is None or not moved or time.monotonic() < until):
             if self._held is None:
                 self._held = self.get(None)
                 if self._held is None:
@@ -131,6 +135,7 @@ class RingReader:
             self._held = None
             self.release()
             moved += 1
+        return moved
 
     def head_rows(self) -> Optional[int]:
         """Rows of the oldest published slot not yet consumed (the next to insert), or None."""
