@@ -971,3 +971,74 @@ def test_ring_pump_stops_at_a_ring_s_worth_or_its_deadline():
         assert got == [0, 1, 2, 3]
     finally:
         ring.close()
+
+
+THREAD_RUNS = textwrap.dedent("""
+    import signal, sys, threading, time
+    sys.path.insert(0, "tests")
+    import rlflow as rf
+    from test_process_runtime import experiment, minsize_table
+
+    def exp():
+        return experiment(table=minsize_table, num_envs=2)
+
+    if __name__ == "__main__":
+        if sys.argv[1] == "stale":
+            timer = threading.Timer(1.5, lambda: signal.raise_signal(signal.SIGINT))
+            timer.start()
+            try:
+                rf.run(exp(), backend="process", max_seconds=30, progress=False)
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+            timer.join()
+            box = {}
+            def body():
+                try:
+                    box["r"] = rf.run(exp(), backend="process", max_env_steps=400, progress=False)
+                except BaseException as e:
+                    box["e"] = e
+            t = threading.Thread(target=body)
+            t.start()
+            t.join(120)
+            print("later run:", repr(box.get("e")) if "e" in box else box["r"].figures["env_steps"], flush=True)
+        else:                       # a run in a daemon thread; the main thread waits and takes Ctrl-C
+            t = threading.Thread(target=lambda: rf.run(exp(), backend="process", max_seconds=40,
+                                                       progress=False), daemon=True)
+            t.start()
+            print("started", flush=True)
+            t.join()
+""")
+
+
+@pytest.mark.slow
+def test_a_caught_ctrl_c_does_not_stop_a_later_run_in_a_thread():
+    """The signal of an interrupted run stayed recorded; a later process run in a thread (which
+    installs no handlers, so never cleared it) raised KeyboardInterrupt at once."""
+    out = subprocess.run([sys.executable, "-c", THREAD_RUNS, "stale"], capture_output=True, text=True,
+                         timeout=180, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert "interrupted" in out.stdout, out.stderr[-2000:]
+    assert "later run: 400" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_a_run_in_a_daemon_thread_exits_within_seconds_and_quietly():
+    """At exit, multiprocessing waited for the actor processes until the run's own limit (40 s here),
+    then its resource tracker called the run's segments leaked."""
+    marker = f"RLFLOW_DAEMON_RUN_{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, "-c", THREAD_RUNS, "daemon"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                            start_new_session=True, env=dict(os.environ, **{marker: "1"}))
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        time.sleep(4.0)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert took < 8, (took, err[-2000:])
+    assert "leaked" not in err, err[-2000:]
+    time.sleep(0.5)
+    assert not _family(marker), _family(marker)

@@ -89,6 +89,7 @@ Options (keyword arguments of `rf.run(..., backend="process", ...)`):
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import math
@@ -101,6 +102,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -441,6 +443,7 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
     run = _ProcessRun(exp, actor_exp, ctx, num_actors, max_restarts, prefetch, receiver, queue_slots,
                       slot_rows, actor_threads)
     old_handlers = _install_signal_handlers()
+    _LIVE_RUNS.add(run)
     try:
         result = run.run(max_env_steps, max_learner_steps, max_seconds, log_dir, progress, progress_every,
                          checkpoint_dir, checkpoint_every, resume)
@@ -451,10 +454,32 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
         try:
             run.shutdown()
         finally:
+            _LIVE_RUNS.discard(run)
             _restore_signal_handlers(old_handlers)
+            if old_handlers is not None:
+                _signalled.clear()       # this run's signals were raised: none is left for a later run
 
 
 _signalled: list = []            # SIGINT / SIGTERM received by this run's process, newest last
+_LIVE_RUNS: "weakref.WeakSet" = weakref.WeakSet()     # runs going on in this process
+
+
+@atexit.register
+def _stop_live_runs():
+    """Interpreter exit while a run goes on in another thread (a daemon thread whose main thread
+    took Ctrl-C): multiprocessing's own exit handler, which runs after this one, waits for every
+    actor process, and actors stop only when their run says so: the process would live on until
+    the run's limit. Stop them now, and leave the run's shared-memory names to rlflow's own
+    clean-up (rlflow.runtime.shm), not to multiprocessing's tracker, which would call them leaked."""
+    for run in list(_LIVE_RUNS):
+        run.exiting = True
+        try:
+            run._stop_actors(grace=1.0)
+            for block in (run.control, getattr(run.store, "_block", None)):
+                if block is not None:
+                    _untrack(block)
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
 
 
 def _on_signal(signum, frame):
@@ -503,6 +528,7 @@ class _ProcessRun:
                  slot_rows, actor_threads=1):
         self.actor_threads = actor_threads
         self.inline = receiver == "inline"
+        self.exiting = False
         self.wake = ctx.Semaphore(0) if self.inline else None
         self.exp, self.actor_exp, self.ctx = exp, actor_exp, ctx
         self.num_actors, self.max_restarts, self.prefetch = int(num_actors), int(max_restarts), int(prefetch)
@@ -868,6 +894,8 @@ class _ProcessRun:
             time.sleep(0.002)
 
     def _supervise(self):
+        if self.exiting:                 # the interpreter is exiting: no restarts
+            return
         stats = self.control.arrays["stats"]
         for h in self.actors:
             if not h.unlinked and stats[h.index, READY] == h.incarnation + 1:
