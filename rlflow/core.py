@@ -129,6 +129,14 @@ class Policy(abc.ABC):
     index per-env recurrent state, action masks, done flags) defines `act_step(step)` instead.
     """
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a policy that defines act_step alone (as the docstring allows) needs no act of its own
+        if "act_step" in cls.__dict__ and getattr(cls.act, "__isabstractmethod__", False):
+            def act(self, obs):
+                raise NotImplementedError(f"{type(self).__name__} acts on whole steps: call act_step(step)")
+            cls.act = act
+
     @abc.abstractmethod
     def act(self, obs):
         """Actions for a batch of observations; optionally `(actions, extras)`."""

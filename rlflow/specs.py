@@ -24,7 +24,14 @@ class ArraySpec:
     dtype: np.dtype
 
     def __init__(self, shape=(), dtype=np.float32):
-        object.__setattr__(self, "shape", tuple(int(d) for d in shape))
+        try:
+            dims = tuple(shape)
+        except TypeError:
+            raise SpecError(mismatch("ArraySpec", "shape", "a tuple of ints >= 0", repr(shape))) from None
+        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_)) and d >= 0
+                   for d in dims):
+            raise SpecError(mismatch("ArraySpec", "shape", "a tuple of ints >= 0", repr(shape)))
+        object.__setattr__(self, "shape", tuple(int(d) for d in dims))
         object.__setattr__(self, "dtype", np.dtype(dtype))
 
     def zeros(self, batch_shape=()) -> np.ndarray:
@@ -84,12 +91,14 @@ def _fmt_shape(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def from_space(space: spaces.Space) -> Spec:
+def from_space(space: spaces.Space, _at: str = "") -> Spec:
     """The spec of one element of a Gymnasium space.
 
-    Box -> its shape and dtype; Discrete -> () int64; MultiDiscrete -> nvec's shape, int64;
-    MultiBinary -> its shape, int8; Dict -> {key: spec}; Tuple -> {"0": spec, "1": spec, ...}.
-    Any other space (Text, Graph, Sequence, OneOf) has no fixed-size array and raises SpecError.
+    Box -> its shape and dtype; Discrete -> () of the space's dtype (int64 by default);
+    MultiDiscrete -> nvec's shape, its dtype (int64 by default); MultiBinary -> its shape, int8;
+    Dict -> {key: spec}; Tuple -> {"0": spec, "1": spec, ...}. Any other space (Text, Graph,
+    Sequence, OneOf) has no fixed-size array and raises SpecError, naming where it sits in a Dict
+    or Tuple ("inner/caption").
     """
     if isinstance(space, spaces.Box):
         return ArraySpec(space.shape, space.dtype)
@@ -100,13 +109,14 @@ def from_space(space: spaces.Space) -> Spec:
     if isinstance(space, spaces.MultiBinary):
         return ArraySpec(space.shape, space.dtype or np.int8)
     if isinstance(space, spaces.Dict):
-        return {str(k): from_space(s) for k, s in space.spaces.items()}
+        return {str(k): from_space(s, f"{_at}/{k}" if _at else str(k)) for k, s in space.spaces.items()}
     if isinstance(space, spaces.Tuple):
-        return {str(i): from_space(s) for i, s in enumerate(space.spaces)}
+        return {str(i): from_space(s, f"{_at}/{i}" if _at else str(i)) for i, s in enumerate(space.spaces)}
+    where = f" at {_at!r}" if _at else ""
     raise SpecError(
         mismatch("space", type(space).__name__,
                  "Box, Discrete, MultiDiscrete, MultiBinary, Dict or Tuple (fixed-size arrays)",
-                 f"{space!r}, which has no array spec")
+                 f"{space!r}{where}, which has no array spec")
     )
 
 

@@ -150,9 +150,8 @@ class FakeVectorEnv:
             revive = np.zeros(B, bool)
         restart = (done & (new_status == _ALIVE)) | revive
         dead_done = done & (new_status == _DEAD)
-        newep = restart | dead_done
-        self._episode[rows[newep]] += 1
-        self._t[rows[newep]] = 0
+        self._episode[rows[restart]] += 1          # a row that dies starts its next episode on revival
+        self._t[rows[restart | dead_done]] = 0
         self._status[rows] = new_status
         obs = self._obs(rows, False)
         final_obs = self._where(done, final_obs_all, obs)

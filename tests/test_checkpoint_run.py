@@ -253,3 +253,26 @@ def test_a_good_save_removes_what_killed_saves_left(tmp_path):
     (ck / ".LATEST.cafe").write_text("ckpt-000007\n")
     rf.run(experiment(), max_env_steps=300, progress=False, checkpoint_dir=str(ck))
     assert sorted(p.name for p in ck.iterdir()) == ["LATEST", "ckpt-000001"]
+
+
+@pytest.mark.parametrize("receiver", ["thread", "inline"])
+def test_a_checkpoint_never_counts_fewer_env_steps_than_its_table_holds(tmp_path, monkeypatch, receiver):
+    """With receiver threads the table went on filling while a checkpoint read the actors' counters
+    (and the actors counted a step only after publishing its items): checkpoints held up to ~1,300
+    more items than their env steps, and a resumed run counted from the lower number."""
+    seen = []
+    real = ckpt.save_run
+
+    def checking(directory, *, learner, table, counters, **kw):
+        seen.append((counters["env_steps"], sum(a["items"] for a in counters["actors"]),
+                     table.stats()["inserts"]))
+        return real(directory, learner=learner, table=table, counters=counters, **kw)
+
+    monkeypatch.setattr(ckpt, "save_run", checking)
+    exp = experiment()
+    exp.table = minsize_table
+    rf.run(exp, backend="process", num_actors=2, max_learner_steps=400, progress=False, receiver=receiver,
+           checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=10)
+    assert len(seen) >= 20
+    for env_steps, items, inserts in seen:      # Transition: one item per env step
+        assert inserts <= min(items, env_steps), seen

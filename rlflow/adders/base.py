@@ -148,8 +148,10 @@ class RowAdder(Adder):
         if leaf is not None and type(obs) is np.ndarray:          # the common case: one array
             if obs.shape != (n,) + leaf.shape:
                 raise SpecError(mismatch(field_what, "obs", f"shape {(n,) + leaf.shape}", f"shape {obs.shape}"))
-            if obs.dtype != leaf.dtype and obs.dtype.kind != leaf.dtype.kind:
-                raise SpecError(mismatch(field_what, "obs", f"dtype {leaf.dtype}", f"dtype {obs.dtype}"))
+            if obs.dtype != leaf.dtype:
+                if obs.dtype.kind != leaf.dtype.kind:
+                    raise SpecError(mismatch(field_what, "obs", f"dtype {leaf.dtype}", f"dtype {obs.dtype}"))
+                check_values_fit(obs, leaf.dtype, "obs", field_what)      # would wrap or become inf
             return {"obs": obs}
         flat = _flat(obs, prefix)
         if len(flat) != len(specs) or any(k not in specs for k in flat):
@@ -161,8 +163,10 @@ class RowAdder(Adder):
                 a = np.asarray(a)
             if a.shape != (n,) + s.shape:
                 raise SpecError(mismatch(field_what, k, f"shape {(n,) + s.shape}", f"shape {a.shape}"))
-            if a.dtype != s.dtype and a.dtype.kind != s.dtype.kind:
-                raise SpecError(mismatch(field_what, k, f"dtype {s.dtype}", f"dtype {a.dtype}"))
+            if a.dtype != s.dtype:
+                if a.dtype.kind != s.dtype.kind:
+                    raise SpecError(mismatch(field_what, k, f"dtype {s.dtype}", f"dtype {a.dtype}"))
+                check_values_fit(a, s.dtype, k, field_what)
             out[k] = a
         return out
 
@@ -197,6 +201,10 @@ class RowAdder(Adder):
                                          f"of shape {np.shape(a)}"))
             if name != "reward" and a.dtype != np.bool_:
                 raise SpecError(mismatch("step", name, "dtype bool", f"dtype {a.dtype}"))
+            if name == "reward" and a.dtype != np.float32:     # items store rewards as float32
+                if a.dtype.kind not in "biuf":
+                    raise SpecError(mismatch("step", "reward", "real numbers (float32)", f"dtype {a.dtype}"))
+                check_values_fit(a, np.dtype(np.float32), "reward", "step")
         alive = step.alive
         if alive is not None:
             alive = np.asarray(alive)

@@ -182,7 +182,14 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
             store = _wait_for_store(store_conn, should_stop)
         client = ParamClient(store, every_learner_steps=exp.param_sync_steps,
                              every_seconds=exp.param_sync_seconds)
-        actor = Actor(policy, venv, adder, sink=writer.write, warmup_steps=exp.warmup_steps, seed=seed,
+        def publish(items):
+            # the counters first, then the items: the learner's process then never holds (or
+            # checkpoints) an item whose step its counters leave out
+            row[ENV_STEPS] = actor.env_steps
+            row[ITEMS] = actor.items_added + len(next(iter(items.values())))
+            writer.write(items)
+
+        actor = Actor(policy, venv, adder, sink=publish, warmup_steps=exp.warmup_steps, seed=seed,
                       param_client=client)
         if base.get("rng_state") is not None:
             actor.rng.bit_generator.state = base["rng_state"]
@@ -529,6 +536,7 @@ class _ProcessRun:
         self.actor_threads = actor_threads
         self.inline = receiver == "inline"
         self.exiting = False
+        self.insert_gate = threading.Lock()
         self.wake = ctx.Semaphore(0) if self.inline else None
         self.exp, self.actor_exp, self.ctx = exp, actor_exp, ctx
         self.num_actors, self.max_restarts, self.prefetch = int(num_actors), int(max_restarts), int(prefetch)
@@ -577,7 +585,7 @@ class _ProcessRun:
         if self.inline:
             h.reader = h.ring.reader()
         else:
-            h.receiver = Receiver(h.ring, self.table.insert, self._on_thread_error,
+            h.receiver = Receiver(h.ring, self._gated_insert, self._on_thread_error,
                                   name=f"rlflow-receiver-{h.index}.{h.incarnation}")
             h.receiver.start()
 
@@ -941,7 +949,17 @@ class _ProcessRun:
             stats[h.index, READY] = 0
             self._start_actor(h, base)
 
+    def _gated_insert(self, items, timeout=None):
+        """A receiver thread's insert; a checkpoint holds the gate, so the table it saves and the
+        counters it reads are one moment's."""
+        with self.insert_gate:
+            return self.table.insert(items, timeout=timeout)
+
     def _checkpoint(self, directory, driver, resumes, final=False):
+        with self.insert_gate:            # receiver threads wait: counters >= what the table holds
+            self._checkpoint_now(directory, driver, resumes, final)
+
+    def _checkpoint_now(self, directory, driver, resumes, final):
         stats = self.control.arrays["stats"]
         counters = {"env_steps": int(stats[:, ENV_STEPS].sum()), "learner_steps": driver.steps,
                     "episodes": int(stats[:, EPISODES].sum()), "param_version": self.store.latest_version(),
