@@ -29,6 +29,14 @@ from rlflow.specs import ArraySpec, EnvSpec, check_values_fit, flatten
 _EMPTY: dict = {}
 
 
+def _check_dtype(a: np.ndarray, dtype: np.dtype, field: str, what: str) -> None:
+    """For an array whose dtype differs from its spec's: SpecError unless it is of the same kind
+    and its values survive the cast (int64 300 into int8 would wrap, 1e39 into float32 be inf)."""
+    if a.dtype.kind != dtype.kind:
+        raise SpecError(mismatch(what, field, f"dtype {dtype}", f"dtype {a.dtype}"))
+    check_values_fit(a, dtype, field, what)
+
+
 def _flat(tree, prefix: str) -> dict:
     """`specs.flatten`, with a shortcut for the common case of a plain array."""
     if type(tree) is np.ndarray:
@@ -149,9 +157,7 @@ class RowAdder(Adder):
             if obs.shape != (n,) + leaf.shape:
                 raise SpecError(mismatch(field_what, "obs", f"shape {(n,) + leaf.shape}", f"shape {obs.shape}"))
             if obs.dtype != leaf.dtype:
-                if obs.dtype.kind != leaf.dtype.kind:
-                    raise SpecError(mismatch(field_what, "obs", f"dtype {leaf.dtype}", f"dtype {obs.dtype}"))
-                check_values_fit(obs, leaf.dtype, "obs", field_what)      # would wrap or become inf
+                _check_dtype(obs, leaf.dtype, "obs", field_what)
             return {"obs": obs}
         flat = _flat(obs, prefix)
         if len(flat) != len(specs) or any(k not in specs for k in flat):
@@ -164,9 +170,7 @@ class RowAdder(Adder):
             if a.shape != (n,) + s.shape:
                 raise SpecError(mismatch(field_what, k, f"shape {(n,) + s.shape}", f"shape {a.shape}"))
             if a.dtype != s.dtype:
-                if a.dtype.kind != s.dtype.kind:
-                    raise SpecError(mismatch(field_what, k, f"dtype {s.dtype}", f"dtype {a.dtype}"))
-                check_values_fit(a, s.dtype, k, field_what)
+                _check_dtype(a, s.dtype, k, field_what)
             out[k] = a
         return out
 
@@ -262,9 +266,7 @@ class RowAdder(Adder):
             if a.shape[:1] != (n,) or a.shape[1:] != s.shape:
                 raise SpecError(mismatch("extras field", k, f"shape {(n,) + s.shape}", f"shape {a.shape}"))
             if a.dtype != s.dtype:
-                if a.dtype.kind != s.dtype.kind:
-                    raise SpecError(mismatch("extras field", k, f"dtype {s.dtype}", f"dtype {a.dtype}"))
-                check_values_fit(a, s.dtype, k, "extras field")     # int64 300 into int8 would wrap
+                _check_dtype(a, s.dtype, k, "extras field")
             out_e[k] = a
         if self._plain_action is None and not specs and list(self.action_specs) == ["action"]:
             self._plain_action = self.action_specs["action"]

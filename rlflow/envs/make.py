@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
+from rlflow.envs.vector import check_seed
 from rlflow.errors import UsageError, mismatch
 
 BACKENDS = ("serial", "process", "pool")
@@ -134,18 +135,6 @@ def fresh_random_state(env) -> None:
     for space in (inner.action_space, inner.observation_space):
         if isinstance(getattr(space, "_np_random", None), np.random.Generator):
             space._np_random = None
-
-
-def check_seed(seed, num_envs: int, name: str = "seed") -> None:
-    """A seed for `num_envs` envs (env i gets seed + i): None, or an int with every seed + i in
-    [0, 2**63 - 1] (the process backends carry seeds as int64; gymnasium refuses negative ones)."""
-    if seed is None:
-        return
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
-        raise UsageError(mismatch("argument", name, "an int or None", repr(seed)))
-    if not 0 <= int(seed) <= 2**63 - num_envs:
-        raise UsageError(mismatch("argument", name, f"an int in [0, 2**63 - {num_envs}] (env i gets "
-                                  f"seed + i, for {num_envs} envs)", repr(seed)))
 
 
 class _Call:

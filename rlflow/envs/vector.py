@@ -125,6 +125,18 @@ class Layout:
                 and self.mask_shape == other.mask_shape)
 
 
+def check_seed(seed, num_envs: int, name: str = "seed") -> None:
+    """A seed for `num_envs` envs (env i gets seed + i): None, or an int with every seed + i in
+    [0, 2**63 - 1] (the process backends carry seeds as int64; gymnasium refuses negative ones)."""
+    if seed is None:
+        return
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
+        raise UsageError(mismatch("argument", name, "an int or None", repr(seed)))
+    if not 0 <= int(seed) <= 2**63 - num_envs:
+        raise UsageError(mismatch("argument", name, f"an int in [0, 2**63 - {num_envs}] (env i gets "
+                                  f"seed + i, for {num_envs} envs)", repr(seed)))
+
+
 class ObsBuffer:
     """One (possibly nested) observation stored as flat leaf arrays with a leading row axis.
 
@@ -267,7 +279,6 @@ class VectorEnv:
         if seed is None and self._default_seed is not None:
             seed, self._default_seed = self._default_seed, None
         if seed is not None:
-            from rlflow.envs.make import check_seed
             check_seed(seed, self.num_envs)
         step = self._reset(None if seed is None else int(seed))
         self._ret[:] = 0             # the reset step is no step of an episode: totals start at 0

@@ -29,7 +29,7 @@ import uuid
 
 import numpy as np
 
-from rlflow.errors import UsageError
+from rlflow.errors import UsageError, mismatch
 from rlflow.specs import ArraySpec
 
 FORMAT = 1
@@ -170,8 +170,12 @@ def load(cls, directory):
     except UsageError:
         raise
     except Exception as e:
-        raise UsageError(f"table checkpoint file {reading[0]!r}: expected a "
-                         f"complete, readable file, got {type(e).__name__}: {e}") from e
+        raise damaged(reading[0], e, "table checkpoint file") from e
+
+
+def damaged(path: str, e: BaseException, what: str = "checkpoint") -> UsageError:
+    """The error for a checkpoint file that cannot be read (truncated, corrupt or missing)."""
+    return UsageError(mismatch(what, path, "a complete, readable file", f"{type(e).__name__}: {e}"))
 
 
 def _load(cls, directory, reading):

@@ -50,6 +50,7 @@ import numpy as np
 
 from rlflow.errors import UsageError, mismatch
 from rlflow.logging import usable_dir
+from rlflow.replay.checkpoint import damaged
 
 LATEST = "LATEST"
 FORMAT = 1
@@ -244,15 +245,18 @@ def load_run(directory) -> RunState:
     except UsageError:
         raise
     except Exception as e:         # truncated, corrupt or missing: name the file
-        raise damaged(path, reading, e) from e
+        raise damaged(os.path.join(path, reading), e) from e
     table = Table.load(os.path.join(path, "table"))     # names a damaged file of its own
     return RunState(path=path, counters=counters, rng=rng, learner_state=learner_state, table=table)
 
 
-def damaged(path: str, name: str, e: BaseException) -> UsageError:
-    """The error for a checkpoint file that cannot be read."""
-    return UsageError(mismatch("checkpoint", os.path.join(path, name), "a complete, readable file",
-                               f"{type(e).__name__}: {e}"))
+def resumed_table(state: Optional[RunState], built):
+    """The table a run goes on with: the one it built (`built`, from the experiment), or when it
+    resumes, the checkpoint's, once `check_resumed_table` found the two configured alike."""
+    if state is None:
+        return built
+    check_resumed_table(state.table, built)
+    return state.table
 
 
 def check_resumed_table(saved, wanted) -> None:

@@ -52,10 +52,7 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
         actor = Actor(policy, venv, adder, sink=None, warmup_steps=exp.warmup_steps,
                       seed=ckpt.env_seed(exp.seed, resumed), param_client=client)
         first = actor.reset()
-        table = build_table(exp, spec, lambda: extras_specs_of(policy, spec, first))
-        if resumed is not None:               # the checkpoint's table goes on, if it is the same one
-            ckpt.check_resumed_table(resumed.table, table)
-            table = resumed.table
+        table = ckpt.resumed_table(resumed, build_table(exp, spec, lambda: extras_specs_of(policy, spec, first)))
         driver = LearnerDriver(learner, table, exp.batch_size, store, exp.param_sync_steps,
                               publish_seconds=exp.param_sync_seconds)
         resumes = ckpt.resume_local(resumed, learner, actor, driver)   # counters go on from the checkpoint

@@ -244,9 +244,8 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
     except ClosedError:                                  # the run is stopping
         if actor is not None and writer.unsent:
             # the stop came while this step's items were being published (a full ring): the step
-            # counts, and the rows it could not publish are in flight, as those in the ring are
-            row[ENV_STEPS] = actor.env_steps
-            row[ITEMS] = actor.items_added + writer.unsent_of
+            # counts (`publish` counted its env steps and items), and the rows it could not
+            # publish are in flight, as those in the ring are
             row[UNSENT] = writer.unsent
             row[EPISODES] = actor.stats.episodes
             row[RETURN] = actor.stats.mean_return()
@@ -605,10 +604,7 @@ class _ProcessRun:
             probe.close()
         self.extras_specs = extras_specs
         self.item_specs = fresh_adder(exp).item_specs(spec, extras_specs)
-        table = build_table(exp, spec, extras_specs)
-        if resumed is not None:               # the checkpoint's table goes on, if it is the same one
-            ckpt.check_resumed_table(resumed.table, table)
-            table = resumed.table
+        table = ckpt.resumed_table(resumed, build_table(exp, spec, extras_specs))
         self.table = table
         self.rows_per_slot = self.slot_rows or max(1, spec.num_envs)
         ratio = getattr(table.rate_limiter, "samples_per_insert", None)

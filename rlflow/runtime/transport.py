@@ -192,8 +192,6 @@ class RingWriter:
         self.unsent = 0
         """Rows of the last `write` that a stop request left unpublished (its ClosedError came after
         the slots before them were published): the run counts them as in flight, not as lost."""
-        self.unsent_of = 0
-        """... out of this many rows, the whole `write`."""
 
     def _check(self, items) -> int:
         if len(items) != len(self._cols) or any(name not in items for name, _, _ in self._cols):
@@ -235,7 +233,7 @@ class RingWriter:
             try:
                 self._acquire()
             except ClosedError:
-                self.unsent, self.unsent_of = n - start, n
+                self.unsent = n - start
                 raise
             s = self._next
             if whole and k == self.slot_rows:    # whole arrays into whole slots: no slicing (~3 -> ~1.5 us)
