@@ -20,7 +20,7 @@ import numpy as np
 from gymnasium import spaces
 
 from rlflow.core import Adder, Policy, Step
-from rlflow.errors import UsageError, mismatch
+from rlflow.errors import UsageError, is_int, mismatch
 
 
 def split_policy_output(out):
@@ -200,8 +200,9 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
     episodes. With `venv.num_envs >= episodes`, rows 0..episodes-1 each play exactly one episode
     (no bias toward short episodes); otherwise episodes count in the order they end. Deterministic
     for a given seed and policy."""
-    if not isinstance(episodes, (int, np.integer)) or isinstance(episodes, bool) or episodes < 1:
+    if not is_int(episodes) or episodes < 1:
         raise UsageError(mismatch("evaluate", "episodes", "an int >= 1", repr(episodes)))
+    episodes = int(episodes)
     one_each = venv.num_envs >= episodes
     step = venv.reset(seed=seed)
     stats = EpisodeStats(window=episodes)

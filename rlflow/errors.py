@@ -13,6 +13,8 @@ Messages name the field, the expected and the actual value: use `mismatch` to bu
 
 from __future__ import annotations
 
+import numbers
+
 
 class RLFlowError(Exception):
     """Base class of every error rlflow raises on purpose."""
@@ -71,3 +73,8 @@ def _rebuild_worker_error(cls, text, remote_traceback, where):
 def mismatch(what: str, field: str, expected, actual) -> str:
     """The standard message: `<what> '<field>': expected <expected>, got <actual>`."""
     return f"{what} '{field}': expected {expected}, got {actual}"
+
+
+def is_int(value) -> bool:
+    """An integer for an int argument: a Python or numpy integer, not a bool (True is no count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -33,7 +33,7 @@ import numpy as np
 
 from rlflow import specs as specs_lib
 from rlflow.core import Adder, Learner, Policy
-from rlflow.errors import UsageError, mismatch
+from rlflow.errors import UsageError, is_int, mismatch
 
 
 @dataclass
@@ -78,16 +78,16 @@ class Experiment:
     def __post_init__(self):
         for name in ("batch_size", "num_envs", "param_sync_steps", "eval_episodes"):
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise UsageError(mismatch("Experiment", name, "an int >= 1", repr(v)))
         for name in ("warmup_steps", "eval_every"):
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+            if not is_int(v) or v < 0:
                 raise UsageError(mismatch("Experiment", name, "an int >= 0", repr(v)))
         if not isinstance(self.adder, Adder):
             raise UsageError(mismatch("Experiment", "adder", "an rf.Adder (e.g. rf.adders.Transition)",
                                       type(self.adder).__name__))
-        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) \
+        if not is_int(self.seed) \
                 or not 0 <= self.seed <= 2**62:
             # envs are seeded seed + i (+ offsets per actor and resume): non-negative, within int64
             raise UsageError(mismatch("Experiment", "seed", "an int in [0, 2**62]", repr(self.seed)))
@@ -100,7 +100,7 @@ class Experiment:
             raise UsageError(mismatch("Experiment", "env_backend", "'serial' or 'process'", repr(self.env_backend)))
         if self.env_workers is not None:
             v = self.env_workers
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise UsageError(mismatch("Experiment", "env_workers", "None (default) or an int >= 1", repr(v)))
             if self.env_backend != "process":
                 raise UsageError(mismatch("Experiment", "env_workers", "None with env_backend='serial' "
@@ -261,18 +261,18 @@ def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Option
         raise UsageError("run: give at least one of max_env_steps, max_learner_steps, max_seconds "
                          "or the experiment's target_return, else the run never ends")
     for name, value in (("max_env_steps", max_env_steps), ("max_learner_steps", max_learner_steps)):
-        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+        if value is not None and (not is_int(value)
                                   or value < 1):
             raise UsageError(mismatch("run", name, "None or an int >= 1", repr(value)))
     if max_seconds is not None and (not isinstance(max_seconds, (int, float, np.integer, np.floating))
                                     or isinstance(max_seconds, bool) or not max_seconds > 0):
         raise UsageError(mismatch("run", "max_seconds", "None or a number of seconds > 0", repr(max_seconds)))
-    if not isinstance(max_restarts, (int, np.integer)) or isinstance(max_restarts, bool) or max_restarts < 0:
+    if not is_int(max_restarts) or max_restarts < 0:
         raise UsageError(mismatch("run", "max_restarts", "an int >= 0", repr(max_restarts)))
     if (not isinstance(progress_every, (int, float, np.integer, np.floating)) or isinstance(progress_every, bool)
             or not 0 < progress_every < math.inf):
         raise UsageError(mismatch("run", "progress_every", "a number of seconds > 0", repr(progress_every)))
-    if not isinstance(num_actors, (int, np.integer)) or isinstance(num_actors, bool) or num_actors < 1:
+    if not is_int(num_actors) or num_actors < 1:
         raise UsageError(mismatch("run", "num_actors", "an int >= 1", repr(num_actors)))
     allowed = PROCESS_OPTIONS if backend == "process" else ()
     unknown = sorted(set(backend_options) - set(allowed))

@@ -838,3 +838,26 @@ def test_a_process_vector_env_made_in_a_thread_outlives_the_thread(start_method)
             venv.step(np.zeros(4, np.int64))
     finally:
         venv.close()
+
+
+def test_numpy_integer_arguments_are_taken_as_ints():
+    """Counts computed with numpy (np.int64 from an array's sum, a config array) are ints: make()
+    refused num_envs=np.int64(4) ('expected an int >= 1, got np.int64(4)') and pool mode's
+    batch_size=np.int64(8) ('expected a multiple of ... (8), got np.int64(8)'); rf.evaluate's
+    episodes=np.int64 raised a raw TypeError."""
+    with rf.envs.make("CartPole-v1", np.int64(4)) as venv:
+        assert venv.num_envs == 4 and len(venv.reset(seed=0)) == 4
+    with rf.envs.make("CartPole-v1", np.int64(16), backend="pool", workers=np.int64(2),
+                      batch_size=np.int64(8)) as venv:
+        assert len(venv.reset(seed=0)) == 16
+        assert len(venv.step(np.zeros(16, np.int64))) == 8
+    class ZeroPolicy(rf.Policy):
+        def act(self, obs):
+            return np.zeros(len(obs), np.int64)
+
+    with rf.envs.make("CartPole-v1", 4) as venv:
+        out = rf.evaluate(ZeroPolicy(), venv, np.int64(3))
+        assert out["episodes"] == 3 and type(out["episodes"]) is int
+    for bad in (True, 2.0, "4"):
+        with pytest.raises(UsageError, match="num_envs"):
+            rf.envs.make("CartPole-v1", bad)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from rlflow.adders.base import TrajectoryAdder
-from rlflow.errors import UsageError, mismatch
+from rlflow.errors import UsageError, is_int, mismatch
 from rlflow.specs import ArraySpec
 
 
@@ -29,7 +29,7 @@ class Episode(TrajectoryAdder):
     """
 
     def __init__(self, max_length: int, discount: float = 1.0):
-        if not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool) or max_length < 1:
+        if not is_int(max_length) or max_length < 1:
             raise UsageError(mismatch("Episode", "max_length", "an int >= 1", repr(max_length)))
         discount = float(discount)
         if not 0.0 <= discount <= 1.0:

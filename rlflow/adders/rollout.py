@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from rlflow.adders.base import TrajectoryAdder
-from rlflow.errors import UsageError, mismatch
+from rlflow.errors import UsageError, is_int, mismatch
 from rlflow.specs import ArraySpec
 
 
@@ -44,7 +44,7 @@ class Rollout(TrajectoryAdder):
     store_next_obs = False
 
     def __init__(self, length: int, discount: float, gae_lambda: float = 0.95):
-        if not isinstance(length, (int, np.integer)) or isinstance(length, bool) or length < 1:
+        if not is_int(length) or length < 1:
             raise UsageError(mismatch("Rollout", "length", "an int >= 1", repr(length)))
         for name, v in (("discount", discount), ("gae_lambda", gae_lambda)):
             if not 0.0 <= float(v) <= 1.0:

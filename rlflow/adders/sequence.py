@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from rlflow.adders.base import TrajectoryAdder
-from rlflow.errors import UsageError, mismatch
+from rlflow.errors import UsageError, is_int, mismatch
 from rlflow.specs import ArraySpec
 
 END_BEHAVIORS = ("pad", "truncate", "continue")
@@ -53,7 +53,7 @@ class Sequence(TrajectoryAdder):
 
     def __init__(self, length: int, period: int, discount: float = 1.0, end_behavior: str = "pad"):
         for name, v in (("length", length), ("period", period)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise UsageError(mismatch("Sequence", name, "an int >= 1", repr(v)))
         if end_behavior not in END_BEHAVIORS:
             raise UsageError(mismatch("Sequence", "end_behavior", f"one of {END_BEHAVIORS}", repr(end_behavior)))

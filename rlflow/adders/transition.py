@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from rlflow.adders.base import RowAdder
-from rlflow.errors import UsageError, mismatch
+from rlflow.errors import UsageError, is_int, mismatch
 from rlflow.specs import ArraySpec
 
 
@@ -42,7 +42,7 @@ class NStepTransition(RowAdder):
     """
 
     def __init__(self, n: int, discount: float):
-        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        if not is_int(n) or n < 1:
             raise UsageError(mismatch("NStepTransition", "n", "an int >= 1", repr(n)))
         discount = float(discount)
         if not 0.0 <= discount <= 1.0:

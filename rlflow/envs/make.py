@@ -10,7 +10,7 @@ import numpy as np
 from gymnasium import spaces
 
 from rlflow.envs.vector import check_seed
-from rlflow.errors import UsageError, mismatch
+from rlflow.errors import UsageError, is_int, mismatch
 
 BACKENDS = ("serial", "process", "pool")
 CHEAP_STEP = 20e-6        # seconds: an env step below this makes an inline slice pay with any workers
@@ -244,19 +244,19 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         raise UsageError(mismatch("argument", "backend", f"one of {BACKENDS}", repr(backend)))
     if pin is not None and not isinstance(pin, bool):
         raise UsageError(mismatch("argument", "pin", "True, False or None (default)", repr(pin)))
-    if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
+    if not is_int(num_envs) or num_envs < 1:
         raise UsageError(mismatch("argument", "num_envs", "an int >= 1", repr(num_envs)))
-    if workers is not None and (not isinstance(workers, (int, np.integer)) or isinstance(workers, bool)):
+    if workers is not None and (not is_int(workers)):
         raise UsageError(mismatch("argument", "workers", "an int or None (default)", repr(workers)))
     if inline is not None and not isinstance(inline, (bool, np.bool_)):
         raise UsageError(mismatch("argument", "inline", "True, False or None (default)", repr(inline)))
-    if backend == "pool" and batch_size is not None and (
-            not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
-            or not 1 <= batch_size < num_envs):
+    if backend == "pool" and batch_size is not None and (not is_int(batch_size) or not 1 <= batch_size < num_envs):
         raise UsageError(mismatch("argument", "batch_size", f"an int in [1, num_envs - 1 = {num_envs - 1}] "
                                   "with backend='pool' (backend='process' steps every env)", repr(batch_size)))
     check_seed(seed, num_envs, "seed")
+    num_envs = int(num_envs)             # numpy ints as Python ints from here on
     workers = None if workers is None else int(workers)
+    batch_size = None if batch_size is None or not is_int(batch_size) else int(batch_size)
     if backend == "serial":
         for name, value in (("workers", workers), ("batch_size", batch_size), ("start_method", start_method),
                             ("inline", inline), ("spin", spin), ("pin", pin)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlflow.errors import UsageError, mismatch
+from rlflow.errors import UsageError, is_int, mismatch
 from rlflow.replay import rate_limiters, selectors
 from rlflow.replay.table import Table
 
@@ -31,7 +31,7 @@ def importance_weights(probabilities, size: int, beta: float) -> np.ndarray:
         raise UsageError(mismatch("argument", "probabilities", "a 1-d array", f"shape {p.shape}"))
     if not (np.isfinite(p).all() and (p > 0).all() and (p <= 1).all()):
         raise UsageError(mismatch("argument", "probabilities", "values in (0, 1]", p[~((p > 0) & (p <= 1))][:3]))
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+    if not is_int(size) or size < 1:
         raise UsageError(mismatch("argument", "size", "an integer >= 1", repr(size)))
     beta = float(beta)
     if not np.isfinite(beta) or beta < 0:

@@ -48,7 +48,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from rlflow.errors import UsageError, mismatch
+from rlflow.errors import UsageError, is_int, mismatch
 from rlflow.logging import usable_dir
 from rlflow.replay.checkpoint import damaged
 
@@ -74,7 +74,7 @@ def check_options(checkpoint_dir, checkpoint_every, resume) -> Optional[int]:
         if checkpoint_dir is None:
             raise UsageError(mismatch("run", "checkpoint_every", "given together with checkpoint_dir",
                                       f"{checkpoint_every!r} without a checkpoint_dir"))
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, np.integer)) \
+        if not is_int(checkpoint_every) \
                 or checkpoint_every < 1:
             raise UsageError(mismatch("run", "checkpoint_every", "an int >= 1 (learner steps)",
                                       repr(checkpoint_every)))

@@ -110,7 +110,7 @@ import numpy as np
 from rlflow.actor import Actor
 from rlflow.adders.base import RowAdder
 from rlflow.core import Learner, Policy, Sample
-from rlflow.errors import ClosedError, Timeout, UsageError, WorkerDied, WorkerError, mismatch
+from rlflow.errors import ClosedError, Timeout, UsageError, WorkerDied, WorkerError, is_int, mismatch
 from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
@@ -430,13 +430,12 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
         prefetch = INLINE_PREFETCH if receiver == "inline" else 0
     for name, value, low in (("max_restarts", max_restarts, 0), ("prefetch", prefetch, 0),
                              ("num_actors", num_actors, 1)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        if not is_int(value) or value < low:
             raise UsageError(mismatch("run", name, f"an int >= {low}", repr(value)))
     for name, value in (("queue_slots", queue_slots), ("slot_rows", slot_rows)):
-        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             raise UsageError(mismatch("run", name, "None or an int >= 1", repr(value)))
-    if actor_threads is not None and (not isinstance(actor_threads, (int, np.integer))
-                                      or isinstance(actor_threads, bool) or actor_threads < 1):
+    if actor_threads is not None and (not is_int(actor_threads) or actor_threads < 1):
         raise UsageError(mismatch("run", "actor_threads", "None or an int >= 1", repr(actor_threads)))
     if receiver not in ("inline", "thread"):
         raise UsageError(mismatch("run", "receiver", "'inline' or 'thread'", repr(receiver)))
