@@ -155,7 +155,7 @@ class Figures:
 
 RESERVED = frozenset({"startup_seconds", "eval_seconds", "eval_return", "param_lag", "queue_depth",
                       "queue_capacity", "prefetch_depth", "actor_blocked_s", "actor_restarts",
-                      "learner_wait_s", "actor_items", "items_in_flight"})
+                      "learner_wait_s", "actor_items", "items_in_flight", "items_lost"})
 """Names of run figures that are not in every row (the final figures' extras, the runtimes' live
 figures, on any backend): a learner metric of one of these names, or of a per-actor figure's
 ("param_lag_<i>", "queue_depth_<i>"), is logged as "learner/<name>" on every backend."""

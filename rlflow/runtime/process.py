@@ -52,7 +52,8 @@ long (a GPU learner, large batches): choose them with receiver="thread", prefetc
   env workers did, with env_backend="process": the actor then exits and counts as dead) is restarted,
   up to `max_restarts` times per actor: the new one continues its counters (env steps, so no second
   warm-up), starts fresh episodes with a new seed, and pulls the latest parameters; what the dead
-  one had published is inserted, nothing else is lost. An exception in user code on the actor side
+  one had published is inserted; the items of a step it was still waiting to publish (a full
+  ring) die with it, and the final figures' `items_lost` counts them. An exception in user code on the actor side
   (policy, env, adder) stops the run with `rlflow.errors.WorkerError` carrying its traceback; the
   learner's exceptions propagate as they are. Ctrl-C (SIGINT) and SIGTERM stop the run within
   seconds: actors are asked to stop, then terminated, then killed; every shared-memory segment
@@ -290,6 +291,7 @@ class _ActorHandle:
         self.retired: list = []          # (ring, receiver or reader) of dead incarnations
         self.reader = None               # receiver="inline": the learner's thread reads the ring
         self.unlinked = False
+        self.items_at_start = 0          # the items counter this incarnation started from
 
 
 class _InlineSampler:
@@ -534,6 +536,7 @@ class _ProcessRun:
         self.actor_threads = actor_threads
         self.inline = receiver == "inline"
         self.exiting = False
+        self.items_lost = 0              # items that killed actors had counted but not published
         self.insert_gate = threading.Lock()
         self.wake = ctx.Semaphore(0) if self.inline else None
         self.exp, self.actor_exp, self.ctx = exp, actor_exp, ctx
@@ -560,6 +563,7 @@ class _ProcessRun:
 
     def _start_actor(self, h: _ActorHandle, base: dict):
         h.incarnation += 1
+        h.items_at_start = int(base["items"])
         h.ring = Ring(self.item_specs, self.rows_per_slot, self.slots, self.ctx, wake=self.wake)
         parent_end, child_end = self.ctx.Pipe(duplex=False)
         store_recv = None
@@ -756,6 +760,7 @@ class _ProcessRun:
         final["actor_restarts"] = sum(h.restarts for h in self.actors)
         final["actor_items"] = int(stats[:, ITEMS].sum())
         final["items_in_flight"] = int(in_flight)    # published by actors, not inserted when the run stopped
+        final["items_lost"] = self.items_lost         # counted by actors that were killed before publishing them
         return RunResult(learner=learner, table=table, figures=final, history=history,
                          evals=list(self.evaluator.results) if self.evaluator else [], solved_at=solved_at,
                          solved_time=solved_time)
@@ -929,8 +934,16 @@ class _ProcessRun:
                 raise WorkerError(f"the actor process died ({how}) and was already restarted "
                                   f"{h.restarts} times (max_restarts={self.max_restarts})", "", where)
             h.restarts += 1
+            # A kill while the actor waited to publish a step (a full ring) loses the step's rows
+            # that were not in the ring yet, which the actor had counted already (it counts a step
+            # before publishing it, so a checkpoint never holds items its counters leave out).
+            # They leave the items counter, and are reported.
+            items = int(stats[h.index, ITEMS])
+            lost = max(0, items - h.items_at_start - h.ring.published_rows())
+            self.items_lost += lost
+            gone = f"; {lost} items of the step it was publishing were lost with it" if lost else ""
             self.logger.stream.write(f"rlflow: {where} died ({how}); restarting it "
-                                     f"({h.restarts}/{self.max_restarts})\n")
+                                     f"({h.restarts}/{self.max_restarts}){gone}\n")
             if self.inline:
                 h.retired.append((h.ring, h.reader))      # _pump keeps draining it
             else:
@@ -940,7 +953,8 @@ class _ProcessRun:
             p.join()
             p.close()
             base = {"env_steps": int(stats[h.index, ENV_STEPS]), "episodes": int(stats[h.index, EPISODES]),
-                    "items": int(stats[h.index, ITEMS]), "rng_state": None}
+                    "items": items - lost, "rng_state": None}
+            stats[h.index, ITEMS] = items - lost
             stats[h.index, READY] = 0
             self._start_actor(h, base)
 

@@ -21,7 +21,10 @@ slot's contents are visible to the reader before its `full` token is. Waits use 
 notice a stop request or a dead peer; nothing spins.
 
 A batch of more than `slot_rows` items is split over several slots. `depth()` (published minus
-consumed slots) is what the figures report as the queue depth.
+consumed slots) is what the figures report as the queue depth. `published_rows()` counts the rows
+of every slot published so far, exactly as of the head even when the writer was killed mid-write:
+the writer stores the running total for head h + 1 in `_cum[(h + 1) % 2]` before it moves the head
+to h + 1, and a write in progress touches only the other entry.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class Ring:
         self.specs = dict(specs)
         self.slot_rows = int(slot_rows)
         self.slots = int(slots)
-        arrays = {"_rows": ((self.slots,), np.int64), "_counters": ((2,), np.int64)}
+        arrays = {"_rows": ((self.slots,), np.int64), "_counters": ((2,), np.int64), "_cum": ((2,), np.int64)}
         self._fields = list(self.specs)
         for i, (name, s) in enumerate(self.specs.items()):
             arrays[f"f{i}"] = ((self.slots, self.slot_rows) + s.shape, s.dtype)
@@ -77,6 +80,13 @@ class Ring:
     def depth(self) -> int:
         c = self.block.arrays.get("_counters")
         return 0 if c is None else int(c[_HEAD] - c[_TAIL])
+
+    def published_rows(self) -> int:
+        """Rows the writer has published (in slots it handed over), in all; exact for a dead writer."""
+        a = self.block.arrays
+        if "_cum" not in a:
+            return 0
+        return int(a["_cum"][int(a["_counters"][_HEAD]) & 1])
 
     def unlink(self) -> None:
         """Remove the segment's name once the writer has attached (its mapping stays valid)."""
@@ -182,9 +192,11 @@ class RingWriter:
         self.free, self.full, self.wake = free, full, wake
         self._rows = a["_rows"]
         self._counters = a["_counters"]
+        self._cum = a["_cum"]
         self._cols = [(name, a[f"f{i}"], specs[name]) for i, name in enumerate(fields)]
         self._views = [[(name, arr[s]) for name, arr, _ in self._cols] for s in range(slots)]
         self._head = int(self._counters[_HEAD])
+        self._published = int(self._cum[self._head & 1])
         self._next = 0
         self._should_stop = should_stop
         self._poll = poll
@@ -244,6 +256,8 @@ class RingWriter:
                     view[:k] = items[name] if whole else items[name][start:start + k]
             self._rows[s] = k
             self._next = s + 1 if s + 1 < self.slots else 0
+            self._published += k                 # the total as of the head about to be (module doc)
+            self._cum[(self._head + 1) & 1] = self._published
             self._head += 1                      # this writer alone moves the head
             self._counters[_HEAD] = self._head
             self.full.release()
