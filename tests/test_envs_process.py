@@ -861,3 +861,28 @@ def test_numpy_integer_arguments_are_taken_as_ints():
     for bad in (True, 2.0, "4"):
         with pytest.raises(UsageError, match="num_envs"):
             rf.envs.make("CartPole-v1", bad)
+
+
+def test_an_env_that_does_not_pickle_under_spawn_is_a_usage_error_saying_why():
+    """'spawn' (given, or the default while this process runs threads) pickles the env factories
+    for the workers: a lambda raised pickle's AttributeError from inside multiprocessing, naming
+    neither the env nor the start method."""
+    import threading
+
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(UsageError, match=r"'env'.*picklable.*start_method='spawn'.*lambda"):
+        rf.envs.make(lambda: gym.make("CartPole-v1"), 4, backend="process", workers=2, start_method="spawn")
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:                                   # a second thread: the default is spawn, and it says why
+        with pytest.raises(UsageError, match=r"picklable.*'spawn' \(the default: this process runs more "
+                                             r"than one thread"):
+            rf.envs.make(lambda: gym.make("CartPole-v1"), 4, backend="pool", batch_size=2)
+    finally:
+        stop.set()
+        t.join()
+    assert set(os.listdir("/dev/shm")) <= before
+    with rf.envs.make(lambda: gym.make("CartPole-v1"), 4, backend="process", workers=2,
+                      start_method="fork") as venv:          # fork takes it as it is
+        assert len(venv.reset(seed=0)) == 4

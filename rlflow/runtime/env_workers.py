@@ -196,6 +196,27 @@ def default_spin(workers: int, cpus: int | None = None, pool: bool = False, inli
     return SPIN if not pool or (cpus >= 2 and workers + bool(inline) <= cpus) else 0.0
 
 
+def _check_picklable(env_fns, method: str, defaulted: bool) -> None:
+    """UsageError naming the env unless each distinct factory pickles: "spawn" and "forkserver"
+    send them to the workers by pickle (a lambda or a local function raised pickle's own
+    AttributeError from deep inside multiprocessing, without a word about why it pickles)."""
+    seen = set()
+    for fn in env_fns:
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        try:
+            pickle.dumps(fn)
+        except Exception as exc:  # noqa: BLE001 - any pickling failure
+            env = getattr(fn, "env", fn)           # CopyOf(instance): name the instance
+            why = (" (the default: this process runs more than one thread, and forking a process "
+                   "with threads can deadlock)" if defaulted else "")
+            raise UsageError(mismatch(
+                "argument", "env", f"a picklable env id, callable or instance with start_method={method!r}"
+                f"{why}: a module-level function or class, or start_method='fork' on Linux",
+                f"{env!r:.100} ({type(exc).__name__}: {exc})")) from None
+
+
 def _poll_for(poller, seconds: float) -> list:
     """Poll until a registered fd is readable (or closed) or `seconds` have passed; returns the
     last poll's (fd, event) list (empty: nothing readable yet). Between polls the process yields
@@ -358,6 +379,8 @@ class ProcessVectorEnv(VectorEnv):
             raise UsageError(mismatch("argument", "start_method", "'fork', 'spawn' or 'forkserver'",
                                       repr(method)))
         self.start_method = method
+        if method != "fork":
+            _check_picklable(env_fns, method, defaulted=start_method is None)
         ctx = mp.get_context(method)
 
         specs = layout.array_specs(self.num_envs)
