@@ -199,20 +199,28 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
     """Run `policy` on `venv` and return the mean/std/min/max return and mean length of `episodes`
     episodes. With `venv.num_envs >= episodes`, rows 0..episodes-1 each play exactly one episode
     (no bias toward short episodes); otherwise episodes count in the order they end. Deterministic
-    for a given seed and policy."""
+    for a given seed and policy.
+
+    A multi-agent vector env (PettingZoo: rows = envs x agents) plays `episodes` games: with at
+    least `episodes` envs, envs 0..episodes-1 each play exactly one, and every agent row of those
+    envs counts. The figures are over agent-episodes (as the runs' `episodes` and mean return are):
+    `mean_return` is the mean of each agent's return over those games; `episodes` says the games."""
     if not is_int(episodes) or episodes < 1:
         raise UsageError(mismatch("evaluate", "episodes", "an int >= 1", repr(episodes)))
     episodes = int(episodes)
-    one_each = venv.num_envs >= episodes
+    layout = getattr(venv, "layout", None)
+    per_env = int(layout.rows_per_env) if layout is not None else 1    # agent rows of one env
+    wanted = episodes * per_env                                         # agent-episodes to count
+    one_each = venv.num_envs >= wanted
     step = venv.reset(seed=seed)
-    stats = EpisodeStats(window=episodes)
+    stats = EpisodeStats(window=wanted)
     stats.reset(venv.num_envs)
     counted = np.zeros(venv.num_envs, bool)
     if one_each:
-        counted[episodes:] = True          # rows past `episodes` are not counted
+        counted[wanted:] = True            # rows of envs past `episodes` are not counted
     returns: list[float] = []
     lengths: list[int] = []
-    while len(returns) < episodes:
+    while len(returns) < wanted:
         actions, _ = split_policy_output(policy.act_step(step))
         step = venv.step(np.asarray(actions))
         for r, ret, length in zip(*stats.update(step)):
@@ -220,7 +228,7 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
                 returns.append(float(ret))
                 lengths.append(int(length))
                 counted[r] = one_each
-    r = np.asarray(returns[:episodes], dtype=np.float64)
+    r = np.asarray(returns[:wanted], dtype=np.float64)
     return {"mean_return": float(r.mean()), "std_return": float(r.std()), "min_return": float(r.min()),
-            "max_return": float(r.max()), "mean_length": float(np.mean(lengths[:episodes])),
+            "max_return": float(r.max()), "mean_length": float(np.mean(lengths[:wanted])),
             "episodes": episodes}

@@ -71,7 +71,8 @@ class Experiment:
     eval_every: int = 0
     """Evaluate every this many env steps (0: never)."""
     eval_episodes: int = 20
-    """Episodes per evaluation (one per env of an eval vector env)."""
+    """Episodes per evaluation (one per env of an eval vector env; multi-agent: games, every agent
+    of each counted, see rf.evaluate)."""
     target_return: Optional[float] = None
     """Stop the run once an evaluation's mean return reaches this."""
 

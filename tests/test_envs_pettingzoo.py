@@ -340,3 +340,47 @@ def test_aec_step_after_an_env_raised_asks_for_a_reset_then_plays_on():
         for _ in range(20):
             s = venv.step(legal_actions(s, rng))
         assert s.alive.sum() == 2
+
+
+class LowestLegal(rf.Policy):
+    """Tictactoe's lowest legal square: every game is the same, player_1 wins (+1, player_2 -1)."""
+
+    def __init__(self, spec=None):
+        pass
+
+    def act_step(self, step):
+        return np.argmax(step.action_mask, axis=1)
+
+
+@pytest.mark.parametrize("num_envs, episodes", [(5, 5), (5, 3), (2, 5), (1, 1)])
+def test_evaluate_counts_whole_games_with_every_agent(num_envs, episodes):
+    """rf.evaluate on agents x envs rows took `episodes` ROWS: 5 episodes on 5 tictactoe envs were
+    env 0's and env 1's two players and env 2's first (mean 0.2, envs 3 and 4 never counted). Now
+    `episodes` games, every agent of each: mean 0 over 2 * episodes agent-episodes."""
+    with rf.envs.make(ttt, num_envs=num_envs) as venv:
+        out = rf.evaluate(LowestLegal(), venv, episodes=episodes, seed=0)
+    assert out["episodes"] == episodes
+    assert out["mean_return"] == 0.0 and out["min_return"] == -1.0 and out["max_return"] == 1.0, out
+    # the winner makes 4 moves (squares 0, 2, 4, 6), the loser 3: a mean of 3.5 per agent-episode
+    assert out["mean_length"] == 3.5, out
+
+
+def test_run_evaluations_on_a_game_count_both_players():
+    """The runtime's evaluations (eval_episodes games) average both players: 0 here, never the
+    0.2 that let target_return=0.1 stop the run at its first evaluation."""
+    exp = rf.Experiment(env=ttt, policy=LowestLegal, learner=lambda spec: _NoLearner(),
+                        adder=rf.adders.Transition(discount=0.99), table=_queue_table, batch_size=4,
+                        eval_every=200, eval_episodes=5, target_return=0.1)
+    r = rf.run(exp, backend="local", max_env_steps=600, progress=False)
+    assert r.evals and all(abs(ret) < 1e-12 for _, _, ret in r.evals), r.evals   # (env steps, time, return)
+    assert r.solved_at is None
+
+
+class _NoLearner(rf.Learner):
+    def step(self, batch):
+        return {}
+
+
+def _queue_table(specs):
+    return rf.Table(capacity=10_000, sampler=rf.selectors.Uniform(seed=0), remover=rf.selectors.Fifo(),
+                    rate_limiter=rf.rate_limiters.MinSize(1), specs=specs)
