@@ -797,3 +797,40 @@ def test_every_live_key_stays_reachable_against_a_reference(sampler, remover, ca
         assert len(t) == len(live)
         keys = np.array(sorted(live), dtype=np.int64)
         np.testing.assert_allclose(t.priorities(keys), [live[k] for k in keys.tolist()])
+
+
+@pytest.mark.parametrize("op", ["sample", "insert"])
+def test_a_wait_whose_other_thread_ends_becomes_the_usage_error(op):
+    """A wait without a timeout that began while another thread ran (a producer) checked for
+    other threads only before it slept: when that thread ended without inserting, it waited for
+    ever. It notices within a fraction of a second now."""
+    t = Table.queue(2)
+    if op == "insert":
+        t.insert(batch(2))
+    other = threading.Timer(0.3, lambda: None)        # runs, then ends without touching the table
+    other.start()
+    t0 = time.monotonic()
+    with pytest.raises(UsageError, match="no other thread"):
+        t.sample(1) if op == "sample" else t.insert(batch(1))
+    assert 0.25 < time.monotonic() - t0 < 3.0
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "soon", True, [1]])
+def test_a_bad_timeout_is_refused_whether_or_not_the_call_waits(bad):
+    t = Table(10, sampler=selectors.Uniform(), remover=selectors.Fifo(), rate_limiter=rate_limiters.MinSize(1))
+    t.insert(batch(2))                     # neither call needs to wait
+    with pytest.raises(UsageError, match="'timeout'"):
+        t.sample(1, timeout=bad)
+    with pytest.raises(UsageError, match="'timeout'"):
+        t.insert(batch(1), timeout=bad)
+    assert len(t) == 2
+
+
+def test_an_infinite_timeout_waits():
+    """timeout=float('inf') raised OverflowError from the condition wait."""
+    t = Table(10, sampler=selectors.Uniform(), remover=selectors.Fifo(), rate_limiter=rate_limiters.MinSize(2))
+    t.insert(batch(1))
+    other = threading.Timer(0.2, lambda: t.insert(batch(1)))
+    other.start()
+    assert len(t.sample(1, timeout=float("inf"))) == 1
+    other.join()

@@ -62,6 +62,21 @@ def _gather_big_kernel():
     return _GATHER_BIG or None
 
 
+NO_THREAD_CHECK = 0.25
+"""Seconds between the checks of a wait without a timeout for another running thread."""
+
+
+def _check_timeout(timeout) -> float:
+    """`timeout` as a float >= 0, or UsageError naming it (checked whether or not the call waits)."""
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if isinstance(timeout, bool) or not t >= 0:
+        raise UsageError(mismatch("argument", "timeout", "None or a number >= 0 (seconds)", repr(timeout)))
+    return t
+
+
 def _positive_int(name, value):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise UsageError(mismatch("argument", name, "an integer >= 1", repr(value)))
@@ -582,11 +597,11 @@ def fast_insert(items):
 
     # ---- waiting --------------------------------------------------------------------------------
     def _wait(self, ok, timeout, why):
-        """Wait (lock held) until ok(); Timeout with why() past the deadline."""
+        """Wait (lock held) until ok(); Timeout with why() past the deadline. Without a timeout,
+        the wait wakes every NO_THREAD_CHECK seconds to see whether another thread still runs
+        (one that ends while this one waits would otherwise leave it waiting for ever)."""
         if timeout is not None:
-            timeout = float(timeout)
-            if timeout < 0 or timeout != timeout:
-                raise UsageError(mismatch("argument", "timeout", "None or a number >= 0", timeout))
+            timeout = _check_timeout(timeout)
             deadline = time.monotonic() + timeout
         self._waiters += 1
         try:
@@ -601,12 +616,12 @@ def fast_insert(items):
                         raise UsageError(f"{why()}, and no other thread of this process is running "
                                          "to change that: waiting without a timeout would never end "
                                          "(pass timeout= to wait for another thread)")
-                    self._cond.wait()
+                    self._cond.wait(NO_THREAD_CHECK)
                 else:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise Timeout(f"timed out after {timeout:g} s: {why()}")
-                    self._cond.wait(left)
+                    self._cond.wait(min(left, 3600.0))     # timeout=inf: wait in hours
             if self._closed:
                 raise ClosedError("the table was closed while waiting")
         finally:
@@ -621,6 +636,8 @@ def fast_insert(items):
         """Store a batch (field -> array [n, ...]); returns the n new keys (int64 [n]).
 
         Priorities: float [n], finite and >= 0; default 1.0 for every item."""
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
         if self._fast and priorities is None:
             keys = self._fast_insert(items)
             if keys is not None:
@@ -882,6 +899,8 @@ def fast_insert(items):
         `info` holds "table_size" (items present before this sample)."""
         if self._closed:
             raise ClosedError("the table is closed")
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
         if n.__class__ is not int:
             n = _positive_int("n", n)
         elif n < 1:
