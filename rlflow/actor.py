@@ -42,11 +42,11 @@ def random_actions(space: spaces.Space, n: int, rng: np.random.Generator, action
             return (np.argmax(u, axis=1) + space.start).astype(space.dtype)
         return rng.integers(space.start, space.start + space.n, size=n).astype(space.dtype)
     if isinstance(space, spaces.Box):
-        low = np.where(np.isfinite(space.low), space.low, -1.0)
-        high = np.where(np.isfinite(space.high), space.high, 1.0)
-        if np.issubdtype(space.dtype, np.integer):
-            return rng.integers(low, high + 1, size=(n,) + space.shape).astype(space.dtype)
-        return rng.uniform(low, high, size=(n,) + space.shape).astype(space.dtype)
+        if space.dtype.kind in "iub":      # integer (and bool) Boxes: bounds included, any range
+            kind = space.dtype if space.dtype.kind in "iu" else np.dtype(np.int8)
+            return rng.integers(space.low.astype(kind), space.high.astype(kind), size=(n,) + space.shape,
+                                dtype=kind, endpoint=True).astype(space.dtype)
+        return _random_floats(space, n, rng)
     if isinstance(space, spaces.MultiDiscrete):
         return (space.start + (rng.random((n,) + space.nvec.shape) * space.nvec).astype(np.int64)
                 ).astype(space.dtype)
@@ -54,6 +54,26 @@ def random_actions(space: spaces.Space, n: int, rng: np.random.Generator, action
         return rng.integers(0, 2, size=(n,) + tuple(space.shape)).astype(space.dtype)
     raise UsageError(mismatch("action space", type(space).__name__,
                               "Discrete, Box, MultiDiscrete or MultiBinary for random warm-up", space))
+
+
+def _random_floats(space: spaces.Box, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` random points of a float Box, drawn per element as gymnasium's Box.sample draws them:
+    uniform where both bounds are finite, low + Exp(1) where only low is, high - Exp(1) where only
+    high is, N(0, 1) where neither is. Uniform as low * (1 - u) + high * u: high - low overflows
+    for bounds near the dtype's limits."""
+    shape = (n,) + space.shape
+    low = np.broadcast_to(space.low, space.shape).astype(np.float64)
+    high = np.broadcast_to(space.high, space.shape).astype(np.float64)
+    lo_ok, hi_ok = np.isfinite(low), np.isfinite(high)
+    u = rng.random(shape)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = np.where(lo_ok & hi_ok, low * (1.0 - u) + high * u, 0.0)
+        if not (lo_ok & hi_ok).all():
+            e = rng.exponential(size=shape)
+            out = np.where(lo_ok & ~hi_ok, low + e, out)
+            out = np.where(~lo_ok & hi_ok, high - e, out)
+            out = np.where(~lo_ok & ~hi_ok, rng.standard_normal(shape), out)
+    return np.clip(out, low, high).astype(space.dtype)
 
 
 _NONE_ENDED = (np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64))

@@ -1,7 +1,9 @@
 """The Actor's episode statistics against a per-row reference that counts every step by hand."""
 
+import gymnasium as gym
 import numpy as np
 import pytest
+from gymnasium import spaces
 
 import rlflow as rf
 from rlflow.actor import EpisodeStats
@@ -125,3 +127,68 @@ def test_an_uncopyable_policy_probed_for_its_extras_is_a_warning():
                         adder=rf.adders.Transition(0.99), table=table, num_envs=2, batch_size=4)
     with pytest.warns(RuntimeWarning, match="cannot be copied.*extras_specs"):
         rf.run(exp, max_env_steps=20, progress=False)
+
+
+@pytest.mark.parametrize("space", [
+    spaces.Box(np.array([2.0, -np.inf], np.float32), np.array([np.inf, -2.0], np.float32)),   # one bound each
+    spaces.Box(np.array([0.5, -np.inf]), np.array([np.inf, np.inf]), dtype=np.float64),
+    spaces.Box(-np.finfo(np.float64).max, np.finfo(np.float64).max, (2,), np.float64),         # high - low = inf
+    spaces.Box(-1.0, 1.0, (3,), np.float32),
+    spaces.Box(0, 1, (3,), bool),
+    spaces.Box(np.iinfo(np.int64).min, np.iinfo(np.int64).max, (2,), np.int64),
+    spaces.Box(0, np.iinfo(np.uint64).max, (2,), np.uint64),
+])
+def test_random_warm_up_actions_lie_in_any_box(space):
+    """A Box bounded on one side only gave uniform(low, 1) with low >= 1 (numpy's 'high - low < 0'),
+    the float64 range gave OverflowError, and a bool Box was True almost always. Now each element is
+    drawn as gymnasium's Box.sample draws it, and every action lies in the space."""
+    from rlflow.actor import random_actions
+
+    a = random_actions(space, 4000, np.random.default_rng(0))
+    assert a.shape == (4000,) + space.shape and a.dtype == space.dtype
+    assert all(space.contains(x) for x in a)
+    low = np.broadcast_to(space.low, space.shape).astype(np.float64)
+    high = np.broadcast_to(space.high, space.shape).astype(np.float64)
+    with np.errstate(over="ignore"):
+        mean = a.astype(np.float64).mean(axis=0)
+    for j in range(space.shape[0]):
+        lo, hi = low[j], high[j]
+        if np.isfinite(lo) and np.isfinite(hi) and hi < 1e6 and lo > -1e6:                    # uniform
+            assert abs(mean[j] - (lo + hi) / 2) < 0.05 * (hi - lo) + 0.05
+        elif np.isfinite(lo) and not np.isfinite(hi):                                  # low + Exp(1)
+            assert abs(mean[j] - (lo + 1.0)) < 0.1
+        elif np.isfinite(hi) and not np.isfinite(lo):                                  # high - Exp(1)
+            assert abs(mean[j] - (hi - 1.0)) < 0.1
+
+
+def test_warm_up_on_a_half_bounded_box_runs():
+    class Pusher(gym.Env):
+        observation_space = spaces.Box(-1, 1, (1,), np.float32)
+        action_space = spaces.Box(np.array([2.0, -np.inf], np.float32), np.array([np.inf, -2.0], np.float32))
+
+        def reset(self, seed=None, options=None):
+            super().reset(seed=seed)
+            return np.zeros(1, np.float32), {}
+
+        def step(self, action):
+            assert self.action_space.contains(action), action
+            return np.zeros(1, np.float32), 0.0, False, False, {}
+
+    class Fixed(rf.Policy):
+        def __init__(self, spec):
+            pass
+
+        def act(self, obs):
+            return np.tile(np.array([3.0, -3.0], np.float32), (len(obs), 1))
+
+    class Nothing(rf.Learner):
+        def __init__(self, spec):
+            pass
+
+        def step(self, batch):
+            return {}
+
+    exp = rf.Experiment(env=Pusher, policy=Fixed, learner=Nothing, adder=rf.adders.Transition(0.99),
+                        table=lambda specs: rf.Table(100, specs=specs), batch_size=4, warmup_steps=20)
+    r = rf.run(exp, backend="local", max_env_steps=40, progress=False)
+    assert r.figures["env_steps"] == 40
