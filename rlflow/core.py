@@ -170,7 +170,11 @@ class Learner(abc.ABC):
         """One learning step on a batch; returns metrics (optionally "priorities": array [n])."""
 
     def get_params(self):
-        """Parameters for the actors' policies: a list or dict of numpy arrays. Default: None."""
+        """Parameters for the actors' policies: a list or dict of numpy arrays. Default: None.
+
+        The first call fixes their layout for the run, on every backend: later calls return the
+        same nesting, shapes and dtypes (or dtypes that cast to those exactly); anything else is a
+        SpecError naming the array. So build the weights in `__init__`, not lazily."""
         return None
 
     def state_dict(self) -> dict:

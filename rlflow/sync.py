@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from rlflow.errors import UsageError, mismatch
+from rlflow.errors import SpecError, UsageError, mismatch
 
 
 def copy_params(params):
@@ -38,6 +38,78 @@ def copy_params(params):
     return np.array(params, copy=True, order="C")
 
 
+def flatten_params(params, leaves: list):
+    """The structure of `params` with leaf indices in place of arrays (picklable)."""
+    if params is None:
+        return ("none",)
+    if isinstance(params, dict):
+        return ("dict", [(k, flatten_params(v, leaves)) for k, v in params.items()])
+    if isinstance(params, (list, tuple)):
+        return ("tuple" if isinstance(params, tuple) else "list", [flatten_params(v, leaves) for v in params])
+    leaves.append(np.asarray(params))
+    return ("leaf", len(leaves) - 1)
+
+
+def leaf_names(tree, at: str = "params") -> list:
+    """Where each leaf sits in the user's structure ("params['w']", "params[0][1]"), in leaf order."""
+    kind = tree[0]
+    if kind == "leaf":
+        return [at]
+    if kind == "dict":
+        return [n for k, v in tree[1] for n in leaf_names(v, f"{at}[{k!r}]")]
+    if kind in ("list", "tuple"):
+        return [n for i, v in enumerate(tree[1]) for n in leaf_names(v, f"{at}[{i}]")]
+    return []
+
+
+def build_params(tree, leaves):
+    kind = tree[0]
+    if kind == "none":
+        return None
+    if kind == "leaf":
+        return leaves[tree[1]]
+    if kind == "dict":
+        return {k: build_params(v, leaves) for k, v in tree[1]}
+    out = [build_params(v, leaves) for v in tree[1]]
+    return tuple(out) if kind == "tuple" else out
+
+
+class ParamLayout:
+    """The layout of the first published parameters: their nesting (lists, tuples, dicts) and each
+    array's shape and dtype. Every store keeps it for the whole run, the in-process one as the
+    shared-memory one must (its buffers are allocated from it), so both runtimes take and refuse
+    the same parameters. `leaves(params)` returns the arrays of a later publication, each in the
+    first one's dtype (a later dtype is taken where every value survives the cast: int32 -> int64,
+    float32 -> float64), or raises SpecError naming the leaf."""
+
+    def __init__(self, template):
+        leaves: list = []
+        self.tree = flatten_params(template, leaves)
+        self.leaf_specs = [(tuple(a.shape), a.dtype) for a in leaves]
+
+    def leaves(self, params) -> list:
+        leaves: list = []
+        tree = flatten_params(params, leaves)
+        if tree != self.tree:
+            first = ("None (get_params returned None at first: the first publication fixes the layout, so "
+                     "build the parameters in the learner's __init__)" if self.tree == ("none",)
+                     else "the nesting and number of arrays of the first published params")
+            raise SpecError(mismatch("params", "structure", first,
+                                     "None" if tree == ("none",) else "a different nesting or number of arrays"))
+        out = []
+        for i, (a, (shape, dtype)) in enumerate(zip(leaves, self.leaf_specs)):
+            if a.shape != shape:
+                raise SpecError(mismatch("params", leaf_names(self.tree)[i], f"shape {shape} (as first "
+                                         "published)", f"shape {a.shape}"))
+            if a.dtype != dtype:
+                if not np.can_cast(a.dtype, dtype, casting="safe"):
+                    raise SpecError(mismatch("params", leaf_names(self.tree)[i], f"dtype {dtype} (as first "
+                                             "published) or one that casts to it exactly", f"dtype {a.dtype}"))
+                a = a.astype(dtype)
+            out.append(a)
+        return out
+
+
 class ParamStore:
     """Holds the latest published parameters in this process. Thread-safe; readers get a copy taken
     under the lock, so a read never mixes two versions. Versions must increase."""
@@ -46,9 +118,14 @@ class ParamStore:
         self._lock = threading.Lock()
         self._version = -1
         self._params = None
+        self._layout = None               # the first publication's (ParamLayout)
 
     def publish(self, params, version: int) -> None:
         version = int(version)
+        if self._layout is None:
+            self._layout = ParamLayout(params)
+        else:
+            params = build_params(self._layout.tree, self._layout.leaves(params))
         snapshot = copy_params(params)
         with self._lock:
             if version <= self._version:

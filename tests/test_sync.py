@@ -80,3 +80,50 @@ def test_the_shared_store_never_narrows_a_leaf_and_names_it_by_key():
         assert store.read()[0] == 0                   # nothing half-published
     finally:
         store.close()
+
+
+def _stores():
+    from rlflow.runtime.params import SharedParamStore
+
+    return [("local", lambda first: ParamStore()), ("shared", SharedParamStore)]
+
+
+@pytest.mark.parametrize("kind", ["local", "shared"])
+def test_both_stores_keep_the_first_publications_layout(kind):
+    """The in-process store (backend="local") took any later structure, shape or dtype while the
+    shared one (backend="process") refused it: the same learner ran on one backend and failed on
+    the other. Both now keep the first publication's layout, name the leaf, and hand out the
+    first publication's dtypes (an int32 after an int64 is read as int64 on both)."""
+    from rlflow.errors import SpecError
+
+    first = {"w": np.zeros(2, np.float32), "n": np.zeros(2, np.int64)}
+    store = dict(_stores())[kind](first)
+    try:
+        store.publish(first, 0)
+        store.publish({"w": np.ones(2, np.float32), "n": np.array([1, 2], np.int32)}, 1)
+        version, got = store.read()
+        assert version == 1 and got["n"].dtype == np.int64 and got["n"].tolist() == [1, 2]
+        with pytest.raises(SpecError, match=r"params\['w'\]'.*shape \(2,\)"):
+            store.publish({"w": np.ones(3, np.float32), "n": np.zeros(2, np.int64)}, 2)
+        with pytest.raises(SpecError, match=r"params\['w'\]'.*dtype float32"):
+            store.publish({"w": np.ones(2, np.float64), "n": np.zeros(2, np.int64)}, 2)
+        with pytest.raises(SpecError, match="'structure'"):
+            store.publish([np.ones(2, np.float32)], 2)
+        assert store.read()[0] == 1
+    finally:
+        if kind == "shared":
+            store.close()
+
+
+@pytest.mark.parametrize("kind", ["local", "shared"])
+def test_params_that_appear_after_none_are_refused_alike_and_say_why(kind):
+    from rlflow.errors import SpecError
+
+    store = dict(_stores())[kind](None)
+    try:
+        store.publish(None, 0)
+        with pytest.raises(SpecError, match=r"returned None at first.*learner's __init__"):
+            store.publish([np.zeros(2)], 1)
+    finally:
+        if kind == "shared":
+            store.close()

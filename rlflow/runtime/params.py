@@ -42,46 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from rlflow.errors import SpecError, UsageError, mismatch
+from rlflow.errors import UsageError, mismatch
 from rlflow.runtime.shm import SharedArrays
+from rlflow.sync import ParamLayout, build_params
 
 _ACTIVE, _LATEST, _SEQ, _VER = 0, 1, 2, 4
-
-
-def _flatten(params, leaves: list):
-    """The structure of `params` with leaf indices in place of arrays (picklable)."""
-    if params is None:
-        return ("none",)
-    if isinstance(params, dict):
-        return ("dict", [(k, _flatten(v, leaves)) for k, v in params.items()])
-    if isinstance(params, (list, tuple)):
-        return ("tuple" if isinstance(params, tuple) else "list", [_flatten(v, leaves) for v in params])
-    leaves.append(np.asarray(params))
-    return ("leaf", len(leaves) - 1)
-
-
-def _leaf_names(tree, at: str = "params") -> list:
-    """Where each leaf sits in the user's structure ("params['w']", "params[0][1]"), in leaf order."""
-    kind = tree[0]
-    if kind == "leaf":
-        return [at]
-    if kind == "dict":
-        return [n for k, v in tree[1] for n in _leaf_names(v, f"{at}[{k!r}]")]
-    if kind in ("list", "tuple"):
-        return [n for i, v in enumerate(tree[1]) for n in _leaf_names(v, f"{at}[{i}]")]
-    return []
-
-
-def _build(tree, leaves):
-    kind = tree[0]
-    if kind == "none":
-        return None
-    if kind == "leaf":
-        return leaves[tree[1]]
-    if kind == "dict":
-        return {k: _build(v, leaves) for k, v in tree[1]}
-    out = [_build(v, leaves) for v in tree[1]]
-    return tuple(out) if kind == "tuple" else out
 
 
 class SharedParamStore:
@@ -94,9 +59,9 @@ class SharedParamStore:
     """
 
     def __init__(self, template):
-        leaves: list = []
-        self._tree = _flatten(template, leaves)
-        self._leaf_specs = [(tuple(a.shape), a.dtype) for a in leaves]
+        self._layout = ParamLayout(template)
+        self._tree = self._layout.tree
+        self._leaf_specs = self._layout.leaf_specs
         specs = {"header": ((6,), np.int64)}
         for b in (0, 1):
             for i, (shape, dtype) in enumerate(self._leaf_specs):
@@ -121,6 +86,7 @@ class SharedParamStore:
         self._block = SharedArrays.attach(state["handle"])
         self._tree = state["tree"]
         self._leaf_specs = state["leaf_specs"]
+        self._layout = None                    # readers do not publish
         self._owner = False
         self._bind()
 
@@ -131,22 +97,9 @@ class SharedParamStore:
         if version <= h[_LATEST]:
             raise UsageError(mismatch("SharedParamStore.publish", "version",
                                       f"> {int(h[_LATEST])} (versions increase)", version))
-        leaves: list = []
-        tree = _flatten(params, leaves)
-        if tree != self._tree:
-            raise SpecError(mismatch("params", "structure", "the structure of the first published params",
-                                     "a different nesting or number of arrays"))
+        leaves = self._layout.leaves(params)   # SpecError unless it fits the first publication's layout
         b = 1 - int(h[_ACTIVE])
         dst = self._bufs[b]
-        for i, (a, (shape, dtype)) in enumerate(zip(leaves, self._leaf_specs)):
-            if a.shape != shape:
-                raise SpecError(mismatch("params", _leaf_names(self._tree)[i], f"shape {shape} (as first "
-                                         "published)", f"shape {a.shape}"))
-            # the slots keep the first publication's dtypes: a later dtype is taken only where every
-            # value survives the cast (int32 -> int64, float32 -> float64), never narrowed
-            if a.dtype != dtype and not np.can_cast(a.dtype, dtype, casting="safe"):
-                raise SpecError(mismatch("params", _leaf_names(self._tree)[i], f"dtype {dtype} (as first "
-                                         "published) or one that casts to it exactly", f"dtype {a.dtype}"))
         h[_SEQ + b] += 1                       # odd: being written
         for a, d in zip(leaves, dst):
             np.copyto(d, a, casting="safe")
@@ -173,7 +126,7 @@ class SharedParamStore:
                 version = int(h[_VER + b])
                 copies = [np.array(x, copy=True) for x in self._bufs[b]]
                 if int(h[_SEQ + b]) == s1:
-                    return version, (_build(self._tree, copies) if version >= 0 else None)
+                    return version, (build_params(self._tree, copies) if version >= 0 else None)
             self.retries += 1
             spins += 1
             if spins > 3:
