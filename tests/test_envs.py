@@ -427,3 +427,65 @@ def test_a_seed_out_of_range_is_the_same_error_on_every_backend(seed):
             with pytest.raises(UsageError, match="'seed': expected an int in"):
                 venv.reset(seed=seed)
             venv.reset(seed=3)                  # still usable
+
+
+class _Emits(gym.Env):
+    """One observation leaf of `space`, returning `value` (as it is: any dtype) at every reset and step."""
+
+    def __init__(self, space, value):
+        self.observation_space = spaces.Dict({"x": space})
+        self.action_space = spaces.Discrete(2)
+        self.value = value
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return {"x": self.value}, {}
+
+    def step(self, action):
+        return {"x": self.value}, 0.0, False, False, {}
+
+
+_U8 = spaces.Box(0, 255, (2,), np.uint8)
+_I32 = spaces.Box(-10, 10, (2,), np.int32)
+_F32 = spaces.Box(-np.inf, np.inf, (2,), np.float32)
+_B = spaces.Box(0, 1, (2,), bool)
+
+
+@pytest.mark.parametrize("space, value, why", [
+    (_U8, np.array([300.7, 1.0]), "not integers"),          # was stored as 44
+    (_U8, np.array([256, 1]), r"outside \[0, 255\]"),        # was 0
+    (_I32, np.array([1e12, 0.0]), "outside"),                # was -2147483648
+    (_B, np.array([7, 0]), "other than 0 and 1"),            # was True
+    (_F32, np.array([1e300, 0.0]), "beyond"),                # was inf
+])
+@pytest.mark.parametrize("backend", ["serial", "process"])
+def test_observations_numpy_would_change_in_the_spaces_dtype_are_spec_errors(space, value, why, backend):
+    """Observations were cast into the space's dtype by numpy's unsafe cast: silently wrapped,
+    truncated or made True. Values that keep their value in it still pass (float 3.0 into uint8)."""
+    kw = {} if backend == "serial" else {"workers": 1, "start_method": "fork"}
+    with pytest.raises((SpecError, rf.errors.WorkerError), match=rf"obs\['x'\].*dtype.*{why}"):
+        with rf.envs.make(lambda: _Emits(space, value), 2, backend=backend, **kw) as venv:
+            venv.reset(seed=0)
+            venv.step(np.zeros(2, np.int64))
+
+
+@pytest.mark.parametrize("space, value", [
+    (_U8, np.array([3.0, 255.0])), (_I32, np.array([-10, 10], np.int64)), (_B, np.array([1, 0])),
+    (_F32, np.array([1e30, -2.5])), (_F32, np.array([1, 2], np.int64)), (_U8, [7, 8]),
+])
+def test_observations_that_keep_their_values_in_the_spaces_dtype_pass(space, value):
+    with rf.envs.make(lambda: _Emits(space, value), 2) as venv:
+        venv.reset(seed=0)
+        step = venv.step(np.zeros(2, np.int64))
+    assert step.obs["x"].dtype == space.dtype
+    assert (step.obs["x"][1] == np.asarray(value).astype(space.dtype)).all()
+
+
+def test_an_action_space_without_an_array_spec_is_named_as_the_action_space():
+    """A Text action space was reported as "space 'Text'", the same words as a Text observation space."""
+    class TextActions(gym.Env):
+        observation_space = spaces.Box(0, 1, (2,), np.float32)
+        action_space = spaces.Text(5)
+
+    with pytest.raises(UsageError, match="'action_space'.*Text"):
+        rf.envs.make(TextActions, 2)

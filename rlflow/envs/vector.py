@@ -25,7 +25,7 @@ Same-step autoreset, for one env row i (single-agent):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from gymnasium import spaces
@@ -80,7 +80,10 @@ class Layout:
         self.agents = tuple(agents)
         self.mask_shape = None if mask_shape is None else tuple(mask_shape)
         self.obs_spec = from_space(observation_space)
-        act = from_space(action_space)
+        try:
+            act = from_space(action_space)
+        except SpecError:
+            act = None                    # a space without an array spec: named as the action space
         if not isinstance(act, ArraySpec):
             raise UsageError(mismatch("space", "action_space", "a Box, Discrete, MultiDiscrete or "
                                       "MultiBinary action space", repr(action_space)))
@@ -137,6 +140,32 @@ def check_seed(seed, num_envs: int, name: str = "seed") -> None:
                                   f"seed + i, for {num_envs} envs)", repr(seed)))
 
 
+def lossy_cast(a: np.ndarray, dtype: np.dtype) -> Optional[str]:
+    """Why `a`'s values would not survive numpy's cast to `dtype` (which wraps ints, truncates and
+    wraps floats into ints, makes any nonzero True), or None where they do."""
+    if a.dtype == dtype or not a.size or np.can_cast(a.dtype, dtype, casting="safe"):
+        return None
+    kind, to = a.dtype.kind, dtype.kind
+    if kind not in "biufc":
+        return f"values of dtype {a.dtype}"
+    if to == "b":
+        return None if ((a == 0) | (a == 1)).all() else "values other than 0 and 1"
+    if kind == "c" and to != "c":
+        return None if not np.imag(a).any() and lossy_cast(np.real(a), dtype) is None else "complex values"
+    if to in "iu":
+        if kind == "f" and not (np.isfinite(a).all() and (a == np.trunc(a)).all()):
+            return "values that are not integers"
+        info = np.iinfo(dtype)
+        lo, hi = a.min(), a.max()
+        if lo < info.min or hi > info.max:
+            return f"values in [{lo}, {hi}], outside [{info.min}, {info.max}]"
+    elif to == "f" and kind in "fc":
+        big = np.abs(a[np.isfinite(a)])
+        if big.size and big.max() > np.finfo(dtype).max:
+            return f"a finite value of {big.max():.4g}, beyond {np.finfo(dtype).max:.4g}"
+    return None
+
+
 class ObsBuffer:
     """One (possibly nested) observation stored as flat leaf arrays with a leading row axis.
 
@@ -152,11 +181,16 @@ class ObsBuffer:
         self.shapes = [a.shape[1:] for a in self.arrays]
 
     def write(self, i, value):
-        """Row i's observation; one of another shape raises SpecError (numpy would broadcast it)."""
+        """Row i's observation; one of another shape raises SpecError (numpy would broadcast it),
+        and so does one whose values numpy's cast to the space's dtype would change (300.7 into
+        uint8, 1e12 into int32, 7 into bool: `lossy_cast`)."""
         if self.flat:
             if getattr(value, "shape", None) != self.shapes[0]:
                 self.check(value, i)
-            self.arrays[0][i] = value
+            arr = self.arrays[0]
+            if _foreign(value, arr.dtype):
+                self.check_cast([value], i, 0)
+            arr[i] = value
             return
         for k, (path, arr, shape) in enumerate(zip(self.paths, self.arrays, self.shapes)):
             v = value
@@ -171,6 +205,8 @@ class ObsBuffer:
                 raise err from None
             if getattr(v, "shape", None) != shape:
                 self.check(v, i, k)
+            if _foreign(v, arr.dtype):
+                self.check_cast([v], i, k)
             arr[i] = v
 
     def write_all(self, values: Sequence):
@@ -178,10 +214,14 @@ class ObsBuffer:
         shape is read on the way (one attribute): numpy refuses a mix of shapes, and a wrong shape
         common to all of them is the first one's; either raises SpecError naming the row."""
         if self.flat:
-            if getattr(values[0], "shape", None) != self.shapes[0]:
-                self.check(values[0], 0)
+            v0 = values[0]
+            if getattr(v0, "shape", None) != self.shapes[0]:
+                self.check(v0, 0)
+            arr = self.arrays[0]
+            if _foreign(v0, arr.dtype):           # not the space's dtype: the values must survive
+                self.check_cast(values, 0, 0)
             try:
-                self.arrays[0][: len(values)] = values
+                arr[: len(values)] = values
             except ValueError:
                 for i, v in enumerate(values):
                     self.check(v, i)
@@ -201,6 +241,21 @@ class ObsBuffer:
             err.rlflow_env_row = row
             raise err
 
+    def check_cast(self, values, row: int, k: int = 0) -> None:
+        """SpecError naming the leaf and the row unless every value (rows row, row + 1, ...) keeps
+        its values in leaf k's dtype."""
+        dtype = self.arrays[k].dtype
+        for j, v in enumerate(values):
+            a = np.asarray(v)
+            why = lossy_cast(a, dtype)
+            if why is not None:
+                leaf = "obs" + "".join(f"[{p!r}]" for p in self.paths[k])
+                err = SpecError(mismatch("env", leaf, f"dtype {dtype} (the observation space's) or "
+                                         "values that keep their value in it", f"dtype {a.dtype} with "
+                                         f"{why} from row {row + j}"))
+                err.rlflow_env_row = row + j
+                raise err
+
     def copy_to(self, other: "ObsBuffer"):
         for a, b in zip(self.arrays, other.arrays):
             np.copyto(b, a)
@@ -210,6 +265,18 @@ class ObsBuffer:
         if self.flat:
             return arrays[0]
         return _build(self.space, iter(arrays))
+
+
+def _foreign(value, dtype: np.dtype) -> bool:
+    """Whether a value must pass `lossy_cast` before it is written into an array of `dtype`: an
+    array or numpy scalar of another dtype, a Python float into ints or bools, a Python int into
+    bools (numpy refuses out-of-range Python ints itself; values of the array's own dtype, the
+    usual case, cost one comparison)."""
+    dt = getattr(value, "dtype", None)
+    if dt is not None:
+        return dt != dtype
+    cls = value.__class__
+    return (cls is float and dtype.kind in "biu") or (cls is int and dtype.kind == "b")
 
 
 def _build(space, it):
