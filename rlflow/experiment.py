@@ -55,9 +55,11 @@ class Experiment:
     num_envs: int = 1
     """Envs per actor's vector env."""
     env_backend: str = "serial"
-    """How each actor steps its envs: "serial" or "process" (see rf.envs.make)."""
+    """How each actor steps its envs: "serial", "process" or "pool" (see rf.envs.make)."""
     env_workers: Optional[int] = None
-    """Worker processes for env_backend="process"."""
+    """Worker processes for env_backend="process" or "pool"."""
+    env_batch_size: Optional[int] = None
+    """env_backend="pool": the envs each step returns (those that finish first), < num_envs."""
     warmup_steps: int = 0
     """Env steps (per actor) taken with uniform random actions before the policy's own."""
     seed: int = 0
@@ -97,15 +99,24 @@ class Experiment:
                 or isinstance(self.param_sync_seconds, bool) or not self.param_sync_seconds >= 0):
             raise UsageError(mismatch("Experiment", "param_sync_seconds", "None or a number of seconds >= 0",
                                       repr(self.param_sync_seconds)))
-        if self.env_backend not in ("serial", "process"):
-            raise UsageError(mismatch("Experiment", "env_backend", "'serial' or 'process'", repr(self.env_backend)))
+        if self.env_backend not in ("serial", "process", "pool"):
+            raise UsageError(mismatch("Experiment", "env_backend", "'serial', 'process' or 'pool'",
+                                      repr(self.env_backend)))
         if self.env_workers is not None:
             v = self.env_workers
             if not is_int(v) or v < 1:
                 raise UsageError(mismatch("Experiment", "env_workers", "None (default) or an int >= 1", repr(v)))
-            if self.env_backend != "process":
+            if self.env_backend == "serial":
                 raise UsageError(mismatch("Experiment", "env_workers", "None with env_backend='serial' "
-                                          "(worker processes are env_backend='process')", repr(v)))
+                                          "(worker processes are env_backend='process' or 'pool')", repr(v)))
+        v = self.env_batch_size
+        if self.env_backend == "pool":
+            if not is_int(v) or not 1 <= v < self.num_envs:
+                raise UsageError(mismatch("Experiment", "env_batch_size", f"an int in [1, num_envs - 1 = "
+                                          f"{self.num_envs - 1}] with env_backend='pool'", repr(v)))
+        elif v is not None:
+            raise UsageError(mismatch("Experiment", "env_batch_size", "None unless env_backend='pool' (the "
+                                      "other backends step every env)", repr(v)))
         if self.target_return is not None and self.eval_every == 0:
             raise UsageError(mismatch("Experiment", "eval_every", "> 0 when target_return is set", 0))
 
@@ -172,6 +183,8 @@ def make_venv(experiment: Experiment, num_envs: Optional[int] = None, backend: O
             kwargs["spin"] = spin
         if pin is not None:
             kwargs["pin"] = pin
+        if backend == "pool":
+            kwargs["batch_size"] = int(experiment.env_batch_size)
     return envs.make(experiment.env, num_envs=num_envs or experiment.num_envs, backend=backend, **kwargs)
 
 
