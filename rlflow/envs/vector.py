@@ -188,7 +188,7 @@ class ObsBuffer:
             if getattr(value, "shape", None) != self.shapes[0]:
                 self.check(value, i)
             arr = self.arrays[0]
-            if _foreign(value, arr.dtype):
+            if getattr(value, "dtype", None) is not arr.dtype and _foreign(value, arr.dtype):
                 self.check_cast([value], i, 0)
             arr[i] = value
             return
@@ -205,7 +205,7 @@ class ObsBuffer:
                 raise err from None
             if getattr(v, "shape", None) != shape:
                 self.check(v, i, k)
-            if _foreign(v, arr.dtype):
+            if getattr(v, "dtype", None) is not arr.dtype and _foreign(v, arr.dtype):
                 self.check_cast([v], i, k)
             arr[i] = v
 
@@ -218,7 +218,7 @@ class ObsBuffer:
             if getattr(v0, "shape", None) != self.shapes[0]:
                 self.check(v0, 0)
             arr = self.arrays[0]
-            if _foreign(v0, arr.dtype):           # not the space's dtype: the values must survive
+            if getattr(v0, "dtype", None) is not arr.dtype and _foreign(v0, arr.dtype):           # not the space's dtype: the values must survive
                 self.check_cast(values, 0, 0)
             try:
                 arr[: len(values)] = values
