@@ -145,7 +145,7 @@ def test_bad_limits_are_refused_naming_the_field(backend, kwargs, field):
 
 @pytest.mark.parametrize("field,value,expected", [
     ("param_sync_seconds", -1.0, ">= 0"), ("param_sync_seconds", "1", ">= 0"),
-    ("env_backend", "bogus", "'serial' or 'process'"), ("seed", "a", "an int"), ("seed", 1.5, "an int"), ("seed", -1, r"an int in \[0, 2\*\*62\]")])
+    ("env_backend", "bogus", "'serial', 'process' or 'pool'"), ("seed", "a", "an int"), ("seed", 1.5, "an int"), ("seed", -1, r"an int in \[0, 2\*\*62\]")])
 def test_bad_experiment_fields_are_refused_naming_the_field(field, value, expected):
     exp = experiment()
     kwargs = {f: getattr(exp, f) for f in ("env", "policy", "learner", "adder", "table")}
