@@ -74,6 +74,26 @@ def build_params(tree, leaves):
     return tuple(out) if kind == "tuple" else out
 
 
+def _leaves_like(tree, params, out: list) -> bool:
+    """Append `params`' arrays to `out` in the order of `tree` (a flatten_params structure), matching
+    dict entries by key; False where the nesting differs otherwise."""
+    kind = tree[0]
+    if kind == "none":
+        return params is None
+    if kind == "leaf":
+        if params is None or isinstance(params, (dict, list, tuple)):
+            return False
+        out.append(np.asarray(params))
+        return True
+    if kind == "dict":
+        if not isinstance(params, dict) or len(params) != len(tree[1]):
+            return False
+        return all(k in params and _leaves_like(v, params[k], out) for k, v in tree[1])
+    if not isinstance(params, tuple if kind == "tuple" else list) or len(params) != len(tree[1]):
+        return False
+    return all(_leaves_like(v, p, out) for v, p in zip(tree[1], params))
+
+
 class ParamLayout:
     """The layout of the first published parameters: their nesting (lists, tuples, dicts) and each
     array's shape and dtype. Every store keeps it for the whole run, the in-process one as the
@@ -90,6 +110,10 @@ class ParamLayout:
     def leaves(self, params) -> list:
         leaves: list = []
         tree = flatten_params(params, leaves)
+        if tree != self.tree:
+            leaves = []
+            if _leaves_like(self.tree, params, leaves):      # the same dicts, keys in another order
+                tree = self.tree
         if tree != self.tree:
             first = ("None (get_params returned None at first: the first publication fixes the layout, so "
                      "build the parameters in the learner's __init__)" if self.tree == ("none",)

@@ -457,6 +457,9 @@ _B = spaces.Box(0, 1, (2,), bool)
     (_I32, np.array([1e12, 0.0]), "outside"),                # was -2147483648
     (_B, np.array([7, 0]), "other than 0 and 1"),            # was True
     (_F32, np.array([1e300, 0.0]), "beyond"),                # was inf
+    (_F32, [1e300, 0.0], "beyond"),                          # a list: was inf
+    (_U8, [300, 1], r"outside \[0, 255\]"),                  # was numpy's OverflowError, naming nothing
+    (_I32, [1.5, 0.0], "not integers"),                       # was 1
 ])
 @pytest.mark.parametrize("backend", ["serial", "process"])
 def test_observations_numpy_would_change_in_the_spaces_dtype_are_spec_errors(space, value, why, backend):
@@ -489,3 +492,30 @@ def test_an_action_space_without_an_array_spec_is_named_as_the_action_space():
 
     with pytest.raises(UsageError, match="'action_space'.*Text"):
         rf.envs.make(TextActions, 2)
+
+
+class _Mixed(gym.Env):
+    """Env 1 of two returns float64 1e300 where env 0 returns float32: one row the cast would change."""
+
+    observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, index):
+        self.index = index
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        obs = np.array([1e300, 0.0]) if self.index == 1 else np.zeros(2, np.float32)
+        return obs, 0.0, False, False, {}
+
+
+def test_a_lossy_row_among_good_rows_is_caught_and_named():
+    """Only env 0's dtype was looked at: env 1's float64 1e300 went into the float32 row as inf."""
+    venv = rf.envs.vector.SerialVectorEnv([lambda: _Mixed(0), lambda: _Mixed(1)])
+    venv.reset(seed=0)
+    with pytest.raises(SpecError, match=r"'obs'.*beyond.*from row 1(.|\n)*env 1"):
+        venv.step(np.zeros(2, np.int64))
+    venv.close()

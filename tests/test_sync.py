@@ -127,3 +127,16 @@ def test_params_that_appear_after_none_are_refused_alike_and_say_why(kind):
     finally:
         if kind == "shared":
             store.close()
+
+
+@pytest.mark.parametrize("kind", ["local", "shared"])
+def test_a_dict_with_its_keys_in_another_order_is_the_same_layout(kind):
+    store = dict(_stores())[kind]({"w": np.zeros(2, np.float32), "b": np.zeros(1, np.float32)})
+    try:
+        store.publish({"w": np.zeros(2, np.float32), "b": np.zeros(1, np.float32)}, 0)
+        store.publish({"b": np.full(1, 2, np.float32), "w": np.ones(2, np.float32)}, 1)
+        version, got = store.read()
+        assert version == 1 and got["w"].tolist() == [1, 1] and got["b"].tolist() == [2]
+    finally:
+        if kind == "shared":
+            store.close()

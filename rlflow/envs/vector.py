@@ -183,16 +183,12 @@ class ObsBuffer:
     def write(self, i, value):
         """Row i's observation; one of another shape raises SpecError (numpy would broadcast it),
         and so does one whose values numpy's cast to the space's dtype would change (300.7 into
-        uint8, 1e12 into int32, 7 into bool: `lossy_cast`)."""
+        uint8, 1e12 into int32, 7 into bool, 1e300 into float32: `lossy_cast`), whether it comes
+        as an array, a Python number or a list."""
         if self.flat:
-            if getattr(value, "shape", None) != self.shapes[0]:
-                self.check(value, i)
-            arr = self.arrays[0]
-            if getattr(value, "dtype", None) is not arr.dtype and _foreign(value, arr.dtype):
-                self.check_cast([value], i, 0)
-            arr[i] = value
+            self._put(self.arrays[0], i, value, 0)
             return
-        for k, (path, arr, shape) in enumerate(zip(self.paths, self.arrays, self.shapes)):
+        for k, (path, arr) in enumerate(zip(self.paths, self.arrays)):
             v = value
             try:
                 for key in path:
@@ -203,29 +199,35 @@ class ObsBuffer:
                                          f"{self.space})", f"an observation without it from row {i}"))
                 err.rlflow_env_row = i
                 raise err from None
-            if getattr(v, "shape", None) != shape:
-                self.check(v, i, k)
-            if getattr(v, "dtype", None) is not arr.dtype and _foreign(v, arr.dtype):
-                self.check_cast([v], i, k)
-            arr[i] = v
+            self._put(arr, i, v, k)
+
+    def _put(self, arr, i, value, k):
+        a = value if value.__class__ is np.ndarray else np.asarray(value)
+        if a.shape != self.shapes[k]:
+            self.check(value, i, k)
+        if a.dtype is not arr.dtype and a.dtype != arr.dtype:
+            self.check_cast([a], i, k)
+        arr[i] = a
 
     def write_all(self, values: Sequence):
-        """Rows 0..len(values)-1 at once (a list of per-env observations). Only the first one's
-        shape is read on the way (one attribute): numpy refuses a mix of shapes, and a wrong shape
-        common to all of them is the first one's; either raises SpecError naming the row."""
+        """Rows 0..len(values)-1 at once (a list of per-env observations), stacked by numpy first:
+        the stack's shape and dtype cover every row (one float64 row among float32 ones makes a
+        float64 stack), so a wrong shape or a value the cast would change in any row raises
+        SpecError naming that row."""
         if self.flat:
-            v0 = values[0]
-            if getattr(v0, "shape", None) != self.shapes[0]:
-                self.check(v0, 0)
             arr = self.arrays[0]
-            if getattr(v0, "dtype", None) is not arr.dtype and _foreign(v0, arr.dtype):           # not the space's dtype: the values must survive
-                self.check_cast(values, 0, 0)
             try:
-                arr[: len(values)] = values
-            except ValueError:
+                src = np.asarray(values)
+            except ValueError:                     # rows of different shapes
+                src = None
+            if src is None or src.shape[1:] != self.shapes[0]:
                 for i, v in enumerate(values):
                     self.check(v, i)
-                raise
+                raise SpecError(mismatch("env", "obs", f"rows of shape {self.shapes[0]}",
+                                         f"rows that stack to {None if src is None else src.shape}"))
+            if src.dtype is not arr.dtype and src.dtype != arr.dtype:
+                self.check_cast(values, 0, 0)
+            arr[: len(values)] = src
             return
         for i, v in enumerate(values):
             self.write(i, v)
@@ -265,18 +267,6 @@ class ObsBuffer:
         if self.flat:
             return arrays[0]
         return _build(self.space, iter(arrays))
-
-
-def _foreign(value, dtype: np.dtype) -> bool:
-    """Whether a value must pass `lossy_cast` before it is written into an array of `dtype`: an
-    array or numpy scalar of another dtype, a Python float into ints or bools, a Python int into
-    bools (numpy refuses out-of-range Python ints itself; values of the array's own dtype, the
-    usual case, cost one comparison)."""
-    dt = getattr(value, "dtype", None)
-    if dt is not None:
-        return dt != dtype
-    cls = value.__class__
-    return (cls is float and dtype.kind in "biu") or (cls is int and dtype.kind == "b")
 
 
 def _build(space, it):
