@@ -24,6 +24,16 @@ def spread_parallel():
     return simple_spread_v3.parallel_env(N=3, max_cycles=7)
 
 
+def rps_aec():                 # a classic game with both APIs (tictactoe has only AEC)
+    from pettingzoo.classic import rps_v2
+    return rps_v2.env(max_cycles=5)
+
+
+def rps_parallel():
+    from pettingzoo.classic import rps_v2
+    return rps_v2.parallel_env(max_cycles=5)
+
+
 def legal_actions(step, rng):
     """A random legal action per row (0 for rows whose mask is empty: they are not alive)."""
     out = np.zeros(len(step), np.int64)
@@ -210,8 +220,9 @@ def test_agents_with_different_spaces_are_rejected():
 
 
 @pytest.mark.parametrize("fn,backend", [(ttt, "serial"), (spread_aec, "serial"),
-                                        (spread_parallel, "serial"),
+                                        (spread_parallel, "serial"), (rps_aec, "serial"), (rps_parallel, "serial"),
                                         pytest.param(ttt, "process", marks=pytest.mark.multiprocess),
+                                        pytest.param(rps_parallel, "process", marks=pytest.mark.multiprocess),
                                         pytest.param(spread_parallel, "process",
                                                      marks=pytest.mark.multiprocess)])
 def test_through_an_adder_into_a_table(fn, backend):
@@ -226,7 +237,8 @@ def test_through_an_adder_into_a_table(fn, backend):
         closed = 0
         open_ = np.zeros(len(s), bool)          # the row rule of rf.Step, counted by hand
         for _ in range(40):
-            acts = legal_actions(s, rng) if s.action_mask is not None else rng.integers(0, 5, len(s))
+            acts = (legal_actions(s, rng) if s.action_mask is not None
+                    else rng.integers(0, venv.single_action_space.n, len(s)))
             open_ |= s.alive                    # these rows act now
             s = venv.step(acts)
             ends = open_ & (s.alive | s.done)
@@ -243,7 +255,7 @@ def test_through_an_adder_into_a_table(fn, backend):
             assert terminal.any() and set(np.unique(data["reward"][terminal])) <= {-1.0, 0.0, 1.0}
             assert (data["reward"][~terminal] == 0).all()
         else:
-            assert (data["discount"] == 0.5).all()   # MPE only truncates: always bootstrap
+            assert (data["discount"] == 0.5).all()   # MPE and rps only truncate: always bootstrap
 
 
 @pytest.mark.parametrize("backend", ["serial", pytest.param("process", marks=pytest.mark.multiprocess)])
