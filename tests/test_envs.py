@@ -519,3 +519,48 @@ def test_a_lossy_row_among_good_rows_is_caught_and_named():
     with pytest.raises(SpecError, match=r"'obs'.*beyond.*from row 1(.|\n)*env 1"):
         venv.step(np.zeros(2, np.int64))
     venv.close()
+
+
+@pytest.mark.parametrize("backend", ["serial", pytest.param("process", marks=pytest.mark.multiprocess),
+                                     pytest.param("pool", marks=pytest.mark.multiprocess)])
+def test_a_step_before_any_reset_or_after_a_failed_reset_asks_for_a_reset(backend):
+    """No step of envs never reset (the env's own error, or a worker torn down, was all one got),
+    and none after a reset that raised part-way (the serial backend had reset env 0 but not 2 and
+    3, and stepped on from the mixed states)."""
+    class FailingReset(Scripted):
+        def reset(self, seed=None, options=None):
+            if seed == 9:
+                raise RuntimeError("reset refused")
+            return super().reset(seed=seed, options=options)
+
+    kw = {"batch_size": 2, "workers": 2} if backend == "pool" else {}
+    venv = rf.envs.make(lambda: FailingReset(), num_envs=4, backend=backend, **kw)
+    try:
+        with pytest.raises(UsageError, match=r"reset.*before the first reset\(\)"):
+            venv.step(np.zeros(4, np.int64))
+        assert not venv.closed
+        if backend == "serial":           # the process backends close themselves on an env's error
+            with pytest.raises(RuntimeError, match="reset refused"):
+                venv.reset(seed=8)        # env 1 gets seed 9
+            with pytest.raises(UsageError, match=r"after a reset\(\) that raised"):
+                venv.step(np.zeros(4, np.int64))
+        step = venv.reset(seed=20)
+        assert len(venv.step(np.zeros(len(step), np.int64))) == (2 if backend == "pool" else 4)
+    finally:
+        venv.close()
+
+
+def test_dict_keys_that_join_into_one_leaf_name_are_an_error():
+    """Leaves are stored under their keys joined with '/': {'a/b': ..., 'a': {'b': ...}} would share
+    one array (a['b'] came back holding 'a/b''s values), so the space is refused, naming both."""
+    class Slashed(gym.Env):
+        observation_space = spaces.Dict({"a/b": spaces.Box(0, 9, (1,)),
+                                         "a": spaces.Dict({"b": spaces.Box(0, 9, (1,))})})
+        action_space = spaces.Discrete(2)
+
+        def reset(self, seed=None, options=None):
+            return {"a/b": np.ones(1, np.float32), "a": {"b": np.full(1, 2, np.float32)}}, {}
+
+    with pytest.raises(SpecError, match=r"observation_space.*'obs/a/b'") as err:
+        rf.envs.make(Slashed, num_envs=2)
+    assert "('a/b',)" in str(err.value) and "('a', 'b')" in str(err.value)

@@ -886,3 +886,71 @@ def test_an_env_that_does_not_pickle_under_spawn_is_a_usage_error_saying_why():
     with rf.envs.make(lambda: gym.make("CartPole-v1"), 4, backend="process", workers=2,
                       start_method="fork") as venv:          # fork takes it as it is
         assert len(venv.reset(seed=0)) == 4
+
+
+class BadClose(Tagged):
+    """Env 2's close() raises (its tag is its reset seed: seed 0 + 2)."""
+
+    def close(self):
+        if self.tag == 2:
+            raise OSError("close failed in env 2")
+
+
+@pytest.mark.parametrize("kw", [dict(backend="serial"), dict(backend="process", workers=2, inline=False),
+                                dict(backend="process", workers=1, inline=True),
+                                dict(backend="pool", workers=2, batch_size=2, inline=False)])
+def test_an_exception_in_an_envs_close_is_raised_after_everything_is_closed(kw):
+    """As gymnasium's vector envs do: close() raises what an env's close raised (it was dropped on
+    every backend), naming the env, once every env, worker and segment is closed; a vector env
+    closed on the way out of another error keeps that error."""
+    before = set(_rlflow_segments(os.getpid()))
+    venv = rf.envs.make(BadClose, num_envs=4, **kw)
+    pids = list(getattr(venv, "pids", []))
+    step = venv.reset(seed=0)
+    venv.step(np.zeros(len(step), np.int64))
+    with pytest.raises((OSError, WorkerError), match="close") as err:
+        venv.close()
+    assert "close failed in env 2" in (err.value.remote_traceback if isinstance(err.value, WorkerError) else str(err.value))
+    assert "env 2" in (err.value.where if isinstance(err.value, WorkerError) else " ".join(err.value.__notes__))
+    assert venv.closed and not any(_alive(p) for p in pids)
+    assert set(_rlflow_segments(os.getpid())) == before
+    venv.close()                                   # closed: nothing more to raise
+    with pytest.raises(KeyError):                  # the with block's own error is the one seen
+        with rf.envs.make(BadClose, num_envs=4, **kw) as venv:
+            venv.reset(seed=0)
+            raise KeyError("the error that matters")
+
+
+def test_a_shape_error_in_a_worker_names_the_row_of_the_whole_vector_env():
+    """Worker 1 steps envs 2 and 3: env 3's bad observation is row 3 (it said row 1, its own)."""
+    class Shapeless(Tagged):
+        def step(self, action):
+            o, r, te, tr, i = super().step(action)
+            return (o[:2] if self.tag == 3 else o), r, te, tr, i
+
+    venv = rf.envs.make(Shapeless, num_envs=4, backend="process", workers=2, inline=False)
+    venv.reset(seed=0)
+    with pytest.raises(WorkerError) as err:
+        venv.step(np.zeros(4, np.int64))
+    assert "env 3" in err.value.where and "from row 3" in err.value.remote_traceback
+    assert "from row 1" not in err.value.remote_traceback
+
+
+def test_pool_mode_picks_workers_that_can_serve_the_batch():
+    """9 envs in batches of 3 on 2 CPUs: the default was 1 worker of 9 envs, which no batch below 9
+    fits (an error blaming batch_size); 3 workers of 3 envs serve it."""
+    import unittest.mock as mock
+
+    with mock.patch("os.cpu_count", return_value=2):
+        venv = rf.envs.make(Tagged, num_envs=9, backend="pool", batch_size=3)
+    try:
+        assert len(venv.pids) == 3 and not venv.inline
+        step = venv.reset(seed=0)
+        seen = set()
+        for _ in range(6):
+            step = venv.step(np.zeros(len(step), np.int64))    # the rows of the previous step
+            assert len(step) == 3
+            seen.update(step.env_ids.tolist())
+        assert seen == set(range(9))
+    finally:
+        venv.close()

@@ -113,8 +113,9 @@ def test_a_deadlocking_limiter_is_reported():
                         rate_limiter=rf.rate_limiters.Queue(8), max_times_sampled=1, specs=specs)
 
     exp = experiment(table=queue_table, num_envs=4)
-    exp.batch_size = 16                     # a queue of 8 can never hold a batch of 16
-    with pytest.raises(UsageError, match="deadlock"):
+    exp.batch_size = 16                     # a queue of 8 can never hold a batch of 16: said up front
+    with pytest.raises(UsageError, match=r"local run: a sample of 16 items is more than the table's "
+                                         r"capacity \(8\) \(the experiment's batch_size\)"):
         rf.run(exp, max_env_steps=1_000, progress=False)
 
 

@@ -859,12 +859,14 @@ def test_every_batch_the_prefetching_thread_drew_is_learned_from(limit):
 @pytest.mark.parametrize("backend", ["local", "process"])
 def test_a_table_that_can_never_admit_the_run_is_an_error_not_a_hang(case, expected, backend):
     """Table.queue(2) with batch_size 4, or Table.queue(4) under 8-row vector steps: nothing could
-    ever be learned. The local runtime finds the deadlock as it happens; the process runtime says so
-    up front or at the first refused insert, instead of waiting for ever."""
+    ever be learned. Both runtimes say so up front for the batch (the local one named Table.sample's
+    argument 'n', which the user never wrote); for the rows, the local runtime finds the deadlock as it
+    happens and the process runtime at the first refused insert, instead of waiting for ever."""
     table = (lambda specs: rf.Table.queue(2)) if case == "batch" else (lambda specs: rf.Table.queue(4))
     exp = experiment(table=table, num_envs=8 if case == "rows" else 2, batch_size=4 if case == "batch" else 2)
     t0 = time.monotonic()
-    with pytest.raises(UsageError, match=expected if backend == "process" else "deadlock"):
+    local_finds = f"{backend} run: " + expected if case == "batch" else "deadlock"
+    with pytest.raises(UsageError, match=expected if backend == "process" else local_finds):
         rf.run(exp, backend=backend, max_env_steps=100_000, progress=False)
     assert time.monotonic() - t0 < 30
 

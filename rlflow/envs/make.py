@@ -211,8 +211,9 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
                 returns the `batch_size` envs that finished first; see ProcessVectorEnv.
     workers     process backends: how many worker processes. Default: "process": one per CPU
                 but one, with `inline` on; "pool": the same (CPUs - 1 workers and an inline slice,
-                N/CPUs envs each) when N/CPUs divides batch_size, else the largest divisor of
-                num_envs up to the CPUs, without an inline slice.
+                N/CPUs envs each) when N/CPUs divides batch_size, else, without an inline slice,
+                the most workers up to the CPUs (at least 2) whose envs each divide batch_size, or
+                the fewest above the CPUs that do (num_envs=9, batch_size=3, 2 CPUs: 3 workers).
     batch_size  pool mode: envs per returned step (a multiple of the envs per worker).
     inline      pool mode: this process steps one slice of N/(workers+1) envs itself, in `step`,
                 while the workers step theirs (see ProcessVectorEnv); default as for `workers`.
@@ -312,8 +313,13 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
             if inline is None:      # CPUs - 1 workers and this process, when the slices fit the batch
                 inline = (cpus >= 2 and num_envs % cpus == 0 and isinstance(batch_size, int)
                           and batch_size % (num_envs // cpus) == 0)
-            workers = (max(1, cpus - 1) if inline
-                       else max(d for d in range(1, cpus + 1) if num_envs % d == 0))
+            if inline:
+                workers = max(1, cpus - 1)
+            else:          # slices that divide num_envs and whose envs divide the batch (d = num_envs always
+                fits = [d for d in range(2, num_envs + 1) if num_envs % d == 0       # does): as many as
+                        and (not isinstance(batch_size, int) or batch_size % (num_envs // d) == 0)]  # CPUs,
+                within = [d for d in fits if d <= cpus]                              # else the fewest more
+                workers = max(within) if within else min(fits)
         inline = bool(inline)
     elif workers is None:
         if inline is None:

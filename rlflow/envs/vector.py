@@ -90,6 +90,14 @@ class Layout:
         self.action_spec = act
         self.obs_paths = _space_paths(observation_space)
         self.obs_leaves = _leaves(self.obs_spec)   # (flat path, spec), same order as obs_paths
+        seen = {}
+        for path, _ in self.obs_leaves:            # leaves are stored (and items named) by joined path
+            name = "/".join(map(str, path))
+            if name in seen:
+                raise SpecError(mismatch("space", "observation_space", "Dict keys whose paths joined with "
+                                         "'/' name one leaf each", f"the keys {seen[name]!r} and {path!r} "
+                                         f"both stored as 'obs/{name}'"))
+            seen[name] = path
 
     @property
     def multi_agent(self) -> bool:
@@ -179,6 +187,7 @@ class ObsBuffer:
         self.flat = self.paths == [()]
         self.space = layout.observation_space
         self.shapes = [a.shape[1:] for a in self.arrays]
+        self.row_offset = 0           # added to the rows that messages name (a worker's first row)
 
     def write(self, i, value):
         """Row i's observation; one of another shape raises SpecError (numpy would broadcast it),
@@ -196,7 +205,7 @@ class ObsBuffer:
             except (KeyError, IndexError, TypeError):
                 leaf = "obs" + "".join(f"[{p!r}]" for p in path)
                 err = SpecError(mismatch("env", leaf, f"a value there (the observation space is "
-                                         f"{self.space})", f"an observation without it from row {i}"))
+                                         f"{self.space})", f"an observation without it from row {i + self.row_offset}"))
                 err.rlflow_env_row = i
                 raise err from None
             self._put(arr, i, v, k)
@@ -239,7 +248,7 @@ class ObsBuffer:
         if shape != self.shapes[k]:
             leaf = "obs" + "".join(f"[{p!r}]" for p in self.paths[k])
             err = SpecError(mismatch("env", leaf, f"shape {self.shapes[k]} (the observation space's)",
-                                     f"shape {shape} from row {row}"))
+                                     f"shape {shape} from row {row + self.row_offset}"))
             err.rlflow_env_row = row
             raise err
 
@@ -254,7 +263,7 @@ class ObsBuffer:
                 leaf = "obs" + "".join(f"[{p!r}]" for p in self.paths[k])
                 err = SpecError(mismatch("env", leaf, f"dtype {dtype} (the observation space's) or "
                                          "values that keep their value in it", f"dtype {a.dtype} with "
-                                         f"{why} from row {row + j}"))
+                                         f"{why} from row {row + j + self.row_offset}"))
                 err.rlflow_env_row = row + j
                 raise err
 
@@ -313,6 +322,7 @@ class VectorEnv:
         self.spec = layout.env_spec(self.num_envs)
         self._default_seed = seed
         self._closed = False
+        self._unreset = "before the first reset()"    # why a step must wait for a reset (None: it need not)
         self._all_ids = np.arange(self.num_envs, dtype=np.int64)
         self._all_ids.flags.writeable = False
         self._expected_rows = self.num_envs
@@ -337,7 +347,9 @@ class VectorEnv:
             seed, self._default_seed = self._default_seed, None
         if seed is not None:
             check_seed(seed, self.num_envs)
+        self._unreset = "after a reset() that raised (some envs were reset, others not)"
         step = self._reset(None if seed is None else int(seed))
+        self._unreset = None
         self._ret[:] = 0             # the reset step is no step of an episode: totals start at 0
         self._len[:] = 0
         for k in ("episode_return", "episode_length"):
@@ -349,18 +361,33 @@ class VectorEnv:
     def step(self, actions) -> Step:
         """Apply one action per row of the previous Step; return the next Step (same-step autoreset)."""
         self._check_open()
+        if self._unreset is not None:
+            raise UsageError(mismatch(f"{type(self).__name__}.step", "reset", "a reset() before the steps",
+                                      f"step() {self._unreset}"))
         return self._step(self.check_actions(actions, self._expected_rows))
 
     def close(self) -> None:
+        """Close every env (and stop the workers, free the shared memory). An exception that an
+        env's own `close()` raised is raised here once everything is closed, naming the env."""
         if not self._closed:
             self._closed = True
             self._close()
+
+    def _abort(self) -> None:
+        """`close()` on the way out of another error: what the envs' close raises is dropped."""
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        if exc[0] is None:
+            self.close()
+        else:
+            self._abort()      # the error that leaves the with block is the one to see
 
     def __repr__(self):
         return (f"{type(self).__name__}(num_envs={self.num_envs}, obs={self.single_observation_space}, "
@@ -501,6 +528,7 @@ class _InPlace(VectorEnv):
         self.arrays = layout.allocate(rows) if arrays is None else arrays
         self._obs = ObsBuffer(layout, self.arrays, "obs")
         self._final = ObsBuffer(layout, self.arrays, "final_obs")
+        self._obs.row_offset = self._final.row_offset = self.seed_offset * layout.rows_per_env
         self._raised = None               # what an env raised in the last step, until a reset
         self._setup()
 
@@ -530,8 +558,16 @@ class _InPlace(VectorEnv):
         return self._make_step(self.arrays, self._obs, self._final)
 
     def _close(self):
-        for e in self.envs:
-            _safe_close(e)
+        first = None
+        for i, e in enumerate(self.envs):
+            try:
+                e.close()
+            except Exception as exc:
+                if first is None:
+                    note_env_index(exc, self.seed_offset + i)
+                    first = exc
+        if first is not None:           # every env is closed: raise the first env's error
+            raise first
 
     def reset_rows(self, seed) -> None:
         raise NotImplementedError
@@ -762,6 +798,6 @@ def measure_step_cost(cls, env, layout: Layout, steps: int = 32, budget: float =
         return None
     finally:
         if venv is not None:
-            venv.close()
+            venv._abort()
         else:
             _safe_close(env)

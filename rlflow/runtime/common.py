@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -90,7 +91,17 @@ class Evaluator:
         return out["mean_return"]
 
     def close(self):
-        self.venv.close()
+        close_or_warn(self.venv, "the evaluation's vector env")
+
+
+def close_or_warn(venv, what: str) -> None:
+    """Close a run's vector env; what its envs' close() raised becomes a warning: the run is over by
+    then, and the rest of its shutdown (processes, shared memory) must still happen."""
+    try:
+        venv.close()
+    except Exception as exc:
+        warnings.warn(f"{what}: an env's close() raised {type(exc).__name__}: {exc}", RuntimeWarning,
+                      stacklevel=2)
 
 
 class Limits:

@@ -468,7 +468,7 @@ class ProcessVectorEnv(VectorEnv):
                 self._local = cls(list(env_fns[e0:e1]), layout=layout, seed_offset=e0,
                                   arrays={k: v[r0:r1] for k, v in self.arrays.items()})
         except BaseException:
-            self.close()
+            self._abort()
             raise
         self._ids_of = [np.arange(r0, r1, dtype=np.int64) for r0, r1 in self._row_bounds]
         self._busy: set[int] = set()     # stepping, result not read
@@ -540,7 +540,7 @@ class ProcessVectorEnv(VectorEnv):
             except Exception:
                 tb, env_index = "(the traceback could not be read)", None
             where = f"env worker {w}" + ("" if env_index is None else f", env {env_index}")
-            self.close()
+            self._abort()
             raise WorkerError("an environment raised an exception", tb, where)
         self._fail(w, "died" if not msg else f"sent an unknown message {msg!r}")
 
@@ -549,7 +549,7 @@ class ProcessVectorEnv(VectorEnv):
         p.join(timeout=1.0)
         code, pid = p.exitcode, p.pid
         e0, e1 = self._env_bounds[w]
-        self.close()
+        self._abort()
         raise WorkerDied(f"the worker process {what} (exit code {code}"
                           f"{', signal ' + signal.Signals(-code).name if code and code < 0 else ''})",
                           "", f"env worker {w} (envs {e0}..{e1 - 1}, pid {pid})")
@@ -559,14 +559,14 @@ class ProcessVectorEnv(VectorEnv):
         try:
             return self._reset_workers(seed)
         except KeyboardInterrupt:       # the replies are out of step now: stop the workers
-            self.close()
+            self._abort()
             raise
 
     def _step(self, actions):
         try:
             return self._step_workers(actions)
         except KeyboardInterrupt:
-            self.close()
+            self._abort()
             raise
 
     def _reset_workers(self, seed):
@@ -692,15 +692,19 @@ class ProcessVectorEnv(VectorEnv):
         except Exception as exc:
             index = getattr(exc, "rlflow_env_index", None)
             tb = traceback.format_exc()
-            self.close()
+            self._abort()
             raise WorkerError("an environment raised an exception", tb,
                               "inline slice (this process)" + ("" if index is None else f", env {index}")
                               ) from exc
 
     def _close(self):
-        self._finalizer()
-        if self._local is not None:
-            self._local.close()
+        errors = self._finalizer() or []         # what the workers' envs raised in their close()
+        if getattr(self, "_local", None) is not None:
+            self._local.close()                  # raises the inline slice's env error, if any
+        if errors:
+            (tb, index), w = errors[0]
+            raise WorkerError("an environment raised an exception in close()", tb,
+                              f"env worker {w}" + ("" if index is None else f", env {index}"))
 
     @property
     def slices(self) -> list[tuple[int, int]]:
@@ -735,6 +739,12 @@ def _shutdown(procs, downs, ups, block, bells):
         if p.exitcode is None:
             p.kill()
             p.join()
+    errors = []            # ((traceback, env index), worker) that a worker's envs raised in close()
+    for w, c in enumerate(ups):
+        try:
+            errors.extend((e, w) for e in _close_reports(c))
+        except Exception:
+            pass
     for c in downs + ups + [b for pair in bells for b in pair]:
         try:
             c.close()
@@ -750,6 +760,22 @@ def _shutdown(procs, downs, ups, block, bells):
     ups.clear()
     bells.clear()
     block.close()
+    return errors
+
+
+def _close_reports(conn) -> list:
+    """The error reports left in an exited worker's up pipe (skipping its "done" bytes): what its
+    envs' close() raised. The worker has exited, so reading ends at end-of-file, never waits."""
+    out = []
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    while poller.poll(0):
+        msg = os.read(conn.fileno(), 1)
+        if msg == _ERR:
+            out.append(pickle.loads(conn.recv_bytes()))
+        elif msg != _OK:
+            break                                  # end-of-file
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -849,7 +875,10 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
         reply_error(exc)
     finally:
         if venv is not None:
-            venv.close()
+            try:
+                venv.close()
+            except BaseException as exc:                # noqa: BLE001 - the parent reads it at close
+                reply_error(exc)
         for c in (down, up, *bells):
             if c is None:
                 continue

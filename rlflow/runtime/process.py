@@ -116,7 +116,8 @@ from rlflow.experiment import (Experiment, RunResult, build, build_table, extras
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
 from rlflow.runtime.children import die_with_parent
-from rlflow.runtime.common import Evaluator, Figures, LearnerDriver, Limits, make_logger, scalar_metrics
+from rlflow.runtime.common import (Evaluator, Figures, LearnerDriver, Limits, close_or_warn, make_logger,
+                                   scalar_metrics)
 from rlflow.runtime.params import SharedParamStore
 from rlflow.runtime.shm import SharedArrays, unlink_semaphore
 from rlflow.runtime.threads import child_threads
@@ -267,10 +268,7 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
             sys.exit(1)
     finally:
         if venv is not None:
-            try:
-                venv.close()
-            except Exception:
-                pass
+            close_or_warn(venv, f"actor {index}'s vector env")
 
 
 # --------------------------------------------------------------------------------------------------
