@@ -954,3 +954,25 @@ def test_pool_mode_picks_workers_that_can_serve_the_batch():
         assert seen == set(range(9))
     finally:
         venv.close()
+
+
+class RaisesLate(Tagged):
+    """Env 0's steps take 0.3 s and raise: in pool mode the other worker's envs come back first."""
+
+    def step(self, action):
+        if self.tag == 0:
+            time.sleep(0.3)
+            raise RuntimeError("late boom")
+        return super().step(action)
+
+
+def test_a_pool_steps_error_that_close_finds_unread_is_raised_by_close():
+    """A pool step returns the worker that finished first; the other's error, still in its pipe when
+    close() came, was dropped. close() raises it now, saying which step it was in."""
+    venv = rf.envs.make(RaisesLate, num_envs=4, backend="pool", workers=2, batch_size=2, inline=False)
+    step = venv.reset(seed=0)
+    assert venv.step(np.zeros(len(step), np.int64)).env_ids.tolist() == [2, 3]
+    time.sleep(0.5)
+    with pytest.raises(WorkerError, match=r"env worker 0, env 0.*in a step whose results close\(\) found unread") as err:
+        venv.close()
+    assert "late boom" in err.value.remote_traceback

@@ -536,7 +536,7 @@ class ProcessVectorEnv(VectorEnv):
             return
         if msg == _ERR:
             try:
-                tb, env_index = pickle.loads(self._ups[w].recv_bytes())
+                tb, env_index = pickle.loads(self._ups[w].recv_bytes())[:2]
             except Exception:
                 tb, env_index = "(the traceback could not be read)", None
             where = f"env worker {w}" + ("" if env_index is None else f", env {env_index}")
@@ -701,9 +701,10 @@ class ProcessVectorEnv(VectorEnv):
         errors = self._finalizer() or []         # what the workers' envs raised in their close()
         if getattr(self, "_local", None) is not None:
             self._local.close()                  # raises the inline slice's env error, if any
-        if errors:
-            (tb, index), w = errors[0]
-            raise WorkerError("an environment raised an exception in close()", tb,
+        if errors:         # a close() error, or a pool step's error that no step had returned yet
+            (tb, index, when), w = errors[0]
+            raise WorkerError("an environment raised an exception" + (" in close()" if when == "close" else
+                              " (in a step whose results close() found unread)"), tb,
                               f"env worker {w}" + ("" if index is None else f", env {index}"))
 
     @property
@@ -739,7 +740,7 @@ def _shutdown(procs, downs, ups, block, bells):
         if p.exitcode is None:
             p.kill()
             p.join()
-    errors = []            # ((traceback, env index), worker) that a worker's envs raised in close()
+    errors = []            # ((traceback, env index, "step" | "close"), worker) left unread in the pipes
     for w, c in enumerate(ups):
         try:
             errors.extend((e, w) for e in _close_reports(c))
@@ -798,9 +799,9 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
     bells_down = {bell_down}
     venv = None
 
-    def reply_error(exc):
+    def reply_error(exc, when="step"):
         index = getattr(exc, "rlflow_env_index", None)
-        payload = pickle.dumps((traceback.format_exc(), index))
+        payload = pickle.dumps((traceback.format_exc(), index, when))
         try:
             os.write(wfd, _ERR)
             up.send_bytes(payload)
@@ -878,7 +879,7 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
             try:
                 venv.close()
             except BaseException as exc:                # noqa: BLE001 - the parent reads it at close
-                reply_error(exc)
+                reply_error(exc, "close")
         for c in (down, up, *bells):
             if c is None:
                 continue
