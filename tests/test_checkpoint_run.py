@@ -234,7 +234,7 @@ def test_a_damaged_checkpoint_file_is_an_error_naming_it(tmp_path, damage, how):
     else:
         path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
     if damage == "run.pkl" and how == "remove":
-        expected = "which is missing"             # LATEST names no complete checkpoint
+        expected = r"which is incomplete \(no run.pkl\)"    # LATEST names no complete checkpoint
     elif damage == "table/table.json" and how == "remove":
         expected = r"no table checkpoint in .*table.json is missing"
     else:
@@ -276,3 +276,56 @@ def test_a_checkpoint_never_counts_fewer_env_steps_than_its_table_holds(tmp_path
     assert len(seen) >= 20
     for env_steps, items, inserts in seen:      # Transition: one item per env step
         assert inserts <= min(items, env_steps), seen
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("process", marks=pytest.mark.multiprocess)])
+def test_resuming_with_another_adder_is_refused_naming_both(tmp_path, backend):
+    """The table holds the checkpoint's adder's items: an n-step adder (or another discount) would
+    put items of another meaning beside them, with the same specs. It went through silently."""
+    ck = str(tmp_path / "ck")
+    rf.run(experiment(), backend=backend, max_env_steps=400, progress=False, checkpoint_dir=ck)
+    for adder, shown in ((rf.adders.NStepTransition(n=3, discount=0.99), r"NStepTransition\(n=3, discount=0.99\)"),
+                         (rf.adders.Transition(discount=0.9), r"Transition\(discount=0.9\)")):
+        other = experiment()
+        other.adder = adder
+        with pytest.raises(UsageError, match=r"'adder': expected Transition\(discount=0.99\) as in the "
+                                             r"checkpoint.*got " + shown):
+            rf.run(other, backend=backend, max_env_steps=800, progress=False, resume=ck)
+    assert rf.run(experiment(), backend=backend, max_env_steps=800, progress=False,
+                  resume=ck).figures["env_steps"] == 800
+
+
+def test_a_latest_that_is_not_text_is_an_error_naming_it_and_never_costs_a_save(tmp_path):
+    """A LATEST of binary garbage: resume said UnicodeDecodeError; a run writing into the directory
+    failed at its first save. Now resume names LATEST, and a save takes the next free number."""
+    ck = tmp_path / "ck"
+    rf.run(experiment(), max_env_steps=300, progress=False, checkpoint_dir=str(ck))
+    (ck / "LATEST").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UsageError, match=r"LATEST -> None, which is not a checkpoint name"):
+        rf.run(experiment(), max_env_steps=600, progress=False, resume=str(ck))
+    rf.run(experiment(), max_env_steps=300, progress=False, checkpoint_dir=str(ck))
+    assert sorted(p.name for p in ck.iterdir()) == ["LATEST", "ckpt-000001", "ckpt-000002"]
+    assert (ck / "LATEST").read_text().strip() == "ckpt-000002"
+
+
+def test_an_interrupted_prune_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Old checkpoints are renamed away in one step before they are deleted: Ctrl-C in the middle of
+    a deletion left a 'ckpt-*' missing some of its files."""
+    ck = tmp_path / "ck"
+    rf.run(experiment(), max_env_steps=300, progress=False, checkpoint_dir=str(ck))
+    real = ckpt.shutil.rmtree
+
+    def interrupted(path, *a, **k):     # the run's final save replaces ckpt-000001 (same learner step)
+        os.remove(os.path.join(path, "learner.pkl"))          # part of the way...
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rf.run(experiment(), max_env_steps=300, progress=False, checkpoint_dir=str(ck))
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real)
+    names = sorted(p.name for p in ck.iterdir())
+    assert [n for n in names if n.startswith("ckpt-")] == ["ckpt-000002"]
+    assert (ck / "ckpt-000002" / "learner.pkl").exists() and (ck / "ckpt-000002" / "run.pkl").exists()
+    assert [n for n in names if n.startswith(".tmp-ckpt-000001-")]      # what is left is garbage by name
+    rf.run(experiment(), max_env_steps=300, progress=False, checkpoint_dir=str(ck))
+    assert not [n for n in os.listdir(ck) if n.startswith(".tmp-")]

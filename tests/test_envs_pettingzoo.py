@@ -396,3 +396,43 @@ class _NoLearner(rf.Learner):
 def _queue_table(specs):
     return rf.Table(capacity=10_000, sampler=rf.selectors.Uniform(seed=0), remover=rf.selectors.Fifo(),
                     rate_limiter=rf.rate_limiters.MinSize(1), specs=specs)
+
+
+class LeavesEarly(ParallelEnv):
+    """a0 leaves after 1 step with return 0; a1 plays 3 steps and gets 10 on its last: every game's
+    agents average 5."""
+    metadata = {"name": "leaves_early_v0"}
+    possible_agents = ["a0", "a1"]
+
+    def observation_space(self, agent):
+        return spaces.Box(0, 10, (1,), np.float32)
+
+    def action_space(self, agent):
+        return spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        self.agents = list(self.possible_agents)
+        return {g: np.zeros(1, np.float32) for g in self.agents}, {g: {} for g in self.agents}
+
+    def step(self, actions):
+        self.t += 1
+        obs = {g: np.full(1, self.t, np.float32) for g in actions}
+        rew = {g: (10.0 if (g == "a1" and self.t == 3) else 0.0) for g in actions}
+        end = {g: (g == "a0" and self.t == 1) or self.t == 3 for g in actions}
+        self.agents = [g for g in self.agents if not end[g]]
+        return obs, rew, end, {g: False for g in actions}, {g: {} for g in actions}
+
+
+@pytest.mark.parametrize("num_envs, games", [(3, 3), (1, 3), (2, 3), (2, 5)])
+def test_evaluate_with_fewer_envs_than_games_counts_whole_games(num_envs, games):
+    """With fewer envs than games, agent-episodes were counted as they ended: the agents that leave
+    early of games still running came in, their teammates did not (2 envs, 3 games: mean 3.33)."""
+    class Zero(rf.Policy):
+        def act(self, obs):
+            return np.zeros(len(obs), np.int64)
+
+    with rf.envs.make(LeavesEarly, num_envs=num_envs) as venv:
+        out = rf.evaluate(Zero(), venv, games, seed=0)
+    assert out["episodes"] == games
+    assert out["mean_return"] == 5.0 and out["mean_length"] == 2.0, out

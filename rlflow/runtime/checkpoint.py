@@ -66,6 +66,7 @@ class RunState:
     rng: dict
     learner_state: Any
     table: Any
+    adder: Optional[str] = None       # adder_config of the run's adder (None: a checkpoint that has none)
 
 
 def check_options(checkpoint_dir, checkpoint_every, resume) -> Optional[int]:
@@ -93,13 +94,14 @@ def find(directory) -> str:
         return d
     latest = os.path.join(d, LATEST)
     if os.path.exists(latest):
-        with open(latest) as f:
-            name = f.read().strip()
-        path = os.path.join(d, name)
-        if os.path.exists(os.path.join(path, "run.pkl")):
+        name = _read_latest(latest)
+        path = os.path.join(d, name) if name else None
+        if path is not None and os.path.exists(os.path.join(path, "run.pkl")):
             return path
+        what = ("which is not a checkpoint name" if path is None or os.path.dirname(name) else
+                "which is incomplete (no run.pkl)" if os.path.isdir(path) else "which is missing")
         raise UsageError(mismatch("resume", directory, "a checkpoint directory whose LATEST names a "
-                                  "complete checkpoint", f"LATEST -> {name!r}, which is missing"))
+                                  "complete checkpoint", f"LATEST -> {name!r}, {what}"))
     raise UsageError(mismatch("run", "resume", "a checkpoint directory (with LATEST or run.pkl)",
                               f"{directory!r}, which holds no checkpoint"))
 
@@ -136,20 +138,54 @@ def _fsync_tree(d):
                 os.close(fd)
 
 
-def _sequence(directory) -> int:
-    latest = os.path.join(directory, LATEST)
-    if os.path.exists(latest):
-        with open(latest) as f:
+def _read_latest(path) -> Optional[str]:
+    """LATEST's checkpoint name, or None where the file is not one line of text."""
+    try:
+        with open(path, encoding="utf-8") as f:
             name = f.read().strip()
-        try:
-            return int(name.rsplit("-", 1)[1])
-        except (IndexError, ValueError):
-            pass
-    return 0
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if name and "\n" not in name and "\x00" not in name else None
+
+
+def _number(name) -> int:
+    try:
+        return int(str(name).rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _sequence(directory) -> int:
+    """The newest checkpoint number: LATEST's, or a higher one on disk (a save that LATEST never
+    named, or a LATEST that is not text), so that a new save never takes an existing name."""
+    latest = os.path.join(directory, LATEST)
+    seq = _number(_read_latest(latest)) if os.path.exists(latest) else 0
+    on_disk = [_number(n) for n in os.listdir(directory) if n.startswith("ckpt-")]
+    return max([seq] + on_disk)
+
+
+def adder_config(adder) -> str:
+    """What a checkpoint records of the run's adder, to refuse a resume with another: its repr
+    (rlflow's adders show their arguments: 'NStepTransition(n=3, discount=0.99)'), or its class
+    where the repr is object's (an address)."""
+    if type(adder).__repr__ is object.__repr__:
+        return f"{type(adder).__module__}.{type(adder).__qualname__}"
+    return repr(adder)
+
+
+def check_resumed_adder(state: Optional[RunState], adder) -> None:
+    """The table's items were made by the checkpoint's adder: another (another n, discount, length,
+    or class) would mix items of two meanings in one table, so it is a UsageError naming both."""
+    if state is None or state.adder is None:
+        return
+    want = adder_config(adder)
+    if want != state.adder:
+        raise UsageError(mismatch("resume", "adder", f"{state.adder} as in the checkpoint (its table holds "
+                                  "that adder's items)", f"{want} in the experiment"))
 
 
 def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int = KEEP,
-             supersede: bool = False) -> str:
+             supersede: bool = False, adder=None) -> str:
     """Write one checkpoint into `directory` atomically; returns its path. `supersede` (a run's
     final checkpoint): the newest one before it goes once this one is in place if it was taken at
     the same learner step (a periodic checkpoint the run ended on), so the `keep` kept are
@@ -174,6 +210,8 @@ def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int 
             pickle.dump(learner.state_dict(), f, protocol=pickle.HIGHEST_PROTOCOL)
         table.save(os.path.join(tmp, "table"))
         meta = {"format": FORMAT, "counters": counters, "rng": rng}
+        if adder is not None:
+            meta["adder"] = adder_config(adder)
         with open(os.path.join(tmp, "run.pkl"), "wb") as f:
             pickle.dump(meta, f, protocol=pickle.HIGHEST_PROTOCOL)
         with open(os.path.join(tmp, "run.json"), "w") as f:
@@ -193,7 +231,7 @@ def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int 
         os.fsync(f.fileno())
     os.replace(pointer, os.path.join(directory, LATEST))
     if previous is not None and os.path.abspath(previous) != final:
-        shutil.rmtree(previous, ignore_errors=True)
+        _remove(previous)
     _prune(directory, keep, name)
     return final
 
@@ -203,7 +241,7 @@ def _prune(directory, keep, newest):
     their rename left (".tmp-ckpt-*", ".LATEST.*"): a good save is in place, they are garbage."""
     names = sorted(n for n in os.listdir(directory) if n.startswith("ckpt-") and n <= newest)
     for n in names[:-keep] if keep > 0 else []:
-        shutil.rmtree(os.path.join(directory, n), ignore_errors=True)
+        _remove(os.path.join(directory, n))
     for n in os.listdir(directory):
         if n.startswith(".tmp-ckpt-"):
             shutil.rmtree(os.path.join(directory, n), ignore_errors=True)
@@ -212,6 +250,17 @@ def _prune(directory, keep, newest):
                 os.remove(os.path.join(directory, n))
             except OSError:
                 pass
+
+
+def _remove(path):
+    """Delete a checkpoint: renamed to a '.tmp-' name first (one atomic step), so that a Ctrl-C
+    during the deletion leaves garbage the next save clears, never a half-deleted 'ckpt-*'."""
+    doomed = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex}")
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _jsonable(v):
@@ -247,7 +296,8 @@ def load_run(directory) -> RunState:
     except Exception as e:         # truncated, corrupt or missing: name the file
         raise damaged(os.path.join(path, reading), e) from e
     table = Table.load(os.path.join(path, "table"))     # names a damaged file of its own
-    return RunState(path=path, counters=counters, rng=rng, learner_state=learner_state, table=table)
+    return RunState(path=path, counters=counters, rng=rng, learner_state=learner_state, table=table,
+                    adder=meta.get("adder"))
 
 
 def resumed_table(state: Optional[RunState], built):
@@ -325,4 +375,4 @@ def save_local(directory, learner, table, actor, driver, store, resumes: int, fi
                 "actors": [{"env_steps": int(actor.env_steps), "episodes": int(actor.stats.episodes),
                             "items": int(actor.items_added), "rng_state": None}]}
     return save_run(directory, learner=learner, table=table, counters=counters, rng=capture_rng(actor.rng),
-                    supersede=final)
+                    supersede=final, adder=actor.adder)

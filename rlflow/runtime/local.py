@@ -53,6 +53,7 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
         actor = Actor(policy, venv, adder, sink=None, warmup_steps=exp.warmup_steps,
                       seed=ckpt.env_seed(exp.seed, resumed), param_client=client)
         first = actor.reset()
+        ckpt.check_resumed_adder(resumed, exp.adder)
         table = ckpt.resumed_table(resumed, build_table(exp, spec, lambda: extras_specs_of(policy, spec, first)))
         why = table.never_goes_ahead("sample", exp.batch_size)
         if why is not None:                     # the learner would wait for ever

@@ -605,6 +605,7 @@ class _ProcessRun:
             probe.close()
         self.extras_specs = extras_specs
         self.item_specs = fresh_adder(exp).item_specs(spec, extras_specs)
+        ckpt.check_resumed_adder(resumed, exp.adder)
         table = ckpt.resumed_table(resumed, build_table(exp, spec, extras_specs))
         self.table = table
         self.rows_per_slot = self.slot_rows or max(1, spec.num_envs)
@@ -974,7 +975,7 @@ class _ProcessRun:
                     "actors": [{"env_steps": int(stats[i, ENV_STEPS]), "episodes": int(stats[i, EPISODES]),
                                 "items": int(stats[i, ITEMS]), "rng_state": None} for i in range(len(stats))]}
         ckpt.save_run(directory, learner=self.learner, table=self.table, counters=counters,
-                      rng=ckpt.capture_rng(), supersede=final)
+                      rng=ckpt.capture_rng(), supersede=final, adder=self.exp.adder)
 
     # ---- shutting down -----------------------------------------------------------------------
     def _stop_actors(self, grace: float = 3.0):
