@@ -276,6 +276,13 @@ class RateLimiter(abc.ABC):
 
     `samples_per_insert` is the ratio the limiter holds learning to (None: no ratio); the same knob
     sets how much learning per acting in every runtime.
+
+    Optional hooks, which rlflow's limiters have: `insert_feasible(n) -> bool` and
+    `sample_feasible(n) -> bool`, False where an insert / a sample of n could never go ahead
+    whatever else happens. The table then raises at once instead of waiting, and the runs refuse
+    such a configuration up front; without them, a limiter that never admits a sample waits (a
+    run whose only limit is `max_learner_steps` then never ends), and `why_not_insert(n)` /
+    `why_not_sample(n) -> str` word the Timeout's reason.
     """
 
     samples_per_insert: Optional[float] = None

@@ -75,17 +75,28 @@ def _part(name, obj, tmp) -> dict:
             arrays.append(k)
         else:
             state[k] = _jsonable(v)
+            try:
+                json.dumps(state[k])
+            except (TypeError, ValueError) as exc:
+                raise UsageError(mismatch("checkpoint", f"{name} {type(obj).__name__}.state_dict()[{k!r}]",
+                                          "a numpy array or a JSON value (numbers, strings, lists, dicts)",
+                                          f"{type(v).__name__}: {exc}")) from None
     entry["state"] = state
     entry["arrays"] = sorted(arrays)
     return entry
 
 
 def _restore_part(name, entry, directory, load_npy=np.load):
-    if "config" in entry:
-        obj = _import(entry["class"])(**entry["config"])
-    else:
-        with open(os.path.join(directory, f"{name}.pkl"), "rb") as f:
-            obj = pickle.load(f)
+    try:
+        if "config" in entry:
+            obj = _import(entry["class"])(**entry["config"])
+        else:
+            with open(os.path.join(directory, f"{name}.pkl"), "rb") as f:
+                obj = pickle.load(f)
+    except (ImportError, AttributeError) as exc:     # the file is fine: the class is not here
+        raise UsageError(mismatch("checkpoint", f"{name} class", f"{entry['class']} importable in this "
+                                  "program (define it in a module, not in the script that saved the table)",
+                                  f"{type(exc).__name__}: {exc}")) from None
     state = dict(entry["state"])
     for k in entry["arrays"]:
         state[k] = load_npy(os.path.join(directory, f"{name}.{k}.npy"), allow_pickle=False)

@@ -223,6 +223,15 @@ class Table:
             lambda s0, n, p, x=x: x.add(np.arange(s0, s0 + n, dtype=_I64), np.ones(n) if p is None else p))
             for x in (sampler, remover))
         self._s_remove, self._r_remove = (getattr(x, "_remove", x.remove) for x in (sampler, remover))
+        # a selector of the user's (DESIGN: "user may add one"): what it returns is checked, and an
+        # insert that it refuses with an exception is undone; rlflow's own selectors skip both
+        self._user_sampler, self._user_remover = (not type(x).__module__.startswith("rlflow.")
+                                                  for x in (sampler, remover))
+        self._added = [False, False]     # user selectors: whose add went through (`_store_undoable`)
+        for k in range(2) if self._user_sampler or self._user_remover else ():
+            names = ("_s_add", "_s_add1", "_s_add_range") if k == 0 else ("_r_add", "_r_add1", "_r_add_range")
+            for name in names:
+                setattr(self, name, self._noting_add(getattr(self, name), k))
         self._s_update, self._r_update = (getattr(x, "_update", x.update_priorities) for x in (sampler, remover))
         self._distinct = not getattr(sampler, "with_replacement", True)
         self._insert_feasible = getattr(rate_limiter, "insert_feasible", None)
@@ -568,7 +577,10 @@ def fast_insert(items):
     # ---- checks ---------------------------------------------------------------------------------
     @staticmethod
     def _check_priorities(priorities, n):
-        p = np.asarray(priorities, dtype=np.float64)
+        try:
+            p = np.asarray(priorities, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(mismatch("argument", "priorities", "numbers", f"{exc}")) from None
         if p.shape != (n,):
             raise UsageError(mismatch("argument", "priorities", f"shape ({n},)", f"shape {p.shape}"))
         if n and not (p.min() >= 0 and p.max() < np.inf):  # NaN fails the first test
@@ -654,6 +666,8 @@ def fast_insert(items):
                     self._wait(lambda: limiter.can_insert(1), timeout, lambda: self._why_insert(1))
                 if self._ring_mode:
                     return self._ring_store(arrays, 1, None)
+                if self._user_sampler or self._user_remover:
+                    return self._store_undoable(arrays, 1, None)
                 return self._store1(arrays, 1.0)
         if n == 0:
             if priorities is not None:
@@ -674,9 +688,33 @@ def fast_insert(items):
                     check(p)
             if self._ring_mode:
                 return self._ring_store(arrays, n, p)
+            if self._user_sampler or self._user_remover:
+                return self._store_undoable(arrays, n, p)
             if n == 1:
                 return self._store1(arrays, float(p[0]))
             return self._store(arrays, n, p)
+
+    def _store_undoable(self, arrays, n, p):
+        """`_store` with user selectors (lock held): where one's add() raises, the items stored are
+        taken out of everything again (out of the selector whose add went through, too), so that no
+        slot is left that no selector knows (stored, never sampled, never evicted); the error goes
+        to the caller."""
+        first = self._next_key
+        self._added = [False, False]
+        try:
+            return self._store1(arrays, 1.0 if p is None else float(p[0])) if n == 1 else self._store(arrays, n, p)
+        except BaseException:
+            slots = np.flatnonzero(self._slot_key >= first)
+            if len(slots):
+                for added, remove in zip(self._added, (self._s_remove, self._r_remove)):
+                    if added:
+                        remove(slots)
+                self._slot_key[slots] = -1
+                self._prio[slots] = 1.0
+                self._free[self._nfree:self._nfree + len(slots)] = slots[::-1]
+                self._nfree += len(slots)
+                self._free_sorted = False
+            raise
 
     def _why_insert(self, n):
         f = getattr(self.rate_limiter, "why_not_insert", None)
@@ -712,7 +750,10 @@ def fast_insert(items):
         remover = self.remover
         distinct = not getattr(remover, "with_replacement", True)
         while k > 0:
-            ids, _ = remover.sample(k)
+            ids, p = remover.sample(k)
+            if self._user_remover:
+                ids, _ = self._checked_draw(remover, "remover", k, ids, p, evict=True)
+                distinct = False          # repeats are taken once, whatever it declares
             ids = np.asarray(ids, dtype=_I64)
             if not distinct:  # a remover drawing with replacement may repeat ids: keep the first of each
                 _, first = np.unique(ids, return_index=True)
@@ -926,6 +967,8 @@ def fast_insert(items):
                 return Sample(keys, np.full(n, 1.0 / size), data, {"table_size": size})
             mts = self.max_times_sampled
             slots, probs = self.sampler.sample(n)
+            if self._user_sampler:
+                slots, probs = self._checked_draw(self.sampler, "sampler", n, slots, probs)
             if slots.__class__ is not _ndarray or slots.dtype != _I64:
                 slots = np.asarray(slots, dtype=_I64)
             if mts:
@@ -951,6 +994,39 @@ def fast_insert(items):
         if probs.__class__ is not _ndarray or probs.dtype != np.float64:
             probs = np.asarray(probs, dtype=np.float64)
         return Sample(keys, probs, data, {"table_size": size})
+
+    def _noting_add(self, add, k):
+        def noted(*args):
+            out = add(*args)
+            self._added[k] = True
+            return out
+        return noted
+
+    def _checked_draw(self, sel, role, n, ids, probs, evict=False):
+        """A user selector's `sample(n)` result as arrays, or a UsageError naming the selector and
+        what is wrong (lock held; nothing changed yet): n ids of items in the table (a remover: 1..n
+        of them), and n probabilities in (0, 1]."""
+        name = f"{role} {type(sel).__name__}.sample({n})"
+        try:
+            ids = np.asarray(ids)
+            probs = np.asarray(probs, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(mismatch("selector", name, "(ids, probabilities) arrays", f"{exc}")) from None
+        ok_len = 1 <= len(ids) <= n if evict and ids.ndim == 1 else ids.shape == (n,)
+        if not ok_len or ids.dtype.kind not in "iu":
+            raise UsageError(mismatch("selector", name, f"{'1 to ' if evict else ''}{n} integer ids, shape "
+                                      f"({n},)", f"shape {ids.shape} dtype {ids.dtype}"))
+        ids = ids.astype(_I64)
+        bad = (ids < 0) | (ids >= self.capacity)
+        if not bad.any():
+            bad = self._slot_key[ids] < 0
+        if bad.any():
+            raise UsageError(mismatch("selector", name, "ids of items in the table (the ids its add() got, "
+                                      "not yet removed)", f"id {int(ids[np.flatnonzero(bad)[0]])}"))
+        if not evict and (probs.shape != (n,) or not np.all((probs > 0) & (probs <= 1))):
+            raise UsageError(mismatch("selector", name, f"{n} probabilities in (0, 1]",
+                                      f"shape {probs.shape}, values {probs[:4].tolist()}"))
+        return ids, probs
 
     def _gather(self, slots):
         """Copies of every field at `slots`, all in one fresh allocation (lock held).
@@ -992,6 +1068,8 @@ def fast_insert(items):
         expired = []
         for _ in range(n):
             s, p = self.sampler.sample(1)
+            if self._user_sampler:
+                s, p = self._checked_draw(self.sampler, "sampler", 1, s, p)
             s = int(s[0])
             out_s.append(s)
             out_p.append(float(p[0]))
