@@ -947,10 +947,12 @@ def test_pool_mode_picks_workers_that_can_serve_the_batch():
         assert len(venv.pids) == 3 and not venv.inline
         step = venv.reset(seed=0)
         seen = set()
-        for _ in range(6):
+        for _ in range(300):                                    # whichever 3 finish first, each step
             step = venv.step(np.zeros(len(step), np.int64))    # the rows of the previous step
-            assert len(step) == 3
+            assert len(step) == 3 and step.env_ids.tolist() in ([0, 1, 2], [3, 4, 5], [6, 7, 8])
             seen.update(step.env_ids.tolist())
+            if len(seen) == 9:
+                break
         assert seen == set(range(9))
     finally:
         venv.close()
