@@ -242,7 +242,8 @@ def fresh_adder(experiment: Experiment) -> Adder:
 BACKENDS = ("local", "process")
 
 
-PROCESS_OPTIONS = ("start_method", "prefetch", "receiver", "queue_slots", "slot_rows", "actor_threads")
+PROCESS_OPTIONS = ("start_method", "prefetch", "receiver", "queue_slots", "slot_rows", "actor_threads",
+                   "actor_timeout")
 
 
 def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Optional[int] = None,

@@ -1096,3 +1096,62 @@ def test_an_actor_killed_while_publishing_a_step_reports_the_rows_it_lost():
             assert f"{f['items_lost']} items of the step it was publishing were lost" in err.getvalue()
             break
     assert f["items_lost"] in (1, 2, 3), f        # part of one 3-env step
+
+
+class MisbehavingPolicy(RandomPolicy):
+    """At its 100th act: hangs (sleeps for ever), SIGTERMs its own process, or raises SystemExit;
+    once per marker file (the restarted actor then acts normally)."""
+
+    def __init__(self, spec, how, marker):
+        super().__init__(spec)
+        self.how, self.marker, self.calls = how, marker, 0
+
+    def act(self, obs):
+        self.calls += 1
+        if self.calls == 100 and KillSelfPolicy._claim_marker(self):
+            if self.how == "hang":
+                while True:
+                    time.sleep(1)
+            if self.how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            if self.how == "exit":
+                sys.exit(7)
+        return super().act(obs)
+
+
+class MisbehavingFactory:
+    def __init__(self, how, marker):
+        self.how, self.marker = how, marker
+
+    def __call__(self, spec):
+        return MisbehavingPolicy(spec, self.how, self.marker)
+
+
+@pytest.mark.slow
+def test_a_hung_actor_is_killed_after_actor_timeout_and_restarted(tmp_path):
+    """A policy call that never returns hung the whole run (steps/s 0 for ever, nothing said): the
+    actor's heartbeat stops, and after actor_timeout it is killed and restarted like a dead one."""
+    marker = str(tmp_path / "hung-once")
+    exp = experiment(policy=MisbehavingFactory("hang", marker), table=minsize_table, num_envs=2)
+    t0 = time.monotonic()
+    r = rf.run(exp, backend="process", max_env_steps=3_000, progress=False, actor_timeout=2.0)
+    assert os.path.exists(marker) and r.figures["actor_restarts"] == 1
+    assert r.figures["env_steps"] >= 3_000 and time.monotonic() - t0 < 60
+    exp = experiment(policy=MisbehavingFactory("hang", str(tmp_path / "again")), table=minsize_table, num_envs=2)
+    with pytest.raises(WorkerError, match=r"actor 0 .*no progress for \d+ s, more than actor_timeout=2"):
+        rf.run(exp, backend="process", max_env_steps=3_000, progress=False, actor_timeout=2.0, max_restarts=0)
+    with pytest.raises(UsageError, match="'actor_timeout': expected None or seconds > 0, got 0"):
+        rf.run(exp, backend="process", max_env_steps=3_000, progress=False, actor_timeout=0)
+
+
+@pytest.mark.parametrize("how, expected", [("sigterm", r"died \(signal SIGTERM, exit code 143\)"),
+                                           ("exit", r"SystemExit: 7")])
+def test_an_actor_ended_by_sigterm_or_a_users_sys_exit_says_so(tmp_path, how, expected):
+    """Both were 'the actor process died (exit code 0)': the actor swallowed the SystemExit (its
+    SIGTERM handler's too). SIGTERM now reads as such, and sys.exit in user code is an error in
+    user code, with its traceback."""
+    exp = experiment(policy=MisbehavingFactory(how, str(tmp_path / "m")), table=minsize_table, num_envs=2)
+    with pytest.raises(WorkerError, match=expected) as err:
+        rf.run(exp, backend="process", max_env_steps=3_000, progress=False, max_restarts=0)
+    if how == "exit":
+        assert "in act" in str(err.value) and "sys.exit(7)" in str(err.value)

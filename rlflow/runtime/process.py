@@ -72,6 +72,10 @@ long (a GPU learner, large batches): choose them with receiver="thread", prefetc
 
 Options (keyword arguments of `rf.run(..., backend="process", ...)`):
     max_restarts     restarts allowed per actor (default 3)
+    actor_timeout    seconds an actor may go without a turn of its loop (or of its wait for ring
+                     space) before it counts as hung (a policy or env call that never returns, a
+                     stopped process): it is killed and restarted as a dead one (default 300;
+                     None: never)
     start_method     "spawn" (default), "forkserver" or "fork"
     receiver         "inline" (default: the learner's thread moves ring slots into the table) or
                      "thread" (a receiver thread per actor)
@@ -125,7 +129,7 @@ from rlflow.runtime.transport import Receiver, Ring, RingWriter, slot_bytes
 from rlflow.sync import ParamClient
 
 # columns of the per-actor stats rows (float64, written by the actor process)
-ENV_STEPS, ITEMS, EPISODES, RETURN, VERSION, READY, BLOCKED, READY_AT, UNSENT, NSTATS = range(10)
+ENV_STEPS, ITEMS, EPISODES, RETURN, VERSION, READY, BLOCKED, READY_AT, UNSENT, BEAT, NSTATS = range(11)
 STOP = 0                         # control flag: 1 = every actor should stop
 ENV_LIMIT = 1                    # control: the run's max_env_steps (all actors together), -1 for none
 EVAL_AT = 2                      # control: env steps (all actors) of the next evaluation, -1 for none:
@@ -141,7 +145,11 @@ def _actor_seed(seed: int, index: int, incarnation: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # The actor process
 # --------------------------------------------------------------------------------------------------
+_TERMINATED = []                     # an actor's SIGTERM came (its SystemExit is the signal's, not user code's)
+
+
 def _sigterm_exit(signum, frame):
+    _TERMINATED.append(signum)
     _raise_for(signum)               # SystemExit(128 + signum), as in the learner's process
 
 
@@ -170,7 +178,8 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         row = control.arrays["stats"][index]
         flags = control.arrays["control"]
 
-        def should_stop():
+        def should_stop():           # also asked while it waits for ring space: it beats then too
+            row[BEAT] = time.monotonic()
             return flags[STOP] != 0 or os.getppid() != ppid
 
         seed_all(seed)
@@ -201,7 +210,7 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         actor.stats.episodes = int(base["episodes"])
         actor.update_params()                            # the latest published parameters
         row[VERSION] = client.version
-        row[READY_AT] = time.monotonic()                 # the system-wide clock: the learner reads it
+        row[READY_AT] = row[BEAT] = time.monotonic()     # the system-wide clock: the learner reads it
         row[READY] = incarnation + 1
         episodes = actor.stats.episodes
         version = client.version
@@ -219,6 +228,7 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         alone = len(all_stats) == 1
         while flags[STOP] == 0:
             k += 1
+            row[BEAT] = time.monotonic()                 # the heartbeat (actor_timeout)
             if not k & 255 and os.getppid() != ppid:     # orphaned (PDEATHSIG covers Linux)
                 break
             hold = flags[EVAL_AT]
@@ -260,12 +270,13 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
             pass
         sys.exit(3)
     except BaseException as exc:                         # noqa: BLE001 - forwarded to the parent
-        if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
-            try:
-                conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
-            except Exception:
-                pass
-            sys.exit(1)
+        if isinstance(exc, SystemExit) and _TERMINATED or isinstance(exc, KeyboardInterrupt):
+            raise                    # SIGTERM: the process ends with 128 + 15, which says so
+        try:                         # user code's error (a SystemExit in a policy included)
+            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        except Exception:
+            pass
+        sys.exit(1)
     finally:
         if venv is not None:
             close_or_warn(venv, f"actor {index}'s vector env")
@@ -281,6 +292,7 @@ class _ActorHandle:
         self.index = index
         self.incarnation = -1
         self.process = None
+        self.hung = None                 # why the supervisor killed it (actor_timeout), until handled
         self.conn = None
         self.store_send = None        # pipe end for the param store, until it is sent
         self.ring: Optional[Ring] = None
@@ -422,8 +434,12 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
                 start_method: str = "spawn", prefetch: Optional[int] = None, receiver: str = "inline",
                 queue_slots: Optional[int] = None,
                 slot_rows: Optional[int] = None, checkpoint_dir=None, checkpoint_every=None,
-                resume=None, actor_threads: Optional[int] = 1) -> RunResult:
+                resume=None, actor_threads: Optional[int] = 1,
+                actor_timeout: Optional[float] = 300.0) -> RunResult:
     exp = experiment
+    if actor_timeout is not None and (isinstance(actor_timeout, bool) or not isinstance(actor_timeout, (int, float))
+                                      or not actor_timeout > 0 or actor_timeout != actor_timeout):
+        raise UsageError(mismatch("run", "actor_timeout", "None or seconds > 0", repr(actor_timeout)))
     if start_method not in START_METHODS:
         raise UsageError(mismatch("run", "start_method", f"one of {START_METHODS}", repr(start_method)))
     if prefetch is None:
@@ -447,6 +463,7 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
 
     run = _ProcessRun(exp, actor_exp, ctx, num_actors, max_restarts, prefetch, receiver, queue_slots,
                       slot_rows, actor_threads)
+    run.actor_timeout = None if actor_timeout is None else float(actor_timeout)
     old_handlers = _install_signal_handlers()
     _LIVE_RUNS.add(run)
     try:
@@ -541,6 +558,7 @@ class _ProcessRun:
         self.num_actors, self.max_restarts, self.prefetch = int(num_actors), int(max_restarts), int(prefetch)
         self.queue_slots, self.slot_rows = queue_slots, slot_rows
         self.actors = [_ActorHandle(i) for i in range(self.num_actors)]
+        self.actor_timeout = 300.0       # run_process sets the option
         self.control = None
         self.store = None
         self.sampler = None
@@ -910,7 +928,19 @@ class _ProcessRun:
                 h.unlinked = True
             p = h.process
             if p.exitcode is None:
-                continue
+                beat = stats[h.index, BEAT]
+                if (self.actor_timeout is None or stats[h.index, READY] != h.incarnation + 1
+                        or time.monotonic() - beat < self.actor_timeout):
+                    continue
+                # alive but stuck: no loop turn and no wait for ring space for actor_timeout seconds
+                # (a policy or env call that never returns, a stopped process): killed, and then
+                # restarted like an actor that died
+                h.hung = (f"no progress for {time.monotonic() - beat:.0f} s, more than actor_timeout="
+                          f"{self.actor_timeout:g}: stuck in a policy or env call, or stopped; killed")
+                p.kill()
+                p.join(5.0)
+                if p.exitcode is None:
+                    continue
             message = None
             try:
                 if h.conn.poll():
@@ -922,6 +952,10 @@ class _ProcessRun:
                 raise WorkerError(message[1], message[2], where)
             code = p.exitcode
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            if code == 128 + signal.SIGTERM:
+                how = f"signal SIGTERM, exit code {code}"
+            if h.hung is not None:
+                how, h.hung = h.hung, None
             if message is not None and message[0] == "died":
                 how = f"its vector env's {message[1]}"
             if code >= 0 and stats[h.index, READY] != h.incarnation + 1:
