@@ -1155,3 +1155,46 @@ def test_an_actor_ended_by_sigterm_or_a_users_sys_exit_says_so(tmp_path, how, ex
         rf.run(exp, backend="process", max_env_steps=3_000, progress=False, max_restarts=0)
     if how == "exit":
         assert "in act" in str(err.value) and "sys.exit(7)" in str(err.value)
+
+
+SIGKILLED_LEARNER = textwrap.dedent('''
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import rlflow as rf
+    from test_process_runtime import RandomPolicy, minsize_table
+
+    def learner(spec):                # the learner's process dies (kill -9, OOM killer) as actors start
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if __name__ == "__main__":
+        exp = rf.Experiment(env="CartPole-v1", policy=RandomPolicy, learner=learner,
+                            adder=rf.adders.Transition(discount=0.99), table=minsize_table, num_envs=2,
+                            batch_size=16)
+        rf.run(exp, backend="process", num_actors=2, max_env_steps=20_000, progress=False)
+''')
+
+
+@pytest.mark.slow
+def test_a_sigkilled_learner_leaves_no_ring_segment(tmp_path):
+    """Rings were unlinked only once their actor attached, and were not known to the resource
+    tracker: SIGKILL of the learner's process while actors started left them in /dev/shm."""
+    script = tmp_path / "run.py"
+    script.write_text(SIGKILLED_LEARNER.format(tests=os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 20          # the tracker and the actors notice, then clean up
+    while time.monotonic() < deadline:
+        left = [x for x in os.listdir("/dev/shm") if x.startswith("rlflow_")]
+        pid_left = [x for x in left if x.split("_")[1].isdigit() and not _pid_alive(int(x.split("_")[1]))]
+        if not pid_left:
+            break
+        time.sleep(0.5)
+    assert not pid_left
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False

@@ -66,6 +66,9 @@ class Ring:
         for i, (name, s) in enumerate(self.specs.items()):
             arrays[f"f{i}"] = ((self.slots, self.slot_rows) + s.shape, s.dtype)
         self.block = SharedArrays(arrays, named=True)
+        # until the actor has attached, the name must outlive even a SIGKILLed creator: the resource
+        # tracker (a process of its own) unlinks it then; `unlink` and `close` unregister it
+        self._tracked = _tracker("register", self.block.name)
         self.free = ctx.Semaphore(self.slots)
         self.full = ctx.Semaphore(0)
         self.wake = wake          # optional semaphore shared by several rings: "some slot was published"
@@ -90,14 +93,34 @@ class Ring:
 
     def unlink(self) -> None:
         """Remove the segment's name once the writer has attached (its mapping stays valid)."""
+        self._untrack()
         self.block.unlink()
+
+    def _untrack(self) -> None:
+        if self._tracked:
+            self._tracked = False
+            _tracker("unregister", self.block.name)
 
     def close(self) -> None:
         """Free the block, and the semaphores' names (the writer, whether it started or not, opens
         them no more: a restarted actor gets a new ring)."""
+        self._untrack()
         self.block.close()
         unlink_semaphore(self.free)
         unlink_semaphore(self.full)
+
+
+def _tracker(what: str, name) -> bool:
+    """Register / unregister a shared-memory name with multiprocessing's resource tracker."""
+    if not name:
+        return False
+    from multiprocessing import resource_tracker
+
+    try:
+        getattr(resource_tracker, what)(name if name.startswith("/") else "/" + name, "shared_memory")
+        return True
+    except Exception:  # pragma: no cover - best effort
+        return False
 
 
 class RingReader:
