@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 
 class RLFlowError(Exception):
     """Base class of every error rlflow raises on purpose."""
@@ -73,6 +75,11 @@ def _rebuild_worker_error(cls, text, remote_traceback, where):
 def mismatch(what: str, field: str, expected, actual) -> str:
     """The standard message: `<what> '<field>': expected <expected>, got <actual>`."""
     return f"{what} '{field}': expected {expected}, got {actual}"
+
+
+def is_real(value) -> bool:
+    """A number for a seconds (or other real) argument: a Python or numpy int or float, not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def is_int(value) -> bool:

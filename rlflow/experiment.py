@@ -33,7 +33,7 @@ import numpy as np
 
 from rlflow import specs as specs_lib
 from rlflow.core import Adder, Learner, Policy
-from rlflow.errors import UsageError, is_int, mismatch
+from rlflow.errors import UsageError, is_int, is_real, mismatch
 
 
 @dataclass
@@ -94,9 +94,8 @@ class Experiment:
                 or not 0 <= self.seed <= 2**62:
             # envs are seeded seed + i (+ offsets per actor and resume): non-negative, within int64
             raise UsageError(mismatch("Experiment", "seed", "an int in [0, 2**62]", repr(self.seed)))
-        if self.param_sync_seconds is not None and (
-                not isinstance(self.param_sync_seconds, (int, float, np.integer, np.floating))
-                or isinstance(self.param_sync_seconds, bool) or not self.param_sync_seconds >= 0):
+        if self.param_sync_seconds is not None and (not is_real(self.param_sync_seconds)
+                                                    or not self.param_sync_seconds >= 0):
             raise UsageError(mismatch("Experiment", "param_sync_seconds", "None or a number of seconds >= 0",
                                       repr(self.param_sync_seconds)))
         if self.env_backend not in ("serial", "process", "pool"):
@@ -279,13 +278,11 @@ def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Option
         if value is not None and (not is_int(value)
                                   or value < 1):
             raise UsageError(mismatch("run", name, "None or an int >= 1", repr(value)))
-    if max_seconds is not None and (not isinstance(max_seconds, (int, float, np.integer, np.floating))
-                                    or isinstance(max_seconds, bool) or not max_seconds > 0):
+    if max_seconds is not None and (not is_real(max_seconds) or not max_seconds > 0):
         raise UsageError(mismatch("run", "max_seconds", "None or a number of seconds > 0", repr(max_seconds)))
     if not is_int(max_restarts) or max_restarts < 0:
         raise UsageError(mismatch("run", "max_restarts", "an int >= 0", repr(max_restarts)))
-    if (not isinstance(progress_every, (int, float, np.integer, np.floating)) or isinstance(progress_every, bool)
-            or not 0 < progress_every < math.inf):
+    if not is_real(progress_every) or not 0 < progress_every < math.inf:
         raise UsageError(mismatch("run", "progress_every", "a number of seconds > 0", repr(progress_every)))
     if not is_int(num_actors) or num_actors < 1:
         raise UsageError(mismatch("run", "num_actors", "an int >= 1", repr(num_actors)))

@@ -115,7 +115,7 @@ import numpy as np
 from rlflow.actor import Actor
 from rlflow.adders.base import RowAdder
 from rlflow.core import Learner, Policy, Sample
-from rlflow.errors import ClosedError, Timeout, UsageError, WorkerDied, WorkerError, is_int, mismatch
+from rlflow.errors import ClosedError, Timeout, UsageError, WorkerDied, WorkerError, is_int, is_real, mismatch
 from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
@@ -437,8 +437,7 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
                 resume=None, actor_threads: Optional[int] = 1,
                 actor_timeout: Optional[float] = 300.0) -> RunResult:
     exp = experiment
-    if actor_timeout is not None and (isinstance(actor_timeout, bool) or not isinstance(actor_timeout, (int, float))
-                                      or not actor_timeout > 0 or actor_timeout != actor_timeout):
+    if actor_timeout is not None and (not is_real(actor_timeout) or not actor_timeout > 0):
         raise UsageError(mismatch("run", "actor_timeout", "None or seconds > 0", repr(actor_timeout)))
     if start_method not in START_METHODS:
         raise UsageError(mismatch("run", "start_method", f"one of {START_METHODS}", repr(start_method)))
@@ -462,8 +461,7 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
     ctx = mp.get_context(start_method)
 
     run = _ProcessRun(exp, actor_exp, ctx, num_actors, max_restarts, prefetch, receiver, queue_slots,
-                      slot_rows, actor_threads)
-    run.actor_timeout = None if actor_timeout is None else float(actor_timeout)
+                      slot_rows, actor_threads, actor_timeout)
     old_handlers = _install_signal_handlers()
     _LIVE_RUNS.add(run)
     try:
@@ -547,8 +545,9 @@ def _restore_signal_handlers(old):
 
 class _ProcessRun:
     def __init__(self, exp, actor_exp, ctx, num_actors, max_restarts, prefetch, receiver, queue_slots,
-                 slot_rows, actor_threads=1):
+                 slot_rows, actor_threads=1, actor_timeout=300.0):
         self.actor_threads = actor_threads
+        self.actor_timeout = None if actor_timeout is None else float(actor_timeout)
         self.inline = receiver == "inline"
         self.exiting = False
         self.items_lost = 0              # items that killed actors had counted but not published
@@ -558,7 +557,6 @@ class _ProcessRun:
         self.num_actors, self.max_restarts, self.prefetch = int(num_actors), int(max_restarts), int(prefetch)
         self.queue_slots, self.slot_rows = queue_slots, slot_rows
         self.actors = [_ActorHandle(i) for i in range(self.num_actors)]
-        self.actor_timeout = 300.0       # run_process sets the option
         self.control = None
         self.store = None
         self.sampler = None
