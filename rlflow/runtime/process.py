@@ -123,7 +123,7 @@ from rlflow.runtime.children import die_with_parent
 from rlflow.runtime.common import (Evaluator, Figures, LearnerDriver, Limits, close_or_warn, make_logger,
                                    scalar_metrics)
 from rlflow.runtime.params import SharedParamStore
-from rlflow.runtime.shm import SharedArrays, unlink_semaphore
+from rlflow.runtime.shm import SharedArrays, tracked, unlink_semaphore
 from rlflow.runtime.threads import child_threads
 from rlflow.runtime.transport import Receiver, Ring, RingWriter, slot_bytes
 from rlflow.sync import ParamClient
@@ -1124,21 +1124,9 @@ class _ProcessRun:
 
 def _track(block):
     """The store and control segments keep their names for the whole run (a restarted actor attaches
-    to them by name). Registering them with multiprocessing's resource tracker, a process that
-    outlives this one, unlinks them even if this process is SIGKILLed."""
-    from multiprocessing import resource_tracker
-
-    try:
-        resource_tracker.register(block.name, "shared_memory")
-    except Exception:  # pragma: no cover - best effort
-        pass
+    to them by name): registered with the resource tracker, they go even if this process is SIGKILLed."""
+    tracked(block.name)
 
 
 def _untrack(block):
-    from multiprocessing import resource_tracker
-
-    if block.name:
-        try:
-            resource_tracker.unregister(block.name, "shared_memory")
-        except Exception:  # pragma: no cover
-            pass
+    tracked(block.name, False)

@@ -142,6 +142,21 @@ def _unlink_named(name):
         pass
 
 
+def tracked(name, track: bool = True) -> bool:
+    """Register (or with track=False unregister) a segment name with multiprocessing's resource
+    tracker, a process that outlives this one and unlinks what is still registered when this one
+    dies, SIGKILLed included. Returns whether it took the request (best effort)."""
+    if not name:
+        return False
+    from multiprocessing import resource_tracker
+
+    try:
+        (resource_tracker.register if track else resource_tracker.unregister)(name, "shared_memory")
+        return True
+    except Exception:  # pragma: no cover - best effort
+        return False
+
+
 def unlink_semaphore(sem) -> None:
     """Remove the /dev/shm name ("sem.mp-...") of a multiprocessing Semaphore or Lock now.
 

@@ -36,7 +36,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from rlflow.errors import ClosedError, SpecError, Timeout, UsageError, mismatch
-from rlflow.runtime.shm import SharedArrays, unlink_semaphore
+from rlflow.runtime.shm import SharedArrays, tracked, unlink_semaphore
 from rlflow.specs import ArraySpec
 
 _HEAD, _TAIL = 0, 1          # counters: slots published (writer), slots consumed (reader)
@@ -68,7 +68,7 @@ class Ring:
         self.block = SharedArrays(arrays, named=True)
         # until the actor has attached, the name must outlive even a SIGKILLed creator: the resource
         # tracker (a process of its own) unlinks it then; `unlink` and `close` unregister it
-        self._tracked = _tracker("register", self.block.name)
+        self._tracked = tracked(self.block.name)
         self.free = ctx.Semaphore(self.slots)
         self.full = ctx.Semaphore(0)
         self.wake = wake          # optional semaphore shared by several rings: "some slot was published"
@@ -99,7 +99,7 @@ class Ring:
     def _untrack(self) -> None:
         if self._tracked:
             self._tracked = False
-            _tracker("unregister", self.block.name)
+            tracked(self.block.name, False)
 
     def close(self) -> None:
         """Free the block, and the semaphores' names (the writer, whether it started or not, opens
@@ -108,19 +108,6 @@ class Ring:
         self.block.close()
         unlink_semaphore(self.free)
         unlink_semaphore(self.full)
-
-
-def _tracker(what: str, name) -> bool:
-    """Register / unregister a shared-memory name with multiprocessing's resource tracker."""
-    if not name:
-        return False
-    from multiprocessing import resource_tracker
-
-    try:
-        getattr(resource_tracker, what)(name if name.startswith("/") else "/" + name, "shared_memory")
-        return True
-    except Exception:  # pragma: no cover - best effort
-        return False
 
 
 class RingReader:
