@@ -612,8 +612,7 @@ def fast_insert(items):
         """Wait (lock held) until ok(); Timeout with why() past the deadline. Without a timeout,
         the wait wakes every NO_THREAD_CHECK seconds to see whether another thread still runs
         (one that ends while this one waits would otherwise leave it waiting for ever)."""
-        if timeout is not None:
-            timeout = _check_timeout(timeout)
+        if timeout is not None:      # checked by the caller (insert, sample: `_check_timeout`)
             deadline = time.monotonic() + timeout
         self._waiters += 1
         try:
