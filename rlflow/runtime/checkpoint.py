@@ -300,11 +300,13 @@ def load_run(directory) -> RunState:
                     adder=meta.get("adder"))
 
 
-def resumed_table(state: Optional[RunState], built):
+def resumed_table(state: Optional[RunState], built, adder):
     """The table a run goes on with: the one it built (`built`, from the experiment), or when it
-    resumes, the checkpoint's, once `check_resumed_table` found the two configured alike."""
+    resumes, the checkpoint's, once `check_resumed_adder` found the experiment's `adder` the one
+    that made its items and `check_resumed_table` the two tables configured alike."""
     if state is None:
         return built
+    check_resumed_adder(state, adder)
     check_resumed_table(state.table, built)
     return state.table
 

@@ -94,6 +94,14 @@ class Evaluator:
         close_or_warn(self.venv, "the evaluation's vector env")
 
 
+def check_batch_size(table, batch_size: int, backend: str) -> None:
+    """UsageError, up front, where the table can never hand out a batch of `batch_size` (more than
+    its capacity, or more than its rate limiter ever admits): the learner would wait for ever."""
+    why = table.never_goes_ahead("sample", batch_size)
+    if why is not None:
+        raise UsageError(f"{backend} run: {why} (the experiment's batch_size)")
+
+
 def close_or_warn(venv, what: str) -> None:
     """Close a run's vector env; what its envs' close() raised becomes a warning: the run is over by
     then, and the rest of its shutdown (processes, shared memory) must still happen."""

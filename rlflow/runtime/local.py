@@ -23,8 +23,8 @@ from rlflow.errors import UsageError
 from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
-from rlflow.runtime.common import (Evaluator, Figures, LearnerDriver, Limits, close_or_warn, make_logger,
-                                   scalar_metrics)
+from rlflow.runtime.common import (Evaluator, Figures, LearnerDriver, Limits, check_batch_size, close_or_warn,
+                                   make_logger, scalar_metrics)
 from rlflow.sync import ParamClient, ParamStore
 
 
@@ -53,11 +53,9 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
         actor = Actor(policy, venv, adder, sink=None, warmup_steps=exp.warmup_steps,
                       seed=ckpt.env_seed(exp.seed, resumed), param_client=client)
         first = actor.reset()
-        ckpt.check_resumed_adder(resumed, exp.adder)
-        table = ckpt.resumed_table(resumed, build_table(exp, spec, lambda: extras_specs_of(policy, spec, first)))
-        why = table.never_goes_ahead("sample", exp.batch_size)
-        if why is not None:                     # the learner would wait for ever
-            raise UsageError(f"local run: {why} (the experiment's batch_size)")
+        table = ckpt.resumed_table(resumed, build_table(exp, spec, lambda: extras_specs_of(policy, spec, first)),
+                                   exp.adder)
+        check_batch_size(table, exp.batch_size, "local")
         driver = LearnerDriver(learner, table, exp.batch_size, store, exp.param_sync_steps,
                               publish_seconds=exp.param_sync_seconds)
         resumes = ckpt.resume_local(resumed, learner, actor, driver)   # counters go on from the checkpoint

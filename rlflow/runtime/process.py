@@ -120,8 +120,8 @@ from rlflow.experiment import (Experiment, RunResult, build, build_table, extras
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
 from rlflow.runtime.children import die_with_parent
-from rlflow.runtime.common import (Evaluator, Figures, LearnerDriver, Limits, close_or_warn, make_logger,
-                                   scalar_metrics)
+from rlflow.runtime.common import (Evaluator, Figures, LearnerDriver, Limits, check_batch_size, close_or_warn,
+                                   make_logger, scalar_metrics)
 from rlflow.runtime.params import SharedParamStore
 from rlflow.runtime.shm import SharedArrays, tracked, unlink_semaphore
 from rlflow.runtime.threads import child_threads
@@ -621,8 +621,7 @@ class _ProcessRun:
             probe.close()
         self.extras_specs = extras_specs
         self.item_specs = fresh_adder(exp).item_specs(spec, extras_specs)
-        ckpt.check_resumed_adder(resumed, exp.adder)
-        table = ckpt.resumed_table(resumed, build_table(exp, spec, extras_specs))
+        table = ckpt.resumed_table(resumed, build_table(exp, spec, extras_specs), exp.adder)
         self.table = table
         self.rows_per_slot = self.slot_rows or max(1, spec.num_envs)
         ratio = getattr(table.rate_limiter, "samples_per_insert", None)
@@ -658,9 +657,7 @@ class _ProcessRun:
             self._start_actor(h, b)
         # Compiled kernels (numba: ~0.25 s on its first call in a process) load now, while the
         # actors start, and not at the first sample inside the run's clock.
-        why = table.never_goes_ahead("sample", exp.batch_size)
-        if why is not None:                     # the learner would wait for ever
-            raise UsageError(f"process run: {why} (the experiment's batch_size)")
+        check_batch_size(table, exp.batch_size, "process")
         table.warm_up()
         _check_signals()
         learner = build(exp.learner, Learner, spec)
