@@ -223,8 +223,9 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
 
     A multi-agent vector env (PettingZoo: rows = envs x agents) plays `episodes` games: with at
     least `episodes` envs, envs 0..episodes-1 each play exactly one, and every agent row of those
-    envs counts; with fewer, games count whole, in the order their last agent ends. The figures are over agent-episodes (as the runs' `episodes` and mean return are):
-    `mean_return` is the mean of each agent's return over those games; `episodes` says the games."""
+    envs counts; with fewer, games count whole, in the order their last agent ends. The figures
+    are over agent-episodes (as the runs' `episodes` and mean return are): `mean_return` is the
+    mean of each agent's return over those games; `episodes` says the games."""
     if not is_int(episodes) or episodes < 1:
         raise UsageError(mismatch("evaluate", "episodes", "an int >= 1", repr(episodes)))
     episodes = int(episodes)
@@ -240,27 +241,25 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
         counted[wanted:] = True            # rows of envs past `episodes` are not counted
     returns: list[float] = []
     lengths: list[int] = []
-    games: dict[int, dict] = {}      # fewer envs than games, multi-agent: env -> its ended agent rows
+    # A game counts whole, once every agent row of its env has ended (a single-agent env's game is
+    # its one row's episode): counting agent-episodes as they ended took the early leavers of
+    # games still running and dropped their teammates.
+    games: dict[int, dict] = {}      # env -> {row: (return, length)} of its game's ended agents
     while len(returns) < wanted:
         actions, _ = split_policy_output(policy.act_step(step))
         step = venv.step(np.asarray(actions))
         for r, ret, length in zip(*stats.update(step)):
             if counted[r]:
                 continue
-            if one_each or per_env == 1:
-                returns.append(float(ret))
-                lengths.append(int(length))
-                counted[r] = one_each
-                continue
-            # a game counts whole, once every agent of it has ended: counting agent-episodes as
-            # they end took the early leavers of games still running and dropped their teammates
             game = games.setdefault(r // per_env, {})
-            game[r] = (float(ret), int(length))
-            if len(game) == per_env:
-                for row in sorted(game):
-                    returns.append(game[row][0])
-                    lengths.append(game[row][1])
-                del games[r // per_env]
+            game.setdefault(r, (float(ret), int(length)))
+            if len(game) < per_env:
+                continue
+            for row in sorted(game):
+                returns.append(game[row][0])
+                lengths.append(game[row][1])
+                counted[row] = one_each
+            del games[r // per_env]
     r = np.asarray(returns[:wanted], dtype=np.float64)
     return {"mean_return": float(r.mean()), "std_return": float(r.std()), "min_return": float(r.min()),
             "max_return": float(r.max()), "mean_length": float(np.mean(lengths[:wanted])),
