@@ -315,10 +315,12 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
                           and batch_size % (num_envs // cpus) == 0)
             if inline:
                 workers = max(1, cpus - 1)
-            else:          # slices that divide num_envs and whose envs divide the batch (d = num_envs always
-                fits = [d for d in range(2, num_envs + 1) if num_envs % d == 0       # does): as many as
-                        and (not isinstance(batch_size, int) or batch_size % (num_envs // d) == 0)]  # CPUs,
-                within = [d for d in fits if d <= cpus]                              # else the fewest more
+            else:
+                # worker counts whose slices divide num_envs and whose envs per slice divide the
+                # batch (num_envs itself always does): as many as the CPUs, else the fewest above
+                fits = [d for d in range(2, num_envs + 1) if num_envs % d == 0
+                        and (not isinstance(batch_size, int) or batch_size % (num_envs // d) == 0)]
+                within = [d for d in fits if d <= cpus]
                 workers = max(within) if within else min(fits)
         inline = bool(inline)
     elif workers is None:
