@@ -2,7 +2,14 @@
 
     row = env_index * num_agents + agent_index         agents: env.possible_agents, in that order
 
-All agents must share one observation space and one action space. Where an agent's observation is a
+Agents whose spaces differ (most MPE games: simple_tag's adversaries see 16 numbers, its agent 14)
+share one padded space where rlflow can build one (`padded_spaces`): Box observations (and Box
+actions) of one dtype and rank become a Box of the largest size along each axis, an agent's values at
+the front and zeros after; Discrete actions of different sizes become the largest Discrete, with an
+action mask (`Step.action_mask`, added if the env has none) allowing each agent only its own actions.
+A Box action is cut to the agent's own shape before the env sees it; a Discrete action outside the
+agent's own range, in a row that acts, is a SpecError naming the agent. Other differences (a Dict
+beside a Box, two dtypes) are refused, naming the agent and both spaces. Where an agent's observation is a
 dict {"observation": ..., "action_mask": ...} (PettingZoo classic games), `Step.obs` holds the
 "observation" part and `Step.action_mask` the mask (all zeros in rows not alive). `Step.alive[r]` says row r's agent acts next;
 actions for rows not alive are ignored. PettingZoo is imported only by the envs themselves: this
@@ -30,10 +37,11 @@ An agent that leaves an AEC game early is reported done when the env reaches its
 
 from __future__ import annotations
 
+import numpy as np
 from gymnasium import spaces
 
 from rlflow.envs.vector import Layout, _InPlace, note_env_index
-from rlflow.errors import UsageError, mismatch
+from rlflow.errors import SpecError, UsageError, mismatch
 
 __all__ = ["ParallelVectorEnv", "AECVectorEnv"]
 
@@ -42,49 +50,170 @@ def _masked(space) -> bool:
     return (isinstance(space, spaces.Dict) and set(space.spaces) == {"observation", "action_mask"})
 
 
+def _obs_part(space):
+    """(observation space, action-mask shape or None) of one agent's observation space."""
+    if _masked(space):
+        return space.spaces["observation"], space.spaces["action_mask"].shape
+    return space, None
+
+
+def _pad_box(boxes):
+    """One Box holding every Box of `boxes` at its front (zeros after), or None where they differ
+    in dtype or rank. Bounds are the elementwise min / max over the agents, 0 where an agent has
+    no value (the padding), so every padded observation lies inside."""
+    first = boxes[0]
+    if not all(isinstance(b, spaces.Box) and b.dtype == first.dtype and len(b.shape) == len(first.shape)
+               for b in boxes):
+        return None
+    shape = tuple(int(max(b.shape[k] for b in boxes)) for k in range(len(first.shape)))
+    low = np.full(shape, np.inf)
+    high = np.full(shape, -np.inf)
+    for b in boxes:
+        lo, hi = np.zeros(shape), np.zeros(shape)
+        own = tuple(slice(0, n) for n in b.shape)
+        lo[own], hi[own] = b.low, b.high
+        if b.shape != shape:                      # the padding's zeros inside the bounds
+            lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+        low, high = np.minimum(low, lo), np.maximum(high, hi)
+    if first.dtype.kind == "f":
+        return spaces.Box(low.astype(first.dtype), high.astype(first.dtype), shape, first.dtype)
+    info = np.iinfo(first.dtype) if first.dtype.kind in "iu" else None
+    if info is not None:
+        low, high = np.clip(low, info.min, info.max), np.clip(high, info.min, info.max)
+    return spaces.Box(low.astype(first.dtype), high.astype(first.dtype), shape, first.dtype)
+
+
+def padded_spaces(agents, obs_spaces, act_spaces, mask_shapes):
+    """The one (observation space, action space, mask shape, agent_obs_shapes, agent_actions) the
+    agents' spaces fit in (the module docstring's rules), or UsageError naming the first agent
+    whose space cannot join agent 0's. agent_obs_shapes / agent_actions are None where nothing is
+    padded, else per agent its observation shape / its Discrete n or Box action shape."""
+    def refuse(kind, k, why):
+        spaces_ = obs_spaces if kind == "observation" else act_spaces
+        raise UsageError(mismatch("env", f"{kind}_space({agents[k]!r})", f"a space that pads to agent "
+                                  f"{agents[0]!r}'s, {spaces_[0]} ({why})", spaces_[k]))
+
+    obs_space, agent_obs = obs_spaces[0], None
+    if any(o != obs_space for o in obs_spaces):
+        obs_space = _pad_box(obs_spaces)
+        if obs_space is None:
+            k = next(k for k, o in enumerate(obs_spaces) if o != obs_spaces[0])
+            refuse("observation", k, "rlflow pads Box observations of one dtype and rank; other "
+                   "spaces must be the same for every agent")
+        agent_obs = tuple(tuple(o.shape) for o in obs_spaces)
+    act_space, agent_act = act_spaces[0], None
+    mask_shape = mask_shapes[0]
+    if any(m != mask_shape for m in mask_shapes) and not all(m is not None and len(m) == 1 for m in mask_shapes):
+        k = next(k for k, m in enumerate(mask_shapes) if m != mask_shape)
+        refuse("observation", k, "an action mask of every agent, or of none")
+    if any(a != act_space for a in act_spaces):
+        if all(isinstance(a, spaces.Discrete) and a.start == act_space.start and a.dtype == act_space.dtype
+               for a in act_spaces):
+            n = max(int(a.n) for a in act_spaces)
+            act_space = spaces.Discrete(n, start=act_space.start)
+            agent_act = tuple(int(a.n) for a in act_spaces)
+            mask_shape = (n,)
+        else:
+            act_space = _pad_box(act_spaces)
+            if act_space is None:
+                k = next(k for k, a in enumerate(act_spaces) if a != act_spaces[0])
+                refuse("action", k, "rlflow pads Discrete actions of one start, and Box actions of one "
+                       "dtype and rank; other spaces must be the same for every agent")
+            agent_act = tuple(tuple(a.shape) for a in act_spaces)
+    elif mask_shape is not None and any(m != mask_shape for m in mask_shapes):
+        mask_shape = (max(m[0] for m in mask_shapes),)
+    return obs_space, act_space, mask_shape, agent_obs, agent_act
+
+
 def layout_of_pettingzoo(env) -> Layout:
     agents = tuple(env.possible_agents)
     if not agents:
         raise UsageError(mismatch("env", "possible_agents", "at least one agent", "none"))
-    obs_space = env.observation_space(agents[0])
-    act_space = env.action_space(agents[0])
-    for a in agents[1:]:
-        if env.observation_space(a) != obs_space:
-            raise UsageError(mismatch("env", f"observation_space({a!r})", f"the space of agent "
-                                      f"{agents[0]!r}, {obs_space} (all agents must share one space)",
-                                      env.observation_space(a)))
-        if env.action_space(a) != act_space:
-            raise UsageError(mismatch("env", f"action_space({a!r})", f"the space of agent "
-                                      f"{agents[0]!r}, {act_space} (all agents must share one space)",
-                                      env.action_space(a)))
-    mask_shape = None
-    if _masked(obs_space):
-        mask_shape = obs_space.spaces["action_mask"].shape
-        obs_space = obs_space.spaces["observation"]
-    return Layout(obs_space, act_space, agents=agents, mask_shape=mask_shape)
+    parts = [_obs_part(env.observation_space(a)) for a in agents]
+    obs_space, act_space, mask_shape, agent_obs, agent_act = padded_spaces(
+        agents, [o for o, _ in parts], [env.action_space(a) for a in agents], [m for _, m in parts])
+    return Layout(obs_space, act_space, agents=agents, mask_shape=mask_shape, env_masks=parts[0][1] is not None,
+                  agent_obs_shapes=agent_obs, agent_actions=agent_act)
 
 
 class _AgentBatched(_InPlace):
     layout_of = staticmethod(layout_of_pettingzoo)
 
     def _setup(self):
-        self.agents = self.layout.agents
-        self.num_agents = len(self.agents)
+        lay = self.layout
+        self.agents = lay.agents
+        self.num_agents = A = len(self.agents)
         self._index = {a: i for i, a in enumerate(self.agents)}
-        self._has_mask = self.layout.mask_shape is not None
+        self._has_mask = lay.mask_shape is not None
+        self._env_masks = lay.env_masks
         self._mask = self.arrays.get("action_mask")
         self._alive = self.arrays["alive"]
         self._scalar_actions = self._act_shape == () and self._act_dtype.kind in "iu"
+        # padded spaces (padded_spaces): per agent its own observation shape, action n or shape
+        self._obs_own = None
+        if lay.agent_obs_shapes is not None:
+            full = lay.observation_space.shape
+            self._obs_own = [None if shp == full else tuple(slice(0, n) for n in shp)
+                             for shp in lay.agent_obs_shapes]
+        self._act_n = self._act_own = self._own_masks = None
+        if lay.agent_actions is not None:
+            if isinstance(lay.action_space, spaces.Discrete):
+                self._act_n = np.array(lay.agent_actions, np.int64)
+                n = int(lay.action_space.n)
+                self._own_masks = (np.arange(n)[None, :] < self._act_n[:, None]).astype(np.int8)
+            else:
+                full = lay.action_space.shape
+                self._act_own = [None if shp == full else tuple(slice(0, n) for n in shp)
+                                 for shp in lay.agent_actions]
 
     def _write(self, r, o, final=True, obs=True):
-        """Row r's observation (split into observation / action mask where masked)."""
-        if self._has_mask:
-            self._mask[r] = o["action_mask"]
+        """Row r's observation (split into observation / action mask where masked; padded where
+        the agents' spaces differ)."""
+        k = r % self.num_agents
+        if self._env_masks:
+            m = o["action_mask"]
+            if self._own_masks is not None or len(m) != self._mask.shape[1]:
+                self._mask[r] = 0
+                self._mask[r, :len(m)] = m
+            else:
+                self._mask[r] = m
             o = o["observation"]
+        elif self._own_masks is not None:
+            self._mask[r] = self._own_masks[k]
+        if self._obs_own is not None and self._obs_own[k] is not None:
+            o = self._pad(o, k, r)
         if obs:
             self._obs.write(r, o)
         if final:
             self._final.write(r, o)
+
+    def _pad(self, o, k, r):
+        """Agent k's observation at the front of a zero array of the padded shape."""
+        a = np.asarray(o)
+        own = self._obs_own[k]
+        if a.shape != tuple(sl.stop for sl in own):
+            err = SpecError(mismatch("env", "obs", f"shape {tuple(sl.stop for sl in own)} (agent "
+                                     f"{self.agents[k]!r}'s observation space)", f"shape {a.shape} from row "
+                                     f"{r + self._obs.row_offset}"))
+            err.rlflow_env_row = r
+            raise err
+        out = np.zeros(self._obs.shapes[0], self._obs.arrays[0].dtype)
+        out[own] = a
+        return out
+
+    def _act(self, r, a):
+        """Row r's action as its agent's env takes it: a padded Box action cut to the agent's
+        shape; a Discrete action outside the agent's own range is a SpecError."""
+        k = r % self.num_agents
+        if self._act_n is not None:
+            if not 0 <= int(a) - int(self.single_action_space.start) < self._act_n[k]:
+                start = int(self.single_action_space.start)
+                raise SpecError(mismatch("argument", f"actions[{r}]", f"an action of agent {self.agents[k]!r}, "
+                                         f"in [{start}, {start + self._act_n[k] - 1}] (its Discrete({self._act_n[k]}); "
+                                         "step.action_mask says which)", a))
+            return a
+        own = self._act_own[k]
+        return a if own is None else a[own].copy()
 
     def _clear(self):
         a = self.arrays
@@ -135,10 +264,15 @@ class ParallelVectorEnv(_AgentBatched):
         a = self.arrays
         reward, term, trunc = a["reward"], a["terminated"], a["truncated"]
         index, A = self._index, self.num_agents
+        padded = self._act_n is not None or self._act_own is not None
         for e, env in enumerate(self.envs):
             base = e * A
             try:
-                obs, rews, terms, truncs, _ = env.step({g: acts[base + index[g]] for g in env.agents})
+                if padded:
+                    given = {g: self._act(base + index[g], acts[base + index[g]]) for g in env.agents}
+                else:
+                    given = {g: acts[base + index[g]] for g in env.agents}
+                obs, rews, terms, truncs, _ = env.step(given)
                 for g, o in obs.items():
                     self._write(base + index[g], o)
                 for g, x in rews.items():
@@ -218,7 +352,7 @@ class AECVectorEnv(_AgentBatched):
                 if not alive[r]:                        # cannot happen unless the env was touched
                     raise UsageError(mismatch("env", f"env {e}", f"agent {g!r} to act (its row alive)",
                                               "a row that was not alive"))
-                env.step(acts[r])
+                env.step(acts[r] if self._act_n is None and self._act_own is None else self._act(r, acts[r]))
                 self._advance(e, env)
             except Exception as exc:
                 note_env_index(exc, self.seed_offset + e)

@@ -72,13 +72,20 @@ class Layout:
     action_space       the space of one row's action (a fixed-size array space)
     agents             () for single-agent envs, else the agent names of one env (rows env-major)
     mask_shape         shape of one row's action mask, or None
+    env_masks          whether the env's observations carry the mask (PettingZoo classic), not rlflow
+    agent_obs_shapes   None, or per agent its own observation shape (padded into observation_space)
+    agent_actions      None, or per agent its Discrete n or Box action shape (padded into action_space)
     """
 
-    def __init__(self, observation_space, action_space, agents=(), mask_shape=None):
+    def __init__(self, observation_space, action_space, agents=(), mask_shape=None, env_masks=None,
+                 agent_obs_shapes=None, agent_actions=None):
         self.observation_space = observation_space
         self.action_space = action_space
         self.agents = tuple(agents)
         self.mask_shape = None if mask_shape is None else tuple(mask_shape)
+        self.env_masks = mask_shape is not None if env_masks is None else bool(env_masks)
+        self.agent_obs_shapes = agent_obs_shapes
+        self.agent_actions = agent_actions
         self.obs_spec = from_space(observation_space)
         try:
             act = from_space(action_space)
@@ -133,7 +140,8 @@ class Layout:
     def __eq__(self, other):
         return (isinstance(other, Layout) and self.observation_space == other.observation_space
                 and self.action_space == other.action_space and self.agents == other.agents
-                and self.mask_shape == other.mask_shape)
+                and self.mask_shape == other.mask_shape and self.env_masks == other.env_masks
+                and self.agent_obs_shapes == other.agent_obs_shapes and self.agent_actions == other.agent_actions)
 
 
 def check_seed(seed, num_envs: int, name: str = "seed") -> None:
