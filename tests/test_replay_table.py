@@ -834,3 +834,23 @@ def test_an_infinite_timeout_waits():
     other.start()
     assert len(t.sample(1, timeout=float("inf"))) == 1
     other.join()
+
+
+def test_storage_beyond_the_machines_memory_is_refused_before_it_is_touched(monkeypatch):
+    """capacity x item bytes over the physical memory: a UsageError naming capacity (the table
+    touches its storage up front: it would swap, or be killed); over what is available now: a
+    ResourceWarning, and the table is made."""
+    from rlflow.replay import table as table_mod
+
+    monkeypatch.setattr(table_mod, "_memory_bytes", lambda: (100 * 2**20, 10 * 2**20))
+    specs = {"obs": rf.specs.ArraySpec((1000,), np.uint8), "r": rf.specs.ArraySpec((), np.float32)}
+    with pytest.raises(rf.errors.UsageError, match=r"'capacity'.*at most 104,439 items of 1,004 bytes.*got "
+                                                   r"200,000 items \(0.2 GiB"):
+        rf.Table(capacity=200_000, specs=specs)
+    with pytest.warns(ResourceWarning, match="capacity 20,000 items of 1,004 bytes"):
+        t = rf.Table(capacity=20_000, specs=specs)
+    assert t.capacity == 20_000
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rf.Table(capacity=5_000, specs=specs)

@@ -83,6 +83,44 @@ def _positive_int(name, value):
     return int(value)
 
 
+def _memory_bytes():
+    """(physical memory, available memory) of this machine in bytes; None where unknown."""
+    try:
+        phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None, None
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return phys, avail
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _check_fits(capacity: int, specs) -> None:
+    """UsageError naming capacity where the table's storage exceeds this machine's physical memory;
+    a ResourceWarning where it exceeds the memory available now."""
+    item = sum(sp.dtype.itemsize * int(np.prod(sp.shape, dtype=np.int64)) for sp in specs.values())
+    need = capacity * item
+    phys, avail = _memory_bytes()
+    if phys and need > phys:
+        raise UsageError(mismatch("Table", "capacity", f"at most {phys // max(item, 1):,} items of "
+                                  f"{item:,} bytes (this machine's {_gib(phys)} of memory)",
+                                  f"{capacity:,} items ({_gib(need)} of storage)"))
+    if avail and need > avail:
+        import warnings
+
+        warnings.warn(f"Table: capacity {capacity:,} items of {item:,} bytes needs {_gib(need)}, more than "
+                      f"the {_gib(avail)} of memory available now", ResourceWarning, stacklevel=4)
+
+
 class Table:
     """Items in preallocated columns, chosen by a sampler, evicted by a remover, paced by a limiter.
 
@@ -282,8 +320,12 @@ class Table:
         Layout: fields of at most 64 bytes per item share one block of rows, each row padded to
         a power of two and aligned to a cache line, so one sampled item costs one cache miss
         instead of one per field; each such field is a strided view [capacity, ...] into it.
-        Larger fields (images) get their own contiguous array."""
+        Larger fields (images) get their own contiguous array.
+
+        Storage that could not fit in this machine's memory is refused before any is touched (a
+        UsageError naming capacity, instead of swapping, or the kernel killing the process)"""
         cap = self.capacity
+        _check_fits(cap, specs)
         small = [k for k, s in specs.items() if s.dtype.itemsize * int(np.prod(s.shape, dtype=np.int64)) <= 64]
         storage = {}
         if len(small) > 1:
