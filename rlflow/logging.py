@@ -61,13 +61,33 @@ def usable_dir(name: str, directory) -> str:
 
 
 
+_PER_ACTOR = ("param_lag", "queue_depth")     # shown per actor too where a run has several
+
+
+def _per_actor(row: Mapping[str, float], key: str) -> list:
+    """The values of `key`_0, `key`_1, ... in actor order."""
+    found = []
+    for k, v in row.items():
+        tail = k[len(key) + 1:]
+        if k.startswith(key + "_") and tail.isdigit():
+            found.append((int(tail), v))
+    return [v for _, v in sorted(found)]
+
+
 def format_progress(row: Mapping[str, float]) -> str:
+    """One progress line. With several actors, the parameter lag (the largest) and the queue
+    depth (the sum) are followed by each actor's, in actor order: `param lag 4 (1/4/2)`."""
     parts = []
     for key, label, fmt in _SHORT:
         v = row.get(key)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue
-        parts.append(f"{label} {fmt.format(v)}")
+        text = f"{label} {fmt.format(v)}"
+        if key in _PER_ACTOR:
+            each = _per_actor(row, key)
+            if len(each) > 1:
+                text += " (" + "/".join(fmt.format(x) for x in each) + ")"
+        parts.append(text)
     return " | ".join(parts)
 
 

@@ -80,3 +80,14 @@ def test_a_log_dir_that_cannot_be_made_names_log_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="'log_dir'.*file"):
         Logger(str(tmp_path / "file"), progress_every=None)
+
+
+def test_progress_line_shows_each_actors_param_lag_and_queue_depth():
+    from rlflow.logging import format_progress
+
+    row = {"env_steps": 1000, "param_lag": 4.0, "param_lag_0": 1.0, "param_lag_1": 4.0, "param_lag_2": 2.0,
+           "queue_depth": 63.0, "queue_depth_0": 30.0, "queue_depth_1": 33.0, "queue_depth_2": 0.0}
+    line = format_progress(row)
+    assert "param lag 4 (1/4/2)" in line and "queue 63 (30/33/0)" in line
+    one = format_progress({"param_lag": 3.0, "param_lag_0": 3.0, "queue_depth": 5.0, "queue_depth_0": 5.0})
+    assert one == "param lag 3 | queue 5"        # one actor: nothing to split
