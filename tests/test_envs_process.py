@@ -978,3 +978,38 @@ def test_a_pool_steps_error_that_close_finds_unread_is_raised_by_close():
     with pytest.raises(WorkerError, match=r"env worker 0, env 0.*in a step whose results close\(\) found unread") as err:
         venv.close()
     assert "late boom" in err.value.remote_traceback
+
+
+class LifeCounter(gym.Env):
+    """obs = the steps this env has taken in its life, across resets (state a reset keeps, as a
+    wrapper's running statistics are)."""
+
+    observation_space = gym.spaces.Box(0, 1e9, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self):
+        self.steps = 0
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.array([self.steps], np.float32), {}
+
+    def step(self, action):
+        self.steps += 1
+        return np.array([self.steps], np.float32), 0.0, False, False, {}
+
+
+@pytest.mark.parametrize("workers,inline", [(2, True), (3, False), (1, True)])
+def test_pool_reset_lets_every_env_take_the_actions_given_before_it(workers, inline):
+    """A reset() in the middle of pool mode: the envs whose actions were given but whose step was
+    not returned yet take them, on workers and on the inline slice alike (the inline slice's were
+    dropped while the workers' were applied)."""
+    with rf.envs.make(LifeCounter, 6, backend="pool", batch_size=2 if workers > 1 else 3, workers=workers,
+                      inline=inline) as venv:
+        step = venv.reset(seed=0)
+        given = np.zeros(6, np.int64)
+        for _ in range(5):
+            given[step.env_ids] += 1
+            step = venv.step(np.zeros(len(step), np.int64))
+        step = venv.reset(seed=0)
+        np.testing.assert_array_equal(step.obs[:, 0], given)

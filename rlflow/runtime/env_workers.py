@@ -572,6 +572,12 @@ class ProcessVectorEnv(VectorEnv):
     def _reset_workers(self, seed):
         for w in list(self._busy):     # pool mode: let running steps finish first
             self._recv(w)
+        if self._local_pending:
+            # pool mode: the inline slice's actions are in too; its envs take them as the workers'
+            # envs took theirs, so every env has taken every action given (state that outlives a
+            # reset, such as a wrapper's running statistics, is the same whoever steps the env)
+            r0, r1 = self._row_bounds[self.num_workers]
+            self._run_local(self._local.step_rows, self._actions[r0:r1])
         self._busy.clear()
         self._ready.clear()
         self._local_pending = False
