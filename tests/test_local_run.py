@@ -119,6 +119,19 @@ def test_a_deadlocking_limiter_is_reported():
         rf.run(exp, max_env_steps=1_000, progress=False)
 
 
+def test_more_items_at_once_than_the_table_holds_is_an_error_not_a_hang():
+    """16 envs hand over 16 transitions a step; a table of 8 can never take them: said naming the
+    capacity and the adder's batch, not a wait for room that never comes."""
+    def small_table(specs):
+        return rf.Table(capacity=8, specs=specs)
+
+    exp = experiment(table=small_table, num_envs=16)
+    exp.batch_size = 4
+    with pytest.raises(UsageError, match=r"local run: an insert of 16 items is more than the table's "
+                                         r"capacity \(8\); the adder handed over 16 items at once"):
+        rf.run(exp, max_env_steps=1_000, progress=False)
+
+
 def test_run_needs_a_limit():
     with pytest.raises(UsageError, match="max_env_steps"):
         rf.run(experiment())

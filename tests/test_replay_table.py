@@ -305,6 +305,57 @@ def test_deadlock_configurations_refused():
     rate_limiters.RateLimiter(2.0, 1, min_diff=0, max_diff=2)
 
 
+def _deadlocks(spi, min_size, lo, hi, bound=80):
+    """The slow reference: walk every (inserts, samples) state the limiter's own rules let the
+    counts reach (one item at a time, exact fractions); True if one admits neither call."""
+    from fractions import Fraction as F
+
+    spi, lo, hi = F(spi), F(lo), F(hi)
+    seen, todo = {(0, 0)}, [(0, 0)]
+    while todo:
+        i, s = todo.pop()
+        e = i * spi - s
+        can_insert = i + 1 <= min_size or e + spi <= hi
+        can_sample = i >= min_size and e - 1 >= lo
+        if not can_insert and not can_sample:
+            return True
+        for nxt, ok in (((i + 1, s), can_insert and i < bound), ((i, s + 1), can_sample)):
+            if ok and nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return False
+
+
+def test_a_rate_limiter_is_refused_exactly_when_some_reachable_state_deadlocks():
+    """Against a walk of the reachable states, on random configurations with fractional ratios
+    and bounds: refused iff a state lets neither call go ahead (RateLimiter(0.5, 1, -1, 0) was
+    refused though its error only takes multiples of 0.5, none inside its blocked band)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(600):
+        spi = rng.choice([0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3])
+        m = rng.randint(1, 4)
+        lo = rng.randint(-12, 12) / 4
+        hi = lo + rng.randint(0, 24) / 4
+        try:
+            rate_limiters.RateLimiter(spi, m, lo, hi)
+            refused = False
+        except UsageError as e:
+            refused = True
+            assert "deadlock" in str(e)
+        assert refused == _deadlocks(spi, m, lo, hi), (spi, m, lo, hi)
+    rate_limiters.RateLimiter(0.5, 1, -1, 0)
+    with pytest.raises(UsageError, match=r"at an error of -0.5 .*max_diff=-0.25.*min_diff=-1"):
+        rate_limiters.RateLimiter(0.5, 1, -1, -0.25)
+
+
+def test_sample_to_insert_ratio_names_reverbs_buffer_rule():
+    with pytest.raises(UsageError, match=r"SampleToInsertRatio 'error_buffer': expected a buffer of at "
+                                         r"least max\(1, samples_per_insert\) = 2 .*got 1, which gives \[19, 21\]"):
+        rate_limiters.SampleToInsertRatio(2, 10, 1)
+
+
 def test_rate_limiter_rules_match_reverb():
     rl = rate_limiters.SampleToInsertRatio(2.0, 3, error_buffer=4.0)  # band [2, 10]
     assert rl.samples_per_insert == 2.0 and rate_limiters.MinSize(3).samples_per_insert is None
@@ -546,6 +597,40 @@ def test_saves_that_died_between_their_renames_never_hide_the_newest_checkpoint(
         t.save(d)
     monkeypatch.undo()
     assert len(Table.load(d)) == 9
+
+
+def test_a_save_killed_midway_leaves_no_copy_behind_after_the_next_save(tmp_path):
+    """A process killed while it wrote a checkpoint leaves its half-written folder; the next good
+    save removes it (they piled up, each as large as the table). A save still running in a live
+    process keeps its folder."""
+    import subprocess
+    import sys
+    import textwrap
+
+    d = tmp_path / "ck"
+    code = textwrap.dedent(f"""
+        import os, signal, numpy as np
+        import rlflow as rf
+        from rlflow.replay import checkpoint
+        t = rf.Table(64)
+        t.insert({{"x": np.arange(8.0)}})
+        real = checkpoint._fsync_dir_files
+        def die(path):                       # the files are written: die before the rename
+            os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint._fsync_dir_files = die
+        t.save({str(d)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], timeout=120)
+    assert proc.returncode == -9
+    left = [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    assert len(left) == 1 and not d.exists()
+    live = tmp_path / f".ck.tmp-{os.getppid()}-0123abcd"        # a live process's save in progress
+    live.mkdir()
+    t = Table(16)
+    t.insert(batch(3))
+    t.save(d)
+    assert sorted(os.listdir(tmp_path)) == sorted(["ck", live.name])
+    assert len(Table.load(d)) == 3
 
 
 def test_empty_table_checkpoint(tmp_path):
@@ -854,3 +939,10 @@ def test_storage_beyond_the_machines_memory_is_refused_before_it_is_touched(monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rf.Table(capacity=5_000, specs=specs)
+
+
+def test_can_insert_says_no_to_more_than_the_capacity():
+    t = Table(4)
+    assert t.can_insert(4) and not t.can_insert(5)
+    with pytest.raises(UsageError, match="capacity"):
+        t.insert(batch(5))

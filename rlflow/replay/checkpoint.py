@@ -107,7 +107,7 @@ def save(table, directory) -> None:
     target = os.path.abspath(os.fspath(directory))
     parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
     os.mkdir(tmp)
     try:
         with table._lock:
@@ -126,6 +126,28 @@ def save(table, directory) -> None:
     # that died between its two renames (`load` falls back to those only while no target exists)
     for stale in glob.glob(os.path.join(parent, f".{base}.old-*")):
         shutil.rmtree(stale, ignore_errors=True)
+    # and the half-written copies of saves whose process died (killed mid-save: its `except`
+    # never ran); a save still running in a live process keeps its own
+    for partial in glob.glob(os.path.join(parent, f".{base}.tmp-*")):
+        if not _writer_alive(partial[len(os.path.join(parent, f".{base}.tmp-")):]):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _writer_alive(tail: str) -> bool:
+    """Whether the process that named a '.tmp-<pid>-<hex>' folder may still be writing it."""
+    pid = tail.split("-", 1)[0]
+    if not pid.isdigit():
+        return False                     # not a name `save` gives
+    pid = int(pid)
+    if pid == os.getpid():
+        return True                      # another thread's save may be running
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                      # alive, another user's
+        return True
+    return True
 
 
 def _fsync_dir_files(d):

@@ -8,6 +8,7 @@ condition variable; a limiter only counts and answers (see `rlflow.core.RateLimi
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 from rlflow import core
 from rlflow.errors import UsageError, mismatch
@@ -27,6 +28,22 @@ def _number(name, value, *, integer=False, positive=False, allow_inf=False):
     if positive and v <= 0:
         raise UsageError(mismatch("rate limiter argument", name, "a positive number", repr(value)))
     return int(v) if integer else v
+
+
+def _blocked_error(spi: float, lo: float, hi: float):
+    """An error value the counts can take at which both calls block (float), or None.
+
+    Both block for an error in the open band (max_diff - samples_per_insert, min_diff + 1). The
+    error is inserts * spi - samples: with spi = p / q in lowest terms (every float is such a
+    fraction, exactly), it is always a multiple of 1 / q, and every multiple is some such
+    difference; so the band blocks iff it holds a multiple of 1 / q (integers: q = 1)."""
+    f_spi, f_lo, f_hi = Fraction(spi), Fraction(lo), Fraction(hi)
+    band_lo, band_hi = f_hi - f_spi, f_lo + 1
+    if band_lo >= band_hi:
+        return None
+    unit = Fraction(1, f_spi.denominator)
+    k = math.floor(band_lo / unit) + 1          # the first multiple of 1 / q above band_lo
+    return float(k * unit) if k * unit < band_hi else None
 
 
 class RateLimiter(core.RateLimiter):
@@ -56,9 +73,9 @@ class RateLimiter(core.RateLimiter):
       * the state right after stage 1 (size == min_size_to_sample, no samples yet, error =
         samples_per_insert * min_size_to_sample) admits neither an insert nor a sample;
       * the blocked band (max_diff - samples_per_insert, min_diff + 1), where both calls block,
-        holds a reachable error value. When samples_per_insert, min_diff and max_diff are
-        integers the error is an integer and the band is checked exactly; otherwise the band must
-        be empty: max_diff - min_diff >= samples_per_insert + 1.
+        holds a value the error can take: a multiple of 1 / q where samples_per_insert = p / q in
+        lowest terms (an integer for an integer ratio; any multiple of 0.5 for 0.5), checked
+        exactly (`_blocked_error`).
     A table adds one more check: min_size_to_sample <= its capacity.
     """
 
@@ -82,17 +99,13 @@ class RateLimiter(core.RateLimiter):
                 f"error = samples_per_insert * min_size_to_sample = {start}; an insert needs "
                 f"error + {spi} <= max_diff ({hi}) and a sample needs error - 1 >= min_diff ({lo})")
         if math.isfinite(lo) and math.isfinite(hi):
-            band_lo, band_hi = hi - spi, lo + 1  # both calls block for error in (band_lo, band_hi)
-            if all(float(v).is_integer() for v in (spi, lo, hi)):
-                blocked = math.floor(band_lo) + 1 <= math.ceil(band_hi) - 1
-            else:
-                blocked = band_lo < band_hi
-            if blocked:
+            stuck = _blocked_error(spi, lo, hi)
+            if stuck is not None:
                 raise UsageError(
-                    f"rate limiter can deadlock: for an error in ({band_lo}, {band_hi}) neither an insert "
-                    f"(error + samples_per_insert <= max_diff={hi}) nor a sample (error - 1 >= "
-                    f"min_diff={lo}) can go ahead; widen [min_diff, max_diff] to at least "
-                    f"samples_per_insert + 1 = {spi + 1}")
+                    f"rate limiter can deadlock: at an error of {stuck:g} (inserts * samples_per_insert - "
+                    f"samples, a value the counts can take) neither an insert (error + samples_per_insert "
+                    f"<= max_diff={hi:g}) nor a sample (error - 1 >= min_diff={lo:g}) can go ahead; widen "
+                    f"[min_diff, max_diff] to at least samples_per_insert + 1 = {spi + 1:g}")
         self._spi = spi
         self.samples_per_insert = spi
         self.min_size_to_sample = min_size
@@ -228,10 +241,12 @@ class SampleToInsertRatio(RateLimiter):
             lo, hi = offset - eb, offset + eb
         if hi - lo < 2 * max(1.0, spi):
             raise UsageError(
-                f"rate limiter can deadlock: error_buffer {error_buffer!r} gives [min_diff, max_diff] = "
-                f"[{lo:g}, {hi:g}], narrower than 2 * max(1, samples_per_insert) = {2 * max(1.0, spi):g}; "
-                f"use error_buffer >= max(1, samples_per_insert) = {max(1.0, spi):g} so neither inserts "
-                f"nor samples can block each other for good")
+                f"rate limiter SampleToInsertRatio 'error_buffer': expected a buffer of at least "
+                f"max(1, samples_per_insert) = {max(1.0, spi):g} on each side (Reverb's rule: [min_diff, "
+                f"max_diff] at least 2 * max(1, samples_per_insert) = {2 * max(1.0, spi):g} wide, so that "
+                f"inserts and samples are never held back one item at a time), got {error_buffer!r}, "
+                f"which gives [{lo:g}, {hi:g}]; RateLimiter(samples_per_insert, min_size_to_sample, "
+                f"min_diff, max_diff) takes a narrower band where it cannot deadlock")
         self._error_buffer = list(error_buffer) if isinstance(error_buffer, (tuple, list)) else float(error_buffer)
         super().__init__(spi, min_size, lo, hi)
 

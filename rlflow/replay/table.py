@@ -945,9 +945,10 @@ def fast_insert(items):
         return True
 
     def can_insert(self, n: int = 1) -> bool:
-        """Whether an insert of n would go ahead now without waiting."""
+        """Whether an insert of n would go ahead now without waiting (never for n above the
+        capacity: such an insert raises)."""
         with self._lock:
-            return not self._closed and self.rate_limiter.can_insert(n)
+            return not self._closed and n <= self.capacity and self.rate_limiter.can_insert(n)
 
     def never_goes_ahead(self, kind: str, n: int) -> str | None:
         """Why an insert (`kind="insert"`) or a sample (`"sample"`) of n items can never go ahead

@@ -70,6 +70,9 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
         def insert(items):
             n = len(next(iter(items.values())))
             while not table.can_insert(n):
+                why = table.never_goes_ahead("insert", n)
+                if why is not None:             # more items than the table holds: never
+                    raise UsageError(f"local run: {why}; the adder handed over {n} items at once")
                 if not table.can_sample(exp.batch_size):
                     raise UsageError(f"local run: the rate limiter admits neither an insert of {n} "
                                      f"items nor a sample of {exp.batch_size} "
