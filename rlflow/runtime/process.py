@@ -759,6 +759,7 @@ class _ProcessRun:
             if stop:
                 break
         self._stop_actors()
+        self._count_killed_at_stop()
         self._stop_threads()
         # published and not inserted, and rows a stop left unpublished in a step's write
         in_flight = sum(r.pending_rows() for r in self._readers()) + int(stats[:, UNSENT].sum())
@@ -913,9 +914,28 @@ class _ProcessRun:
                 return min(float(stats[ready, READY_AT].min()), time.monotonic())
             time.sleep(0.002)
 
+    def _release_retired(self):
+        """Free the rings of dead incarnations once everything they published is in the table
+        (their memory stayed mapped until the run ended: one ring per restart)."""
+        for h in self.actors:
+            if not h.retired:
+                continue
+            keep = []
+            for ring, rec in h.retired:
+                reader = rec if self.inline else (rec.reader if rec is not None else None)
+                if self.inline or rec is None or not rec.is_alive():
+                    if reader is None or reader.drained():
+                        if reader is not None:
+                            reader.close()
+                        ring.close()
+                        continue
+                keep.append((ring, rec))
+            h.retired = keep
+
     def _supervise(self):
         if self.exiting:                 # the interpreter is exiting: no restarts
             return
+        self._release_retired()
         stats = self.control.arrays["stats"]
         for h in self.actors:
             if not h.unlinked and stats[h.index, READY] == h.incarnation + 1:
@@ -1007,6 +1027,21 @@ class _ProcessRun:
                       rng=ckpt.capture_rng(), supersede=final, adder=self.exp.adder)
 
     # ---- shutting down -----------------------------------------------------------------------
+    def _count_killed_at_stop(self) -> None:
+        """An actor the stop had to kill (it did not stop within the grace period: stuck in user
+        code, or SIGSTOPped, while it waited to publish a step) took the rows of that step it had
+        counted and not published with it: they count as lost, as a restart counts them. An actor
+        that stopped on its own wrote those rows as UNSENT (in flight) instead."""
+        stats = self.control.arrays["stats"]
+        for h in self.actors:
+            if h.ring is None or h.process is None:
+                continue
+            items = int(stats[h.index, ITEMS])
+            lost = items - h.items_at_start - h.ring.published_rows() - int(stats[h.index, UNSENT])
+            if lost > 0:
+                self.items_lost += lost
+                stats[h.index, ITEMS] = items - lost
+
     def _stop_actors(self, grace: float = 3.0):
         if self.control is not None and self.control.arrays:
             self.control.arrays["control"][STOP] = 1
@@ -1094,7 +1129,11 @@ class _ProcessRun:
         finally:
             self._stop_threads()
             for h in self.actors:
-                for ring, _ in h.retired + [(h.ring, h.receiver)]:
+                current = h.reader if self.inline else h.receiver
+                for ring, rec in h.retired + [(h.ring, current)]:
+                    reader = rec if self.inline or rec is None else rec.reader
+                    if reader is not None:
+                        reader.close()       # its views go first: the ring's close unmaps it
                     if ring is not None:
                         ring.close()
                 if h.conn is not None:

@@ -97,7 +97,12 @@ class SharedArrays:
         process maps it any more."""
         self.unlink()
         self.arrays = {}
-        # the mmap itself is released when the last numpy view of it is garbage collected
+        m, self._mmap = getattr(self, "_mmap", None), None
+        if m is not None:
+            try:
+                m.close()                # unmapped now, where no view of it is left
+            except BufferError:
+                pass                     # views elsewhere: unmapped when the last one goes
 
 
 # Named segments this process created and has not unlinked yet: unlinked at interpreter exit, so

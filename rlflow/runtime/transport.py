@@ -177,6 +177,16 @@ class RingReader:
         if self._unfreed >= self._free_batch:
             self._hand_back()
 
+    def close(self) -> None:
+        """Drop this reader's views of the ring (the ring's `close` can then unmap it at once)."""
+        self._rows = self._counters = None
+        self._cols = []
+        self._held = None
+
+    def drained(self) -> bool:
+        """Whether no published slot waits (for a ring whose writer is gone: it never will)."""
+        return self._held is None and self.head_rows() is None
+
     def _hand_back(self) -> None:
         free = self.ring.free
         for _ in range(self._unfreed):
