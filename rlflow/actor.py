@@ -177,7 +177,9 @@ class Actor:
     def act(self, step: Step):
         actions, extras = split_policy_output(self.policy.act_step(step))
         if self.env_steps < self.warmup_steps:
-            actions = random_actions(self.venv.single_action_space, len(step), self.rng, step.action_mask)
+            draw = getattr(self.venv, "random_actions", None)     # rlflow's vector envs: per agent's space
+            actions = (draw(self.rng, step) if draw is not None else
+                       random_actions(self.venv.single_action_space, len(step), self.rng, step.action_mask))
         return np.asarray(actions), extras
 
     def step(self) -> int:

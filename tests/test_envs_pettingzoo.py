@@ -597,3 +597,109 @@ def test_classic_and_butterfly_games_of_the_pettingzoo_extra_run_into_a_table(fn
         assert len(table) > 0 and table.sample(len(table)).data["obs"].shape[1:] == venv.single_observation_space.shape
         if fn is not chess_aec:
             assert ended > 0
+
+
+class Hetero(ParallelEnv):
+    """Agents with the given observation and action spaces; step asserts each action is in its
+    agent's own space (as MPE's and most envs' checks do). obs: zeros; episodes of 5 steps."""
+
+    metadata = {"name": "hetero_v0"}
+
+    def __init__(self, obs_spaces, act_spaces):
+        self.possible_agents = [f"g{k}" for k in range(len(obs_spaces))]
+        self._obs = dict(zip(self.possible_agents, obs_spaces))
+        self._act = dict(zip(self.possible_agents, act_spaces))
+
+    def observation_space(self, agent):
+        return self._obs[agent]
+
+    def action_space(self, agent):
+        return self._act[agent]
+
+    def _observe(self, g):
+        sp = self._obs[g]
+        return np.clip(np.zeros(sp.shape, sp.dtype), sp.low, sp.high)
+
+    def reset(self, seed=None, options=None):
+        self.agents, self.t = list(self.possible_agents), 0
+        return {g: self._observe(g) for g in self.agents}, {g: {} for g in self.agents}
+
+    def step(self, actions):
+        for g, a in actions.items():
+            assert self._act[g].contains(np.asarray(a, self._act[g].dtype)), (g, a)
+        self.t += 1
+        end = self.t >= 5
+        obs = {g: self._observe(g) for g in actions}
+        out = obs, {g: 1.0 for g in actions}, {g: False for g in actions}, {g: end for g in actions}
+        if end:
+            self.agents = []
+        return (*out, {g: {} for g in actions})
+
+
+def box_actions_env():
+    return Hetero([spaces.Box(-1, 1, (3,), np.float32)] * 2,
+                  [spaces.Box(0.5, 1, (2,), np.float32), spaces.Box(0.5, 1, (4,), np.float32)])
+
+
+class ThreeQuarters(rf.Policy):
+    def __init__(self, spec):
+        self.shape = spec.action_space.shape
+
+    def act(self, obs):
+        return np.full((len(obs),) + self.shape, 0.75, np.float32)
+
+
+def _no_learner(spec):
+    return _NoLearner()
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("process", marks=pytest.mark.multiprocess)])
+def test_random_warm_up_draws_each_agents_own_box_actions(backend):
+    """Padded Box actions: Box(0.5, 1, (2,)) and Box(0.5, 1, (4,)) share Box([.5 .5 0 0], 1, (4,)); the
+    warm-up drew from that, and the first agent's env got values below 0.5 (its assert failed)."""
+    exp = rf.Experiment(env=box_actions_env, policy=ThreeQuarters, learner=_no_learner, adder=rf.adders.Transition(0.9),
+                        table=_queue_table, batch_size=4, num_envs=2, warmup_steps=10_000)
+    r = rf.run(exp, backend=backend, max_env_steps=400, progress=False)
+    assert r.figures["env_steps"] >= 400
+    acts = r.table.sample(len(r.table)).data["action"] if len(r.table) else None
+    if acts is not None:
+        first = acts[:, :2]
+        assert (first >= 0.5).all() and (first <= 1).all()
+
+
+@pytest.mark.parametrize("backend,kw", [("process", {"workers": 2, "inline": False}),
+                                        ("pool", {"workers": 2, "batch_size": 2})])
+@pytest.mark.multiprocess
+def test_an_action_outside_its_agents_range_is_the_same_error_on_every_backend(backend, kw):
+    """Checked before any env steps: a SpecError naming the caller's position (a worker named its own
+    row, inside a WorkerError that closed the vector env; pool mode raised it only at close())."""
+    with rf.envs.make(listener_parallel, 4, backend=backend, **kw) as venv:
+        s = venv.reset(seed=0)
+        a = np.zeros(len(s), np.int64)
+        j = int(np.flatnonzero(s.env_ids % 2 == 0)[-1])         # a speaker's row: Discrete(3)
+        a[j] = 4
+        with pytest.raises(rf.errors.SpecError, match=rf"actions\[{j}\].*agent 'speaker_0' \(row "
+                                                       rf"{s.env_ids[j]}\).*\[0, 2\].*got 4"):
+            venv.step(a)
+        a[j] = 2
+        s = venv.step(a)                        # nothing was sent: the vector env goes on
+        assert len(s) > 0
+
+
+def test_the_agent_that_breaks_the_padding_is_the_one_named():
+    box = spaces.Box(-1, 1, (3,), np.float32)
+    with pytest.raises(UsageError, match=r"observation_space\('g2'\).*got Box\(-1.0, 1.0, \(4,\), float64\)"):
+        rf.envs.make(lambda: Hetero([box, spaces.Box(-1, 1, (4,), np.float32), spaces.Box(-1, 1, (4,), np.float64)],
+                                    [spaces.Discrete(2)] * 3), 1)
+    with pytest.raises(UsageError, match=r"action_space\('g2'\).*got MultiDiscrete"):
+        rf.envs.make(lambda: Hetero([box] * 3, [spaces.Discrete(3), spaces.Discrete(5), spaces.MultiDiscrete([2, 2])]), 1)
+
+
+def test_integer_bounds_at_the_dtypes_extremes_pad_exactly():
+    big = np.iinfo(np.int64).max
+    with rf.envs.make(lambda: Hetero([spaces.Box(0, big, (2,), np.int64), spaces.Box(0, big, (3,), np.int64)],
+                                     [spaces.Discrete(2)] * 2), 1) as venv:
+        space = venv.single_observation_space
+        assert space.shape == (3,) and space.dtype == np.int64 and (space.high == big).all() and (space.low == 0).all()
+        s = venv.reset(seed=0)
+        assert space.contains(s.obs[0]) and space.contains(s.obs[1])

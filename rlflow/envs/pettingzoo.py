@@ -7,8 +7,10 @@ share one padded space where rlflow can build one (`padded_spaces`): Box observa
 actions) of one dtype and rank become a Box of the largest size along each axis, an agent's values at
 the front and zeros after; Discrete actions of different sizes become the largest Discrete, with an
 action mask (`Step.action_mask`, added if the env has none) allowing each agent only its own actions.
-A Box action is cut to the agent's own shape before the env sees it; a Discrete action outside the
-agent's own range, in a row that acts, is a SpecError naming the agent. Other differences (a Dict
+A Box action is cut to the agent's own shape before the env sees it, and random warm-up actions
+(`VectorEnv.random_actions`) are drawn from each agent's own space; a Discrete action outside the
+agent's own range, in a row that acts, is a SpecError naming the agent and the caller's row, on
+every backend (checked before any env steps). Other differences (a Dict
 beside a Box, two dtypes) are refused, naming the agent and both spaces. Where an agent's observation is a
 dict {"observation": ..., "action_mask": ...} (PettingZoo classic games), `Step.obs` holds the
 "observation" part and `Step.action_mask` the mask (all zeros in rows not alive). `Step.alive[r]` says row r's agent acts next;
@@ -59,35 +61,38 @@ def _obs_part(space):
 
 def _pad_box(boxes):
     """One Box holding every Box of `boxes` at its front (zeros after), or None where they differ
-    in dtype or rank. Bounds are the elementwise min / max over the agents, 0 where an agent has
-    no value (the padding), so every padded observation lies inside."""
+    in dtype or rank. Bounds are the elementwise min / max over the agents, in the space's own
+    dtype (int64 extremes stay exact); where an agent has no value (its padding) it counts as 0,
+    so every padded observation lies inside."""
     first = boxes[0]
     if not all(isinstance(b, spaces.Box) and b.dtype == first.dtype and len(b.shape) == len(first.shape)
                for b in boxes):
         return None
     shape = tuple(int(max(b.shape[k] for b in boxes)) for k in range(len(first.shape)))
-    low = np.full(shape, np.inf)
-    high = np.full(shape, -np.inf)
+    lows, highs = [], []
     for b in boxes:
-        lo, hi = np.zeros(shape), np.zeros(shape)
+        lo, hi = np.zeros(shape, first.dtype), np.zeros(shape, first.dtype)
         own = tuple(slice(0, n) for n in b.shape)
-        lo[own], hi[own] = b.low, b.high
-        if b.shape != shape:                      # the padding's zeros inside the bounds
-            lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
-        low, high = np.minimum(low, lo), np.maximum(high, hi)
-    if first.dtype.kind == "f":
-        return spaces.Box(low.astype(first.dtype), high.astype(first.dtype), shape, first.dtype)
-    info = np.iinfo(first.dtype) if first.dtype.kind in "iu" else None
-    if info is not None:
-        low, high = np.clip(low, info.min, info.max), np.clip(high, info.min, info.max)
-    return spaces.Box(low.astype(first.dtype), high.astype(first.dtype), shape, first.dtype)
+        lo[own], hi[own] = b.low, b.high          # the padding keeps its zeros
+        lows.append(lo)
+        highs.append(hi)
+    return spaces.Box(np.min(np.stack(lows), axis=0), np.max(np.stack(highs), axis=0), shape, first.dtype)
+
+
+def _joins(a, b, kind) -> bool:
+    """Whether agent spaces a and b can share one padded space (observation or action)."""
+    if a == b:
+        return True
+    if kind == "action" and isinstance(a, spaces.Discrete) and isinstance(b, spaces.Discrete):
+        return a.start == b.start and a.dtype == b.dtype
+    return _pad_box([a, b]) is not None
 
 
 def padded_spaces(agents, obs_spaces, act_spaces, mask_shapes):
     """The one (observation space, action space, mask shape, agent_obs_shapes, agent_actions) the
     agents' spaces fit in (the module docstring's rules), or UsageError naming the first agent
     whose space cannot join agent 0's. agent_obs_shapes / agent_actions are None where nothing is
-    padded, else per agent its observation shape / its Discrete n or Box action shape."""
+    padded, else per agent its observation shape / its own action space."""
     def refuse(kind, k, why):
         spaces_ = obs_spaces if kind == "observation" else act_spaces
         raise UsageError(mismatch("env", f"{kind}_space({agents[k]!r})", f"a space that pads to agent "
@@ -97,7 +102,7 @@ def padded_spaces(agents, obs_spaces, act_spaces, mask_shapes):
     if any(o != obs_space for o in obs_spaces):
         obs_space = _pad_box(obs_spaces)
         if obs_space is None:
-            k = next(k for k, o in enumerate(obs_spaces) if o != obs_spaces[0])
+            k = next(k for k, o in enumerate(obs_spaces) if not _joins(obs_spaces[0], o, "observation"))
             refuse("observation", k, "rlflow pads Box observations of one dtype and rank; other "
                    "spaces must be the same for every agent")
         agent_obs = tuple(tuple(o.shape) for o in obs_spaces)
@@ -111,15 +116,15 @@ def padded_spaces(agents, obs_spaces, act_spaces, mask_shapes):
                for a in act_spaces):
             n = max(int(a.n) for a in act_spaces)
             act_space = spaces.Discrete(n, start=act_space.start)
-            agent_act = tuple(int(a.n) for a in act_spaces)
+            agent_act = tuple(act_spaces)
             mask_shape = (n,)
         else:
             act_space = _pad_box(act_spaces)
             if act_space is None:
-                k = next(k for k, a in enumerate(act_spaces) if a != act_spaces[0])
+                k = next(k for k, a in enumerate(act_spaces) if not _joins(act_spaces[0], a, "action"))
                 refuse("action", k, "rlflow pads Discrete actions of one start, and Box actions of one "
                        "dtype and rank; other spaces must be the same for every agent")
-            agent_act = tuple(tuple(a.shape) for a in act_spaces)
+            agent_act = tuple(act_spaces)
     elif mask_shape is not None and any(m != mask_shape for m in mask_shapes):
         mask_shape = (max(m[0] for m in mask_shapes),)
     return obs_space, act_space, mask_shape, agent_obs, agent_act
@@ -158,13 +163,13 @@ class _AgentBatched(_InPlace):
         self._act_n = self._act_own = self._own_masks = None
         if lay.agent_actions is not None:
             if isinstance(lay.action_space, spaces.Discrete):
-                self._act_n = np.array(lay.agent_actions, np.int64)
+                self._act_n = np.array([int(a.n) for a in lay.agent_actions], np.int64)
                 n = int(lay.action_space.n)
                 self._own_masks = (np.arange(n)[None, :] < self._act_n[:, None]).astype(np.int8)
             else:
                 full = lay.action_space.shape
-                self._act_own = [None if shp == full else tuple(slice(0, n) for n in shp)
-                                 for shp in lay.agent_actions]
+                self._act_own = [None if a.shape == full else tuple(slice(0, n) for n in a.shape)
+                                 for a in lay.agent_actions]
 
     def _write(self, r, o, final=True, obs=True):
         """Row r's observation (split into observation / action mask where masked; padded where

@@ -74,7 +74,7 @@ class Layout:
     mask_shape         shape of one row's action mask, or None
     env_masks          whether the env's observations carry the mask (PettingZoo classic), not rlflow
     agent_obs_shapes   None, or per agent its own observation shape (padded into observation_space)
-    agent_actions      None, or per agent its Discrete n or Box action shape (padded into action_space)
+    agent_actions      None, or per agent its own action space (padded into action_space)
     """
 
     def __init__(self, observation_space, action_space, agents=(), mask_shape=None, env_masks=None,
@@ -342,6 +342,12 @@ class VectorEnv:
         self._act_dtype = act.dtype
         # single-agent rows with one observation array: `_make_step` takes its short path
         self._plain = not layout.multi_agent and layout.mask_shape is None and layout.obs_paths == [()]
+        # agents of different Discrete action sizes (padded): each row's own n, checked on step
+        self._own_n = None
+        if layout.agent_actions is not None and isinstance(layout.action_space, spaces.Discrete):
+            A = len(layout.agents)
+            self._own_n = np.array([int(a.n) for a in layout.agent_actions], np.int64)[np.arange(self.num_envs) % A]
+            self._last_rows = None           # (env_ids, alive) of the last returned Step
 
     # ---- public API -----------------------------------------------------------------------------
     @property
@@ -358,6 +364,8 @@ class VectorEnv:
         self._unreset = "after a reset() that raised (some envs were reset, others not)"
         step = self._reset(None if seed is None else int(seed))
         self._unreset = None
+        if self._own_n is not None:
+            self._last_rows = (step.env_ids, step.alive)
         self._ret[:] = 0             # the reset step is no step of an episode: totals start at 0
         self._len[:] = 0
         for k in ("episode_return", "episode_length"):
@@ -372,7 +380,46 @@ class VectorEnv:
         if self._unreset is not None:
             raise UsageError(mismatch(f"{type(self).__name__}.step", "reset", "a reset() before the steps",
                                       f"step() {self._unreset}"))
-        return self._step(self.check_actions(actions, self._expected_rows))
+        actions = self.check_actions(actions, self._expected_rows)
+        if self._own_n is None:
+            return self._step(actions)
+        self._check_own_actions(actions)
+        step = self._step(actions)
+        self._last_rows = (step.env_ids, step.alive)
+        return step
+
+    def _check_own_actions(self, actions: np.ndarray) -> None:
+        """Agents of different Discrete sizes share the largest: SpecError naming the position in
+        `actions`, its agent and row, unless every acting row's action is in its agent's range."""
+        ids, alive = self._last_rows
+        start = int(self.single_action_space.start)
+        n = self._own_n[ids]
+        off = actions.astype(np.int64) - start
+        bad = ((off < 0) | (off >= n)) & (True if alive is None else alive)
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            agent = self.layout.agents[int(ids[j]) % len(self.layout.agents)]
+            raise SpecError(mismatch("argument", f"actions[{j}]", f"an action of agent {agent!r} (row "
+                                     f"{int(ids[j])}), in [{start}, {start + int(n[j]) - 1}] (its "
+                                     f"Discrete({int(n[j])}); step.action_mask says which)", actions[j]))
+
+    def random_actions(self, rng: np.random.Generator, step: Step) -> np.ndarray:
+        """A uniformly random action for each row of `step` (legal under its action mask): random
+        warm-up. Agents whose Box action spaces were padded into one get actions of their own
+        space (zeros in the padding)."""
+        from rlflow.actor import random_actions
+
+        acts = random_actions(self.single_action_space, len(step), rng, step.action_mask)
+        own = self.layout.agent_actions
+        if own is None or isinstance(self.single_action_space, spaces.Discrete):
+            return acts
+        agent = np.asarray(step.env_ids) % len(own)
+        for k, space in enumerate(own):
+            rows = np.flatnonzero(agent == k)
+            if len(rows):
+                acts[rows] = 0
+                acts[(rows,) + tuple(slice(0, d) for d in space.shape)] = random_actions(space, len(rows), rng)
+        return acts
 
     def close(self) -> None:
         """Close every env (and stop the workers, free the shared memory). An exception that an
