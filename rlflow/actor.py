@@ -14,7 +14,7 @@ its actions are replaced by uniform random ones (legal ones where the step has a
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 from gymnasium import spaces
@@ -29,7 +29,13 @@ def split_policy_output(out):
         if len(out) != 2:
             raise UsageError(mismatch("policy output", "act", "actions or (actions, extras)",
                                       f"a tuple of {len(out)}"))
-        return out[0], (out[1] or {})
+        extras = out[1]
+        if extras is None:
+            return out[0], {}
+        if not isinstance(extras, Mapping):
+            raise UsageError(mismatch("policy output", "extras", "a dict field -> array (act returns "
+                                      "actions or (actions, extras))", f"{type(extras).__name__} {extras!r:.80}"))
+        return out[0], extras
     return out, {}
 
 

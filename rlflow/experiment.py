@@ -116,6 +116,16 @@ class Experiment:
         elif v is not None:
             raise UsageError(mismatch("Experiment", "env_batch_size", "None unless env_backend='pool' (the "
                                       "other backends step every env)", repr(v)))
+        if self.target_return is not None and not (is_real(self.target_return) and not math.isnan(self.target_return)):
+            raise UsageError(mismatch("Experiment", "target_return", "None or a number (a mean return)",
+                                      repr(self.target_return)))
+        for name, cls in (("policy", Policy), ("learner", Learner), ("eval_policy", Policy)):
+            v = getattr(self, name)
+            if v is None and name == "eval_policy":
+                continue
+            if not isinstance(v, cls) and not callable(v):
+                raise UsageError(mismatch("Experiment", name, f"an rf.{cls.__name__} or a factory "
+                                          f"(env_spec) -> rf.{cls.__name__}", type(v).__name__))
         if self.target_return is not None and self.eval_every == 0:
             raise UsageError(mismatch("Experiment", "eval_every", "> 0 when target_return is set", 0))
 
@@ -169,9 +179,14 @@ def build(component, cls, *args):
 
 
 def make_venv(experiment: Experiment, num_envs: Optional[int] = None, backend: Optional[str] = None,
-              spin: Optional[float] = None, pin: Optional[bool] = None):
-    """The experiment's vector env. `spin`, `pin`: as rf.envs.make's, for a process env backend."""
+              spin: Optional[float] = None, pin: Optional[bool] = None, own_copy: bool = False):
+    """The experiment's vector env. `spin`, `pin`: as rf.envs.make's, for a process env backend.
+    `own_copy`: an env given as an instance is copied, not used as env 0 (the evaluation's vector
+    env, beside the acting one that does use it: evaluations stepped training env 0)."""
     from rlflow import envs
+    from rlflow.envs.make import CopyOf, _is_env
+
+    env = CopyOf(experiment.env) if own_copy and _is_env(experiment.env) else experiment.env
 
     kwargs = {}
     backend = backend or experiment.env_backend
@@ -184,7 +199,7 @@ def make_venv(experiment: Experiment, num_envs: Optional[int] = None, backend: O
             kwargs["pin"] = pin
         if backend == "pool":
             kwargs["batch_size"] = int(experiment.env_batch_size)
-    return envs.make(experiment.env, num_envs=num_envs or experiment.num_envs, backend=backend, **kwargs)
+    return envs.make(env, num_envs=num_envs or experiment.num_envs, backend=backend, **kwargs)
 
 
 def extras_specs_of(policy: Policy, env_spec, first_step) -> dict:

@@ -192,3 +192,15 @@ def test_warm_up_on_a_half_bounded_box_runs():
                         table=lambda specs: rf.Table(100, specs=specs), batch_size=4, warmup_steps=20)
     r = rf.run(exp, backend="local", max_env_steps=40, progress=False)
     assert r.figures["env_steps"] == 40
+
+
+def test_extras_that_are_not_a_dict_are_named():
+    class Bad(rf.Policy):
+        def act(self, obs):
+            return np.zeros(len(obs), np.int64), 5
+
+    venv = rf.envs.make("CartPole-v1", num_envs=2)
+    actor = rf.actor.Actor(Bad(), venv, rf.adders.Transition(0.9))
+    with pytest.raises(UsageError, match=r"policy output 'extras': expected a dict .*got int 5"):
+        actor.step()
+    venv.close()

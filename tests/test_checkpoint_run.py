@@ -329,3 +329,11 @@ def test_an_interrupted_prune_leaves_no_half_deleted_checkpoint(tmp_path, monkey
     assert [n for n in names if n.startswith(".tmp-ckpt-000001-")]      # what is left is garbage by name
     rf.run(experiment(), max_env_steps=300, progress=False, checkpoint_dir=str(ck))
     assert not [n for n in os.listdir(ck) if n.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("backend", ["local", "process"])
+def test_a_resume_that_is_not_a_path_is_named(backend):
+    exp = rf.Experiment(env="CartPole-v1", policy=RandomPolicy, learner=CountingLearner,
+                        adder=rf.adders.Transition(0.99), table=minsize_table, num_envs=2, batch_size=8)
+    with pytest.raises(UsageError, match=r"run 'resume': expected a checkpoint directory .*got 123"):
+        rf.run(exp, backend=backend, max_env_steps=100, progress=False, resume=123)

@@ -2,6 +2,7 @@
 
 import time
 
+import gymnasium as gym
 import numpy as np
 import pytest
 
@@ -159,12 +160,41 @@ def test_bad_limits_are_refused_naming_the_field(backend, kwargs, field):
 
 @pytest.mark.parametrize("field,value,expected", [
     ("param_sync_seconds", -1.0, ">= 0"), ("param_sync_seconds", "1", ">= 0"),
-    ("env_backend", "bogus", "'serial', 'process' or 'pool'"), ("seed", "a", "an int"), ("seed", 1.5, "an int"), ("seed", -1, r"an int in \[0, 2\*\*62\]")])
+    ("env_backend", "bogus", "'serial', 'process' or 'pool'"), ("seed", "a", "an int"), ("seed", 1.5, "an int"), ("seed", -1, r"an int in \[0, 2\*\*62\]"),
+    ("target_return", "475", "a number"), ("target_return", float("nan"), "a number"),
+    ("eval_policy", 5, r"an rf.Policy or a factory"), ("policy", "greedy", r"an rf.Policy or a factory"),
+    ("learner", 3.0, r"an rf.Learner or a factory")])
 def test_bad_experiment_fields_are_refused_naming_the_field(field, value, expected):
     exp = experiment()
     kwargs = {f: getattr(exp, f) for f in ("env", "policy", "learner", "adder", "table")}
+    kwargs.pop(field, None)
+    if field == "target_return":
+        kwargs["eval_every"] = 100
     with pytest.raises(UsageError, match=f"Experiment '{field}': expected .*{expected}.*got"):
         rf.Experiment(**kwargs, **{field: value})
+
+
+class StepCounting(gym.Wrapper):
+    """Counts the steps taken through it (a copy counts its own)."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.steps = 0
+
+    def step(self, action):
+        self.steps += 1
+        return self.env.step(action)
+
+
+def test_evaluations_do_not_step_an_env_given_as_an_instance():
+    """An env instance is the acting vector env's env 0; the evaluations ran on it too (mid-episode:
+    its episodes were cut short and their truncation never came). They get a copy now."""
+    env = StepCounting(gym.make("CartPole-v1"))
+    exp = experiment(num_envs=1)
+    exp.env, exp.eval_every, exp.eval_episodes = env, 200, 3
+    r = rf.run(exp, max_env_steps=1_000, progress=False)
+    assert len(r.evals) >= 4
+    assert env.steps == r.figures["env_steps"] == 1_000
 
 
 class PullRecordingPolicy(LinearQPolicy):

@@ -1259,3 +1259,103 @@ def _pid_alive(pid):
         return True
     except ProcessLookupError:
         return False
+
+
+@pytest.mark.slow
+def test_fork_start_method_with_process_envs_runs():
+    """start_method="fork" with env_backend="process": the forked actor inherited the lock its
+    parent held while starting it, and its own env workers' start waited for it for ever."""
+    exp = experiment(table=minsize_table, num_envs=4, env_backend="process")
+    r = rf.run(exp, backend="process", max_env_steps=2_000, progress=False, start_method="fork")
+    assert r.figures["env_steps"] >= 2_000
+
+
+class HangsInActorFactory:
+    """A policy factory that never returns in an actor process (the learner's own calls return)."""
+
+    def __init__(self):
+        self.main = os.getpid()
+
+    def __call__(self, spec):
+        if os.getpid() != self.main:
+            time.sleep(3600)
+        return RandomPolicy(spec)
+
+
+@pytest.mark.slow
+def test_an_actor_stuck_while_starting_is_an_error_after_actor_timeout():
+    """actor_timeout covered only actors that had started acting: a factory that never returned
+    hung the run silently."""
+    exp = experiment(policy=HangsInActorFactory(), table=minsize_table)
+    t = time.monotonic()
+    with pytest.raises(WorkerError, match=r"did not start acting within actor_timeout=3 s"):
+        rf.run(exp, backend="process", max_env_steps=1_000, progress=False, actor_timeout=3)
+    assert time.monotonic() - t < 30
+
+
+SLOW_IMPORT = textwrap.dedent('''
+    import os, time
+    import numpy as np
+    import rlflow as rf
+    if os.environ.get("IN_ACTOR"):
+        open(os.environ["IMPORTING_FILE"] + str(os.getpid()), "w").close()
+        time.sleep(4)                       # an actor importing something slow (torch...)
+
+    class Policy(rf.Policy):
+        def __init__(self, spec):
+            self.n = int(spec.action_space.n)
+        def act(self, obs):
+            return np.random.randint(self.n, size=len(obs))
+''')
+
+SLOW_IMPORT_RUN = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import rlflow as rf
+    import slowpolicy
+
+    class Learner(rf.Learner):
+        def __init__(self, spec):
+            pass
+        def step(self, batch):
+            return {}
+
+    def table(specs):
+        return rf.Table(capacity=1000, rate_limiter=rf.rate_limiters.MinSize(10), specs=specs)
+
+    if __name__ == "__main__":
+        os.environ["IN_ACTOR"] = "1"            # the actors' environment: their import is slow
+        exp = rf.Experiment(env="CartPole-v1", policy=slowpolicy.Policy, learner=Learner,
+                            adder=rf.adders.Transition(discount=0.99), table=table, num_envs=2)
+        try:
+            rf.run(exp, backend="process", max_seconds=60, progress=False)
+        except KeyboardInterrupt:
+            print("INTERRUPTED", flush=True)
+            sys.exit(130)
+''')
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_an_actor_imports_prints_no_traceback(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while an actor process is
+    still importing: the run stops, and the actor prints no KeyboardInterrupt traceback."""
+    (tmp_path / "slowpolicy.py").write_text(SLOW_IMPORT)
+    (tmp_path / "run.py").write_text(SLOW_IMPORT_RUN)
+    env = dict(os.environ, IMPORTING_FILE=str(tmp_path / "importing-"))
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("importing-*")):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the actor did not start importing"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "INTERRUPTED" in out, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]

@@ -83,6 +83,11 @@ def check_options(checkpoint_dir, checkpoint_every, resume) -> Optional[int]:
     if checkpoint_dir is not None:
         usable_dir("checkpoint_dir", checkpoint_dir)
     if resume is not None:
+        try:
+            os.fspath(resume)
+        except TypeError:
+            raise UsageError(mismatch("run", "resume", "a checkpoint directory (str or os.PathLike)",
+                                      repr(resume))) from None
         find(resume)           # raises if there is nothing to resume from
     return checkpoint_every
 

@@ -69,7 +69,7 @@ class Evaluator:
 
     def __init__(self, experiment: Experiment, env_spec, seed: int):
         self.experiment = experiment
-        self.venv = make_venv(experiment, num_envs=experiment.eval_episodes, backend="serial")
+        self.venv = make_venv(experiment, num_envs=experiment.eval_episodes, backend="serial", own_copy=True)
         source = experiment.eval_policy if experiment.eval_policy is not None else experiment.policy
         if isinstance(source, Policy) and source is experiment.policy:
             # the acting policy given as an object: evaluate a copy, so that evaluations neither

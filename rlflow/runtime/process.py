@@ -75,7 +75,8 @@ Options (keyword arguments of `rf.run(..., backend="process", ...)`):
     actor_timeout    seconds an actor may go without a turn of its loop (or of its wait for ring
                      space) before it counts as hung (a policy or env call that never returns, a
                      stopped process): it is killed and restarted as a dead one (default 300;
-                     None: never)
+                     None: never). One not acting yet that long after its start (stuck while it
+                     imports or builds its env, policy or adder) stops the run with a WorkerError.
     start_method     "spawn" (default), "forkserver" or "fork"
     receiver         "inline" (default: the learner's thread moves ring slots into the table) or
                      "thread" (a receiver thread per actor)
@@ -96,6 +97,8 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
+import copy
 import dataclasses
 import math
 import multiprocessing as mp
@@ -166,6 +169,8 @@ def _wait_for_store(store_conn, should_stop):
 def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, control_handle, conn,
                 parent_pid, base, store_conn=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C is the parent's to handle
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})   # blocked while it started
     signal.signal(signal.SIGTERM, _sigterm_exit)       # so `finally` closes the env workers
     die_with_parent()
     # The process that started this one: the learner's ("spawn", "fork") or the fork server's
@@ -302,6 +307,7 @@ class _ActorHandle:
         self.reader = None               # receiver="inline": the learner's thread reads the ring
         self.unlinked = False
         self.items_at_start = 0          # the items counter this incarnation started from
+        self.started_at = 0.0            # time.monotonic() when this incarnation's process started
 
 
 class _InlineSampler:
@@ -455,7 +461,8 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
     if receiver not in ("inline", "thread"):
         raise UsageError(mismatch("run", "receiver", "'inline' or 'thread'", repr(receiver)))
     checkpoint_every = ckpt.check_options(checkpoint_dir, checkpoint_every, resume)
-    actor_exp = dataclasses.replace(exp, learner=None, table=None, eval_policy=None)
+    actor_exp = copy.copy(exp)             # what actors need: no learner, table or evaluation policy
+    actor_exp.learner = actor_exp.table = actor_exp.eval_policy = None
     if start_method != "fork":
         _check_picklable(actor_exp)
     ctx = mp.get_context(start_method)
@@ -531,6 +538,23 @@ def _install_signal_handlers():
     return signal.signal(signal.SIGTERM, _on_signal), old_int
 
 
+@contextlib.contextmanager
+def _sigint_blocked():
+    """SIGINT blocked (held pending, not lost) in this thread while an actor process starts: the
+    child inherits the mask, through exec too ("spawn"), so a Ctrl-C while it imports and unpickles
+    the experiment waits until `_actor_main` ignores SIGINT and unblocks it (it printed a
+    KeyboardInterrupt traceback from the child's imports). Here the pending Ctrl-C is delivered
+    when the block ends."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _ignore_signals():
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -590,8 +614,9 @@ class _ProcessRun:
             args=(h.index, h.incarnation, self.actor_exp, seed, self.extras_specs, h.ring.writer_args(),
                   self.store, self.control.handle(), child_end, os.getpid(), base, store_recv))
         try:
-            with child_threads(self.actor_threads):
+            with child_threads(self.actor_threads), _sigint_blocked():
                 p.start()
+            h.started_at = time.monotonic()
         finally:
             child_end.close()
             if store_recv is not None:
@@ -944,6 +969,14 @@ class _ProcessRun:
             p = h.process
             if p.exitcode is None:
                 beat = stats[h.index, BEAT]
+                if self.actor_timeout is not None and stats[h.index, READY] != h.incarnation + 1 \
+                        and time.monotonic() - h.started_at > self.actor_timeout:
+                    # still starting after actor_timeout: a restart would hang the same way
+                    p.kill()
+                    p.join(5.0)
+                    raise WorkerError(f"the actor process did not start acting within actor_timeout="
+                                      f"{self.actor_timeout:g} s (stuck while it imported or built its env, "
+                                      f"policy or adder); killed", "", f"actor {h.index} (pid {p.pid})")
                 if (self.actor_timeout is None or stats[h.index, READY] != h.incarnation + 1
                         or time.monotonic() - beat < self.actor_timeout):
                     continue

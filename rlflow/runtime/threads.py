@@ -19,6 +19,17 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _lock = threading.Lock()
 
 
+def _fresh_lock_in_child() -> None:
+    # a process forked while another thread (or this one: an actor started with "fork" from inside
+    # `child_threads`) held the lock would wait for it for ever when it starts processes itself
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
 @contextlib.contextmanager
 def child_threads(threads: Optional[int]) -> Iterator[None]:
     """Processes started inside this block with "spawn" (the default start method: the child reads
