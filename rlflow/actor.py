@@ -234,6 +234,10 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
     envs counts; with fewer, games count whole, in the order their last agent ends. The figures
     are over agent-episodes (as the runs' `episodes` and mean return are): `mean_return` is the
     mean of each agent's return over those games; `episodes` says the games."""
+    if not isinstance(policy, Policy):
+        raise UsageError(mismatch("evaluate", "policy", "an rf.Policy", type(policy).__name__))
+    if not hasattr(venv, "reset") or not hasattr(venv, "num_envs"):
+        raise UsageError(mismatch("evaluate", "venv", "a vector env (rf.envs.make(...))", repr(venv)))
     if not is_int(episodes) or episodes < 1:
         raise UsageError(mismatch("evaluate", "episodes", "an int >= 1", repr(episodes)))
     episodes = int(episodes)

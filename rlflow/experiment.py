@@ -157,6 +157,7 @@ class RunResult:
 # --------------------------------------------------------------------------------------------------
 def seed_all(seed: int) -> None:
     """Seed Python's `random`, numpy's global RNG and torch's (only if torch is already imported)."""
+    seed = int(seed)                 # a numpy integer too (random.seed refuses those)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch = sys.modules.get("torch")

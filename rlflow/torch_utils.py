@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rlflow.errors import SpecError, mismatch
+from rlflow.errors import SpecError, UsageError, is_real, mismatch
 
 
 def module_params(module: torch.nn.Module) -> list:
@@ -45,6 +45,8 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     host-device sync on GPUs; on CPU that pass is a full read and write of the gradients for
     nothing: ~25 of ~40 us per step for a 67k-parameter MLP (DQN on CartPole).
     """
+    if not is_real(max_norm) or not max_norm > 0:       # NaN, None, "1", 0 and -1 too
+        raise UsageError(mismatch("clip_grad_norm", "max_norm", "a number > 0", repr(max_norm)))
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
     total = _total_norm(grads)

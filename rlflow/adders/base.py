@@ -94,6 +94,9 @@ class RowAdder(Adder):
 
         Also records them: the data fed later must match them (else SpecError naming the field).
         """
+        if not isinstance(env_spec, EnvSpec):
+            raise UsageError(mismatch(f"{type(self).__name__}.item_specs", "env_spec", "an rf.specs.EnvSpec "
+                                      "(a vector env's `spec`)", type(env_spec).__name__))
         obs = _flat_specs(env_spec.observation, "obs")
         act = _flat_specs(env_spec.action, "action")
         ext = _flat_specs(dict(extras_specs or {}), "")
@@ -175,6 +178,10 @@ class RowAdder(Adder):
         return out
 
     def _validate_step(self, step: Step, first: bool) -> tuple:
+        if not isinstance(step, Step):
+            raise UsageError(mismatch(type(self).__name__ + (".add_first" if first else ".add"), "step",
+                                      "an rf.Step (what a vector env's reset / step returns)",
+                                      type(step).__name__))
         ids = np.asarray(step.env_ids)
         n = len(ids)
         if ids.ndim != 1 or ids.dtype.kind not in "iu":
@@ -319,7 +326,8 @@ class RowAdder(Adder):
     def add(self, actions, step: Step, extras: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
         """Feed one vector step; return the items that are ready (field -> [k, ...], k >= 0)."""
         fast = self._fast
-        if fast is not None and step.env_ids is fast[0] and self._prev_full and self._started and self._allocated:
+        if fast is not None and step.__class__ is Step and step.env_ids is fast[0] and self._prev_full \
+                and self._started and self._allocated:
             items = self._fast_add(fast, actions, step, extras)
             if items is not None:
                 return items

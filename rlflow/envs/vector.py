@@ -342,6 +342,12 @@ class VectorEnv:
         self._act_dtype = act.dtype
         # single-agent rows with one observation array: `_make_step` takes its short path
         self._plain = not layout.multi_agent and layout.mask_shape is None and layout.obs_paths == [()]
+        # a single-agent Discrete action space: actions outside it are a SpecError here, on every
+        # backend (the env's own assert was a bare AssertionError, and in a worker a WorkerError
+        # that closed the vector env); multi-agent rows that do not act may hold anything
+        sp = layout.action_space
+        self._act_range = ((int(sp.start), int(sp.start) + int(sp.n))
+                           if isinstance(sp, spaces.Discrete) and not layout.multi_agent else None)
         # agents of different Discrete action sizes (padded): each row's own n, checked on step
         self._own_n = None
         if layout.agent_actions is not None and isinstance(layout.action_space, spaces.Discrete):
@@ -468,6 +474,11 @@ class VectorEnv:
             if self._act_dtype.kind in "iu":         # no int wraps on the cast
                 check_values_fit(a, self._act_dtype, "actions", "argument")
             a = a.astype(self._act_dtype)
+        rng = self._act_range
+        if rng is not None and len(a) and (a.min() < rng[0] or a.max() >= rng[1]):
+            j = int(np.flatnonzero((a < rng[0]) | (a >= rng[1]))[0])
+            raise SpecError(mismatch("argument", f"actions[{j}]", f"an action of {self.single_action_space} "
+                                     f"(in [{rng[0]}, {rng[1] - 1}])", a[j]))
         return a
 
     def _make_step(self, arrays: dict, obs: ObsBuffer, final: ObsBuffer, ids=None, index=None) -> Step:

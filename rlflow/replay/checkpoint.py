@@ -103,8 +103,29 @@ def _restore_part(name, entry, directory, load_npy=np.load):
     return obj, state
 
 
+def _path(directory, what: str) -> str:
+    try:
+        d = os.fspath(directory)
+    except TypeError:
+        raise UsageError(mismatch(what, "directory", "a path (str or os.PathLike)", repr(directory))) from None
+    if isinstance(d, bytes):
+        d = os.fsdecode(d)
+    if not d.strip():
+        raise UsageError(mismatch(what, "directory", "a path", repr(directory)))
+    return os.path.abspath(d)
+
+
 def save(table, directory) -> None:
-    target = os.path.abspath(os.fspath(directory))
+    target = _path(directory, "Table.save")
+    if os.path.lexists(target) and not (os.path.isdir(target) and not os.path.islink(target)
+                                        and (os.path.exists(os.path.join(target, "table.json"))
+                                             or not os.listdir(target))):
+        # a save replaces an older table checkpoint (or an empty directory), never anything else:
+        # what it replaces is deleted
+        kind = ("a file" if os.path.isfile(target) else "a link" if os.path.islink(target)
+                else "a directory holding other files and no table checkpoint (no table.json)")
+        raise UsageError(mismatch("Table.save", "directory", "a new or empty directory, or a table "
+                                  "checkpoint to replace", f"{directory!r}, {kind}"))
     parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
@@ -196,7 +217,7 @@ def _write(table, tmp):
 def load(cls, directory):
     """The table saved in `directory`; a file that is missing, truncated or corrupt is a UsageError
     naming it."""
-    directory = os.path.abspath(os.fspath(directory))
+    directory = _path(directory, "Table.load")
     reading = [os.path.join(directory, "table.json")]
     try:
         return _load(cls, directory, reading)

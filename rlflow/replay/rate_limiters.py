@@ -11,16 +11,15 @@ import math
 from fractions import Fraction
 
 from rlflow import core
-from rlflow.errors import UsageError, mismatch
+from rlflow.errors import UsageError, is_real, mismatch
 
 __all__ = ["RateLimiter", "MinSize", "SampleToInsertRatio", "Queue"]
 
 
 def _number(name, value, *, integer=False, positive=False, allow_inf=False):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(mismatch("rate limiter argument", name, "a number", repr(value))) from None
+    if not is_real(value):               # "10" or True would pass float(); they are no counts
+        raise UsageError(mismatch("rate limiter argument", name, "a number (int or float)", repr(value)))
+    v = float(value)
     if math.isnan(v) or (math.isinf(v) and not allow_inf):
         raise UsageError(mismatch("rate limiter argument", name, "a finite number", repr(value)))
     if integer and (v != int(v)):

@@ -24,7 +24,7 @@ import itertools
 import numpy as np
 
 from rlflow import core
-from rlflow.errors import UsageError, mismatch
+from rlflow.errors import UsageError, is_int, is_real, mismatch
 from rlflow.replay.sumtree import SumTree
 
 __all__ = ["Uniform", "Prioritized", "Fifo", "Lifo", "MaxHeap", "MinHeap"]
@@ -88,7 +88,12 @@ def _rng_for(seed):
     run that seeds numpy (rf.run seeds it from the experiment's seed) samples the same items."""
     if seed is None:
         seed = int(np.random.randint(0, 2**63 - 1, dtype=np.int64))
-    return np.random.default_rng(seed)
+    elif isinstance(seed, (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)):
+        return np.random.default_rng(seed)
+    elif not is_int(seed) or seed < 0:
+        raise UsageError(mismatch("selector argument", "seed", "None, an int >= 0 or a numpy Generator",
+                                  repr(seed)))
+    return np.random.default_rng(int(seed))
 
 
 class _Base(core.Selector):
@@ -505,6 +510,8 @@ class Prioritized(_Base):
     with_replacement = True
 
     def __init__(self, alpha: float = 0.6, seed=None, use_numba: bool | None = None):
+        if not is_real(alpha):
+            raise UsageError(mismatch("selector argument", "alpha", "a finite number >= 0", repr(alpha)))
         alpha = float(alpha)
         if not np.isfinite(alpha) or alpha < 0:
             raise UsageError(mismatch("selector argument", "alpha", "a finite number >= 0", alpha))

@@ -931,6 +931,7 @@ def fast_insert(items):
     # ---- sample ---------------------------------------------------------------------------------
     def can_sample(self, n: int = 1) -> bool:
         """Whether a sample of n would go ahead now without waiting."""
+        n = _positive_int("n", n)
         with self._lock:
             return not self._closed and self._can_sample(n)
 
@@ -947,6 +948,7 @@ def fast_insert(items):
     def can_insert(self, n: int = 1) -> bool:
         """Whether an insert of n would go ahead now without waiting (never for n above the
         capacity: such an insert raises)."""
+        n = _positive_int("n", n)
         with self._lock:
             return not self._closed and n <= self.capacity and self.rate_limiter.can_insert(n)
 
