@@ -348,6 +348,17 @@ def test_a_rate_limiter_is_refused_exactly_when_some_reachable_state_deadlocks()
     rate_limiters.RateLimiter(0.5, 1, -1, 0)
     with pytest.raises(UsageError, match=r"at an error of -0.5 .*max_diff=-0.25.*min_diff=-1"):
         rate_limiters.RateLimiter(0.5, 1, -1, -0.25)
+    # a ratio that is no exact float fraction needs a band samples_per_insert + 1 wide; those run
+    for args in ((0.1, 1, 5.0, 6.2), (1 / 3, 2, 0, 1.5)):
+        limiter = rate_limiters.RateLimiter(*args)
+        for _ in range(2_000):
+            if limiter.can_insert(1):
+                limiter.on_insert(1)
+            else:
+                assert limiter.can_sample(1), args
+                limiter.on_sample(1)
+    with pytest.raises(UsageError, match="deadlock"):
+        rate_limiters.RateLimiter(0.3, 1, min_diff=0, max_diff=1)      # 0.9 blocks both
 
 
 def test_sample_to_insert_ratio_names_reverbs_buffer_rule():
@@ -924,7 +935,7 @@ def test_an_infinite_timeout_waits():
 def test_storage_beyond_the_machines_memory_is_refused_before_it_is_touched(monkeypatch):
     """capacity x item bytes over the physical memory: a UsageError naming capacity (the table
     touches its storage up front: it would swap, or be killed); over what is available now: a
-    ResourceWarning, and the table is made."""
+    RuntimeWarning (shown by default), and the table is made."""
     from rlflow.replay import table as table_mod
 
     monkeypatch.setattr(table_mod, "_memory_bytes", lambda: (100 * 2**20, 10 * 2**20))
@@ -932,7 +943,7 @@ def test_storage_beyond_the_machines_memory_is_refused_before_it_is_touched(monk
     with pytest.raises(rf.errors.UsageError, match=r"'capacity'.*at most 104,439 items of 1,004 bytes.*got "
                                                    r"200,000 items \(0.2 GiB"):
         rf.Table(capacity=200_000, specs=specs)
-    with pytest.warns(ResourceWarning, match="capacity 20,000 items of 1,004 bytes"):
+    with pytest.warns(RuntimeWarning, match="capacity 20,000 items of 1,004 bytes"):
         t = rf.Table(capacity=20_000, specs=specs)
     assert t.capacity == 20_000
     import warnings

@@ -30,14 +30,20 @@ def _number(name, value, *, integer=False, positive=False, allow_inf=False):
 
 
 def _blocked_error(spi: float, lo: float, hi: float):
-    """An error value the counts can take at which both calls block (float), or None.
+    """An error value at which both calls block (float), or None.
 
     Both block for an error in the open band (max_diff - samples_per_insert, min_diff + 1). The
-    error is inserts * spi - samples: with spi = p / q in lowest terms (every float is such a
-    fraction, exactly), it is always a multiple of 1 / q, and every multiple is some such
-    difference; so the band blocks iff it holds a multiple of 1 / q (integers: q = 1)."""
-    f_spi, f_lo, f_hi = Fraction(spi), Fraction(lo), Fraction(hi)
-    band_lo, band_hi = f_hi - f_spi, f_lo + 1
+    error is inserts * spi - samples. Where spi = p / q with q a power of two up to 1024 (1, 0.5,
+    0.25, 1.5...: floats compute these counts exactly) the error is always a multiple of 1 / q and
+    every multiple is some such difference, so the band blocks iff it holds one (integers: q = 1).
+    Any other ratio (0.1, 1/3: not exact in floats, so the limiter's own sums round, and the error
+    comes arbitrarily close to any value) needs an empty band: max_diff - min_diff >=
+    samples_per_insert + 1, as computed in floats."""
+    f_spi = Fraction(spi)
+    if f_spi.denominator > 1024:
+        band_lo, band_hi = hi - spi, lo + 1
+        return (band_lo + band_hi) / 2 if band_lo < band_hi else None
+    band_lo, band_hi = Fraction(hi) - f_spi, Fraction(lo) + 1
     if band_lo >= band_hi:
         return None
     unit = Fraction(1, f_spi.denominator)
@@ -72,9 +78,10 @@ class RateLimiter(core.RateLimiter):
       * the state right after stage 1 (size == min_size_to_sample, no samples yet, error =
         samples_per_insert * min_size_to_sample) admits neither an insert nor a sample;
       * the blocked band (max_diff - samples_per_insert, min_diff + 1), where both calls block,
-        holds a value the error can take: a multiple of 1 / q where samples_per_insert = p / q in
-        lowest terms (an integer for an integer ratio; any multiple of 0.5 for 0.5), checked
-        exactly (`_blocked_error`).
+        holds a value the error can take: for a ratio p / q with q a power of two up to 1024
+        (1, 2, 0.5, 0.25, 1.5...), exact in floats, a multiple of 1 / q, checked exactly; for any
+        other ratio (0.1, 1/3) the band must be empty: max_diff - min_diff >= samples_per_insert + 1
+        (`_blocked_error`).
     A table adds one more check: min_size_to_sample <= its capacity.
     """
 
@@ -102,7 +109,8 @@ class RateLimiter(core.RateLimiter):
             if stuck is not None:
                 raise UsageError(
                     f"rate limiter can deadlock: at an error of {stuck:g} (inserts * samples_per_insert - "
-                    f"samples, a value the counts can take) neither an insert (error + samples_per_insert "
+                    f"samples{', a value the counts can take' if Fraction(spi).denominator <= 1024 else ''}) "
+                    f"neither an insert (error + samples_per_insert "
                     f"<= max_diff={hi:g}) nor a sample (error - 1 >= min_diff={lo:g}) can go ahead; widen "
                     f"[min_diff, max_diff] to at least samples_per_insert + 1 = {spi + 1:g}")
         self._spi = spi

@@ -106,7 +106,7 @@ def _gib(n: float) -> str:
 
 def _check_fits(capacity: int, specs) -> None:
     """UsageError naming capacity where the table's storage exceeds this machine's physical memory;
-    a ResourceWarning where it exceeds the memory available now."""
+    a RuntimeWarning (shown by default) where it exceeds the memory available now."""
     item = sum(sp.dtype.itemsize * int(np.prod(sp.shape, dtype=np.int64)) for sp in specs.values())
     need = capacity * item
     phys, avail = _memory_bytes()
@@ -118,7 +118,7 @@ def _check_fits(capacity: int, specs) -> None:
         import warnings
 
         warnings.warn(f"Table: capacity {capacity:,} items of {item:,} bytes needs {_gib(need)}, more than "
-                      f"the {_gib(avail)} of memory available now", ResourceWarning, stacklevel=4)
+                      f"the {_gib(avail)} of memory available now", RuntimeWarning, stacklevel=4)
 
 
 class Table:

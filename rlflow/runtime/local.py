@@ -74,9 +74,9 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
                 if why is not None:             # more items than the table holds: never
                     raise UsageError(f"local run: {why}; the adder handed over {n} items at once")
                 if not table.can_sample(exp.batch_size):
-                    raise UsageError(f"local run: the rate limiter admits neither an insert of {n} "
-                                     f"items nor a sample of {exp.batch_size} "
-                                     f"(table stats {table.stats()}); this configuration deadlocks "
+                    raise UsageError(f"local run: the table admits neither an insert of {n} "
+                                     f"items nor a sample of {exp.batch_size} ({table._why_sample(exp.batch_size)}; "
+                                     f"table stats {table.stats()}); this configuration deadlocks "
                                      f"in one thread")
                 learn_once()
             table.insert(items)

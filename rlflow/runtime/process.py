@@ -539,13 +539,13 @@ def _install_signal_handlers():
 
 
 @contextlib.contextmanager
-def _sigint_blocked():
+def _sigint_blocked(on: bool = True):
     """SIGINT blocked (held pending, not lost) in this thread while an actor process starts: the
     child inherits the mask, through exec too ("spawn"), so a Ctrl-C while it imports and unpickles
     the experiment waits until `_actor_main` ignores SIGINT and unblocks it (it printed a
     KeyboardInterrupt traceback from the child's imports). Here the pending Ctrl-C is delivered
     when the block ends."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    if not on or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -614,7 +614,7 @@ class _ProcessRun:
             args=(h.index, h.incarnation, self.actor_exp, seed, self.extras_specs, h.ring.writer_args(),
                   self.store, self.control.handle(), child_end, os.getpid(), base, store_recv))
         try:
-            with child_threads(self.actor_threads), _sigint_blocked():
+            with child_threads(self.actor_threads), _sigint_blocked(self.ctx.get_start_method() == "spawn"):
                 p.start()
             h.started_at = time.monotonic()
         finally:
@@ -859,9 +859,10 @@ class _ProcessRun:
         if since is None or since[0] != counts:
             return (counts, now)
         if now - since[1] >= self.STALL_SECONDS:
-            raise UsageError(f"process run: the rate limiter admits neither an insert of {n} items nor a "
-                             f"sample of {batch_size} (table stats {stats}), and every actor waits to "
-                             f"insert: this configuration deadlocks (the local backend reports the same)")
+            raise UsageError(f"process run: the table admits neither an insert of {n} items nor a "
+                             f"sample of {batch_size} ({table._why_sample(batch_size)}; table stats {stats}), "
+                             f"and every actor waits to insert: this configuration deadlocks (the local "
+                             f"backend reports the same)")
         return since
 
     def _catch_up(self, batches, driver, stats) -> int:
