@@ -969,8 +969,11 @@ class _ProcessRun:
                 h.unlinked = True
             p = h.process
             if p.exitcode is None:
+                ready = stats[h.index, READY] == h.incarnation + 1
+                # read after READY: the actor writes its first BEAT before READY, so a BEAT read
+                # first could be the previous incarnation's (or 0) beside this one's READY
                 beat = stats[h.index, BEAT]
-                if self.actor_timeout is not None and stats[h.index, READY] != h.incarnation + 1 \
+                if self.actor_timeout is not None and not ready \
                         and time.monotonic() - h.started_at > self.actor_timeout:
                     # still starting after actor_timeout: a restart would hang the same way
                     p.kill()
@@ -978,8 +981,7 @@ class _ProcessRun:
                     raise WorkerError(f"the actor process did not start acting within actor_timeout="
                                       f"{self.actor_timeout:g} s (stuck while it imported or built its env, "
                                       f"policy or adder); killed", "", f"actor {h.index} (pid {p.pid})")
-                if (self.actor_timeout is None or stats[h.index, READY] != h.incarnation + 1
-                        or time.monotonic() - beat < self.actor_timeout):
+                if self.actor_timeout is None or not ready or time.monotonic() - beat < self.actor_timeout:
                     continue
                 # alive but stuck: no loop turn and no wait for ring space for actor_timeout seconds
                 # (a policy or env call that never returns, a stopped process): killed, and then
