@@ -276,8 +276,11 @@ def test_ring_delivers_every_item_once_in_order_with_backpressure():
         p.start()
         reader = ring.reader()
         got = []
-        time.sleep(0.5)                              # the producer fills the 3 slots and blocks
-        assert ring.depth() == 3
+        deadline = time.monotonic() + 30             # a spawned process starts in 0.3-2 s here
+        while ring.depth() < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert ring.depth() == 3                     # the producer filled the 3 slots and blocks
         while sum(len(g) for g in got) < sum(batches):
             items = reader.get(timeout=10)
             assert items is not None
