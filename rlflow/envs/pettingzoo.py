@@ -147,7 +147,7 @@ class _AgentBatched(_InPlace):
     def _setup(self):
         lay = self.layout
         self.agents = lay.agents
-        self.num_agents = A = len(self.agents)
+        self.num_agents = len(self.agents)
         self._index = {a: i for i, a in enumerate(self.agents)}
         self._has_mask = lay.mask_shape is not None
         self._env_masks = lay.env_masks
@@ -160,12 +160,12 @@ class _AgentBatched(_InPlace):
             full = lay.observation_space.shape
             self._obs_own = [None if shp == full else tuple(slice(0, n) for n in shp)
                              for shp in lay.agent_obs_shapes]
-        self._act_n = self._act_own = self._own_masks = None
+        self._act_own = self._own_masks = None
         if lay.agent_actions is not None:
-            if isinstance(lay.action_space, spaces.Discrete):
-                self._act_n = np.array([int(a.n) for a in lay.agent_actions], np.int64)
+            if isinstance(lay.action_space, spaces.Discrete):     # each agent's mask: its own n actions
+                own_n = np.array([int(a.n) for a in lay.agent_actions], np.int64)
                 n = int(lay.action_space.n)
-                self._own_masks = (np.arange(n)[None, :] < self._act_n[:, None]).astype(np.int8)
+                self._own_masks = (np.arange(n)[None, :] < own_n[:, None]).astype(np.int8)
             else:
                 full = lay.action_space.shape
                 self._act_own = [None if a.shape == full else tuple(slice(0, n) for n in a.shape)
@@ -207,17 +207,9 @@ class _AgentBatched(_InPlace):
         return out
 
     def _act(self, r, a):
-        """Row r's action as its agent's env takes it: a padded Box action cut to the agent's
-        shape; a Discrete action outside the agent's own range is a SpecError."""
-        k = r % self.num_agents
-        if self._act_n is not None:
-            if not 0 <= int(a) - int(self.single_action_space.start) < self._act_n[k]:
-                start = int(self.single_action_space.start)
-                raise SpecError(mismatch("argument", f"actions[{r}]", f"an action of agent {self.agents[k]!r}, "
-                                         f"in [{start}, {start + self._act_n[k] - 1}] (its Discrete({self._act_n[k]}); "
-                                         "step.action_mask says which)", a))
-            return a
-        own = self._act_own[k]
+        """Row r's padded Box action cut to its agent's shape. (Discrete actions need nothing
+        here: VectorEnv.step checks each acting row against its agent's range before any env steps.)"""
+        own = self._act_own[r % self.num_agents]
         return a if own is None else a[own].copy()
 
     def _clear(self):
@@ -269,7 +261,7 @@ class ParallelVectorEnv(_AgentBatched):
         a = self.arrays
         reward, term, trunc = a["reward"], a["terminated"], a["truncated"]
         index, A = self._index, self.num_agents
-        padded = self._act_n is not None or self._act_own is not None
+        padded = self._act_own is not None
         for e, env in enumerate(self.envs):
             base = e * A
             try:
@@ -357,7 +349,7 @@ class AECVectorEnv(_AgentBatched):
                 if not alive[r]:                        # cannot happen unless the env was touched
                     raise UsageError(mismatch("env", f"env {e}", f"agent {g!r} to act (its row alive)",
                                               "a row that was not alive"))
-                env.step(acts[r] if self._act_n is None and self._act_own is None else self._act(r, acts[r]))
+                env.step(acts[r] if self._act_own is None else self._act(r, acts[r]))
                 self._advance(e, env)
             except Exception as exc:
                 note_env_index(exc, self.seed_offset + e)

@@ -1023,7 +1023,7 @@ class _ProcessRun:
             # before publishing it, so a checkpoint never holds items its counters leave out).
             # They leave the items counter, and are reported.
             items = int(stats[h.index, ITEMS])
-            lost = max(0, items - h.items_at_start - h.ring.published_rows())
+            lost = self._unpublished(h, stats)
             self.items_lost += lost
             gone = f"; {lost} items of the step it was publishing were lost with it" if lost else ""
             self.logger.stream.write(f"rlflow: {where} died ({how}); restarting it "
@@ -1063,6 +1063,13 @@ class _ProcessRun:
                       rng=ckpt.capture_rng(), supersede=final, adder=self.exp.adder)
 
     # ---- shutting down -----------------------------------------------------------------------
+    @staticmethod
+    def _unpublished(h, stats) -> int:
+        """Rows actor h's incarnation counted (ITEMS) but neither published into its ring nor
+        reported as UNSENT (a stop's in-flight rows): what it took with it when it was killed."""
+        items = int(stats[h.index, ITEMS])
+        return max(0, items - h.items_at_start - h.ring.published_rows() - int(stats[h.index, UNSENT]))
+
     def _count_killed_at_stop(self) -> None:
         """An actor the stop had to kill (it did not stop within the grace period: stuck in user
         code, or SIGSTOPped, while it waited to publish a step) took the rows of that step it had
@@ -1072,11 +1079,10 @@ class _ProcessRun:
         for h in self.actors:
             if h.ring is None or h.process is None:
                 continue
-            items = int(stats[h.index, ITEMS])
-            lost = items - h.items_at_start - h.ring.published_rows() - int(stats[h.index, UNSENT])
-            if lost > 0:
+            lost = self._unpublished(h, stats)
+            if lost:
                 self.items_lost += lost
-                stats[h.index, ITEMS] = items - lost
+                stats[h.index, ITEMS] -= lost
 
     def _stop_actors(self, grace: float = 3.0):
         if self.control is not None and self.control.arrays:
