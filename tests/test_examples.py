@@ -42,3 +42,18 @@ def test_ppo_example_runs_and_reports(tmp_path):
     # one learner step per rollout of 8 x 32 steps; the 4th closes with the last step and is emitted
     # by the adder at the next act (its bootstrap value comes then), after the run's last step
     assert float(last["learner_steps"]) == 3
+
+
+@pytest.mark.slow
+def test_sac_example_runs_and_reports(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "sac.py"), "--total-steps", "600", "--learning-starts", "300",
+         "--eval-every", "400", "--eval-episodes", "2", "--hidden", "16", "--log-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "final evaluation: mean return" in out.stdout
+    rows = (tmp_path / "figures.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert "q_loss" in header and "alpha" in header
+    last = dict(zip(header, rows[-1].split(",")))
+    assert float(last["env_steps"]) == 600 and float(last["learner_steps"]) > 0
