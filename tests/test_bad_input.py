@@ -3,6 +3,7 @@ TypeError / AttributeError / AssertionError from inside, and nothing silently ac
 
 import os
 
+import gymnasium as gym
 import numpy as np
 import pytest
 
@@ -110,3 +111,118 @@ def test_clip_grad_norm_checks_max_norm():
         with pytest.raises(UsageError, match="max_norm"):
             clip_grad_norm([w], bad)
     clip_grad_norm([w], np.float32(1.0))
+
+
+class _LateBad(gym.Env):
+    """Plays well for two steps, then returns `bad` for `field` (reward / terminated)."""
+    observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, field="reward", bad=None):
+        self.field, self.bad, self.t = field, bad, 0
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        out = {"reward": 1.0, "terminated": False}
+        if self.t == 3:
+            out[self.field] = self.bad
+        return np.zeros(2, np.float32), out["reward"], out["terminated"], False, {}
+
+
+@pytest.mark.parametrize("backend", ["serial", "process"])
+@pytest.mark.parametrize("field,bad", [("reward", None), ("terminated", "False"), ("terminated", 2)])
+def test_bad_env_outputs_after_the_first_step_are_named(backend, field, bad):
+    """Only the first step's reward and flags were checked: later a None reward became NaN and a
+    "False" or 2 flag became True, ending the episode silently."""
+    venv = rf.envs.make(lambda: _LateBad(field, bad), 2, backend=backend)
+    venv.reset(seed=0)
+    venv.step(np.zeros(2, np.int64))
+    venv.step(np.zeros(2, np.int64))
+    with pytest.raises((SpecError, rf.errors.WorkerError)) as info:
+        venv.step(np.zeros(2, np.int64))
+    text = str(info.value) + getattr(info.value, "remote_traceback", "")
+    assert field in text and repr(bad) in text
+    venv.close()
+
+
+def test_zero_one_int_flags_still_pass_after_the_first_step():
+    venv = rf.envs.make(lambda: _LateBad("terminated", 1), 2)
+    venv.reset(seed=0)
+    for _ in range(2):
+        venv.step(np.zeros(2, np.int64))
+    assert venv.step(np.zeros(2, np.int64)).terminated.all()
+
+
+class _OldApi(_LateBad):
+    def step(self, action):
+        return np.zeros(2, np.float32), 1.0, False, {}
+
+
+class _OldReset(_LateBad):
+    def reset(self, seed=None, options=None):
+        return np.zeros(2, np.float32)
+
+
+@pytest.mark.parametrize("cls,what", [(_OldApi, "step()"), (_OldReset, "reset()")])
+def test_an_old_gym_api_env_is_named(cls, what):
+    venv = rf.envs.make(cls, 2)
+    with pytest.raises(SpecError, match=r"Gymnasium API") as info:
+        venv.reset(seed=0)
+        venv.step(np.zeros(2, np.int64))
+    assert what in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["serial", "process"])
+@pytest.mark.parametrize("space,good,bad", [
+    (gym.spaces.MultiDiscrete([3, 4]), [2, 3], [1, 4]),
+    (gym.spaces.MultiDiscrete([3, 4], start=[1, -1]), [3, 2], [0, 0]),
+    (gym.spaces.MultiBinary(3), [1, 0, 1], [0, 2, 0]),
+])
+def test_multi_discrete_and_binary_actions_out_of_range_are_named(backend, space, good, bad):
+    """Only Discrete actions were range-checked: an out-of-range MultiDiscrete action was the env's
+    bare AssertionError (on the process backend a WorkerError that closed the vector env) and a
+    MultiBinary 2 reached the env."""
+    class E(_LateBad):
+        action_space = space
+
+    venv = rf.envs.make(E, 2, backend=backend)
+    venv.reset(seed=0)
+    venv.step(np.array([good, good], space.dtype))
+    with pytest.raises(SpecError, match=r"actions\[1\]"):
+        venv.step(np.array([good, bad], space.dtype))
+    assert not venv.closed
+    venv.step(np.array([good, good], space.dtype))          # still usable
+    venv.close()
+
+
+def test_make_closes_the_envs_it_built_when_their_spaces_are_refused():
+    closed = []
+
+    class Odd(_LateBad):
+        def __init__(self, shape):
+            super().__init__()
+            self.observation_space = gym.spaces.Box(-1, 1, shape, np.float32)
+
+        def close(self):
+            closed.append(self)
+
+    shapes = iter([(2,), (2,), (3,), (2,)])
+    with pytest.raises(UsageError, match="env 2"):
+        rf.envs.make(lambda: Odd(next(shapes)), 4)
+    assert len(closed) == 4
+
+    class Text(_LateBad):
+        observation_space = gym.spaces.Text(5)
+
+        def close(self):
+            closed.append(self)
+
+    closed.clear()
+    for backend in ("serial", "process"):
+        with pytest.raises(SpecError, match="Text"):
+            rf.envs.make(Text, 2, backend=backend)
+    assert len(closed) == 3          # serial: both envs; process: the probe (nothing else was built)

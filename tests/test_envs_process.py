@@ -1013,3 +1013,40 @@ def test_pool_reset_lets_every_env_take_the_actions_given_before_it(workers, inl
             step = venv.step(np.zeros(len(step), np.int64))
         step = venv.reset(seed=0)
         np.testing.assert_array_equal(step.obs[:, 0], given)
+
+
+class Exits(Scripted):
+    """Calls sys.exit in env 2's third step (a BaseException that is not an Exception)."""
+
+    def step(self, action):
+        if self.tag == 2 and self.t == 2:
+            sys.exit(3)
+        return super().step(action)
+
+
+class TaggedExits(Tagged, Exits):
+    pass
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_sys_exit_in_an_env_closes_the_vector_env_instead_of_a_hang(inline):
+    """SystemExit in the inline slice went past the error handling (Exception only): the vector env
+    stayed open with a worker's reply unread and the next step waited for ever. In a worker it was
+    a WorkerError without the env index."""
+    venv = rf.envs.make(TaggedExits, 4, backend="process", workers=1, inline=inline)
+    pids = venv.pids
+    venv.reset(seed=0)                       # env i has tag i
+    with pytest.raises((SystemExit, WorkerError)) as info:
+        for _ in range(3):
+            venv.step(np.zeros(4, np.int64))
+    if inline:                                # env 2 is in this process's slice (envs 2, 3)
+        assert venv.slices[-1][0] <= 2 and isinstance(info.value, SystemExit)
+    else:
+        assert "env 2" in info.value.where and "SystemExit" in info.value.remote_traceback
+    assert venv.closed
+    with pytest.raises(rf.errors.ClosedError):
+        venv.step(np.zeros(4, np.int64))
+    deadline = time.time() + 10
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)

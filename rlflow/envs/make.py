@@ -294,7 +294,12 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
     if backend == "serial":
         return cls([_Given(probe)] + [others] * (num_envs - 1), seed=seed)
 
-    layout = cls.layout_of(probe)
+    try:
+        layout = cls.layout_of(probe)
+    except BaseException:                 # spaces refused: the probe is closed, not leaked
+        if not given:
+            _close(probe)
+        raise
     if batch_size is None and backend == "pool":
         if not given:
             _close(probe)

@@ -240,7 +240,7 @@ class ParallelVectorEnv(_AgentBatched):
         for e, env in enumerate(self.envs):
             try:
                 obs, _ = env.reset(seed=self._seed(seed, e))
-            except Exception as exc:
+            except BaseException as exc:     # SystemExit too: the worker's report names the env
                 note_env_index(exc, self.seed_offset + e)
                 raise
             self._start(e, env, obs, done=None)
@@ -284,7 +284,7 @@ class ParallelVectorEnv(_AgentBatched):
                 else:                                   # every agent is done: same-step autoreset
                     obs, _ = env.reset()
                     self._start(e, env, obs, done=term | trunc)
-            except Exception as exc:
+            except BaseException as exc:     # SystemExit too: the worker's report names the env
                 note_env_index(exc, self.seed_offset + e)
                 raise
         self._masks_of_idle_rows()
@@ -299,7 +299,7 @@ class AECVectorEnv(_AgentBatched):
             try:
                 env.reset(seed=self._seed(seed, e))
                 self._start(e, env, None)
-            except Exception as exc:
+            except BaseException as exc:     # SystemExit too: the worker's report names the env
                 note_env_index(exc, self.seed_offset + e)
                 raise
         self._masks_of_idle_rows()
@@ -351,7 +351,7 @@ class AECVectorEnv(_AgentBatched):
                                               "a row that was not alive"))
                 env.step(acts[r] if self._act_own is None else self._act(r, acts[r]))
                 self._advance(e, env)
-            except Exception as exc:
+            except BaseException as exc:     # SystemExit too: the worker's report names the env
                 note_env_index(exc, self.seed_offset + e)
                 raise
             base += self.num_agents

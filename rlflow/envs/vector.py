@@ -348,6 +348,12 @@ class VectorEnv:
         sp = layout.action_space
         self._act_range = ((int(sp.start), int(sp.start) + int(sp.n))
                            if isinstance(sp, spaces.Discrete) and not layout.multi_agent else None)
+        # MultiDiscrete / MultiBinary likewise, per element: [low, high) arrays of the action's shape
+        self._act_bounds = None
+        if not layout.multi_agent and isinstance(sp, spaces.MultiDiscrete):
+            self._act_bounds = (np.asarray(sp.start, np.int64), np.asarray(sp.start, np.int64) + sp.nvec)
+        elif not layout.multi_agent and isinstance(sp, spaces.MultiBinary):
+            self._act_bounds = (np.zeros(sp.shape, np.int64), np.full(sp.shape, 2, np.int64))
         # agents of different Discrete action sizes (padded): each row's own n, checked on step
         self._own_n = None
         if layout.agent_actions is not None and isinstance(layout.action_space, spaces.Discrete):
@@ -479,6 +485,14 @@ class VectorEnv:
             j = int(np.flatnonzero((a < rng[0]) | (a >= rng[1]))[0])
             raise SpecError(mismatch("argument", f"actions[{j}]", f"an action of {self.single_action_space} "
                                      f"(in [{rng[0]}, {rng[1] - 1}])", a[j]))
+        if self._act_bounds is not None and len(a):
+            lo, hi = self._act_bounds
+            bad = (a < lo) | (a >= hi)
+            if bad.any():
+                j = int(np.flatnonzero(bad.reshape(len(a), -1).any(axis=1))[0])
+                raise SpecError(mismatch("argument", f"actions[{j}]", f"an action of {self.single_action_space} "
+                                         f"(each value in [low, high] = [{lo.tolist()}, {(hi - 1).tolist()}])",
+                                         a[j].tolist()))
         return a
 
     def _make_step(self, arrays: dict, obs: ObsBuffer, final: ObsBuffer, ids=None, index=None) -> Step:
@@ -580,14 +594,12 @@ class _InPlace(VectorEnv):
                     _safe_close(e)
                 raise
         self.envs = list(envs)
-        if layout is None:
-            layout = self.layout_of(self.envs[0])
-        for i, e in enumerate(self.envs[1:], 1):
-            other = self.layout_of(e)
-            if other != layout:
-                raise UsageError(mismatch("env", f"env {i}", f"the spaces of env 0 "
-                                          f"({layout.observation_space}, {layout.action_space})",
-                                          f"({other.observation_space}, {other.action_space})"))
+        try:
+            layout = self._check_layouts(layout)
+        except BaseException:               # spaces refused: the envs built are closed, not leaked
+            for e in self.envs:
+                _safe_close(e)
+            raise
         rows = len(self.envs) * layout.rows_per_env
         super().__init__(layout, rows, seed=seed)
         self.seed_offset = int(seed_offset)
@@ -597,6 +609,17 @@ class _InPlace(VectorEnv):
         self._obs.row_offset = self._final.row_offset = self.seed_offset * layout.rows_per_env
         self._raised = None               # what an env raised in the last step, until a reset
         self._setup()
+
+    def _check_layouts(self, layout: Layout | None) -> Layout:
+        if layout is None:
+            layout = self.layout_of(self.envs[0])
+        for i, e in enumerate(self.envs[1:], 1):
+            other = self.layout_of(e)
+            if other != layout:
+                raise UsageError(mismatch("env", f"env {i}", f"the spaces of env 0 "
+                                          f"({layout.observation_space}, {layout.action_space})",
+                                          f"({other.observation_space}, {other.action_space})"))
+        return layout
 
     @staticmethod
     def layout_of(env) -> Layout:
@@ -617,7 +640,7 @@ class _InPlace(VectorEnv):
                                       f"a step after {self._raised}"))
         try:
             self.step_rows(actions)
-        except Exception as exc:
+        except BaseException as exc:     # Ctrl-C or SystemExit too: the envs are half stepped
             index = getattr(exc, "rlflow_env_index", None)
             self._raised = f"env {index}'s {type(exc).__name__}" if index is not None else type(exc).__name__
             raise
@@ -640,6 +663,16 @@ class _InPlace(VectorEnv):
 
     def step_rows(self, actions: np.ndarray) -> None:
         raise NotImplementedError
+
+
+def _reset_obs(out):
+    """The observation of a Gymnasium `reset()`'s (obs, info); SpecError for anything else (an
+    old gym env returns the observation alone, whose [0] read as one would be its first value)."""
+    if isinstance(out, tuple) and len(out) == 2:
+        return out[0]
+    got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+    raise SpecError(mismatch("env", "reset()", "(obs, info) (the Gymnasium API; an old gym env returns obs "
+                             "alone)", got))
 
 
 def note_env_index(exc: BaseException, index: int) -> None:
@@ -710,8 +743,8 @@ class SerialVectorEnv(_InPlace):
         first = []
         try:
             for i, e in enumerate(self.envs):
-                first.append(e.reset(seed=None if seed is None else seed + off + i)[0])
-        except Exception as exc:
+                first.append(_reset_obs(e.reset(seed=None if seed is None else seed + off + i)))
+        except BaseException as exc:     # SystemExit too: the worker's report names the env
             note_env_index(exc, off + len(first))
             raise
         self._write_all(first)
@@ -735,8 +768,8 @@ class SerialVectorEnv(_InPlace):
 
     def _check_outputs(self, rewards, terminated, truncated) -> None:
         """SpecError naming the env and the field unless each reward is a real number and each flag
-        a bool (a None reward became NaN, a "False" flag True). Run on the first step, and when
-        numpy refuses a later step's values (a reward of shape (1,))."""
+        a bool (a None reward became NaN, a "False" flag True). Run on the first step, and on a
+        later step with a None reward, a flag equal to neither bool, or values numpy refuses."""
         for i, (r, te, tr) in enumerate(zip(rewards, terminated, truncated)):
             for name, v, kinds, what in (("reward", r, "biuf", "a real number"),
                                          ("terminated", te, "b", "a bool"), ("truncated", tr, "b", "a bool")):
@@ -751,6 +784,19 @@ class SerialVectorEnv(_InPlace):
                     note_env_index(err, self.seed_offset + i)
                     raise err
 
+    def _check_results(self, results) -> None:
+        """SpecError naming the env whose step() did not return Gymnasium's 5-tuple (an env of
+        the old gym API returns (obs, reward, done, info))."""
+        for i, res in enumerate(results):
+            if not isinstance(res, tuple) or len(res) != 5:
+                got = f"a tuple of {len(res)}" if isinstance(res, tuple) else type(res).__name__
+                err = SpecError(mismatch(f"env {self.seed_offset + i}", "step()",
+                                         "(obs, reward, terminated, truncated, info) (the Gymnasium API; an "
+                                         "old gym env returns 4 values: wrap it in gymnasium's compatibility "
+                                         "wrapper)", got))
+                note_env_index(err, self.seed_offset + i)
+                raise err
+
     def step_rows(self, actions: np.ndarray) -> None:
         # numpy scalars: gymnasium checks them ~10% faster than ints. Array actions (Box,
         # MultiDiscrete...) are rows of a copy: an env may keep its action, and the array given
@@ -760,15 +806,25 @@ class SerialVectorEnv(_InPlace):
         try:
             for env, act in zip(self.envs, acts):
                 results.append(env.step(act))
-        except Exception as exc:
+        except BaseException as exc:     # SystemExit too: the worker's report names the env
             note_env_index(exc, self.seed_offset + len(results))
             raise
-        obs_l, rew_l, term_l, trunc_l, _ = zip(*results)
+        try:
+            obs_l, rew_l, term_l, trunc_l, _ = zip(*results)
+        except (TypeError, ValueError):
+            self._check_results(results)
+            raise
         a = self.arrays
         self._write_all(obs_l)
         term = a["terminated"]
         trunc = a["truncated"]
         if self._checked_outputs:
+            # every step, in C-speed scans (~1 us at 16 envs): a None reward would become NaN and a
+            # "False" or 2 flag True in the arrays; a flag that equals neither bool is checked in full
+            n = len(term_l)
+            if None in rew_l or term_l.count(False) + term_l.count(True) != n \
+                    or trunc_l.count(False) + trunc_l.count(True) != n:
+                self._check_outputs(rew_l, term_l, trunc_l)
             try:
                 a["reward"][:] = rew_l
                 term[:] = term_l
@@ -794,8 +850,8 @@ class SerialVectorEnv(_InPlace):
                 if began is not None:
                     began[i] = t
                 try:
-                    self._obs.write(i, self.envs[i].reset()[0])   # same-step autoreset
-                except Exception as exc:
+                    self._obs.write(i, _reset_obs(self.envs[i].reset()))   # same-step autoreset
+                except BaseException as exc:
                     note_env_index(exc, self.seed_offset + i)
                     raise
 

@@ -702,6 +702,9 @@ class ProcessVectorEnv(VectorEnv):
             raise WorkerError("an environment raised an exception", tb,
                               "inline slice (this process)" + ("" if index is None else f", env {index}")
                               ) from exc
+        except BaseException:           # SystemExit, Ctrl-C...: the workers' replies are out of step
+            self._abort()
+            raise
 
     def _close(self):
         errors = self._finalizer() or []         # what the workers' envs raised in their close()
