@@ -116,8 +116,11 @@ def test_a_failed_write_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(rf.Table, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="disk full") as info:
         rf.run(experiment(), max_env_steps=1_200, progress=False, checkpoint_dir=d, resume=d)
+    # the error says what was being written, where, and which checkpoint is kept
+    msg = str(info.value)
+    assert "writing checkpoint ckpt-" in msg and d in msg and os.path.basename(good) in msg and "free" in msg
     assert ckpt.find(d) == good and files(good) == good_files
     assert not [n for n in os.listdir(d) if n.startswith(".tmp")]
     monkeypatch.undo()
@@ -337,3 +340,15 @@ def test_a_resume_that_is_not_a_path_is_named(backend):
                         adder=rf.adders.Transition(0.99), table=minsize_table, num_envs=2, batch_size=8)
     with pytest.raises(UsageError, match=r"run 'resume': expected a checkpoint directory .*got 123"):
         rf.run(exp, backend=backend, max_env_steps=100, progress=False, resume=123)
+
+
+def test_a_checkpoint_dir_that_is_one_checkpoint_is_refused(tmp_path):
+    """checkpoint_dir=<one ckpt-* folder> wrote new checkpoints inside it, and a later resume= of
+    it found its own run.pkl first and silently loaded the old state."""
+    d = str(tmp_path / "ckpt")
+    rf.run(experiment(), max_env_steps=300, progress=False, checkpoint_dir=d)
+    one = ckpt.find(d)
+    with pytest.raises(UsageError, match="checkpoint_dir") as info:
+        rf.run(experiment(), max_env_steps=600, progress=False, checkpoint_dir=one, resume=one)
+    assert "run.pkl" in str(info.value) and d in str(info.value)
+    assert sorted(os.listdir(one)) == sorted(os.listdir(ckpt.find(d)))      # nothing written inside

@@ -31,7 +31,8 @@ What is saved and restored:
   table         its contents, keys, priorities, selector and rate limiter state (byte for byte)
 Not saved: environments' internal state (an env is not generally serializable): a resumed run
 starts fresh episodes, with seeds that differ from the first run's; adders' partial windows; in the
-process runtime, items still in the actors' rings (at most a few slots per actor).
+process runtime, items still in the actors' rings (up to a whole ring per actor when the table's
+rate limiter holds inserts back; `items_in_flight` in the final figures).
 """
 
 from __future__ import annotations
@@ -81,7 +82,14 @@ def check_options(checkpoint_dir, checkpoint_every, resume) -> Optional[int]:
                                       repr(checkpoint_every)))
         checkpoint_every = int(checkpoint_every)
     if checkpoint_dir is not None:
-        usable_dir("checkpoint_dir", checkpoint_dir)
+        d = usable_dir("checkpoint_dir", checkpoint_dir)
+        if os.path.exists(os.path.join(d, "run.pkl")):
+            # one checkpoint (ckpt-*), not a directory of them: new checkpoints would go inside it,
+            # and a later resume= of it would find its own run.pkl first and load the old state
+            raise UsageError(mismatch("run", "checkpoint_dir", "a directory of checkpoints (where LATEST and "
+                                      "ckpt-* are written; resume= takes it too)",
+                                      f"{os.fspath(checkpoint_dir)!r}, which is one checkpoint (it holds "
+                                      f"run.pkl): give its parent {os.path.dirname(os.path.abspath(d))!r}"))
     if resume is not None:
         try:
             os.fspath(resume)
@@ -226,6 +234,16 @@ def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int 
         if os.path.exists(final):            # a leftover of a crash before LATEST moved on
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as e:                  # a full disk, a quota: say what was being written
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(directory).free / 2**20:,.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        kept = _read_latest(os.path.join(directory, LATEST))
+        raise OSError(e.errno, f"writing checkpoint {name} into {directory} failed ({free}): "
+                      f"{e.strerror or e}; " + (f"the last complete checkpoint, {kept}, is kept" if kept else
+                                                "no earlier checkpoint there")) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
