@@ -226,3 +226,30 @@ def test_make_closes_the_envs_it_built_when_their_spaces_are_refused():
         with pytest.raises(SpecError, match="Text"):
             rf.envs.make(Text, 2, backend=backend)
     assert len(closed) == 3          # serial: both envs; process: the probe (nothing else was built)
+
+
+@pytest.mark.parametrize("make", [lambda: rf.adders.Transition(0.9), lambda: rf.adders.Sequence(1, 1),
+                                  lambda: rf.adders.Episode(3)])
+def test_adders_refuse_int_actions_that_would_wrap(make):
+    """int64 actions 300 / -129 for an int8 action spec were stored as 44 / 127 (extras and
+    observations were already refused)."""
+    from rlflow.core import Step
+    from rlflow.specs import EnvSpec
+
+    def step():
+        o = np.zeros((2, 3), np.float32)
+        return Step(obs=o, reward=np.zeros(2, np.float32), terminated=np.ones(2, bool),
+                    truncated=np.zeros(2, bool), final_obs=o, env_ids=np.arange(2))
+
+    spec = EnvSpec.from_spaces(gym.spaces.Box(-1e3, 1e3, (3,), np.float32),
+                               gym.spaces.Box(-100, 100, (), np.int8), 2)
+    adder = make()
+    adder.item_specs(spec)
+    adder.add_first(step())
+    with pytest.raises(SpecError, match=r"action.*int8.*300"):
+        adder.add(np.array([300, -129], np.int64), step())
+    adder = make()
+    adder.item_specs(spec)
+    adder.add_first(step())
+    items = adder.add(np.array([100, -100], np.int64), step())        # values that fit are cast
+    assert items["action"].dtype == np.int8 and {-100, 100} <= set(items["action"].ravel().tolist())

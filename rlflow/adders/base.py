@@ -250,6 +250,8 @@ class RowAdder(Adder):
             if a.dtype != s.dtype and (a.dtype.kind != s.dtype.kind and not (
                     a.dtype.kind in "iu" and s.dtype.kind in "iu")):
                 raise SpecError(mismatch("action", k, f"dtype {s.dtype}", f"dtype {a.dtype}"))
+            if a.dtype != s.dtype and s.dtype.kind in "iu":      # int64 300 into int8 would wrap
+                check_values_fit(a, s.dtype, k, "action")
             out_a[k] = a
         ext = _flat_extras(extras)
         if self.extras_specs is None:
