@@ -13,7 +13,9 @@ pass it).
 A new Logger starts `figures.csv` afresh, except with `keep_rows_upto=N` (a resumed run: N is the
 env steps it resumes from), where the file's rows up to N env steps stay and the new rows follow
 them; rows past N (written after the checkpoint the run resumes from) are dropped, so the file is
-one series. TensorBoard files are never rewritten: a resumed run adds its points beside the old.
+one series. TensorBoard files are never rewritten; the new writer purges (tensorboardX's
+`purge_step`: TensorBoard hides) the old points that figures.csv dropped: those past N, or every
+point of an earlier run in the same directory when a run starts afresh there (with a warning).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Mapping, Optional
 
 from rlflow.errors import UsageError, mismatch
@@ -109,15 +112,23 @@ class Logger:
         self._tb = None
         if directory:
             usable_dir("log_dir", directory)
+            earlier = os.path.exists(self.csv_path)
             if keep_rows_upto is not None:
                 self._keep_old_rows(keep_rows_upto)
+            elif earlier:
+                warnings.warn(f"log_dir {directory!r} holds an earlier run's figures: figures.csv starts "
+                              "afresh and TensorBoard hides that run's points (resume= keeps them up "
+                              "to its checkpoint)", UserWarning, stacklevel=3)
             if tensorboard:
                 try:
                     from tensorboardX import SummaryWriter  # optional
                 except ImportError:
                     SummaryWriter = None
                 if SummaryWriter is not None:
-                    self._tb = SummaryWriter(logdir=directory)
+                    # TensorBoard shows what figures.csv holds: the points past a resumed run's
+                    # checkpoint (or all of an earlier run's) are purged, not shown beside the new
+                    purge = (int(keep_rows_upto) + 1 if keep_rows_upto is not None else 0 if earlier else None)
+                    self._tb = SummaryWriter(logdir=directory, purge_step=purge)
 
     @property
     def csv_path(self) -> Optional[str]:

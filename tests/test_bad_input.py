@@ -253,3 +253,43 @@ def test_adders_refuse_int_actions_that_would_wrap(make):
     adder.add_first(step())
     items = adder.add(np.array([100, -100], np.int64), step())        # values that fit are cast
     assert items["action"].dtype == np.int8 and {-100, 100} <= set(items["action"].ravel().tolist())
+
+
+class _ZeroPolicy(rf.Policy):
+    def act(self, obs):
+        return np.zeros(len(obs), np.int64)
+
+
+class _MetricsLearner(rf.Learner):
+    """Returns `metrics` from every step."""
+    metrics = None
+
+    def step(self, batch):
+        return self.metrics
+
+
+def _metrics_run(metrics):
+    learner = _MetricsLearner()
+    learner.metrics = metrics
+    exp = rf.Experiment(env="CartPole-v1", policy=_ZeroPolicy(), learner=learner, adder=rf.adders.Transition(0.9),
+                        table=lambda specs: Table(1000, specs=specs), batch_size=8, warmup_steps=16)
+    return rf.run(exp, max_env_steps=64, progress=False)
+
+
+@pytest.mark.parametrize("metrics", [0.5, 0.0, (1.0, 2.0), "loss", np.array([1.0, 2.0]), [("loss", 1.0)]])
+def test_learner_metrics_that_are_not_a_dict_are_named(metrics):
+    """step() must return a dict (or None): a float was 'float object is not iterable', 0.0 passed
+    (falsy), an array was numpy's ambiguous truth value."""
+    with pytest.raises(UsageError, match=r"learner 'step\(\) result': expected a dict"):
+        _metrics_run(metrics)
+
+
+def test_learner_metrics_scalars_of_any_kind_are_figures():
+    torch = pytest.importorskip("torch")
+    w = torch.ones(1, requires_grad=True)
+    r = _metrics_run({"a": 1, "b": np.float32(2.5), "c": np.array([3.0]), "d": (w * 4).sum(),
+                      "e": np.arange(3), "f": "text"})
+    row = r.history[-1]
+    assert (row["a"], row["b"], row["c"], row["d"]) == (1.0, 2.5, 3.0, 4.0)
+    assert "e" not in row and "f" not in row
+    assert _metrics_run(None).figures["learner_steps"] > 0

@@ -91,3 +91,33 @@ def test_progress_line_shows_each_actors_param_lag_and_queue_depth():
     assert "param lag 4 (1/4/2)" in line and "queue 63 (30/33/0)" in line
     one = format_progress({"param_lag": 3.0, "param_lag_0": 3.0, "queue_depth": 5.0, "queue_depth_0": 5.0})
     assert one == "param lag 3 | queue 5"        # one actor: nothing to split
+
+
+def test_tensorboard_purges_what_figures_csv_dropped(tmp_path, monkeypatch):
+    """A resumed run's TensorBoard showed the abandoned points past its checkpoint beside the new
+    ones (learner steps at one env step twice); a fresh run into a used log_dir showed two runs as
+    one series, while figures.csv was silently replaced."""
+    tbx = pytest.importorskip("tensorboardX")
+    made = []
+
+    class Recorder:
+        def __init__(self, logdir=None, purge_step=None, **kw):
+            made.append(purge_step)
+
+        def add_scalar(self, *a):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tbx, "SummaryWriter", Recorder)
+    d = str(tmp_path)
+    first = Logger(directory=d, progress_every=None)
+    for step in (100, 200, 300):
+        first.write({"env_steps": step, "x": 1.0})
+    first.close()
+    resumed = Logger(directory=d, progress_every=None, keep_rows_upto=200)    # a checkpoint at 200
+    resumed.close()
+    with pytest.warns(UserWarning, match="earlier run's figures"):
+        Logger(directory=d, progress_every=None).close()                       # afresh, same dir
+    assert made == [None, 201, 0]

@@ -1362,3 +1362,57 @@ def test_ctrl_c_while_an_actor_imports_prints_no_traceback(tmp_path):
             proc.wait()
     assert "INTERRUPTED" in out, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# on-policy data through a Queue table: how old are the parameters that made each batch?
+# --------------------------------------------------------------------------------------------------
+class VersionedPolicy(RandomPolicy):
+    """Writes the version of the parameters it acts with into its extras (and the values the
+    Rollout adder needs)."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.version = 0
+
+    def act(self, obs):
+        n = len(obs)
+        return (np.random.randint(self.n, size=n),
+                {"value": np.zeros(n, np.float32), "final_value": np.zeros(n, np.float32),
+                 "version": np.full(n, self.version, np.int64)})
+
+    def set_params(self, params):
+        self.version = int(params[0][0])
+
+
+class AgeLearner(rf.Learner):
+    """Records, per batch, how many learner versions older than its own the oldest step is."""
+
+    def __init__(self, spec):
+        self.steps, self.ages = 0, []
+
+    def step(self, batch):
+        self.ages.append(int(self.steps - batch["version"].min()))
+        time.sleep(0.1)                        # learning is the slow part, as in PPO
+        self.steps += 1
+        return {}
+
+    def get_params(self):
+        return [np.full(1, self.steps, np.int64)]
+
+
+def on_policy_experiment():
+    return rf.Experiment(env="CartPole-v1", num_envs=4, policy=VersionedPolicy, learner=AgeLearner,
+                         adder=rf.adders.Rollout(8, discount=0.99), table=lambda s: rf.Table.queue(4, specs=s),
+                         batch_size=4, param_sync_steps=1)
+
+
+@pytest.mark.parametrize("backend,oldest", [("local", 1), ("process", 2)])
+def test_a_queue_table_keeps_on_policy_data_fresh(backend, oldest):
+    """A rollout's first step acts before the learner's newest parameters reach the actor (the
+    fragment is emitted one call after its last step): 1 version old on the local backend. The
+    process backend's actor collects the next rollout while the learner learns: at most one more.
+    Its 32-slot rings used to buffer on top of the queue: the age grew by one per learner step."""
+    r = rf.run(on_policy_experiment(), backend=backend, max_learner_steps=16, progress=False)
+    ages = r.learner.ages
+    assert len(ages) >= 16 and max(ages) <= oldest, ages

@@ -80,6 +80,7 @@ class RowAdder(Adder):
 
     #: extras fields that the adder itself needs (Rollout: "value", "final_value").
     required_extras: tuple = ()
+    required_extras_help: str = ""        # what the required extras are, for the error that misses one
 
     def __init__(self):
         self._declared_obs: Optional[dict[str, ArraySpec]] = None
@@ -118,8 +119,8 @@ class RowAdder(Adder):
     def _check_extras_names(self, ext: Mapping[str, Any]):
         missing = [k for k in self.required_extras if k not in ext]
         if missing:
-            raise SpecError(mismatch("extras field", missing[0], f"extras holding {list(self.required_extras)}",
-                                     f"extras {sorted(ext)}"))
+            raise SpecError(mismatch("extras field", missing[0], f"extras holding {list(self.required_extras)}"
+                                     f"{self.required_extras_help}", f"extras {sorted(ext)}"))
         reserved = self._reserved_names()
         for k in ext:
             if k in reserved or k.split("/")[0] in ("obs", "next_obs", "action"):

@@ -41,6 +41,8 @@ class Rollout(TrajectoryAdder):
     """
 
     required_extras = ("value", "final_value")
+    required_extras_help = (" (value = V(step.obs), final_value = V(step.final_obs), a float per row: a "
+                            "policy that defines act_step(step) sees both; see examples/ppo.py)")
     store_next_obs = False
 
     def __init__(self, length: int, discount: float, gae_lambda: float = 0.95):

@@ -6,7 +6,7 @@ import copy
 import math
 import time
 import warnings
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -47,7 +47,13 @@ class LearnerDriver:
         if sample is None:
             sample = self.sample()
         metrics = self.learner.step(sample)
-        metrics = dict(metrics) if metrics else {}
+        if metrics is None:
+            metrics = {}
+        elif isinstance(metrics, Mapping):
+            metrics = dict(metrics)
+        else:
+            raise UsageError(mismatch("learner", "step() result", "a dict of metrics name -> number (or None)",
+                                      f"{type(metrics).__name__} {metrics!r:.80}"))
         priorities = metrics.pop("priorities", None)
         if priorities is not None:
             priorities = np.asarray(priorities, dtype=np.float64)
@@ -188,9 +194,16 @@ def scalar_metrics(metrics: dict) -> dict:
     """The learner's metrics that are scalars, as floats (for the figures); the rest is left out."""
     out = {}
     for k, v in metrics.items():
+        if isinstance(v, (int, float, np.number, np.bool_)):
+            out[k] = float(v)
+            continue
         try:
-            out[k] = float(np.asarray(v))
-        except (TypeError, ValueError):
+            if callable(getattr(v, "item", None)) and not isinstance(v, np.ndarray):
+                v = v.item()            # a one-element tensor (one that requires grad too)
+            a = np.asarray(v)
+            if a.size == 1 and a.dtype.kind in "biuf":
+                out[k] = float(a.reshape(()))
+        except (TypeError, ValueError, RuntimeError):
             continue
     return out
 

@@ -84,8 +84,12 @@ Options (keyword arguments of `rf.run(..., backend="process", ...)`):
                      draws up to this many in one table.sample (default 4; 1 or 0: one at a time;
                      always one at a time in a run that checkpoints). receiver="thread": a sampler
                      thread keeps this many in a queue (default 0: the learner's thread samples)
-    queue_slots      slots per actor ring (default: 32 if the limiter has a samples-per-insert ratio,
-                     which keeps acting close to learning; else as many as fit 32 MiB, at most 256)
+    queue_slots      slots per actor ring (default: 1 with a rate_limiters.Queue, whose size bounds
+                     how far acting runs ahead of learning; 32 if the limiter has a samples-per-insert
+                     ratio, which keeps acting close to learning; else as many as fit 32 MiB, at most 256).
+                     With one slot an actor waits after each publish until the learner's side took
+                     it into the table, so the ring adds nothing to the table's bound: a PPO run through
+                     Table.queue(n) learns from data at most one learner version older than local's
     actor_threads    math-library threads (OpenMP, MKL, OpenBLAS) in each actor process and its env
                      workers, unless the environment sets them (default 1; None: the libraries'
                      own default, usually one per core); see rlflow.runtime.threads
@@ -119,6 +123,7 @@ from rlflow.actor import Actor
 from rlflow.adders.base import RowAdder
 from rlflow.core import Learner, Policy, Sample
 from rlflow.errors import ClosedError, Timeout, UsageError, WorkerDied, WorkerError, is_int, is_real, mismatch
+from rlflow.replay import rate_limiters
 from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
@@ -204,6 +209,8 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
             row[ENV_STEPS] = actor.env_steps
             row[ITEMS] = actor.items_added + len(next(iter(items.values())))
             writer.write(items)
+            if writer.slots == 1:     # a one-slot ring (a Queue table's default) adds no buffering:
+                writer.wait_taken()   # the next items are made with the parameters of after this wait
 
         actor = Actor(policy, venv, adder, sink=publish, warmup_steps=exp.warmup_steps, seed=seed,
                       param_client=client)
@@ -652,6 +659,11 @@ class _ProcessRun:
         ratio = getattr(table.rate_limiter, "samples_per_insert", None)
         if self.queue_slots:
             self.slots = self.queue_slots
+        elif isinstance(table.rate_limiter, rate_limiters.Queue):
+            # a queue bounds how far acting runs ahead of learning (on-policy data: PPO, A2C): one
+            # slot per actor beyond it, not 32 (the data of a PPO run through Table.queue aged by one
+            # learner version per learner step until the rings filled)
+            self.slots = 1
         elif ratio is not None:
             self.slots = 32          # few enough that the actors stay close to the learner; the reader frees 16 at a time
         else:

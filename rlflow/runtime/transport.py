@@ -256,6 +256,20 @@ class RingWriter:
                 raise ClosedError("the run is stopping")
         self.blocked_seconds += time.monotonic() - t
 
+    def wait_taken(self) -> None:
+        """Wait until every published slot was taken by the reader (a free slot for each), or
+        the run stops: a ring of one slot then adds no buffering beyond the table's own."""
+        held = 0
+        try:
+            for _ in range(self.slots):
+                self._acquire()
+                held += 1
+        except ClosedError:
+            pass                    # stopping: what was published stays published
+        finally:
+            for _ in range(held):
+                self.free.release()
+
     def write(self, items: Mapping[str, np.ndarray]) -> None:
         n = len(items[self._cols[0][0]]) if self._trusted else self._check(items)
         start = 0
