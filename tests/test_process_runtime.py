@@ -1416,3 +1416,37 @@ def test_a_queue_table_keeps_on_policy_data_fresh(backend, oldest):
     r = rf.run(on_policy_experiment(), backend=backend, max_learner_steps=16, progress=False)
     ages = r.learner.ages
     assert len(ages) >= 16 and max(ages) <= oldest, ages
+
+
+class PidPolicy(RandomPolicy):
+    def act(self, obs):
+        n = len(obs)
+        return np.random.randint(self.n, size=n), {"pid": np.full(n, os.getpid(), np.int64)}
+
+
+class PidCountingLearner(CountingLearner):
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.by_pid = {}
+
+    def step(self, batch):
+        for p, c in zip(*np.unique(batch["pid"], return_counts=True)):
+            self.by_pid[int(p)] = self.by_pid.get(int(p), 0) + int(c)
+        return super().step(batch)
+
+
+def ratio_table(specs):
+    return rf.Table(capacity=4_000, sampler=rf.selectors.Uniform(seed=0), remover=rf.selectors.Fifo(),
+                    rate_limiter=rf.rate_limiters.SampleToInsertRatio(8.0, 200, 400.0), specs=specs)
+
+
+def test_the_inline_receiver_shares_inserts_among_the_actors():
+    """The inline pump moved ring by ring from actor 0: under a samples-per-insert limiter actor 0
+    took nearly every insert (3 actors: 92% / 8% / 0.2% of the sampled items) and the others sat on
+    full rings, thousands of parameter versions behind."""
+    exp = rf.Experiment(env="CartPole-v1", num_envs=4, policy=PidPolicy, learner=PidCountingLearner,
+                        adder=rf.adders.Transition(0.99), table=ratio_table, batch_size=32)
+    r = rf.run(exp, backend="process", num_actors=3, max_learner_steps=3_000, progress=False)
+    shares = sorted(r.learner.by_pid.values())
+    assert len(shares) == 3 and shares[0] > 0.2 * sum(shares), r.learner.by_pid
+    assert max(r.figures[f"param_lag_{i}"] for i in range(3)) < 500

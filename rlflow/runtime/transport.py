@@ -137,14 +137,14 @@ class RingReader:
         n = int(self._rows[s])
         return {name: arr[s, :n] for name, arr in self._cols}
 
-    def pump(self, insert, until: Optional[float] = None) -> int:
+    def pump(self, insert, until: Optional[float] = None, most: Optional[int] = None) -> int:
         """Inline receiving: insert the published slots the table takes now (`insert(items)` returns
         False when the rate limiter refuses; the slot then stays for the next call), at most one
-        ring's worth (`slots`), and none after the time.monotonic() `until`: a writer that publishes
-        as fast as the slots are inserted would otherwise keep the caller (the learner's thread)
-        here for ever. A stopped writer's ring holds at most `slots`. Returns the slots moved."""
+        ring's worth (`slots`; or `most`), and none after the time.monotonic() `until`: a writer that
+        publishes as fast as the slots are inserted would otherwise keep the caller (the learner's
+        thread) here for ever. A stopped writer's ring holds at most `slots`. Returns the slots moved."""
         moved = 0
-        most = self.ring.slots
+        most = self.ring.slots if most is None else most
         while moved < most and (until is None or not moved or time.monotonic() < until):
             if self._held is None:
                 self._held = self.get(None)
