@@ -11,6 +11,7 @@ import contextlib
 import io
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -230,6 +231,61 @@ def test_param_store_never_torn_never_older_across_processes():
     finally:
         store.close()
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"rlflow_{os.getpid()}_")]
+
+
+def _big_reader(store, reads, conn):
+    store.for_reader(0)
+    t0, out = time.monotonic(), []
+    for _ in range(reads):
+        version, params = store.read()
+        out.append(bool(np.all(params["w"] == version)))
+    conn.send((time.monotonic() - t0, store.retries, out))
+
+
+def test_large_params_are_read_while_the_learner_publishes_without_pause():
+    """A copy of large parameters outlasted two publications, so every read was retried: with
+    200 MB and a learner publishing every step, actors read for tens of seconds and stopped acting.
+    A reader now pins the buffer it copies and the writer defers that publication."""
+    big = {"w": np.zeros(6_000_000)}                      # 48 MB: a copy takes tens of ms
+    store = SharedParamStore(big, readers=1)
+    try:
+        store.publish(big, 0)
+        a, b = SPAWN.Pipe(duplex=False)
+        p = SPAWN.Process(target=_big_reader, args=(store, 10, b), daemon=True)
+        p.start()
+        v, published = 0, 0
+        t_end = time.monotonic() + 60
+        while not a.poll() and time.monotonic() < t_end:
+            v += 1
+            big["w"][:] = v
+            published += store.publish(big, v)            # as fast as the writer can
+        seconds, retries, ok = a.recv()
+        p.join(5)
+        assert ok == [True] * 10                          # never torn
+        assert retries <= 3 and store.deferred > 0 and published > 0
+    finally:
+        store.close()
+
+
+def test_a_pinned_buffer_defers_a_publication_until_unpinned_or_stale(monkeypatch):
+    from rlflow.runtime import params as P
+
+    store = SharedParamStore(_template(0), readers=2)
+    try:
+        assert store.publish(_template(0), 0)
+        reader = pickle.loads(pickle.dumps(store)).for_reader(1)
+        target = 1 - int(store._header[0])                # the buffer the next publication writes
+        reader._pins[1] = (target + 1, time.monotonic_ns())
+        assert store.publish(_template(1), 1) is False and store.latest_version() == 0
+        assert reader.read()[0] == 0
+        reader._pins[1] = (target + 1, time.monotonic_ns() - int(5e9))   # a reader gone for 5 s
+        assert store.publish(_template(1), 1) and store.latest_version() == 1
+        assert reader.read()[0] == 1 and reader._pins[1][0] == 0          # a read unpins
+        with pytest.raises(UsageError, match="slot"):
+            reader.for_reader(2)
+        reader.close()
+    finally:
+        store.close()
 
 
 def test_param_store_matches_sync_paramstore_semantics():

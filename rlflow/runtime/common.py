@@ -35,11 +35,14 @@ class LearnerDriver:
         self.steps = 0
         self.last_metrics: dict = {}
         self._published_at = -math.inf
+        self._publish_pending = False
 
     def publish(self) -> None:
         if self.store is not None:
-            self.store.publish(self.learner.get_params(), self.steps)
-            self._published_at = time.monotonic()
+            # False: a reader held the buffer (SharedParamStore); publish at the next step instead
+            self._publish_pending = self.store.publish(self.learner.get_params(), self.steps) is False
+            if not self._publish_pending:
+                self._published_at = time.monotonic()
 
     def step(self, sample=None) -> dict:
         """One learner step on `sample` (a batch drawn elsewhere, e.g. by a prefetching thread),
@@ -63,7 +66,7 @@ class LearnerDriver:
             self.table.update_priorities(sample.keys, priorities)
         self.steps += 1
         self.last_metrics = metrics
-        if self.steps % self.publish_every == 0 or (
+        if self.steps % self.publish_every == 0 or self._publish_pending or (
                 self.publish_seconds is not None
                 and time.monotonic() - self._published_at >= self.publish_seconds):
             self.publish()

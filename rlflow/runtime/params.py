@@ -7,6 +7,7 @@ Layout: a header and two buffers, each holding one copy of every parameter array
 dtypes of the first published parameters; any nesting of lists, tuples and dicts of arrays).
 
     header  [active, latest, seq0, seq1, version0, version1]   int64
+    pins    [readers, 2] int64: (buffer + 1 or 0, time.monotonic_ns() of the pin) per reader
     buffer 0: leaf arrays      buffer 1: leaf arrays
 
 Writer (one: the learner), a seqlock per buffer with double buffering:
@@ -25,9 +26,15 @@ Reader (any number of processes, lock-free):
         s2 = seq[b]
     until s1 == s2                        -> (v, the copy): all from one version, never torn
 
-A reader is only ever retried if the writer came back to its buffer twice during one copy, so
-retries are rare, and the writer never waits for a reader: an actor killed mid-read (SIGKILL)
-cannot block the learner, which a lock shared with actors could. The ordering argument holds for
+A reader is only ever retried if the writer came back to its buffer twice during one copy. With
+large parameters that was not rare: a 200 MB copy outlasted two learner steps, every read was
+retried, and actors read for tens of seconds (a livelock). So each reader (actor i: `for_reader(i)`)
+pins the buffer it copies (pins[i] = (buffer + 1, since when)), and the writer leaves a pinned
+buffer alone: that publication is deferred (`publish` returns False; the learner's driver publishes
+at its next step instead). The writer never waits for a reader, and a pin older than PIN_STALE
+seconds (or 20 copies of the parameters) is ignored: an actor killed or stopped mid-read cannot
+hold the parameters back, which a lock shared with actors could. The seqlock stays the proof that
+no read is torn; pins only keep the writer off a buffer in use. The ordering argument holds for
 x86-64's total store order (stores are seen in program order, loads are not reordered with other
 loads), the platform this runs on; `tests/test_process_runtime.py` checks it across processes.
 
@@ -47,6 +54,7 @@ from rlflow.runtime.shm import SharedArrays
 from rlflow.sync import ParamLayout, build_params
 
 _ACTIVE, _LATEST, _SEQ, _VER = 0, 1, 2, 4
+PIN_STALE = 1.0          # seconds after which a reader's pin no longer defers a publication (at least)
 
 
 class SharedParamStore:
@@ -58,11 +66,11 @@ class SharedParamStore:
         client = rf.sync.ParamClient(store, every_learner_steps=100)
     """
 
-    def __init__(self, template):
+    def __init__(self, template, readers: int = 1):
         self._layout = ParamLayout(template)
         self._tree = self._layout.tree
         self._leaf_specs = self._layout.leaf_specs
-        specs = {"header": ((6,), np.int64)}
+        specs = {"header": ((6,), np.int64), "pins": ((max(1, int(readers)), 2), np.int64)}
         for b in (0, 1):
             for i, (shape, dtype) in enumerate(self._leaf_specs):
                 specs[f"b{b}_{i}"] = (shape, dtype)
@@ -70,13 +78,25 @@ class SharedParamStore:
         self._owner = True
         self._bind()
         self._header[:] = [0, -1, 0, 0, -1, -1]
+        self._pins[:] = 0
 
     def _bind(self):
         a = self._block.arrays
         self._header = a["header"]
         n = len(self._leaf_specs)
         self._bufs = [[a[f"b{b}_{i}"] for i in range(n)] for b in (0, 1)]
+        self._pins = a["pins"]
+        self._slot = None                      # this reader's row of pins (for_reader)
         self.retries = 0
+        self.deferred = 0                      # publications deferred: a reader held the buffer
+        self._copy_ns = 0                      # how long the last publication's copy took
+
+    def for_reader(self, slot: int) -> "SharedParamStore":
+        """This process reads as reader `slot` (0 <= slot < readers): its reads pin their buffer."""
+        if not 0 <= slot < len(self._pins):
+            raise UsageError(mismatch("SharedParamStore.for_reader", "slot", f"in [0, {len(self._pins) - 1}]", slot))
+        self._slot = int(slot)
+        return self
 
     # ---- pickling: a reader in another process attaches by name ------------------------------
     def __getstate__(self):
@@ -91,7 +111,9 @@ class SharedParamStore:
         self._bind()
 
     # ---- the ParamStore interface ------------------------------------------------------------
-    def publish(self, params, version: int) -> None:
+    def publish(self, params, version: int) -> bool:
+        """Publish `params` as `version`; False (nothing written) while a reader copies the buffer
+        it would overwrite: publish again later (the learner's driver does at its next step)."""
         version = int(version)
         h = self._header
         if version <= h[_LATEST]:
@@ -99,7 +121,11 @@ class SharedParamStore:
                                       f"> {int(h[_LATEST])} (versions increase)", version))
         leaves = self._layout.leaves(params)   # SpecError unless it fits the first publication's layout
         b = 1 - int(h[_ACTIVE])
+        if self._pinned(b):
+            self.deferred += 1
+            return False
         dst = self._bufs[b]
+        t = time.monotonic_ns()
         h[_SEQ + b] += 1                       # odd: being written
         for a, d in zip(leaves, dst):
             np.copyto(d, a, casting="safe")
@@ -107,6 +133,16 @@ class SharedParamStore:
         h[_SEQ + b] += 1                       # even: consistent
         h[_ACTIVE] = b
         h[_LATEST] = version
+        self._copy_ns = time.monotonic_ns() - t
+        return True
+
+    def _pinned(self, b: int) -> bool:
+        pins = self._pins
+        mine = pins[:, 0] == b + 1
+        if not mine.any():
+            return False
+        stale = max(int(PIN_STALE * 1e9), 20 * self._copy_ns)
+        return bool((mine & (time.monotonic_ns() - pins[:, 1] < stale)).any())
 
     def latest_version(self) -> int:
         return int(self._header[_LATEST])
@@ -118,19 +154,27 @@ class SharedParamStore:
 
     def read(self) -> tuple[int, Any]:
         h = self._header
+        pin = None if self._slot is None else self._pins[self._slot]
         spins = 0
-        while True:
-            b = int(h[_ACTIVE])
-            s1 = int(h[_SEQ + b])
-            if s1 & 1 == 0:
-                version = int(h[_VER + b])
-                copies = [np.array(x, copy=True) for x in self._bufs[b]]
-                if int(h[_SEQ + b]) == s1:
-                    return version, (build_params(self._tree, copies) if version >= 0 else None)
-            self.retries += 1
-            spins += 1
-            if spins > 3:
-                time.sleep(0.0001 * min(spins, 100))   # the writer is mid-copy: let it finish
+        try:
+            while True:
+                b = int(h[_ACTIVE])
+                if pin is not None:
+                    pin[1] = time.monotonic_ns()
+                    pin[0] = b + 1             # the writer leaves buffer b alone from here on
+                s1 = int(h[_SEQ + b])
+                if s1 & 1 == 0 and int(h[_ACTIVE]) == b:
+                    version = int(h[_VER + b])
+                    copies = [np.array(x, copy=True) for x in self._bufs[b]]
+                    if int(h[_SEQ + b]) == s1:
+                        return version, (build_params(self._tree, copies) if version >= 0 else None)
+                self.retries += 1
+                spins += 1
+                if spins > 3:
+                    time.sleep(0.0001 * min(spins, 100))   # the writer is mid-copy: let it finish
+        finally:
+            if pin is not None:
+                pin[0] = 0
 
     def close(self) -> None:
         """Creator: unlink the segment's name. Readers: drop the mapping."""

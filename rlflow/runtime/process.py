@@ -201,6 +201,8 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         writer = RingWriter(ring_args, should_stop=should_stop, trusted=isinstance(adder, RowAdder))
         if store is None:
             store = _wait_for_store(store_conn, should_stop)
+        if isinstance(store, SharedParamStore):
+            store.for_reader(index)           # its reads pin their buffer (rlflow.runtime.params)
         client = ParamClient(store, every_learner_steps=exp.param_sync_steps,
                              every_seconds=exp.param_sync_seconds)
         def publish(items):
@@ -706,7 +708,7 @@ class _ProcessRun:
             learner.load_state_dict(resumed.learner_state)
             ckpt.restore_rng(resumed.rng)
             base_learner_steps = int(resumed.counters["learner_steps"])
-        self.store = store = SharedParamStore(learner.get_params())
+        self.store = store = SharedParamStore(learner.get_params(), readers=self.num_actors)
         _track(store._block)
         driver = LearnerDriver(learner, table, exp.batch_size, store, exp.param_sync_steps,
                               publish_seconds=exp.param_sync_seconds)
