@@ -791,9 +791,21 @@ def _close_reports(conn) -> list:
 # --------------------------------------------------------------------------------------------------
 # The worker process
 # --------------------------------------------------------------------------------------------------
+class _Terminated(BaseException):
+    """SIGTERM in a worker: it closes its envs and exits (143), reporting no env error."""
+
+
+def _worker_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, spin, bells=(None, None),
                  made_by_main_thread=True):
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is the parent's to handle
+    # SIGTERM (a whole process group stopped: Slurm, systemd, a container) ends the worker quietly;
+    # forked from an actor it had the actor's handler, whose exit was reported as an env's error
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+    terminated = False
     if made_by_main_thread:
         # Linux sends PR_SET_PDEATHSIG when the *thread* that started this process ends: a vector
         # env made in a thread that then ends would lose its workers. Made elsewhere than in the
@@ -881,14 +893,19 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
             done()
     except (BrokenPipeError, ConnectionResetError):
         pass
+    except _Terminated:
+        terminated = True
     except BaseException as exc:                       # noqa: BLE001 - forwarded to the parent
         reply_error(exc)
     finally:
         if venv is not None:
             try:
                 venv.close()
+            except _Terminated:
+                terminated = True
             except BaseException as exc:                # noqa: BLE001 - the parent reads it at close
-                reply_error(exc, "close")
+                if not terminated:
+                    reply_error(exc, "close")
         for c in (down, up, *bells):
             if c is None:
                 continue
@@ -896,3 +913,5 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
                 c.close()
             except OSError:
                 pass
+    if terminated:
+        sys.exit(128 + signal.SIGTERM)
