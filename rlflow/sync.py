@@ -94,6 +94,19 @@ def _leaves_like(tree, params, out: list) -> bool:
     return all(_leaves_like(v, p, out) for v, p in zip(tree[1], params))
 
 
+def _few(names: list, most: int = 4) -> str:
+    return "[" + ", ".join(names[:most]) + (f", ... {len(names) - most} more" if len(names) > most else "") + "]"
+
+
+def _kinds(tree) -> str:
+    """The containers of a flatten_params structure, outermost first ("dict of list")."""
+    kinds = []
+    while tree[0] in ("dict", "list", "tuple") and tree[1]:
+        kinds.append(tree[0])
+        tree = tree[1][0][1] if tree[0] == "dict" else tree[1][0]
+    return " of ".join(kinds) or tree[0]
+
+
 class ParamLayout:
     """The layout of the first published parameters: their nesting (lists, tuples, dicts) and each
     array's shape and dtype. Every store keeps it for the whole run, the in-process one as the
@@ -118,8 +131,15 @@ class ParamLayout:
             first = ("None (get_params returned None at first: the first publication fixes the layout, so "
                      "build the parameters in the learner's __init__)" if self.tree == ("none",)
                      else "the nesting and number of arrays of the first published params")
-            raise SpecError(mismatch("params", "structure", first,
-                                     "None" if tree == ("none",) else "a different nesting or number of arrays"))
+            if tree == ("none",) or self.tree == ("none",):
+                got = "None" if tree == ("none",) else "a different nesting or number of arrays"
+            else:                  # name the arrays: where the new params differ from the first
+                had, has = leaf_names(self.tree), leaf_names(tree)
+                new = [n for n in has if n not in set(had)]
+                missing = [n for n in had if n not in set(has)]
+                got = (f"new {_few(new)}, missing {_few(missing)}" if new or missing else
+                       f"the same arrays nested as {_kinds(tree)} (first: {_kinds(self.tree)})")
+            raise SpecError(mismatch("params", "structure", first, got))
         out = []
         for i, (a, (shape, dtype)) in enumerate(zip(leaves, self.leaf_specs)):
             if a.shape != shape:

@@ -109,6 +109,11 @@ def test_both_stores_keep_the_first_publications_layout(kind):
             store.publish({"w": np.ones(2, np.float64), "n": np.zeros(2, np.int64)}, 2)
         with pytest.raises(SpecError, match="'structure'"):
             store.publish([np.ones(2, np.float32)], 2)
+        # a key added or dropped mid-run is named (the message said only "a different nesting")
+        with pytest.raises(SpecError, match=r"new \[params\['bias'\]\], missing \[\]"):
+            store.publish(dict(first, bias=np.zeros(1)), 2)
+        with pytest.raises(SpecError, match=r"new \[\], missing \[params\['n'\]\]"):
+            store.publish({"w": first["w"]}, 2)
         assert store.read()[0] == 1
     finally:
         if kind == "shared":
