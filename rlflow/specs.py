@@ -47,6 +47,11 @@ class ArraySpec:
         and unsigned ints mix) when its values fit: one that would wrap or overflow to inf raises
         SpecError.
         """
+        if isinstance(array, Mapping):            # a nested dict for a flat field (np.asarray: shape ())
+            expected = ("B",) * batch_ndim + self.shape
+            raise SpecError(mismatch(what, field, f"an array of shape {_fmt_shape(expected)}",
+                                     f"a dict with keys {sorted(map(str, array))} (nested data: flatten it "
+                                     f"with rf.specs.flatten, fields '{field}/<key>')"))
         a = np.asarray(array)
         if a.shape[batch_ndim:] != self.shape or a.ndim != batch_ndim + len(self.shape):
             expected = ("B",) * batch_ndim + self.shape

@@ -293,3 +293,16 @@ def test_learner_metrics_scalars_of_any_kind_are_figures():
     assert (row["a"], row["b"], row["c"], row["d"]) == (1.0, 2.5, 3.0, 4.0)
     assert "e" not in row and "f" not in row
     assert _metrics_run(None).figures["learner_steps"] > 0
+
+
+def test_nested_data_or_specs_for_a_flat_table_point_at_flatten():
+    """A dict given for a flat field read 'got shape ()'; nested specs did not say how to flatten."""
+    t = Table(10, specs={"obs": rf.specs.ArraySpec((3,), np.float32)})
+    with pytest.raises(SpecError, match=r"field 'obs'.*got a dict with keys \['a'\].*rf.specs.flatten"):
+        t.insert({"obs": {"a": np.zeros((2, 3), np.float32)}})
+    nested = rf.specs.from_space(gym.spaces.Dict({"a": gym.spaces.Box(0, 1, (2,))}))
+    with pytest.raises(UsageError, match=r"spec 'obs'.*rf.specs.flatten"):
+        Table(10, specs={"obs": nested})
+    flat = Table(10, specs=rf.specs.flatten({"obs": nested}))
+    flat.insert({"obs/a": np.zeros((1, 2), np.float32)})
+    assert len(flat) == 1

@@ -158,3 +158,72 @@ def test_a_selector_class_that_is_not_importable_at_load_is_named_as_such(tmp_pa
     monkeypatch.delitem(sys.modules, "mysel_mod")
     with pytest.raises(UsageError, match=r"'sampler class': expected mysel_mod:Mine importable in this program"):
         rf.Table.load(tmp_path / "t")
+
+
+class PlainList(rf.Selector):
+    """A user selector without config(): the checkpoint pickles the object itself."""
+
+    def __init__(self):
+        self.ids = []
+
+    def add(self, ids, priorities):
+        self.ids.extend(np.asarray(ids).tolist())
+
+    def sample(self, n):
+        return np.array(self.ids[:n], np.int64), np.full(n, 1.0 / len(self.ids))
+
+    def remove(self, ids):
+        for i in np.asarray(ids).tolist():
+            self.ids.remove(i)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def state_dict(self):
+        return {"ids": np.array(self.ids, np.int64)}
+
+    def load_state_dict(self, state):
+        self.ids = [int(i) for i in state["ids"]]
+
+
+class CountingLimiter(rf.core.RateLimiter):
+    """A user rate limiter without config()."""
+    samples_per_insert = None
+
+    def __init__(self):
+        self.inserted = 0
+
+    def can_insert(self, n=1):
+        return True
+
+    def can_sample(self, n=1):
+        return self.inserted >= n
+
+    def on_insert(self, n):
+        self.inserted += n
+
+    def on_sample(self, n):
+        pass
+
+    def on_delete(self, n):
+        pass
+
+    def state_dict(self):
+        return {"inserted": self.inserted}
+
+    def load_state_dict(self, state):
+        self.inserted = int(state["inserted"])
+
+
+def test_a_table_with_pickled_user_selectors_and_limiter_loads(tmp_path):
+    """Saved, such a table could never be loaded: the unpickled objects carried the saved table's
+    mark and contents, and the new table refused them ('already belongs to a table')."""
+    t = rf.Table(8, sampler=PlainList(), rate_limiter=CountingLimiter())
+    t.insert(items(5))
+    t.save(tmp_path / "t")
+    loaded = rf.Table.load(tmp_path / "t")
+    assert len(loaded) == 5 and loaded.sampler.ids == t.sampler.ids
+    assert loaded.rate_limiter.inserted == 5
+    assert np.array_equal(loaded.sample(2, timeout=1).keys, t.sample(2, timeout=1).keys)
+    with pytest.raises(UsageError, match="already belongs to a table"):     # still one table each
+        rf.Table(8, sampler=loaded.sampler)

@@ -257,7 +257,13 @@ def _load(cls, directory, reading):
     specs = None
     if meta["specs"] is not None:
         specs = {k: ArraySpec(meta["specs"][k]["shape"], np.dtype(meta["specs"][k]["dtype"])) for k in meta["fields"]}
-    table = cls(meta["capacity"], sampler, remover, limiter, meta["max_times_sampled"], specs=specs)
+    from rlflow.replay.table import _RESTORING
+
+    _RESTORING.on = True      # a pickled user selector / limiter comes with the saved table's mark
+    try:
+        table = cls(meta["capacity"], sampler, remover, limiter, meta["max_times_sampled"], specs=specs)
+    finally:
+        _RESTORING.on = False
     sampler.load_state_dict(s_state)
     remover.load_state_dict(r_state)
     limiter.load_state_dict(l_state)

@@ -121,6 +121,16 @@ def _check_fits(capacity: int, specs) -> None:
                       f"the {_gib(avail)} of memory available now", RuntimeWarning, stacklevel=4)
 
 
+
+class _Restoring(threading.local):
+    """Table.load builds the table around selectors and limiters unpickled from a checkpoint (a
+    user's class without config()): they carry the saved table's mark and contents, which a new
+    table refuses; the load sets their state right after."""
+    on = False
+
+
+_RESTORING = _Restoring()
+
 class Table:
     """Items in preallocated columns, chosen by a sampler, evicted by a remover, paced by a limiter.
 
@@ -192,7 +202,7 @@ class Table:
             if not isinstance(obj, cls):
                 raise UsageError(mismatch("argument", name, f"an instance of {cls.__module__}.{cls.__name__}",
                                           f"{type(obj).__name__}"))
-            if getattr(obj, "_rlflow_table", None) is not None:
+            if getattr(obj, "_rlflow_table", None) is not None and not _RESTORING.on:
                 raise UsageError(f"argument '{name}': this {type(obj).__name__} already belongs to a table; "
                                  f"give each table its own")
         if sampler is remover:
@@ -207,7 +217,7 @@ class Table:
             raise UsageError(
                 f"table would deadlock: rate limiter min_size_to_sample={min_size} > capacity={capacity}, "
                 f"so sampling could never start")
-        if len(sampler) or len(remover) or getattr(rate_limiter, "inserts", 0):
+        if not _RESTORING.on and (len(sampler) or len(remover) or getattr(rate_limiter, "inserts", 0)):
             raise UsageError("sampler, remover and rate_limiter must be fresh (empty) when a table is built")
         self.capacity = capacity
         self.sampler = sampler
@@ -311,7 +321,10 @@ class Table:
                                       repr(specs)))
         for k, v in specs.items():
             if not isinstance(k, str) or not isinstance(v, ArraySpec):
-                raise UsageError(mismatch("spec", str(k), "an ArraySpec under a str field name", repr(v)))
+                nested = isinstance(v, Mapping)
+                raise UsageError(mismatch("spec", str(k), "an ArraySpec under a str field name" + (
+                    " (a table stores flat fields: rf.specs.flatten(specs) names nested ones 'obs/img', ...)"
+                    if nested else ""), repr(v)))
         return dict(specs)
 
     def _allocate(self, specs):
