@@ -957,3 +957,33 @@ def test_can_insert_says_no_to_more_than_the_capacity():
     assert t.can_insert(4) and not t.can_insert(5)
     with pytest.raises(UsageError, match="capacity"):
         t.insert(batch(5))
+
+
+def _save_many(path, n, value, errors):
+    import rlflow as _rf
+    t = _rf.Table(64)
+    t.insert({"x": np.full(8, value, np.float64)})
+    try:
+        for _ in range(n):
+            t.save(path)
+            loaded = _rf.Table.load(path)
+            assert len(loaded) == 8
+    except Exception as exc:       # noqa: BLE001 - reported to the test
+        errors.append(repr(exc))
+
+
+def test_concurrent_saves_to_one_directory_never_fail(tmp_path):
+    """Saves from several threads (and a load between them) to one path failed with raw
+    FileNotFoundError / ENOTEMPTY from each other's renames; their renames now take turns."""
+    import threading
+
+    path = str(tmp_path / "t")
+    errors = []
+    threads = [threading.Thread(target=_save_many, args=(path, 30, float(i), errors)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert errors == []
+    assert len(Table.load(path)) == 8
+    assert sorted(os.listdir(tmp_path)) == ["t"]          # nothing half-written or moved aside is left

@@ -19,6 +19,7 @@ save -> load -> save gives identical files.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import json
@@ -26,6 +27,11 @@ import os
 import pickle
 import shutil
 import uuid
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
 
 import numpy as np
 
@@ -115,8 +121,7 @@ def _path(directory, what: str) -> str:
     return os.path.abspath(d)
 
 
-def save(table, directory) -> None:
-    target = _path(directory, "Table.save")
+def _check_target(target, directory) -> None:
     if os.path.lexists(target) and not (os.path.isdir(target) and not os.path.islink(target)
                                         and (os.path.exists(os.path.join(target, "table.json"))
                                              or not os.listdir(target))):
@@ -126,6 +131,28 @@ def save(table, directory) -> None:
                 else "a directory holding other files and no table checkpoint (no table.json)")
         raise UsageError(mismatch("Table.save", "directory", "a new or empty directory, or a table "
                                   "checkpoint to replace", f"{directory!r}, {kind}"))
+
+
+@contextlib.contextmanager
+def _dir_lock(parent: str, exclusive: bool):
+    """An flock on the directory that holds a checkpoint: saves (exclusive) swap their renames one
+    at a time and a load (shared) never reads a checkpoint mid-swap, across threads and processes.
+    (Concurrent saves to one path failed with raw FileNotFoundError / ENOTEMPTY from each other's
+    renames.) Locks nothing where flock is missing (not POSIX)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)                  # releases the lock
+
+
+def save(table, directory) -> None:
+    target = _path(directory, "Table.save")
+    _check_target(target, directory)
     parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
@@ -134,19 +161,22 @@ def save(table, directory) -> None:
         with table._lock:
             _write(table, tmp)
         _fsync_dir_files(tmp)
-        if os.path.exists(target):
-            old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-        else:
-            os.replace(tmp, target)
+        with _dir_lock(parent, exclusive=True):     # another save's renames are not interleaved
+            _check_target(target, directory)        # (what is there may have changed meanwhile)
+            if os.path.exists(target):
+                old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex}")
+                os.replace(target, old)
+                os.replace(tmp, target)
+            else:
+                os.replace(tmp, target)
+            # the new checkpoint is in place: the one it replaced goes, and so does any left by a
+            # save that died between its two renames (`load` falls back to those only while no
+            # target exists)
+            for stale in glob.glob(os.path.join(parent, f".{base}.old-*")):
+                shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # the new checkpoint is in place: the one it replaced goes, and so does any left by a save
-    # that died between its two renames (`load` falls back to those only while no target exists)
-    for stale in glob.glob(os.path.join(parent, f".{base}.old-*")):
-        shutil.rmtree(stale, ignore_errors=True)
     # and the half-written copies of saves whose process died (killed mid-save: its `except`
     # never ran); a save still running in a live process keeps its own
     for partial in glob.glob(os.path.join(parent, f".{base}.tmp-*")):
@@ -219,8 +249,10 @@ def load(cls, directory):
     naming it."""
     directory = _path(directory, "Table.load")
     reading = [os.path.join(directory, "table.json")]
+    parent = os.path.dirname(directory)
     try:
-        return _load(cls, directory, reading)
+        with _dir_lock(parent, exclusive=False) if os.path.isdir(parent) else contextlib.nullcontext():
+            return _load(cls, directory, reading)
     except UsageError:
         raise
     except Exception as e:
