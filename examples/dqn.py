@@ -181,7 +181,7 @@ def experiment(args: Args | None = None) -> rf.Experiment:
         eval_policy=PolicyFactory(args, greedy=True),
         eval_every=args.eval_every,
         eval_episodes=args.eval_episodes,
-        target_return=args.target_return if args.target_return > 0 else None,
+        target_return=args.target_return if args.target_return > 0 and args.eval_every > 0 else None,
     )
 
 

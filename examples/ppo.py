@@ -156,7 +156,7 @@ class LearnerFactory:
 
 
 class TableFactory:
-    """On-policy: a FIFO queue of one rollout per actor; each fragment is read once."""
+    """On-policy: a FIFO queue of one rollout per actor (one batch); each fragment is read once."""
 
     def __init__(self, args: Args):
         self.args = args
@@ -174,14 +174,14 @@ def experiment(args: Args | None = None) -> rf.Experiment:
         learner=LearnerFactory(args),
         adder=rf.adders.Rollout(args.n_steps, discount=args.gamma, gae_lambda=args.gae_lambda),
         table=TableFactory(args),
-        batch_size=args.num_envs,          # one learner step per rollout of num_envs fragments
+        batch_size=args.num_envs * args.num_actors,   # one learner step per rollout of every actor
         num_envs=args.num_envs,
         seed=args.seed,
         param_sync_steps=1,                # on-policy: the actors take every update
         eval_policy=PolicyFactory(args, greedy=True),
         eval_every=args.eval_every,
         eval_episodes=args.eval_episodes,
-        target_return=args.target_return if args.target_return > 0 else None,
+        target_return=args.target_return if args.target_return > 0 and args.eval_every > 0 else None,
     )
 
 

@@ -207,7 +207,7 @@ def experiment(args: Args | None = None) -> rf.Experiment:
         eval_policy=PolicyFactory(args, deterministic=True),
         eval_every=args.eval_every,
         eval_episodes=args.eval_episodes,
-        target_return=args.target_return,
+        target_return=args.target_return if args.eval_every > 0 else None,
     )
 
 

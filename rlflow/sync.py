@@ -98,13 +98,24 @@ def _few(names: list, most: int = 4) -> str:
     return "[" + ", ".join(names[:most]) + (f", ... {len(names) - most} more" if len(names) > most else "") + "]"
 
 
-def _kinds(tree) -> str:
-    """The containers of a flatten_params structure, outermost first ("dict of list")."""
-    kinds = []
-    while tree[0] in ("dict", "list", "tuple") and tree[1]:
-        kinds.append(tree[0])
-        tree = tree[1][0][1] if tree[0] == "dict" else tree[1][0]
-    return " of ".join(kinds) or tree[0]
+def _where_differs(first, now, at: str = "params"):
+    """Where two flatten_params structures with the same leaf names first differ in a container's
+    kind ("params['layers'] is a tuple (first: a list)"), or None."""
+    if first[0] != now[0]:
+        return f"{at} is a {now[0]} (first: a {first[0]})"
+    if first[0] == "dict":
+        inner = dict(now[1])
+        for k, v in first[1]:
+            if k in inner:
+                d = _where_differs(v, inner[k], f"{at}[{k!r}]")
+                if d:
+                    return d
+    elif first[0] in ("list", "tuple"):
+        for i, (a, b) in enumerate(zip(first[1], now[1])):
+            d = _where_differs(a, b, f"{at}[{i}]")
+            if d:
+                return d
+    return None
 
 
 class ParamLayout:
@@ -138,7 +149,7 @@ class ParamLayout:
                 new = [n for n in has if n not in set(had)]
                 missing = [n for n in had if n not in set(has)]
                 got = (f"new {_few(new)}, missing {_few(missing)}" if new or missing else
-                       f"the same arrays nested as {_kinds(tree)} (first: {_kinds(self.tree)})")
+                       _where_differs(self.tree, tree) or "the same arrays, nested otherwise")
             raise SpecError(mismatch("params", "structure", first, got))
         out = []
         for i, (a, (shape, dtype)) in enumerate(zip(leaves, self.leaf_specs)):

@@ -134,7 +134,8 @@ class _LateBad(gym.Env):
 
 
 @pytest.mark.parametrize("backend", ["serial", "process"])
-@pytest.mark.parametrize("field,bad", [("reward", None), ("terminated", "False"), ("terminated", 2)])
+@pytest.mark.parametrize("field,bad", [("reward", None), ("terminated", "False"), ("terminated", 2),
+                                       ("reward", np.array([1.0, 2.0])), ("terminated", np.array([True, False]))])
 def test_bad_env_outputs_after_the_first_step_are_named(backend, field, bad):
     """Only the first step's reward and flags were checked: later a None reward became NaN and a
     "False" or 2 flag became True, ending the episode silently."""
@@ -145,7 +146,7 @@ def test_bad_env_outputs_after_the_first_step_are_named(backend, field, bad):
     with pytest.raises((SpecError, rf.errors.WorkerError)) as info:
         venv.step(np.zeros(2, np.int64))
     text = str(info.value) + getattr(info.value, "remote_traceback", "")
-    assert field in text and repr(bad) in text
+    assert field in text and (repr(bad) in text or "shape (2,)" in text)
     venv.close()
 
 
@@ -165,6 +166,22 @@ class _OldApi(_LateBad):
 class _OldReset(_LateBad):
     def reset(self, seed=None, options=None):
         return np.zeros(2, np.float32)
+
+
+class _ListApi(_LateBad):
+    """reset and step return lists: accepted, as before the old-API check."""
+
+    def reset(self, seed=None, options=None):
+        return [np.zeros(2, np.float32), {}]
+
+    def step(self, action):
+        return list(super().step(action))
+
+
+def test_an_env_returning_lists_is_taken():
+    venv = rf.envs.make(_ListApi, 2)
+    venv.reset(seed=0)
+    assert venv.step(np.zeros(2, np.int64)).reward.tolist() == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("cls,what", [(_OldApi, "step()"), (_OldReset, "reset()")])
@@ -287,11 +304,15 @@ def test_learner_metrics_that_are_not_a_dict_are_named(metrics):
 def test_learner_metrics_scalars_of_any_kind_are_figures():
     torch = pytest.importorskip("torch")
     w = torch.ones(1, requires_grad=True)
+    import decimal
+    import fractions
+
     r = _metrics_run({"a": 1, "b": np.float32(2.5), "c": np.array([3.0]), "d": (w * 4).sum(),
-                      "e": np.arange(3), "f": "text"})
+                      "e": np.arange(3), "f": "text", "g": decimal.Decimal("1.5"), "h": fractions.Fraction(1, 4),
+                      "i": np.timedelta64(3, "s")})
     row = r.history[-1]
-    assert (row["a"], row["b"], row["c"], row["d"]) == (1.0, 2.5, 3.0, 4.0)
-    assert "e" not in row and "f" not in row
+    assert (row["a"], row["b"], row["c"], row["d"], row["g"], row["h"]) == (1.0, 2.5, 3.0, 4.0, 1.5, 0.25)
+    assert "e" not in row and "f" not in row and "i" not in row
     assert _metrics_run(None).figures["learner_steps"] > 0
 
 

@@ -119,7 +119,7 @@ def test_a_failed_write_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full") as info:
         rf.run(experiment(), max_env_steps=1_200, progress=False, checkpoint_dir=d, resume=d)
     # the error says what was being written, where, and which checkpoint is kept
-    msg = str(info.value)
+    msg = "\n".join(getattr(info.value, "__notes__", []))
     assert "writing checkpoint ckpt-" in msg and d in msg and os.path.basename(good) in msg and "free" in msg
     assert ckpt.find(d) == good and files(good) == good_files
     assert not [n for n in os.listdir(d) if n.startswith(".tmp")]

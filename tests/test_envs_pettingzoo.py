@@ -6,7 +6,7 @@ from gymnasium import spaces
 from pettingzoo.utils.env import ParallelEnv
 
 import rlflow as rf
-from rlflow.errors import UsageError
+from rlflow.errors import SpecError, UsageError
 
 tictactoe_v3 = pytest.importorskip("pettingzoo.classic.tictactoe_v3")
 simple_spread_v3 = pytest.importorskip("mpe2.simple_spread_v3")
@@ -452,14 +452,23 @@ def test_an_env_that_keeps_its_actions_sees_them_unchanged(backend):
 
 
 def test_aec_step_after_an_env_raised_asks_for_a_reset_then_plays_on():
-    """tictactoe refuses an out-of-range action before any env moves; the next step asks for a
-    reset (it used to blame the caller: 'a row that was not alive', on every later step)."""
+    """An out-of-range action of an acting row is refused before any env moves (a SpecError in the
+    calling process: the envs are as they were, play goes on); an env that raises mid-step leaves
+    the vector env half-stepped: the next step asks for a reset (it used to blame the caller: 'a
+    row that was not alive', on every later step)."""
     with rf.envs.make(ttt, 2) as venv:
         s = venv.reset(seed=0)
         bad = legal_actions(s, np.random.default_rng(0))
         bad[np.flatnonzero(s.alive)[0]] = 99
-        with pytest.raises(Exception, match="action"):
+        with pytest.raises(SpecError, match="action"):
             venv.step(bad)
+        s = venv.step(legal_actions(s, np.random.default_rng(0)))       # nothing had moved
+        env1 = venv.envs[1]
+        original = env1.step
+        env1.step = lambda action: (_ for _ in ()).throw(RuntimeError("boom"))
+        with pytest.raises(RuntimeError, match="boom"):
+            venv.step(legal_actions(s, np.random.default_rng(0)))
+        env1.step = original
         with pytest.raises(UsageError, match=r"reset\(\) after an env raised"):
             venv.step(legal_actions(s, np.random.default_rng(0)))
         s = venv.reset(seed=0)
@@ -703,3 +712,40 @@ def test_integer_bounds_at_the_dtypes_extremes_pad_exactly():
         assert space.shape == (3,) and space.dtype == np.int64 and (space.high == big).all() and (space.low == 0).all()
         s = venv.reset(seed=0)
         assert space.contains(s.obs[0]) and space.contains(s.obs[1])
+
+
+class DyingMulti(Dying):
+    """Dying with MultiDiscrete actions (the env records what it received)."""
+    space = spaces.MultiDiscrete([3, 4])
+
+    def action_space(self, agent):
+        return self.space
+
+    def step(self, actions):
+        self.received = dict(actions)
+        return super().step(actions)
+
+
+class DyingBinary(DyingMulti):
+    space = spaces.MultiBinary(3)
+
+
+@pytest.mark.parametrize("cls,good,bad", [(Dying, 1, 7), (DyingMulti, [2, 3], [5, 7]),
+                                          (DyingBinary, [1, 0, 1], [2, 0, -1])])
+def test_multi_agent_actions_out_of_range_in_acting_rows_are_named(cls, good, bad):
+    """An acting agent's Discrete 7 of Discrete(2) (all agents alike), a MultiDiscrete [5, 7] or
+    a MultiBinary 2 reached the env unchecked; rows that do not act may still hold anything."""
+    venv = rf.envs.make(cls, 2)
+    step = venv.reset(seed=0)
+    dtype = venv.single_action_space.dtype
+    acts = np.array([good] * len(step), dtype)
+    step = venv.step(acts)                           # agent a0 of each env ends: its rows stop acting
+    assert not step.alive[0]
+    acts = np.array([good] * len(step), dtype)
+    acts[0] = bad                                    # a row that does not act: anything goes
+    step = venv.step(acts)
+    acts = np.array([good] * len(step), dtype)
+    acts[2] = bad                                    # env 0's a2 acts
+    with pytest.raises(SpecError, match=r"actions\[2\].*agent 'a2'"):
+        venv.step(acts)
+    venv.close()

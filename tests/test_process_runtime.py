@@ -1464,19 +1464,28 @@ class AgeLearner(rf.Learner):
         return [np.full(1, self.steps, np.int64)]
 
 
-def on_policy_experiment():
+class QueueOf:
+    def __init__(self, n):
+        self.n = n
+
+    def __call__(self, specs):
+        return rf.Table.queue(self.n, specs=specs)
+
+
+def on_policy_experiment(actors=1):
     return rf.Experiment(env="CartPole-v1", num_envs=4, policy=VersionedPolicy, learner=AgeLearner,
-                         adder=rf.adders.Rollout(8, discount=0.99), table=lambda s: rf.Table.queue(4, specs=s),
-                         batch_size=4, param_sync_steps=1)
+                         adder=rf.adders.Rollout(8, discount=0.99), table=QueueOf(4 * actors),
+                         batch_size=4 * actors, param_sync_steps=1)
 
 
-@pytest.mark.parametrize("backend,oldest", [("local", 1), ("process", 2)])
-def test_a_queue_table_keeps_on_policy_data_fresh(backend, oldest):
+@pytest.mark.parametrize("backend,actors,oldest", [("local", 1, 1), ("process", 1, 2), ("process", 2, 3)])
+def test_a_queue_table_keeps_on_policy_data_fresh(backend, actors, oldest):
     """A rollout's first step acts before the learner's newest parameters reach the actor (the
     fragment is emitted one call after its last step): 1 version old on the local backend. The
-    process backend's actor collects the next rollout while the learner learns: at most one more.
+    process backend's actors collect the next rollout while the learner learns: one or two more.
     Its 32-slot rings used to buffer on top of the queue: the age grew by one per learner step."""
-    r = rf.run(on_policy_experiment(), backend=backend, max_learner_steps=16, progress=False)
+    kw = {"num_actors": actors} if backend == "process" else {}
+    r = rf.run(on_policy_experiment(actors), backend=backend, max_learner_steps=16, progress=False, **kw)
     ages = r.learner.ages
     assert len(ages) >= 16 and max(ages) <= oldest, ages
 

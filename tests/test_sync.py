@@ -114,6 +114,7 @@ def test_both_stores_keep_the_first_publications_layout(kind):
             store.publish(dict(first, bias=np.zeros(1)), 2)
         with pytest.raises(SpecError, match=r"new \[\], missing \[params\['n'\]\]"):
             store.publish({"w": first["w"]}, 2)
+
         assert store.read()[0] == 1
     finally:
         if kind == "shared":
@@ -145,3 +146,12 @@ def test_a_dict_with_its_keys_in_another_order_is_the_same_layout(kind):
     finally:
         if kind == "shared":
             store.close()
+
+
+def test_a_container_that_changes_kind_is_named_where():
+    from rlflow.errors import SpecError
+    from rlflow.sync import ParamLayout
+
+    layout = ParamLayout({"w": np.zeros(2), "layers": [np.zeros(1), np.zeros(1)]})
+    with pytest.raises(SpecError, match=r"params\['layers'\] is a tuple \(first: a list\)"):
+        layout.leaves({"w": np.zeros(2), "layers": (np.zeros(1), np.zeros(1))})

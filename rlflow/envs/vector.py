@@ -350,16 +350,22 @@ class VectorEnv:
                            if isinstance(sp, spaces.Discrete) and not layout.multi_agent else None)
         # MultiDiscrete / MultiBinary likewise, per element: [low, high) arrays of the action's shape
         self._act_bounds = None
-        if not layout.multi_agent and isinstance(sp, spaces.MultiDiscrete):
+        if isinstance(sp, spaces.MultiDiscrete):
             self._act_bounds = (np.asarray(sp.start, np.int64), np.asarray(sp.start, np.int64) + sp.nvec)
-        elif not layout.multi_agent and isinstance(sp, spaces.MultiBinary):
+        elif isinstance(sp, spaces.MultiBinary):
             self._act_bounds = (np.zeros(sp.shape, np.int64), np.full(sp.shape, 2, np.int64))
         # agents of different Discrete action sizes (padded): each row's own n, checked on step
+        # multi-agent rows: the acting rows' actions are checked (each agent's own Discrete n where
+        # agents of different sizes were padded; MultiDiscrete / MultiBinary bounds per element)
         self._own_n = None
-        if layout.agent_actions is not None and isinstance(layout.action_space, spaces.Discrete):
+        self._last_rows = None               # (env_ids, alive) of the last returned Step
+        if layout.multi_agent and isinstance(sp, spaces.Discrete):
             A = len(layout.agents)
-            self._own_n = np.array([int(a.n) for a in layout.agent_actions], np.int64)[np.arange(self.num_envs) % A]
-            self._last_rows = None           # (env_ids, alive) of the last returned Step
+            ns = ([int(a.n) for a in layout.agent_actions] if layout.agent_actions is not None
+                  else [int(sp.n)] * A)
+            self._own_n = np.array(ns, np.int64)[np.arange(self.num_envs) % A]
+        elif layout.multi_agent and isinstance(sp, (spaces.MultiDiscrete, spaces.MultiBinary)):
+            self._own_n = np.zeros(0, np.int64)            # bounds only: _act_bounds
 
     # ---- public API -----------------------------------------------------------------------------
     @property
@@ -401,9 +407,21 @@ class VectorEnv:
         return step
 
     def _check_own_actions(self, actions: np.ndarray) -> None:
-        """Agents of different Discrete sizes share the largest: SpecError naming the position in
-        `actions`, its agent and row, unless every acting row's action is in its agent's range."""
+        """Multi-agent rows (agents of different Discrete sizes share the largest): SpecError naming
+        the position in `actions`, its agent and row, unless every acting row's action is in its
+        agent's range."""
         ids, alive = self._last_rows
+        if not isinstance(self.single_action_space, spaces.Discrete):        # MultiDiscrete / MultiBinary
+            lo, hi = self._act_bounds
+            bad = ((actions < lo) | (actions >= hi)).reshape(len(actions), -1).any(axis=1)
+            bad &= True if alive is None else alive
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                agent = self.layout.agents[int(ids[j]) % len(self.layout.agents)]
+                raise SpecError(mismatch("argument", f"actions[{j}]", f"an action of agent {agent!r} (row "
+                                         f"{int(ids[j])}) in {self.single_action_space} (each value in [low, "
+                                         f"high] = [{lo.tolist()}, {(hi - 1).tolist()}])", actions[j].tolist()))
+            return
         start = int(self.single_action_space.start)
         n = self._own_n[ids]
         off = actions.astype(np.int64) - start
@@ -485,7 +503,7 @@ class VectorEnv:
             j = int(np.flatnonzero((a < rng[0]) | (a >= rng[1]))[0])
             raise SpecError(mismatch("argument", f"actions[{j}]", f"an action of {self.single_action_space} "
                                      f"(in [{rng[0]}, {rng[1] - 1}])", a[j]))
-        if self._act_bounds is not None and len(a):
+        if self._act_bounds is not None and len(a) and self._own_n is None:   # multi-agent: acting rows, on step
             lo, hi = self._act_bounds
             bad = (a < lo) | (a >= hi)
             if bad.any():
@@ -668,11 +686,11 @@ class _InPlace(VectorEnv):
 def _reset_obs(out):
     """The observation of a Gymnasium `reset()`'s (obs, info); SpecError for anything else (an
     old gym env returns the observation alone, whose [0] read as one would be its first value)."""
-    if isinstance(out, tuple) and len(out) == 2:
+    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], dict):
         return out[0]
-    got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+    got = f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
     raise SpecError(mismatch("env", "reset()", "(obs, info) (the Gymnasium API; an old gym env returns obs "
-                             "alone)", got))
+                             "alone: shimmy's GymV21CompatibilityV0 / GymV26CompatibilityV0 convert one)", got))
 
 
 def note_env_index(exc: BaseException, index: int) -> None:
@@ -769,7 +787,9 @@ class SerialVectorEnv(_InPlace):
     def _check_outputs(self, rewards, terminated, truncated) -> None:
         """SpecError naming the env and the field unless each reward is a real number and each flag
         a bool (a None reward became NaN, a "False" flag True). Run on the first step, and on a
-        later step with a None reward, a flag equal to neither bool, or values numpy refuses."""
+        later step with a None or array reward, a flag equal to neither bool (0 / 1 are taken), or
+        values numpy refuses. (Later steps are not checked value by value: a str reward numpy
+        parses, or a 1.0 flag, goes through.)"""
         for i, (r, te, tr) in enumerate(zip(rewards, terminated, truncated)):
             for name, v, kinds, what in (("reward", r, "biuf", "a real number"),
                                          ("terminated", te, "b", "a bool"), ("truncated", tr, "b", "a bool")):
@@ -788,12 +808,12 @@ class SerialVectorEnv(_InPlace):
         """SpecError naming the env whose step() did not return Gymnasium's 5-tuple (an env of
         the old gym API returns (obs, reward, done, info))."""
         for i, res in enumerate(results):
-            if not isinstance(res, tuple) or len(res) != 5:
-                got = f"a tuple of {len(res)}" if isinstance(res, tuple) else type(res).__name__
+            if not isinstance(res, (tuple, list)) or len(res) != 5:
+                got = f"a {type(res).__name__} of {len(res)}" if isinstance(res, (tuple, list)) else type(res).__name__
                 err = SpecError(mismatch(f"env {self.seed_offset + i}", "step()",
                                          "(obs, reward, terminated, truncated, info) (the Gymnasium API; an "
-                                         "old gym env returns 4 values: wrap it in gymnasium's compatibility "
-                                         "wrapper)", got))
+                                         "old gym env returns 4 values: shimmy's GymV21CompatibilityV0 / "
+                                         "GymV26CompatibilityV0 convert one)", got))
                 note_env_index(err, self.seed_offset + i)
                 raise err
 
@@ -822,8 +842,12 @@ class SerialVectorEnv(_InPlace):
             # every step, in C-speed scans (~1 us at 16 envs): a None reward would become NaN and a
             # "False" or 2 flag True in the arrays; a flag that equals neither bool is checked in full
             n = len(term_l)
-            if None in rew_l or term_l.count(False) + term_l.count(True) != n \
-                    or trunc_l.count(False) + trunc_l.count(True) != n:
+            try:
+                suspect = (None in rew_l or term_l.count(False) + term_l.count(True) != n
+                           or trunc_l.count(False) + trunc_l.count(True) != n)
+            except (TypeError, ValueError):      # an array reward or flag: `==` has no one truth value
+                suspect = True
+            if suspect:
                 self._check_outputs(rew_l, term_l, trunc_l)
             try:
                 a["reward"][:] = rew_l

@@ -217,10 +217,11 @@ def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int 
     seq = _sequence(directory) + 1
     name = f"ckpt-{seq:06d}"
     tmp = os.path.join(directory, f".tmp-{name}-{uuid.uuid4().hex}")
+    learner_state = learner.state_dict()   # the user's errors stay theirs (outside the write's handling)
     os.mkdir(tmp)
     try:
         with open(os.path.join(tmp, "learner.pkl"), "wb") as f:
-            pickle.dump(learner.state_dict(), f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(learner_state, f, protocol=pickle.HIGHEST_PROTOCOL)
         table.save(os.path.join(tmp, "table"))
         meta = {"format": FORMAT, "counters": counters, "rng": rng}
         if adder is not None:
@@ -241,9 +242,9 @@ def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int 
         except OSError:
             free = "free space unknown"
         kept = _read_latest(os.path.join(directory, LATEST))
-        raise OSError(e.errno, f"writing checkpoint {name} into {directory} failed ({free}): "
-                      f"{e.strerror or e}; " + (f"the last complete checkpoint, {kept}, is kept" if kept else
-                                                "no earlier checkpoint there")) from e
+        e.add_note(f"(writing checkpoint {name} into {directory} failed, {free}; " +
+                   (f"the last complete checkpoint, {kept}, is kept)" if kept else "no earlier checkpoint there)"))
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

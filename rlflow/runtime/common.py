@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 import warnings
 from typing import Mapping, Optional
@@ -197,11 +198,11 @@ def scalar_metrics(metrics: dict) -> dict:
     """The learner's metrics that are scalars, as floats (for the figures); the rest is left out."""
     out = {}
     for k, v in metrics.items():
-        if isinstance(v, (int, float, np.number, np.bool_)):
-            out[k] = float(v)
-            continue
         try:
-            if callable(getattr(v, "item", None)) and not isinstance(v, np.ndarray):
+            if isinstance(v, (numbers.Number, np.bool_)) and not isinstance(v, (complex, np.complexfloating)):
+                out[k] = float(v)            # Python and numpy numbers, Fraction, Decimal (a timedelta: skipped)
+                continue
+            if callable(getattr(v, "item", None)) and not isinstance(v, (np.ndarray, np.generic)):
                 v = v.item()            # a one-element tensor (one that requires grad too)
             a = np.asarray(v)
             if a.size == 1 and a.dtype.kind in "biuf":

@@ -551,7 +551,8 @@ class ProcessVectorEnv(VectorEnv):
         e0, e1 = self._env_bounds[w]
         self._abort()
         raise WorkerDied(f"the worker process {what} (exit code {code}"
-                          f"{', signal ' + signal.Signals(-code).name if code and code < 0 else ''})",
+                          f"{', signal ' + signal.Signals(-code).name if code and code < 0 else ''}"
+                          f"{', signal SIGTERM' if code == 128 + signal.SIGTERM else ''})",
                           "", f"env worker {w} (envs {e0}..{e1 - 1}, pid {pid})")
 
     # ---- VectorEnv ----------------------------------------------------------------------------------

@@ -84,12 +84,14 @@ Options (keyword arguments of `rf.run(..., backend="process", ...)`):
                      draws up to this many in one table.sample (default 4; 1 or 0: one at a time;
                      always one at a time in a run that checkpoints). receiver="thread": a sampler
                      thread keeps this many in a queue (default 0: the learner's thread samples)
-    queue_slots      slots per actor ring (default: 1 with a rate_limiters.Queue, whose size bounds
-                     how far acting runs ahead of learning; 32 if the limiter has a samples-per-insert
-                     ratio, which keeps acting close to learning; else as many as fit 32 MiB, at most 256).
-                     With one slot an actor waits after each publish until the learner's side took
-                     it into the table, so the ring adds nothing to the table's bound: a PPO run through
-                     Table.queue(n) learns from data at most one learner version older than local's
+    queue_slots      slots per actor ring (default: with a rate_limiters.Queue of size Q, whose size
+                     bounds how far acting runs ahead of learning, Q // num_actors // slot_rows slots
+                     (1 to 32): a ring holds at most its actor's share of the queue; 32 if the limiter has a samples-per-insert
+                     ratio, which keeps acting close to learning; else as many as fit 32 MiB, at most
+                     256). With one slot an actor waits after each publish until the learner's side
+                     took it into the table, so the ring adds nothing to the table's bound: a PPO run
+                     through Table.queue(n) with batches of every actor's rollout learned from data
+                     one to two learner versions older than local's (1-3 actors)
     actor_threads    math-library threads (OpenMP, MKL, OpenBLAS) in each actor process and its env
                      workers, unless the environment sets them (default 1; None: the libraries'
                      own default, usually one per core); see rlflow.runtime.threads
@@ -663,10 +665,12 @@ class _ProcessRun:
         if self.queue_slots:
             self.slots = self.queue_slots
         elif isinstance(table.rate_limiter, rate_limiters.Queue):
-            # a queue bounds how far acting runs ahead of learning (on-policy data: PPO, A2C): one
-            # slot per actor beyond it, not 32 (the data of a PPO run through Table.queue aged by one
-            # learner version per learner step until the rings filled)
-            self.slots = 1
+            # a queue bounds how far acting runs ahead of learning (on-policy data: PPO, A2C): a ring
+            # holds at most its actor's share of the queue (32 slots on top of a one-rollout queue aged a
+            # PPO run's data by one learner version per learner step until the rings filled). A
+            # queue of one slot's rows gets one slot, which the actor waits to see taken (below)
+            share = table.rate_limiter.queue_size // max(1, self.num_actors)     # each actor's part
+            self.slots = int(max(1, min(32, share // self.rows_per_slot)))
         elif ratio is not None:
             self.slots = 32          # few enough that the actors stay close to the learner; the reader frees 16 at a time
         else:
