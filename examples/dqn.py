@@ -79,19 +79,35 @@ def q_network(spec: rf.EnvSpec, hidden: int) -> nn.Module:
 
 # ---------------------------------------------------------------- DQN: the algorithm-specific part
 class EpsilonGreedy(rf.Policy):
+    """Epsilon decays with the run's env steps, told by the learner: its published learner steps
+    give the env steps the table had taken (learning_starts + learner steps x batch_size /
+    samples_per_insert), plus what the actors acted since. So a resumed run, a restarted actor and
+    K actors all follow one schedule (a count kept in the policy would start again at 1.0)."""
+
     def __init__(self, spec: rf.EnvSpec, args: Args, greedy: bool = False):
-        self.q, self.args, self.greedy, self.steps = q_network(spec, args.hidden), args, greedy, 0
+        self.q, self.args, self.greedy = q_network(spec, args.hidden), args, greedy
+        self.env_steps, self.since = 0.0, 0    # the run's env steps at the last params; acted since
+
+    def epsilon(self) -> float:
+        a = self.args
+        steps = self.env_steps + self.since * a.num_actors
+        return 0.0 if self.greedy else max(a.eps_end, a.eps_start - (a.eps_start - a.eps_end) * steps / a.eps_steps)
 
     def act(self, obs):
-        a, n = self.args, self.q[-1].out_features
-        eps = 0.0 if self.greedy else max(a.eps_end, a.eps_start - (a.eps_start - a.eps_end) * self.steps / a.eps_steps)
-        self.steps += len(obs)
+        n = self.q[-1].out_features
+        eps = self.epsilon()
+        self.since += len(obs)
         with torch.no_grad():
             greedy = self.q(torch.as_tensor(obs)).argmax(1).numpy()
         return np.where(np.random.random(len(obs)) < eps, np.random.randint(n, size=len(obs)), greedy)
 
     def set_params(self, params):          # the learner's parameters, through rlflow's policy delayer
-        load_params(self.q, params)
+        load_params(self.q, params["q"])
+        learner_steps = int(params["learner_steps"][0])
+        if learner_steps:                  # before the first learner step: the actors' own count
+            a = self.args
+            self.env_steps = a.learning_starts + learner_steps * a.batch_size / a.samples_per_insert
+            self.since = 0
 
 
 class DQN(rf.Learner):
@@ -101,7 +117,9 @@ class DQN(rf.Learner):
         self.flat = FlatParams(self.q)         # q's weights (and grads) as views of one tensor (each)
         self.opt = torch.optim.Adam([self.flat.param], lr=args.lr, fused=True)   # = Adam(q.parameters())
         self.args, self.steps = args, 0
-        self.params = module_params(self.q)    # numpy views of the live weights; stores copy on publish
+        # numpy views of the live weights (stores copy on publish), and the learner's step count
+        # (the policies' epsilon schedule follows it)
+        self.params = {"q": module_params(self.q), "learner_steps": np.zeros(1, np.int64)}
 
     def step(self, batch):
         b = {k: torch.as_tensor(v) for k, v in batch.data.items()}
@@ -113,6 +131,7 @@ class DQN(rf.Learner):
         self.flat.clip_grad_norm(10.0)         # = nn.utils.clip_grad_norm_, minus a no-op rescale
         self.opt.step()
         self.steps += 1
+        self.params["learner_steps"][0] = self.steps
         if self.steps % self.args.target_update == 0:
             self.target.load_state_dict(self.q.state_dict())
         return {"loss": loss.item()}
@@ -127,6 +146,7 @@ class DQN(rf.Learner):
         for obj, s in zip((self.q, self.target, self.opt), state["nets"]):
             obj.load_state_dict(s)
         self.steps = state["steps"]
+        self.params["learner_steps"][0] = self.steps
 
 
 # ---------------------------------------------------------------- end of the DQN-specific part

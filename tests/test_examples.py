@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -57,3 +58,31 @@ def test_sac_example_runs_and_reports(tmp_path):
     assert "q_loss" in header and "alpha" in header
     last = dict(zip(header, rows[-1].split(",")))
     assert float(last["env_steps"]) == 600 and float(last["learner_steps"]) > 0
+
+
+def test_dqn_epsilon_follows_the_learner_so_a_resume_carries_it_on():
+    """The example's epsilon was a count kept in the policy: a resumed run (or a restarted actor)
+    explored from 1.0 again. It follows the learner's published steps now."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import dqn
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    import rlflow as rf
+
+    spec = rf.envs.make("CartPole-v1", 1).spec
+    args = dqn.Args(hidden=8, eps_steps=2_000, learning_starts=1_000, batch_size=64, samples_per_insert=32.0)
+    policy = dqn.EpsilonGreedy(spec, args)
+    assert policy.epsilon() == 1.0
+    policy.act(np.zeros((4, 4), np.float32))                 # warm-up: the actor's own count
+    assert policy.epsilon() == pytest.approx(1.0 - 0.96 * 4 / 2_000)
+    learner = dqn.DQN(spec, args)
+    saved = dict(learner.state_dict(), steps=250)           # a checkpoint at 250 learner steps
+    resumed = dqn.DQN(spec, args)
+    resumed.load_state_dict(saved)
+    fresh = dqn.EpsilonGreedy(spec, args)                   # the resumed run's new policy
+    fresh.set_params(resumed.get_params())
+    assert fresh.epsilon() == pytest.approx(1.0 - 0.96 * (1_000 + 250 * 2) / 2_000)
+    fresh.set_params(dict(resumed.get_params(), learner_steps=np.array([600])))
+    assert fresh.epsilon() == pytest.approx(0.04)
