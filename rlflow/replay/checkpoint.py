@@ -152,8 +152,12 @@ def _dir_lock(parent: str, exclusive: bool):
 
 def save(table, directory) -> None:
     target = _path(directory, "Table.save")
-    _check_target(target, directory)
     parent, base = os.path.split(target)
+    if os.path.isdir(parent):
+        with _dir_lock(parent, exclusive=False):     # not mid-way through another save's renames
+            _check_target(target, directory)
+    else:
+        _check_target(target, directory)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
     os.mkdir(tmp)
