@@ -278,7 +278,8 @@ def test_a_pinned_buffer_defers_a_publication_until_unpinned_or_stale(monkeypatc
         reader._pins[1] = (target + 1, time.monotonic_ns())
         assert store.publish(_template(1), 1) is False and store.latest_version() == 0
         assert reader.read()[0] == 0
-        reader._pins[1] = (target + 1, time.monotonic_ns() - int(5e9))   # a reader gone for 5 s
+        store._copies.extend([int(12e9), int(0.01e9)])    # one slow copy (fresh pages, a busy moment)
+        reader._pins[1] = (target + 1, time.monotonic_ns() - int(1.5e9))  # a reader stopped for 1.5 s
         assert store.publish(_template(1), 1) and store.latest_version() == 1
         assert reader.read()[0] == 1 and reader._pins[1][0] == 0          # a read unpins
         with pytest.raises(UsageError, match="slot"):

@@ -987,3 +987,25 @@ def test_concurrent_saves_to_one_directory_never_fail(tmp_path):
     assert errors == []
     assert len(Table.load(path)) == 8
     assert sorted(os.listdir(tmp_path)) == ["t"]          # nothing half-written or moved aside is left
+
+
+def test_save_and_load_go_on_where_the_directory_lock_is_refused(tmp_path, monkeypatch):
+    """The lock opens the checkpoint's parent for reading: a parent this user may write but not
+    read (mode 0733), or a file system without flock, made every save and load fail."""
+    from rlflow.replay import checkpoint
+
+    real_open = os.open
+    parent = str(tmp_path / "p")
+
+    def refusing_open(path, flags, *a, **k):
+        if os.path.abspath(os.fspath(path)) == parent:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *a, **k)
+
+    t = Table(8)
+    t.insert({"x": np.arange(3.0)})
+    os.makedirs(parent)
+    monkeypatch.setattr(checkpoint.os, "open", refusing_open)
+    t.save(os.path.join(parent, "t"))
+    t.save(os.path.join(parent, "t"))                      # and replaces it
+    assert len(Table.load(os.path.join(parent, "t"))) == 3

@@ -138,16 +138,24 @@ def _dir_lock(parent: str, exclusive: bool):
     """An flock on the directory that holds a checkpoint: saves (exclusive) swap their renames one
     at a time and a load (shared) never reads a checkpoint mid-swap, across threads and processes.
     (Concurrent saves to one path failed with raw FileNotFoundError / ENOTEMPTY from each other's
-    renames.) Locks nothing where flock is missing (not POSIX)."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(parent, os.O_RDONLY)
+    renames.) Locks nothing where flock is missing (not POSIX) or refused (an unreadable parent, a
+    file system without flock)."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(parent, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError:
+            # a parent this user may write but not read (mode 0733), a file system without flock
+            # (some NFS: ENOLCK, EOPNOTSUPP): saves and loads go on unlocked, as they did before
+            if fd is not None:
+                os.close(fd)
+            fd = None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield
     finally:
-        os.close(fd)                  # releases the lock
+        if fd is not None:
+            os.close(fd)              # releases the lock
 
 
 def save(table, directory) -> None:

@@ -32,8 +32,8 @@ retried, and actors read for tens of seconds (a livelock). So each reader (actor
 pins the buffer it copies (pins[i] = (buffer + 1, since when)), and the writer leaves a pinned
 buffer alone: that publication is deferred (`publish` returns False; the learner's driver publishes
 at its next step instead). The writer never waits for a reader, and a pin older than PIN_STALE
-seconds (or 20 copies of the parameters) is ignored: an actor killed or stopped mid-read cannot
-hold the parameters back, which a lock shared with actors could. The seqlock stays the proof that
+seconds (or 4 times the fastest of the last 8 copies) is ignored: an actor killed or stopped
+mid-read cannot hold the parameters back, which a lock shared with actors could. The seqlock stays the proof that
 no read is torn; pins only keep the writer off a buffer in use. The ordering argument holds for
 x86-64's total store order (stores are seen in program order, loads are not reordered with other
 loads), the platform this runs on; `tests/test_process_runtime.py` checks it across processes.
@@ -44,6 +44,7 @@ and actor processes attach to it by name. The creating process unlinks the name 
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Any
 
@@ -89,7 +90,7 @@ class SharedParamStore:
         self._slot = None                      # this reader's row of pins (for_reader)
         self.retries = 0
         self.deferred = 0                      # publications deferred: a reader held the buffer
-        self._copy_ns = 0                      # how long the last publication's copy took
+        self._copies = collections.deque(maxlen=8)   # how long the last publications' copies took
 
     def for_reader(self, slot: int) -> "SharedParamStore":
         """This process reads as reader `slot` (0 <= slot < readers): its reads pin their buffer."""
@@ -133,7 +134,7 @@ class SharedParamStore:
         h[_SEQ + b] += 1                       # even: consistent
         h[_ACTIVE] = b
         h[_LATEST] = version
-        self._copy_ns = time.monotonic_ns() - t
+        self._copies.append(time.monotonic_ns() - t)
         return True
 
     def _pinned(self, b: int) -> bool:
@@ -141,7 +142,9 @@ class SharedParamStore:
         mine = pins[:, 0] == b + 1
         if not mine.any():
             return False
-        stale = max(int(PIN_STALE * 1e9), 20 * self._copy_ns)
+        # the fastest of the last copies (not one slow first write into fresh pages, or a busy
+        # moment): a reader that copies for 4 times that, and over PIN_STALE, is stopped or gone
+        stale = max(int(PIN_STALE * 1e9), 4 * min(self._copies, default=0))
         return bool((mine & (time.monotonic_ns() - pins[:, 1] < stale)).any())
 
     def latest_version(self) -> int:
