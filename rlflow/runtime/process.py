@@ -88,7 +88,7 @@ Options (keyword arguments of `rf.run(..., backend="process", ...)`):
                      bounds how far acting runs ahead of learning, Q // num_actors // slot_rows slots
                      (1 to 32): a ring holds at most its actor's share of the queue; 32 if the limiter has a samples-per-insert
                      ratio, which keeps acting close to learning; else as many as fit 32 MiB, at most
-                     256). With one slot an actor waits after each publish until the learner's side
+                     256). A Queue table with one slot: an actor waits after each publish until the learner's side
                      took it into the table, so the ring adds nothing to the table's bound: a PPO run
                      through Table.queue(n) with batches of every actor's rollout learned from data
                      one to two learner versions older than local's (1-3 actors)
@@ -207,14 +207,15 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
             store.for_reader(index)           # its reads pin their buffer (rlflow.runtime.params)
         client = ParamClient(store, every_learner_steps=exp.param_sync_steps,
                              every_seconds=exp.param_sync_seconds)
+        wait_taken = bool(base.get("wait_taken"))
         def publish(items):
             # the counters first, then the items: the learner's process then never holds (or
             # checkpoints) an item whose step its counters leave out
             row[ENV_STEPS] = actor.env_steps
             row[ITEMS] = actor.items_added + len(next(iter(items.values())))
             writer.write(items)
-            if writer.slots == 1:     # a one-slot ring (a Queue table's default) adds no buffering:
-                writer.wait_taken()   # the next items are made with the parameters of after this wait
+            if wait_taken:            # a Queue table's one-slot ring adds no buffering: the next
+                writer.wait_taken()   # items are made with the parameters of after this wait
 
         actor = Actor(policy, venv, adder, sink=publish, warmup_steps=exp.warmup_steps, seed=seed,
                       param_client=client)
@@ -624,7 +625,8 @@ class _ProcessRun:
         p = self.ctx.Process(
             target=_actor_main, name=f"rlflow-actor-{h.index}", daemon=False,
             args=(h.index, h.incarnation, self.actor_exp, seed, self.extras_specs, h.ring.writer_args(),
-                  self.store, self.control.handle(), child_end, os.getpid(), base, store_recv))
+                  self.store, self.control.handle(), child_end, os.getpid(),
+                  dict(base, wait_taken=self.wait_taken), store_recv))
         try:
             with child_threads(self.actor_threads), _sigint_blocked(self.ctx.get_start_method() == "spawn"):
                 p.start()
@@ -675,6 +677,8 @@ class _ProcessRun:
             self.slots = 32          # few enough that the actors stay close to the learner; the reader frees 16 at a time
         else:
             self.slots = int(min(256, max(8, (32 << 20) // max(1, slot_bytes(self.item_specs, self.rows_per_slot)))))
+        # a Queue table's one-slot rings: the actor waits after each publish until its slot was taken
+        self.wait_taken = self.slots == 1 and isinstance(table.rate_limiter, rate_limiters.Queue)
         self.seed0 = ckpt.env_seed(exp.seed, resumed)
 
         self.logger = make_logger(log_dir, progress, progress_every, resumed)
