@@ -91,7 +91,7 @@ Options (keyword arguments of `rf.run(..., backend="process", ...)`):
                      256). A Queue table with one slot: an actor waits after each publish until the learner's side
                      took it into the table, so the ring adds nothing to the table's bound: a PPO run
                      through Table.queue(n) with batches of every actor's rollout learned from data
-                     one to two learner versions older than local's (1-3 actors)
+                     on average one, at most three, learner versions older than local's (1-3 actors)
     actor_threads    math-library threads (OpenMP, MKL, OpenBLAS) in each actor process and its env
                      workers, unless the environment sets them (default 1; None: the libraries'
                      own default, usually one per core); see rlflow.runtime.threads
