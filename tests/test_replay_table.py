@@ -1002,10 +1002,18 @@ def test_save_and_load_go_on_where_the_directory_lock_is_refused(tmp_path, monke
             raise PermissionError(13, "Permission denied", path)
         return real_open(path, flags, *a, **k)
 
+    real_glob = checkpoint.glob.glob
+
+    def unlisted_glob(pattern, *a, **k):           # a parent that cannot be listed (mode 0333)
+        return [] if os.path.dirname(pattern) == parent else real_glob(pattern, *a, **k)
+
     t = Table(8)
     t.insert({"x": np.arange(3.0)})
     os.makedirs(parent)
     monkeypatch.setattr(checkpoint.os, "open", refusing_open)
+    monkeypatch.setattr(checkpoint.glob, "glob", unlisted_glob)
     t.save(os.path.join(parent, "t"))
     t.save(os.path.join(parent, "t"))                      # and replaces it
     assert len(Table.load(os.path.join(parent, "t"))) == 3
+    monkeypatch.undo()
+    assert os.listdir(parent) == ["t"]                     # the replaced one is gone, found by name

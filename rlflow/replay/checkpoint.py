@@ -175,12 +175,15 @@ def save(table, directory) -> None:
         _fsync_dir_files(tmp)
         with _dir_lock(parent, exclusive=True):     # another save's renames are not interleaved
             _check_target(target, directory)        # (what is there may have changed meanwhile)
+            old = None
             if os.path.exists(target):
                 old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex}")
                 os.replace(target, old)
                 os.replace(tmp, target)
             else:
                 os.replace(tmp, target)
+            if old is not None:        # by name: a parent this user cannot list hides it from glob
+                shutil.rmtree(old, ignore_errors=True)
             # the new checkpoint is in place: the one it replaced goes, and so does any left by a
             # save that died between its two renames (`load` falls back to those only while no
             # target exists)

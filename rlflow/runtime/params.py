@@ -32,7 +32,7 @@ retried, and actors read for tens of seconds (a livelock). So each reader (actor
 pins the buffer it copies (pins[i] = (buffer + 1, since when)), and the writer leaves a pinned
 buffer alone: that publication is deferred (`publish` returns False; the learner's driver publishes
 at its next step instead). The writer never waits for a reader, and a pin older than PIN_STALE
-seconds (or 4 times the fastest of the last 8 copies) is ignored: an actor killed or stopped
+seconds (or 10 times the fastest of the last 8 copies) is ignored: an actor killed or stopped
 mid-read cannot hold the parameters back, which a lock shared with actors could. The seqlock stays the proof that
 no read is torn; pins only keep the writer off a buffer in use. The ordering argument holds for
 x86-64's total store order (stores are seen in program order, loads are not reordered with other
@@ -143,8 +143,8 @@ class SharedParamStore:
         if not mine.any():
             return False
         # the fastest of the last copies (not one slow first write into fresh pages, or a busy
-        # moment): a reader that copies for 4 times that, and over PIN_STALE, is stopped or gone
-        stale = max(int(PIN_STALE * 1e9), 4 * min(self._copies, default=0))
+        # moment): a reader that copies for 10 times that, and over PIN_STALE, is stopped or gone
+        stale = max(int(PIN_STALE * 1e9), 10 * min(self._copies, default=0))
         return bool((mine & (time.monotonic_ns() - pins[:, 1] < stale)).any())
 
     def latest_version(self) -> int:
