@@ -200,7 +200,18 @@ def make_venv(experiment: Experiment, num_envs: Optional[int] = None, backend: O
             kwargs["pin"] = pin
         if backend == "pool":
             kwargs["batch_size"] = int(experiment.env_batch_size)
-    return envs.make(env, num_envs=num_envs or experiment.num_envs, backend=backend, **kwargs)
+    try:
+        return envs.make(env, num_envs=num_envs or experiment.num_envs, backend=backend, **kwargs)
+    except UsageError as e:
+        # rf.envs.make names its own arguments: say which Experiment fields they came from
+        msg = str(e)
+        fields = [f for arg, f in (("'batch_size'", "env_batch_size"), ("'workers'", "env_workers"))
+                  if arg in msg and arg[1:-1] in kwargs]
+        if not fields:
+            raise
+        raise UsageError(f"Experiment {' / '.join(fields)} (env_backend={backend!r}, num_envs="
+                         f"{num_envs or experiment.num_envs}, env_workers={experiment.env_workers}, "
+                         f"env_batch_size={experiment.env_batch_size}): {msg}") from None
 
 
 def extras_specs_of(policy: Policy, env_spec, first_step) -> dict:

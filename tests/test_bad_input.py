@@ -327,3 +327,13 @@ def test_nested_data_or_specs_for_a_flat_table_point_at_flatten():
     flat = Table(10, specs=rf.specs.flatten({"obs": nested}))
     flat.insert({"obs/a": np.zeros((1, 2), np.float32)})
     assert len(flat) == 1
+
+
+def test_an_impossible_pool_experiment_names_its_own_fields():
+    """One pool worker (no inline slice) returns all its envs at once, so no env_batch_size fits:
+    the error named rf.envs.make's 'batch_size' and asked for a value that cannot exist."""
+    exp = rf.Experiment(env="CartPole-v1", policy=_ZeroPolicy(), learner=_MetricsLearner(),
+                        adder=rf.adders.Transition(0.9), table=lambda specs: Table(1000, specs=specs),
+                        batch_size=8, num_envs=8, env_backend="pool", env_batch_size=4, env_workers=1)
+    with pytest.raises(UsageError, match=r"Experiment env_workers .*'workers': expected at least 2 slices"):
+        rf.run(exp, max_env_steps=16, progress=False)

@@ -362,3 +362,28 @@ def test_more_bad_experiment_fields(field, value):
 def test_progress_every_is_checked_up_front(value):
     with pytest.raises(UsageError, match="'progress_every'"):
         rf.run(experiment(), max_env_steps=100, progress_every=value)
+
+
+class _SlowConsumer(rf.Learner):
+    def step(self, batch):
+        time.sleep(0.02)
+        return {}
+
+
+class _ZerosPolicy(rf.Policy):
+    def act(self, obs):
+        return np.zeros(len(obs), np.int64)
+
+
+def test_max_seconds_holds_between_the_learner_steps_of_one_vector_step():
+    """A high samples-per-insert ratio with many envs gives hundreds of learner steps per vector
+    step; the local loop checked the clock only between vector steps (max_seconds=1 ran 9.8 s)."""
+    def table(specs):
+        return rf.Table(capacity=100_000, specs=specs,
+                        rate_limiter=rf.rate_limiters.SampleToInsertRatio(32.0, 64, 32 * 256 + 64))
+
+    exp = rf.Experiment(env="CartPole-v1", policy=_ZerosPolicy(), learner=_SlowConsumer(),
+                        adder=rf.adders.Transition(0.99), table=table, num_envs=256, batch_size=32)
+    r = rf.run(exp, max_seconds=0.5, progress=False)
+    assert r.figures["wall_time"] < 1.5, r.figures["wall_time"]
+    assert r.figures["learner_steps"] > 0

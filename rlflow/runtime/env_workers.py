@@ -364,9 +364,14 @@ class ProcessVectorEnv(VectorEnv):
                                           f"{' + 1 inline' if self.inline else ''}) divide num_envs={n} "
                                           "in pool mode", workers))
             epw = n // slices
+            if slices < 2:            # one slice returns all its envs at once: no batch is below num_envs
+                raise UsageError(mismatch("argument", "workers", "at least 2 slices in pool mode (workers, "
+                                          "+ 1 with inline): a step returns the slices that finished first",
+                                          f"{workers}{' + 1 inline' if self.inline else ''}"))
             if not isinstance(batch_size, int) or not (0 < batch_size < n) or batch_size % epw:
                 raise UsageError(mismatch("argument", "batch_size", f"a multiple of the envs per worker "
-                                          f"({epw}) below num_envs={n}", repr(batch_size)))
+                                          f"({epw}: {slices} slices of num_envs={n}) below num_envs",
+                                          repr(batch_size)))
             self.batch_size = batch_size
             bounds = np.arange(0, n + 1, epw)
         self.pool = self.batch_size < n
