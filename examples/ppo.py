@@ -188,7 +188,8 @@ def experiment(args: Args | None = None) -> rf.Experiment:
 def parse_args(argv=None) -> Args:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Args):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                            help=f"default: {f.default}")
     return Args(**vars(parser.parse_args(argv)))
 
 
