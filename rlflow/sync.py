@@ -146,8 +146,9 @@ class ParamLayout:
                 got = "None" if tree == ("none",) else "a different nesting or number of arrays"
             else:                  # name the arrays: where the new params differ from the first
                 had, has = leaf_names(self.tree), leaf_names(tree)
-                new = [n for n in has if n not in set(had)]
-                missing = [n for n in had if n not in set(has)]
+                had_set, has_set = set(had), set(has)
+                new = [n for n in has if n not in had_set]
+                missing = [n for n in had if n not in has_set]
                 got = (f"new {_few(new)}, missing {_few(missing)}" if new or missing else
                        _where_differs(self.tree, tree) or "the same arrays, nested otherwise")
             raise SpecError(mismatch("params", "structure", first, got))

@@ -23,10 +23,17 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from rlflow.core import Adder, Step
-from rlflow.errors import SpecError, UsageError, mismatch
+from rlflow.errors import SpecError, UsageError, is_real, mismatch
 from rlflow.specs import ArraySpec, EnvSpec, check_values_fit, flatten
 
 _EMPTY: dict = {}
+
+
+def unit_float(owner: str, name: str, value) -> float:
+    """`value` as a float in [0, 1] (a discount, a GAE lambda), else a UsageError naming it."""
+    if not is_real(value) or not 0.0 <= float(value) <= 1.0:
+        raise UsageError(mismatch(owner, name, "a float in [0, 1]", repr(value)))
+    return float(value)
 
 
 def _check_dtype(a: np.ndarray, dtype: np.dtype, field: str, what: str) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlflow.adders.base import TrajectoryAdder
-from rlflow.errors import UsageError, is_int, is_real, mismatch
+from rlflow.adders.base import TrajectoryAdder, unit_float
+from rlflow.errors import UsageError, is_int, mismatch
 from rlflow.specs import ArraySpec
 
 
@@ -31,11 +31,7 @@ class Episode(TrajectoryAdder):
     def __init__(self, max_length: int, discount: float = 1.0):
         if not is_int(max_length) or max_length < 1:
             raise UsageError(mismatch("Episode", "max_length", "an int >= 1", repr(max_length)))
-        if not is_real(discount):
-            raise UsageError(mismatch("Episode", "discount", "a float in [0, 1]", repr(discount)))
-        discount = float(discount)
-        if not 0.0 <= discount <= 1.0:
-            raise UsageError(mismatch("Episode", "discount", "a float in [0, 1]", discount))
+        discount = unit_float("Episode", "discount", discount)
         self.max_length, self.discount = int(max_length), discount
         super().__init__()
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlflow.adders.base import TrajectoryAdder
-from rlflow.errors import UsageError, is_int, is_real, mismatch
+from rlflow.adders.base import TrajectoryAdder, unit_float
+from rlflow.errors import UsageError, is_int, mismatch
 from rlflow.specs import ArraySpec
 
 
@@ -48,10 +48,9 @@ class Rollout(TrajectoryAdder):
     def __init__(self, length: int, discount: float, gae_lambda: float = 0.95):
         if not is_int(length) or length < 1:
             raise UsageError(mismatch("Rollout", "length", "an int >= 1", repr(length)))
-        for name, v in (("discount", discount), ("gae_lambda", gae_lambda)):
-            if not is_real(v) or not 0.0 <= float(v) <= 1.0:
-                raise UsageError(mismatch("Rollout", name, "a float in [0, 1]", v))
-        self.length, self.discount, self.gae_lambda = int(length), float(discount), float(gae_lambda)
+        self.length = int(length)
+        self.discount = unit_float("Rollout", "discount", discount)
+        self.gae_lambda = unit_float("Rollout", "gae_lambda", gae_lambda)
         super().__init__()
 
     def __repr__(self):

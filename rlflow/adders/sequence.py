@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlflow.adders.base import TrajectoryAdder
-from rlflow.errors import UsageError, is_int, is_real, mismatch
+from rlflow.adders.base import TrajectoryAdder, unit_float
+from rlflow.errors import UsageError, is_int, mismatch
 from rlflow.specs import ArraySpec
 
 END_BEHAVIORS = ("pad", "truncate", "continue")
@@ -57,11 +57,7 @@ class Sequence(TrajectoryAdder):
                 raise UsageError(mismatch("Sequence", name, "an int >= 1", repr(v)))
         if end_behavior not in END_BEHAVIORS:
             raise UsageError(mismatch("Sequence", "end_behavior", f"one of {END_BEHAVIORS}", repr(end_behavior)))
-        if not is_real(discount):
-            raise UsageError(mismatch("Sequence", "discount", "a float in [0, 1]", repr(discount)))
-        discount = float(discount)
-        if not 0.0 <= discount <= 1.0:
-            raise UsageError(mismatch("Sequence", "discount", "a float in [0, 1]", discount))
+        discount = unit_float("Sequence", "discount", discount)
         self.length, self.period, self.discount = int(length), int(period), discount
         self.end_behavior = end_behavior
         super().__init__()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlflow.adders.base import RowAdder
-from rlflow.errors import UsageError, is_int, is_real, mismatch
+from rlflow.adders.base import RowAdder, unit_float
+from rlflow.errors import UsageError, is_int, mismatch
 from rlflow.specs import ArraySpec
 
 
@@ -44,11 +44,7 @@ class NStepTransition(RowAdder):
     def __init__(self, n: int, discount: float):
         if not is_int(n) or n < 1:
             raise UsageError(mismatch("NStepTransition", "n", "an int >= 1", repr(n)))
-        if not is_real(discount):
-            raise UsageError(mismatch("NStepTransition", "discount", "a float in [0, 1]", repr(discount)))
-        discount = float(discount)
-        if not 0.0 <= discount <= 1.0:
-            raise UsageError(mismatch("NStepTransition", "discount", "a float in [0, 1]", discount))
+        discount = unit_float("NStepTransition", "discount", discount)
         self.n = int(n)
         self.discount = discount
         super().__init__()

@@ -412,15 +412,7 @@ class VectorEnv:
         agent's range."""
         ids, alive = self._last_rows
         if not isinstance(self.single_action_space, spaces.Discrete):        # MultiDiscrete / MultiBinary
-            lo, hi = self._act_bounds
-            bad = ((actions < lo) | (actions >= hi)).reshape(len(actions), -1).any(axis=1)
-            bad &= True if alive is None else alive
-            if bad.any():
-                j = int(np.flatnonzero(bad)[0])
-                agent = self.layout.agents[int(ids[j]) % len(self.layout.agents)]
-                raise SpecError(mismatch("argument", f"actions[{j}]", f"an action of agent {agent!r} (row "
-                                         f"{int(ids[j])}) in {self.single_action_space} (each value in [low, "
-                                         f"high] = [{lo.tolist()}, {(hi - 1).tolist()}])", actions[j].tolist()))
+            self._check_bounds(actions, alive, ids)
             return
         start = int(self.single_action_space.start)
         n = self._own_n[ids]
@@ -504,14 +496,23 @@ class VectorEnv:
             raise SpecError(mismatch("argument", f"actions[{j}]", f"an action of {self.single_action_space} "
                                      f"(in [{rng[0]}, {rng[1] - 1}])", a[j]))
         if self._act_bounds is not None and len(a) and self._own_n is None:   # multi-agent: acting rows, on step
-            lo, hi = self._act_bounds
-            bad = (a < lo) | (a >= hi)
-            if bad.any():
-                j = int(np.flatnonzero(bad.reshape(len(a), -1).any(axis=1))[0])
-                raise SpecError(mismatch("argument", f"actions[{j}]", f"an action of {self.single_action_space} "
-                                         f"(each value in [low, high] = [{lo.tolist()}, {(hi - 1).tolist()}])",
-                                         a[j].tolist()))
+            self._check_bounds(a)
         return a
+
+    def _check_bounds(self, actions: np.ndarray, acting=None, ids=None) -> None:
+        """MultiDiscrete / MultiBinary: SpecError naming the first row (of the `acting` ones; its
+        agent where `ids` are given) with a value outside [low, high] (`_act_bounds`)."""
+        lo, hi = self._act_bounds
+        bad = ((actions < lo) | (actions >= hi)).reshape(len(actions), -1).any(axis=1)
+        if acting is not None:
+            bad &= acting
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            whose = "" if ids is None else \
+                f" of agent {self.layout.agents[int(ids[j]) % len(self.layout.agents)]!r} (row {int(ids[j])})"
+            raise SpecError(mismatch("argument", f"actions[{j}]", f"an action{whose} of {self.single_action_space} "
+                                     f"(each value in [low, high] = [{lo.tolist()}, {(hi - 1).tolist()}])",
+                                     actions[j].tolist()))
 
     def _make_step(self, arrays: dict, obs: ObsBuffer, final: ObsBuffer, ids=None, index=None) -> Step:
         """A Step of copies of `arrays` (all rows, or rows `index`: an index array, or a slice

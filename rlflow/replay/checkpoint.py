@@ -138,8 +138,8 @@ def _dir_lock(parent: str, exclusive: bool):
     """An flock on the directory that holds a checkpoint: saves (exclusive) swap their renames one
     at a time and a load (shared) never reads a checkpoint mid-swap, across threads and processes.
     (Concurrent saves to one path failed with raw FileNotFoundError / ENOTEMPTY from each other's
-    renames.) Locks nothing where flock is missing (not POSIX) or refused (an unreadable parent, a
-    file system without flock)."""
+    renames.) Locks nothing where flock is missing (not POSIX) or refused (a parent that does not
+    exist yet or cannot be read, a file system without flock)."""
     fd = None
     if fcntl is not None:
         try:
@@ -161,10 +161,7 @@ def _dir_lock(parent: str, exclusive: bool):
 def save(table, directory) -> None:
     target = _path(directory, "Table.save")
     parent, base = os.path.split(target)
-    if os.path.isdir(parent):
-        with _dir_lock(parent, exclusive=False):     # not mid-way through another save's renames
-            _check_target(target, directory)
-    else:
+    with _dir_lock(parent, exclusive=False):         # not mid-way through another save's renames
         _check_target(target, directory)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
@@ -179,9 +176,7 @@ def save(table, directory) -> None:
             if os.path.exists(target):
                 old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex}")
                 os.replace(target, old)
-                os.replace(tmp, target)
-            else:
-                os.replace(tmp, target)
+            os.replace(tmp, target)
             if old is not None:        # by name: a parent this user cannot list hides it from glob
                 shutil.rmtree(old, ignore_errors=True)
             # the new checkpoint is in place: the one it replaced goes, and so does any left by a
@@ -266,7 +261,7 @@ def load(cls, directory):
     reading = [os.path.join(directory, "table.json")]
     parent = os.path.dirname(directory)
     try:
-        with _dir_lock(parent, exclusive=False) if os.path.isdir(parent) else contextlib.nullcontext():
+        with _dir_lock(parent, exclusive=False):
             return _load(cls, directory, reading)
     except UsageError:
         raise

@@ -33,10 +33,11 @@ pins the buffer it copies (pins[i] = (buffer + 1, since when)), and the writer l
 buffer alone: that publication is deferred (`publish` returns False; the learner's driver publishes
 at its next step instead). The writer never waits for a reader, and a pin older than PIN_STALE
 seconds (or 10 times the fastest of the last 8 copies) is ignored: an actor killed or stopped
-mid-read cannot hold the parameters back, which a lock shared with actors could. The seqlock stays the proof that
-no read is torn; pins only keep the writer off a buffer in use. The ordering argument holds for
-x86-64's total store order (stores are seen in program order, loads are not reordered with other
-loads), the platform this runs on; `tests/test_process_runtime.py` checks it across processes.
+mid-read cannot hold the parameters back, which a lock shared with actors could. The seqlock
+stays the proof that no read is torn; pins only keep the writer off a buffer in use. The
+ordering argument holds for x86-64's total store order (stores are seen in program order, loads
+are not reordered with other loads), the platform this runs on; `tests/test_process_runtime.py`
+checks it across processes.
 
 The segment is named "/rlflow_<pid>_<hex>"; the store is picklable (pickling carries the name),
 and actor processes attach to it by name. The creating process unlinks the name in `close()`.

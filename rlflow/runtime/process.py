@@ -86,12 +86,13 @@ Options (keyword arguments of `rf.run(..., backend="process", ...)`):
                      thread keeps this many in a queue (default 0: the learner's thread samples)
     queue_slots      slots per actor ring (default: with a rate_limiters.Queue of size Q, whose size
                      bounds how far acting runs ahead of learning, Q // num_actors // slot_rows slots
-                     (1 to 32): a ring holds at most its actor's share of the queue; 32 if the limiter has a samples-per-insert
-                     ratio, which keeps acting close to learning; else as many as fit 32 MiB, at most
-                     256). A Queue table with one slot: an actor waits after each publish until the learner's side
-                     took it into the table, so the ring adds nothing to the table's bound: a PPO run
-                     through Table.queue(n) with batches of every actor's rollout learned from data
-                     on average one, at most three, learner versions older than local's (1-3 actors)
+                     (1 to 32): a ring holds at most its actor's share of the queue; 32 if the limiter
+                     has a samples-per-insert ratio, which keeps acting close to learning; else as
+                     many as fit 32 MiB, at most 256). A Queue table with one slot: an actor waits
+                     after each publish until the learner's side took it into the table, so the ring
+                     adds nothing to the table's bound: a PPO run through Table.queue(n) with batches
+                     of every actor's rollout learned from data on average one, at most three,
+                     learner versions older than local's (1-3 actors)
     actor_threads    math-library threads (OpenMP, MKL, OpenBLAS) in each actor process and its env
                      workers, unless the environment sets them (default 1; None: the libraries'
                      own default, usually one per core); see rlflow.runtime.threads
@@ -667,10 +668,10 @@ class _ProcessRun:
         if self.queue_slots:
             self.slots = self.queue_slots
         elif isinstance(table.rate_limiter, rate_limiters.Queue):
-            # a queue bounds how far acting runs ahead of learning (on-policy data: PPO, A2C): a ring
-            # holds at most its actor's share of the queue (32 slots on top of a one-rollout queue aged a
-            # PPO run's data by one learner version per learner step until the rings filled). A
-            # queue of one slot's rows gets one slot, which the actor waits to see taken (below)
+            # a queue bounds how far acting runs ahead of learning (on-policy data: PPO, A2C): a
+            # ring holds at most its actor's share of the queue (32 slots on top of a one-rollout
+            # queue aged a PPO run's data by one learner version per learner step until the rings
+            # filled). A share of one slot's rows gets one slot, which the actor waits to see taken
             share = table.rate_limiter.queue_size // max(1, self.num_actors)     # each actor's part
             self.slots = int(max(1, min(32, share // self.rows_per_slot)))
         elif ratio is not None:
@@ -1178,17 +1179,13 @@ class _ProcessRun:
         elif live:
             start = self._pump_turn % len(live)
             self._pump_turn += 1
-            turn = live[start:] + live[:start]
-            left = {id(r): r.ring.slots for r in turn}
+            turn = [[r, r.ring.slots] for r in live[start:] + live[:start]]     # reader, slots left
             while turn:
-                took = []
-                for r in turn:
-                    if r.pump(self._try_insert, None, most=1):
-                        moved += 1
-                        left[id(r)] -= 1
-                        if left[id(r)]:
-                            took.append(r)
-                turn = took
+                for t in turn:
+                    took = t[0].pump(self._try_insert, None, most=1)
+                    moved += took
+                    t[1] = t[1] - 1 if took else 0
+                turn = [t for t in turn if t[1]]
                 if until is not None and time.monotonic() >= until:
                     break
         for _ in range(moved):
