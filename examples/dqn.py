@@ -6,34 +6,27 @@
 rlflow moves the data (env -> actor -> adder -> replay table -> learner -> params -> actor);
 this file holds only what is DQN: a Q-network, an epsilon-greedy policy and the learner.
 Hyperparameters follow rl-zoo's CartPole-v1 DQN settings.
+What every example shares (options, factories, the final evaluation) is in example_common.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import example_common
 import rlflow as rf
+from example_common import Build, RunArgs, UniformReplay, run_and_evaluate
 from rlflow.torch_utils import FlatParams, load_params, module_params
 
 
 @dataclass
-class Args:
-    env: str = "CartPole-v1"
-    """Gymnasium env id"""
-    seed: int = 0
-    total_steps: int = 100_000
-    """env steps at most"""
-    backend: str = "local"
-    """local | process"""
-    num_actors: int = 1
-    """actor processes (backend=process)"""
+class Args(RunArgs):
     lr: float = 2.3e-3
     batch_size: int = 64
     buffer_size: int = 100_000
@@ -52,14 +45,8 @@ class Args:
     eps_steps: int = 8_000
     """env steps over which epsilon decays linearly"""
     hidden: int = 256
-    eval_every: int = 2_000
-    eval_episodes: int = 20
     target_return: float = 475.0
     """stop once the greedy policy's mean return reaches this (<= 0: never stop early)"""
-    threads: int = 1
-    """torch threads (small networks run fastest on one)"""
-    log_dir: str = ""
-    """write figures.csv (and TensorBoard files if tensorboardX is installed) here"""
 
 
 def torch_setup(threads: int) -> None:
@@ -152,53 +139,20 @@ class DQN(rf.Learner):
 # ---------------------------------------------------------------- end of the DQN-specific part
 
 
-class PolicyFactory:
-    """Picklable factories, so process backends can build a policy in every actor."""
-
-    def __init__(self, args: Args, greedy: bool = False):
-        self.args, self.greedy = args, greedy
-
-    def __call__(self, spec):
-        torch_setup(self.args.threads)
-        return EpsilonGreedy(spec, self.args, self.greedy)
-
-
-class LearnerFactory:
-    def __init__(self, args: Args):
-        self.args = args
-
-    def __call__(self, spec):
-        torch_setup(self.args.threads)
-        return DQN(spec, self.args)
-
-
-class TableFactory:
-    def __init__(self, args: Args):
-        self.args = args
-
-    def __call__(self, item_specs):
-        a = self.args
-        return rf.Table(capacity=a.buffer_size, sampler=rf.selectors.Uniform(seed=a.seed),
-                        remover=rf.selectors.Fifo(), specs=item_specs,
-                        rate_limiter=rf.rate_limiters.SampleToInsertRatio(
-                            samples_per_insert=a.samples_per_insert, min_size_to_sample=a.learning_starts,
-                            error_buffer=a.batch_size * a.samples_per_insert))
-
-
 def experiment(args: Args | None = None) -> rf.Experiment:
     """The DQN run (default Args() when called bare, as `rlflow run examples/dqn.py` does)."""
     args = Args() if args is None else args
     return rf.Experiment(
         env=args.env,
-        policy=PolicyFactory(args),
-        learner=LearnerFactory(args),
+        policy=Build(EpsilonGreedy, args, setup=torch_setup),
+        learner=Build(DQN, args, setup=torch_setup),
         adder=rf.adders.Transition(discount=args.gamma),
-        table=TableFactory(args),
+        table=UniformReplay(args),
         batch_size=args.batch_size,
         warmup_steps=args.learning_starts,
         seed=args.seed,
         param_sync_steps=args.param_sync,
-        eval_policy=PolicyFactory(args, greedy=True),
+        eval_policy=Build(EpsilonGreedy, args, setup=torch_setup, greedy=True),
         eval_every=args.eval_every,
         eval_episodes=args.eval_episodes,
         target_return=args.target_return if args.target_return > 0 and args.eval_every > 0 else None,
@@ -206,32 +160,12 @@ def experiment(args: Args | None = None) -> rf.Experiment:
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=f"default: {f.default}")
-    return Args(**vars(parser.parse_args(argv)))
+    return example_common.parse_args(Args, __doc__, argv)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    torch_setup(args.threads)
-    torch.manual_seed(args.seed)
-    result = rf.run(experiment(args), backend=args.backend, num_actors=args.num_actors,
-                    max_env_steps=args.total_steps, log_dir=args.log_dir or None)
-    # Final evaluation of the trained Q-network, greedy, on fresh seeds.
-    venv = rf.envs.make(args.env, num_envs=args.eval_episodes)
-    policy = EpsilonGreedy(venv.spec, args, greedy=True)
-    policy.set_params(result.learner.get_params())
-    final = rf.evaluate(policy, venv, episodes=args.eval_episodes, seed=args.seed + 12_345)
-    venv.close()
-    f = result.figures
-    solved = f"solved at {result.solved_at:,} env steps" if result.solved_at else "not solved"
-    print(f"trained {f['env_steps']:,.0f} env steps, {f['learner_steps']:,.0f} learner steps in "
-          f"{f['wall_time']:.1f} s after {f['startup_seconds']:.1f} s of start-up ({solved})")
-    print(f"final evaluation: mean return {final['mean_return']:.1f} +- {final['std_return']:.1f} "
-          f"over {final['episodes']} episodes")
-    return result, final
+    # trains, then evaluates the trained Q-network, greedy, on fresh seeds
+    return run_and_evaluate(parse_args(argv), experiment, EpsilonGreedy, setup=torch_setup, greedy=True)
 
 
 if __name__ == "__main__":

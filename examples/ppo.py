@@ -8,30 +8,28 @@ Rollout adder cuts each env's stream into fragments of `n_steps` with GAE advant
 targets (bootstrapping at truncation, never at termination), `Table.queue` hands every fragment to
 the learner exactly once, oldest first, and the policy delayer carries each update's weights back.
 This file holds only what is PPO. Hyperparameters follow rl-zoo's CartPole-v1 PPO settings.
+What every example shares (options, factories, the final evaluation) is in example_common.py.
 """
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+import example_common
 import rlflow as rf
+from example_common import Build, RunArgs, run_and_evaluate
 from rlflow.torch_utils import load_params, module_params
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     env: str = "CartPole-v1"
     """Gymnasium env id (a Discrete action space)"""
-    seed: int = 0
     total_steps: int = 200_000
-    """env steps at most"""
-    backend: str = "local"
-    """local | process"""
     num_actors: int = 1
     """actor processes (backend=process); each steps num_envs envs"""
     num_envs: int = 8
@@ -47,12 +45,8 @@ class Args:
     vf_coef: float = 0.5
     hidden: int = 64
     eval_every: int = 5_000
-    eval_episodes: int = 20
     target_return: float = 475.0
     """stop once the greedy policy's mean return reaches this (<= 0: never stop early)"""
-    threads: int = 1
-    log_dir: str = ""
-    """write figures.csv (and TensorBoard files if tensorboardX is installed) here"""
 
 
 class ActorCritic(nn.Module):
@@ -134,27 +128,6 @@ class PPO(rf.Learner):
 # ---------------------------------------------------------------- end of the PPO-specific part
 
 
-class PolicyFactory:
-    """Picklable factories, so process backends can build a policy in every actor."""
-
-    def __init__(self, args: Args, greedy: bool = False):
-        self.args, self.greedy = args, greedy
-
-    def __call__(self, spec):
-        torch.set_num_threads(self.args.threads)
-        return PPOPolicy(spec, self.args, self.greedy)
-
-
-class LearnerFactory:
-    def __init__(self, args: Args):
-        self.args = args
-
-    def __call__(self, spec):
-        torch.set_num_threads(self.args.threads)
-        torch.manual_seed(self.args.seed)
-        return PPO(spec, self.args)
-
-
 class TableFactory:
     """On-policy: a FIFO queue of one rollout per actor (one batch); each fragment is read once."""
 
@@ -170,15 +143,15 @@ def experiment(args: Args | None = None) -> rf.Experiment:
     args = Args() if args is None else args
     return rf.Experiment(
         env=args.env,
-        policy=PolicyFactory(args),
-        learner=LearnerFactory(args),
+        policy=Build(PPOPolicy, args),
+        learner=Build(PPO, args, seed=True),
         adder=rf.adders.Rollout(args.n_steps, discount=args.gamma, gae_lambda=args.gae_lambda),
         table=TableFactory(args),
         batch_size=args.num_envs * args.num_actors,   # one learner step per rollout of every actor
         num_envs=args.num_envs,
         seed=args.seed,
         param_sync_steps=1,                # on-policy: the actors take every update
-        eval_policy=PolicyFactory(args, greedy=True),
+        eval_policy=Build(PPOPolicy, args, greedy=True),
         eval_every=args.eval_every,
         eval_episodes=args.eval_episodes,
         target_return=args.target_return if args.target_return > 0 and args.eval_every > 0 else None,
@@ -186,31 +159,11 @@ def experiment(args: Args | None = None) -> rf.Experiment:
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=f"default: {f.default}")
-    return Args(**vars(parser.parse_args(argv)))
+    return example_common.parse_args(Args, __doc__, argv)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    result = rf.run(experiment(args), backend=args.backend, num_actors=args.num_actors,
-                    max_env_steps=args.total_steps, log_dir=args.log_dir or None)
-    venv = rf.envs.make(args.env, num_envs=args.eval_episodes)
-    policy = PPOPolicy(venv.spec, args, greedy=True)
-    policy.set_params(result.learner.get_params())
-    final = rf.evaluate(policy, venv, episodes=args.eval_episodes, seed=args.seed + 12_345)
-    venv.close()
-    f = result.figures
-    solved = f"solved at {result.solved_at:,} env steps" if result.solved_at else "not solved"
-    print(f"trained {f['env_steps']:,.0f} env steps, {f['learner_steps']:,.0f} learner steps in "
-          f"{f['wall_time']:.1f} s ({solved})")
-    print(f"final evaluation: mean return {final['mean_return']:.1f} +- {final['std_return']:.1f} "
-          f"over {final['episodes']} episodes")
-    return result, final
+    return run_and_evaluate(parse_args(argv), experiment, PPOPolicy, greedy=True)
 
 
 if __name__ == "__main__":

@@ -8,32 +8,30 @@ actor); this file holds only what is SAC: a squashed-Gaussian actor, twin Q crit
 copies and a learned temperature. Pendulum's episodes end by truncation only (200 steps), so every
 target bootstraps: the adder's `discount` is gamma there, 0 only at a termination.
 Hyperparameters follow rl-zoo's Pendulum-v1 SAC settings.
+What every example shares (options, factories, the final evaluation) is in example_common.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import example_common
 import rlflow as rf
+from example_common import Build, RunArgs, UniformReplay, run_and_evaluate
 from rlflow.torch_utils import load_params, module_params
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     env: str = "Pendulum-v1"
     """Gymnasium env id (a Box action space)"""
-    seed: int = 0
     total_steps: int = 30_000
-    backend: str = "local"
-    """local | process"""
-    num_actors: int = 1
     lr: float = 1e-3
     batch_size: int = 256
     buffer_size: int = 100_000
@@ -44,12 +42,9 @@ class Args:
     tau: float = 0.005
     hidden: int = 256
     param_sync: int = 16
-    eval_every: int = 2_000
     eval_episodes: int = 10
     target_return: float = -200.0
     """stop once the deterministic policy's mean return reaches this"""
-    threads: int = 1
-    log_dir: str = ""
 
 
 def mlp(n_in: int, n_out: int, hidden: int) -> nn.Module:
@@ -157,54 +152,20 @@ class SAC(rf.Learner):
 # ---------------------------------------------------------------- end of the SAC-specific part
 
 
-class PolicyFactory:
-    """Picklable factories, so process backends can build a policy in every actor."""
-
-    def __init__(self, args: Args, deterministic: bool = False):
-        self.args, self.deterministic = args, deterministic
-
-    def __call__(self, spec):
-        torch.set_num_threads(self.args.threads)
-        return SACPolicy(spec, self.args, self.deterministic)
-
-
-class LearnerFactory:
-    def __init__(self, args: Args):
-        self.args = args
-
-    def __call__(self, spec):
-        torch.set_num_threads(self.args.threads)
-        torch.manual_seed(self.args.seed)
-        return SAC(spec, self.args)
-
-
-class TableFactory:
-    def __init__(self, args: Args):
-        self.args = args
-
-    def __call__(self, item_specs):
-        a = self.args
-        return rf.Table(capacity=a.buffer_size, sampler=rf.selectors.Uniform(seed=a.seed),
-                        remover=rf.selectors.Fifo(), specs=item_specs,
-                        rate_limiter=rf.rate_limiters.SampleToInsertRatio(
-                            samples_per_insert=a.samples_per_insert, min_size_to_sample=a.learning_starts,
-                            error_buffer=a.batch_size * a.samples_per_insert))
-
-
 def experiment(args: Args | None = None) -> rf.Experiment:
     """The SAC run (default Args() when called bare, as `rlflow run examples/sac.py` does)."""
     args = Args() if args is None else args
     return rf.Experiment(
         env=args.env,
-        policy=PolicyFactory(args),
-        learner=LearnerFactory(args),
+        policy=Build(SACPolicy, args),
+        learner=Build(SAC, args, seed=True),
         adder=rf.adders.Transition(discount=args.gamma),
-        table=TableFactory(args),
+        table=UniformReplay(args),
         batch_size=args.batch_size,
         warmup_steps=args.learning_starts,
         seed=args.seed,
         param_sync_steps=args.param_sync,
-        eval_policy=PolicyFactory(args, deterministic=True),
+        eval_policy=Build(SACPolicy, args, deterministic=True),
         eval_every=args.eval_every,
         eval_episodes=args.eval_episodes,
         target_return=args.target_return if args.eval_every > 0 else None,
@@ -212,31 +173,11 @@ def experiment(args: Args | None = None) -> rf.Experiment:
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Args):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=f"default: {f.default}")
-    return Args(**vars(parser.parse_args(argv)))
+    return example_common.parse_args(Args, __doc__, argv)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    result = rf.run(experiment(args), backend=args.backend, num_actors=args.num_actors,
-                    max_env_steps=args.total_steps, log_dir=args.log_dir or None)
-    venv = rf.envs.make(args.env, num_envs=args.eval_episodes)
-    policy = SACPolicy(venv.spec, args, deterministic=True)
-    policy.set_params(result.learner.get_params())
-    final = rf.evaluate(policy, venv, episodes=args.eval_episodes, seed=args.seed + 12_345)
-    venv.close()
-    f = result.figures
-    solved = f"solved at {result.solved_at:,} env steps" if result.solved_at else "not solved"
-    print(f"trained {f['env_steps']:,.0f} env steps, {f['learner_steps']:,.0f} learner steps in "
-          f"{f['wall_time']:.1f} s ({solved})")
-    print(f"final evaluation: mean return {final['mean_return']:.1f} +- {final['std_return']:.1f} "
-          f"over {final['episodes']} episodes")
-    return result, final
+    return run_and_evaluate(parse_args(argv), experiment, SACPolicy, deterministic=True)
 
 
 if __name__ == "__main__":
