@@ -29,10 +29,16 @@ What is saved and restored:
                 warm-up RNG. Actor processes seed their warm-up RNG from (seed, actor, resume) instead.
   learner       `learner.state_dict()`, restored with `load_state_dict`
   table         its contents, keys, priorities, selector and rate limiter state (byte for byte)
+  in flight     the process runtime's items that actors had published into their rings and the
+                table had not taken yet (up to a ring per actor when the rate limiter holds inserts
+                back): a resumed run inserts them first, as its rate limiter admits, on either
+                backend. The ring slots are read under the same gate as the table, so no item is
+                saved twice or left out.
 Not saved: environments' internal state (an env is not generally serializable): a resumed run
-starts fresh episodes, with seeds that differ from the first run's; adders' partial windows; in the
-process runtime, items still in the actors' rings (up to a whole ring per actor when the table's
-rate limiter holds inserts back; `items_in_flight` in the final figures).
+starts fresh episodes, with seeds that differ from the first run's; adders' partial windows (an
+n-step window, a sequence, a rollout fragment: the steps of an episode the stop cut); the rows of
+the one step an actor could not publish when the run stopped (`items_in_flight` in the final
+figures counts them with the rings' items; they are not in the checkpoint).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import random
 import shutil
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -68,6 +74,7 @@ class RunState:
     learner_state: Any
     table: Any
     adder: Optional[str] = None       # adder_config of the run's adder (None: a checkpoint that has none)
+    in_flight: list = field(default_factory=list)   # items made and not yet in the table (dicts field -> array)
 
 
 def check_options(checkpoint_dir, checkpoint_every, resume) -> Optional[int]:
@@ -198,8 +205,10 @@ def check_resumed_adder(state: Optional[RunState], adder) -> None:
 
 
 def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int = KEEP,
-             supersede: bool = False, adder=None) -> str:
-    """Write one checkpoint into `directory` atomically; returns its path. `supersede` (a run's
+             supersede: bool = False, adder=None, in_flight=()) -> str:
+    """Write one checkpoint into `directory` atomically; returns its path. `in_flight`: items the
+    actors made that are not in the table yet (dicts field -> array, in insertion order): a resume
+    inserts them before any new item, so no item is lost or doubled. `supersede` (a run's
     final checkpoint): the newest one before it goes once this one is in place if it was taken at
     the same learner step (a periodic checkpoint the run ended on), so the `keep` kept are
     distinct steps."""
@@ -223,7 +232,9 @@ def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int 
         with open(os.path.join(tmp, "learner.pkl"), "wb") as f:
             pickle.dump(learner_state, f, protocol=pickle.HIGHEST_PROTOCOL)
         table.save(os.path.join(tmp, "table"))
-        meta = {"format": FORMAT, "counters": counters, "rng": rng}
+        in_flight = [dict(items) for items in in_flight]
+        counters = dict(counters, items_in_flight=sum(len(next(iter(i.values()))) for i in in_flight if i))
+        meta = {"format": FORMAT, "counters": counters, "rng": rng, "in_flight": in_flight}
         if adder is not None:
             meta["adder"] = adder_config(adder)
         with open(os.path.join(tmp, "run.pkl"), "wb") as f:
@@ -321,7 +332,7 @@ def load_run(directory) -> RunState:
         raise damaged(os.path.join(path, reading), e) from e
     table = Table.load(os.path.join(path, "table"))     # names a damaged file of its own
     return RunState(path=path, counters=counters, rng=rng, learner_state=learner_state, table=table,
-                    adder=meta.get("adder"))
+                    adder=meta.get("adder"), in_flight=list(meta.get("in_flight") or []))
 
 
 def resumed_table(state: Optional[RunState], built, adder):
@@ -394,11 +405,12 @@ def resume_local(state: Optional[RunState], learner, actor, driver) -> int:
     return int(c["resumes"]) + 1
 
 
-def save_local(directory, learner, table, actor, driver, store, resumes: int, final: bool = False) -> str:
+def save_local(directory, learner, table, actor, driver, store, resumes: int, final: bool = False,
+               in_flight=()) -> str:
     counters = {"env_steps": int(actor.env_steps), "learner_steps": int(driver.steps),
                 "episodes": int(actor.stats.episodes), "param_version": int(store.latest_version()),
                 "resumes": int(resumes),
                 "actors": [{"env_steps": int(actor.env_steps), "episodes": int(actor.stats.episodes),
                             "items": int(actor.items_added), "rng_state": None}]}
     return save_run(directory, learner=learner, table=table, counters=counters, rng=capture_rng(actor.rng),
-                    supersede=final, adder=actor.adder)
+                    supersede=final, adder=actor.adder, in_flight=in_flight)

@@ -94,6 +94,13 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
         figures = Figures(t0, actor.env_steps, driver.steps)   # rates count this run's steps only
         # a resumed run may begin at its limits: then it takes no step, and the loop writes its row
         at_limit = limits.reached(actor.env_steps, driver.steps, 0.0)
+        # a process run's checkpoint may hold items its actors had made and the table had not
+        # taken: they go in first (kept for the next checkpoint if this run takes no step)
+        carried = [] if resumed is None else list(resumed.in_flight)
+        if not at_limit:
+            while carried:
+                insert(carried[0])
+                carried.pop(0)
         while True:
             if not at_limit:
                 actor.step()
@@ -123,7 +130,7 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
                     solved_at, solved_time = actor.env_steps, train_time
             if next_ckpt is not None and driver.steps >= next_ckpt:
                 next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every
-                ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes)
+                ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes, in_flight=carried)
             stop = (limits.reached(actor.env_steps, driver.steps, elapsed) or solved_at is not None)
             row = None
             if evaluated or stop or figures.due(progress_every):
@@ -137,7 +144,8 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
             if stop:
                 break
         if checkpoint_dir is not None:
-            ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes, final=True)
+            ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes, final=True,
+                            in_flight=carried)
         final = dict(history[-1]) if history else {}
         final["wall_time"] = time.monotonic() - t0
         final["startup_seconds"] = t0 - start

@@ -62,7 +62,8 @@ long (a GPU learner, large batches): choose them with receiver="thread", prefetc
   was dropped (raised inside a ctypes callback, as numba's kernel loading runs at start-up) is
   raised again at the run loop's next turn. At the end of a run the actors are stopped before the
   last row of figures is written, and what they had published goes into the table as far as its
-  rate limiter admits (`items_in_flight` in the final figures counts the rest). Actors ignore SIGINT (the terminal sends it to the whole
+  rate limiter admits (`items_in_flight` in the final figures counts the rest; a checkpoint saves
+  the rings' part of them, and a resume inserts those first). Actors ignore SIGINT (the terminal sends it to the whole
   process group; this process does the stopping) and die with this process (PR_SET_PDEATHSIG).
 * Start method: "spawn" by default. Fork after torch's (or any) threads have started can deadlock,
   and this process runs threads (receivers, sampler) by the time actors restart; spawn is safe
@@ -607,6 +608,9 @@ class _ProcessRun:
         self.step_seconds = 0.0          # the last learner step's duration (the inline pump's budget)
         self.catching_up = False         # before an evaluation: the inline pump moves all it can
         self._pump_turn = 0              # which live ring the inline pump serves first (it moves on)
+        # items a resumed checkpoint held in flight (in the actors' rings when it was taken): they
+        # go into the table before the rings' new ones, as the rate limiter admits them
+        self.carried: collections.deque = collections.deque()
 
     # ---- set-up ------------------------------------------------------------------------------
     def _on_thread_error(self, e):
@@ -663,6 +667,8 @@ class _ProcessRun:
         self.item_specs = fresh_adder(exp).item_specs(spec, extras_specs)
         table = ckpt.resumed_table(resumed, build_table(exp, spec, extras_specs), exp.adder)
         self.table = table
+        if resumed is not None:
+            self.carried.extend(resumed.in_flight)
         self.rows_per_slot = self.slot_rows or max(1, spec.num_envs)
         ratio = getattr(table.rate_limiter, "samples_per_insert", None)
         if self.queue_slots:
@@ -811,7 +817,8 @@ class _ProcessRun:
         self._count_killed_at_stop()
         self._stop_threads()
         # published and not inserted, and rows a stop left unpublished in a step's write
-        in_flight = sum(r.pending_rows() for r in self._readers()) + int(stats[:, UNSENT].sum())
+        in_flight = (sum(r.pending_rows() for r in self._readers()) + int(stats[:, UNSENT].sum())
+                     + sum(len(next(iter(items.values()))) for items in self.carried))
         if checkpoint_dir is not None:
             self._checkpoint(checkpoint_dir, driver, resumes, final=True)
         final = dict(history[-1]) if history else {}
@@ -864,7 +871,9 @@ class _ProcessRun:
         counters unchanged, it is a UsageError (the run would hang). Returns the stall's start
         (table counters, time) or None."""
         heads = []
-        for h in self.actors:
+        if self.carried:        # a resume's in-flight items wait to go first: the rings follow them
+            heads.append(len(next(iter(self.carried[0].values()))))
+        for h in self.actors if not heads else ():
             readers = [r if self.inline else r.reader for _, r in h.retired if r is not None]
             current = h.reader if self.inline else (h.receiver.reader if h.receiver is not None else None)
             if current is None or h.process is None or not h.process.is_alive():
@@ -1066,11 +1075,34 @@ class _ProcessRun:
             stats[h.index, READY] = 0
             self._start_actor(h, base)
 
-    def _gated_insert(self, items, timeout=None):
-        """A receiver thread's insert; a checkpoint holds the gate, so the table it saves and the
-        counters it reads are one moment's."""
+    def _gated_insert(self, items, timeout=None, then=None):
+        """A receiver thread's insert (`then()`: its slot's release); a checkpoint holds the gate,
+        so the table it saves, the rings' items it saves and the counters it reads are one moment's."""
         with self.insert_gate:
-            return self.table.insert(items, timeout=timeout)
+            while self.carried:           # a resume's in-flight items go first
+                self.table.insert(self.carried[0], timeout=timeout)
+                self.carried.popleft()
+            self.table.insert(items, timeout=timeout)
+            if then is not None:
+                then()
+
+    def _insert_carried(self) -> bool:
+        """The checkpoint's in-flight items, oldest first, as far as the table takes them now.
+        Returns whether none is left."""
+        carried = self.carried
+        while carried:
+            if not self._try_insert(carried[0]):
+                return False
+            carried.popleft()
+        return True
+
+    def _in_flight_items(self) -> list:
+        """What a checkpoint saves besides the table: the items published into the rings and not
+        inserted yet (and those a resume carried that are still waiting), oldest first per ring."""
+        out = list(self.carried)
+        for reader in self._readers():
+            out.extend(reader.pending_items())
+        return out
 
     def _checkpoint(self, directory, driver, resumes, final=False):
         with self.insert_gate:            # receiver threads wait: counters >= what the table holds
@@ -1084,7 +1116,8 @@ class _ProcessRun:
                     "actors": [{"env_steps": int(stats[i, ENV_STEPS]), "episodes": int(stats[i, EPISODES]),
                                 "items": int(stats[i, ITEMS]), "rng_state": None} for i in range(len(stats))]}
         ckpt.save_run(directory, learner=self.learner, table=self.table, counters=counters,
-                      rng=ckpt.capture_rng(), supersede=final, adder=self.exp.adder)
+                      rng=ckpt.capture_rng(), supersede=final, adder=self.exp.adder,
+                      in_flight=self._in_flight_items())
 
     # ---- shutting down -----------------------------------------------------------------------
     @staticmethod
@@ -1162,6 +1195,8 @@ class _ProcessRun:
         actors publish faster than this thread inserts (a free-running limiter), inserting and
         learning then share the thread about evenly, as a receiver thread shares the interpreter
         with the learner's. `drain` (the actors have stopped): everything the table takes."""
+        if not self._insert_carried():        # a resume's in-flight items go first
+            return 0
         moved = 0
         until = (None if drain or self.catching_up
                  else time.monotonic() + max(self.PUMP_SECONDS, self.step_seconds))

@@ -167,6 +167,18 @@ class RingReader:
         c = self._counters
         return sum(int(self._rows[(self._next + k) % self.ring.slots]) for k in range(int(c[_HEAD] - c[_TAIL])))
 
+    def pending_items(self) -> list[dict]:
+        """Copies of the published slots not yet consumed, oldest first (field -> [n, ...] each).
+        Safe while the writer runs: it never touches a slot between the tail and the head it had
+        published when the head is read here."""
+        c = self._counters
+        out = []
+        for k in range(int(c[_HEAD] - c[_TAIL])):
+            s = (self._next + k) % self.ring.slots
+            n = int(self._rows[s])
+            out.append({name: arr[s, :n].copy() for name, arr in self._cols})
+        return out
+
     def release(self) -> None:
         """Done with the slot from `get`. Consumed slots go back to the writer in batches of half
         the ring (or all at once when the ring runs empty): a writer blocked on a full ring then
@@ -303,8 +315,8 @@ class RingWriter:
 
 
 class Receiver(threading.Thread):
-    """Learner process: moves one ring's slots into the table (`insert(items)` blocks while the
-    rate limiter refuses; `insert(items, timeout=...)`). Exits when `stop` is set and the ring is drained, or when told the
+    """Learner process: moves one ring's slots into the table (`insert(items, timeout=..., then=...)`
+    blocks while the rate limiter refuses, and calls `then()` once the items are in). Exits when `stop` is set and the ring is drained, or when told the
     writer is gone (`drain_and_stop`). An exception is kept in `.error` and `on_error` is called."""
 
     def __init__(self, ring: Ring, insert, on_error, name: str):
@@ -337,13 +349,14 @@ class Receiver(threading.Thread):
                 n = len(next(iter(items.values())))
                 while True:            # the rate limiter may refuse for a while: wait in steps,
                     try:               # so a stop request is noticed (the table stays open)
-                        self.insert(items, timeout=0.2)
+                        # the slot is released where it was inserted (under the run's checkpoint
+                        # gate): no checkpoint sees it both in the table and in the ring
+                        self.insert(items, timeout=0.2, then=self.reader.release)
                         break
                     except Timeout:
                         if self._halt.is_set():
                             return
                 self.items += n
-                self.reader.release()
         except ClosedError:
             return
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
