@@ -92,8 +92,11 @@ def test_process_rejects_bad_actions_and_arguments():
         with pytest.raises(SpecError, match="actions.*expected shape \\(4,\\).*got shape \\(2, 2\\)"):
             venv.step(np.zeros((2, 2), np.int64))
         venv.step(np.zeros(4, np.int64))          # still usable after a rejected call
-    with pytest.raises(UsageError, match="batch_size"):
+    with pytest.raises(UsageError, match=r"'batch_size': expected an int in \[1, num_envs - 1 = 3\]"):
         rf.envs.make("CartPole-v1", 4, backend="pool")
+    for batch_size in (None, 1):          # one env: no batch size would do, so num_envs is named
+        with pytest.raises(UsageError, match="'num_envs': expected >= 2 with backend='pool'.*got 1"):
+            rf.envs.make("CartPole-v1", 1, backend="pool", batch_size=batch_size)
     with pytest.raises(UsageError, match="batch_size"):
         rf.envs.make("CartPole-v1", 4, backend="pool", workers=2, batch_size=3)
     with pytest.raises(UsageError, match="'batch_size'.*backend='pool' returns batches, got 2"):

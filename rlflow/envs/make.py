@@ -251,6 +251,9 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
         raise UsageError(mismatch("argument", "workers", "an int or None (default)", repr(workers)))
     if inline is not None and not isinstance(inline, (bool, np.bool_)):
         raise UsageError(mismatch("argument", "inline", "True, False or None (default)", repr(inline)))
+    if backend == "pool" and num_envs < 2:     # no batch size would do: say which argument must change
+        raise UsageError(mismatch("argument", "num_envs", ">= 2 with backend='pool' (a step returns "
+                                  "batch_size < num_envs of them; one env: backend='serial')", num_envs))
     if backend == "pool" and batch_size is not None and (not is_int(batch_size) or not 1 <= batch_size < num_envs):
         raise UsageError(mismatch("argument", "batch_size", f"an int in [1, num_envs - 1 = {num_envs - 1}] "
                                   "with backend='pool' (backend='process' steps every env)", repr(batch_size)))
@@ -303,7 +306,8 @@ def make(env, num_envs: int = 1, backend: str = "serial", workers: int | None = 
     if batch_size is None and backend == "pool":
         if not given:
             _close(probe)
-        raise UsageError(mismatch("argument", "batch_size", "an int < num_envs with backend='pool'", None))
+        raise UsageError(mismatch("argument", "batch_size", f"an int in [1, num_envs - 1 = {num_envs - 1}] "
+                                  "with backend='pool'", None))
     if backend == "process" and batch_size is not None and batch_size != num_envs:
         if not given:
             _close(probe)
