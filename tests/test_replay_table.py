@@ -294,10 +294,17 @@ def test_deadlock_configurations_refused():
         rate_limiters.RateLimiter(0.3, 1, min_diff=0, max_diff=1)  # error 0.9 blocks both
     with pytest.raises(UsageError, match="deadlock"):
         rate_limiters.RateLimiter(1.0, 10, min_diff=10, max_diff=10.5)  # stuck right after stage 1
-    with pytest.raises(UsageError):
-        rate_limiters.MinSize(0)
+    for bad in (0, 1.5, "3", True):           # the argument the user typed is named
+        with pytest.raises(UsageError, match="'min_size'"):
+            rate_limiters.MinSize(bad)
     with pytest.raises(UsageError):
         rate_limiters.Queue(0)
+    # a queue longer than the table: inserts would evict items never read (the process runtime's
+    # rings then fed such a table 64 items past its 32 and 32 were pushed out unread, silently)
+    with pytest.raises(UsageError, match=r"'rate_limiter': expected a Queue of size <= capacity = 32.*"
+                                         r"got Queue\(size=64\)"):
+        Table(32, selectors.Fifo(), selectors.Fifo(), rate_limiters.Queue(64), max_times_sampled=1)
+    Table(32, selectors.Fifo(), selectors.Fifo(), rate_limiters.Queue(32), max_times_sampled=1)
     # accepted: Reverb's presets and a tight integer band
     rate_limiters.Queue(1)
     rate_limiters.SampleToInsertRatio(4.0, 10, error_buffer=4.0)

@@ -206,7 +206,10 @@ class MinSize(RateLimiter):
     """
 
     def __init__(self, min_size: int = 1):
-        super().__init__(1.0, min_size, -math.inf, math.inf)
+        size = _number("min_size", min_size, integer=True)
+        if size < 1:
+            raise UsageError(mismatch("rate limiter argument", "min_size", "an integer >= 1", repr(min_size)))
+        super().__init__(1.0, size, -math.inf, math.inf)
         self.samples_per_insert = None
 
     def config(self) -> dict:

@@ -217,6 +217,11 @@ class Table:
             raise UsageError(
                 f"table would deadlock: rate limiter min_size_to_sample={min_size} > capacity={capacity}, "
                 f"so sampling could never start")
+        queue_size = getattr(rate_limiter, "queue_size", None)
+        if queue_size is not None and queue_size > capacity:
+            raise UsageError(mismatch("argument", "rate_limiter", f"a Queue of size <= capacity = {capacity} "
+                                      "(more unread items than the table holds: inserts would push out "
+                                      "items never read)", f"Queue(size={queue_size})"))
         if not _RESTORING.on and (len(sampler) or len(remover) or getattr(rate_limiter, "inserts", 0)):
             raise UsageError("sampler, remover and rate_limiter must be fresh (empty) when a table is built")
         self.capacity = capacity
