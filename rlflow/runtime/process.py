@@ -801,6 +801,13 @@ class _ProcessRun:
                 next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every
                 self._checkpoint(checkpoint_dir, driver, resumes)
             stop = limits.reached(env_steps, driver.steps, elapsed) or solved_at is not None
+            if (stop and ratio is not None and solved_at is None and not evaluated
+                    and max_env_steps is not None and env_steps >= max_env_steps
+                    and not limits.reached(0, driver.steps, elapsed)):
+                # the env steps are done: the learner takes every step the rate limiter allows on
+                # what the actors made, as the local runtime's learner has by then (the slower
+                # learner stopped up to a ring plus the error buffer short of it: 80 steps of 93)
+                env_steps = self._catch_up(batches, driver, stats)
             if stop and solved_at is None:
                 self._learn_what_was_drawn(driver)
             if stop:
