@@ -38,15 +38,33 @@ def copy_params(params):
     return np.array(params, copy=True, order="C")
 
 
-def flatten_params(params, leaves: list):
+def _as_leaf(value, at: str) -> np.ndarray:
+    """`value` as a numpy array of plain values (numbers, bools, fixed-width strings), else SpecError
+    naming where it sits (an object array holds pointers: copied into another process's memory,
+    they crashed its reader)."""
+    try:
+        a = np.asarray(value)
+    except Exception as e:          # a torch tensor that requires grad, ...
+        raise SpecError(mismatch("params", at, "a numpy array (get_params returns a list or dict of numpy "
+                                 "arrays; from a torch tensor: t.detach().cpu().numpy())",
+                                 f"{type(value).__name__} ({type(e).__name__}: {e})")) from None
+    if a.dtype.hasobject:
+        raise SpecError(mismatch("params", at, "a numpy array of numbers or bools, not of Python objects "
+                                 "(get_params returns a list or dict of numpy arrays)", f"{type(value).__name__} {value!r:.60} "
+                                 f"(numpy dtype {a.dtype})"))
+    return a
+
+
+def flatten_params(params, leaves: list, at: str = "params"):
     """The structure of `params` with leaf indices in place of arrays (picklable)."""
     if params is None:
         return ("none",)
     if isinstance(params, dict):
-        return ("dict", [(k, flatten_params(v, leaves)) for k, v in params.items()])
+        return ("dict", [(k, flatten_params(v, leaves, f"{at}[{k!r}]")) for k, v in params.items()])
     if isinstance(params, (list, tuple)):
-        return ("tuple" if isinstance(params, tuple) else "list", [flatten_params(v, leaves) for v in params])
-    leaves.append(np.asarray(params))
+        return ("tuple" if isinstance(params, tuple) else "list",
+                [flatten_params(v, leaves, f"{at}[{i}]") for i, v in enumerate(params)])
+    leaves.append(_as_leaf(params, at))
     return ("leaf", len(leaves) - 1)
 
 
@@ -74,7 +92,7 @@ def build_params(tree, leaves):
     return tuple(out) if kind == "tuple" else out
 
 
-def _leaves_like(tree, params, out: list) -> bool:
+def _leaves_like(tree, params, out: list, at: str = "params") -> bool:
     """Append `params`' arrays to `out` in the order of `tree` (a flatten_params structure), matching
     dict entries by key; False where the nesting differs otherwise."""
     kind = tree[0]
@@ -83,15 +101,15 @@ def _leaves_like(tree, params, out: list) -> bool:
     if kind == "leaf":
         if params is None or isinstance(params, (dict, list, tuple)):
             return False
-        out.append(np.asarray(params))
+        out.append(_as_leaf(params, at))
         return True
     if kind == "dict":
         if not isinstance(params, dict) or len(params) != len(tree[1]):
             return False
-        return all(k in params and _leaves_like(v, params[k], out) for k, v in tree[1])
+        return all(k in params and _leaves_like(v, params[k], out, f"{at}[{k!r}]") for k, v in tree[1])
     if not isinstance(params, tuple if kind == "tuple" else list) or len(params) != len(tree[1]):
         return False
-    return all(_leaves_like(v, p, out) for v, p in zip(tree[1], params))
+    return all(_leaves_like(v, p, out, f"{at}[{i}]") for i, (v, p) in enumerate(zip(tree[1], params)))
 
 
 def _few(names: list, most: int = 4) -> str:

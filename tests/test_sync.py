@@ -155,3 +155,33 @@ def test_a_container_that_changes_kind_is_named_where():
     layout = ParamLayout({"w": np.zeros(2), "layers": [np.zeros(1), np.zeros(1)]})
     with pytest.raises(SpecError, match=r"params\['layers'\] is a tuple \(first: a list\)"):
         layout.leaves({"w": np.zeros(2), "layers": (np.zeros(1), np.zeros(1))})
+
+
+@pytest.mark.parametrize("kind", ["local", "shared"])
+@pytest.mark.parametrize("leaf,why", [({"a", "b"}, "numpy dtype object"), (np.array([1, "x"], dtype=object),
+                                      "numpy dtype object"), (object(), "numpy dtype object")])
+def test_a_leaf_that_is_not_numbers_is_refused_naming_it(kind, leaf, why):
+    """An object array holds pointers: the shared store copied them into the actors' memory and
+    every actor died of SIGSEGV (restarted, then 'died (signal SIGSEGV)', no word of the cause),
+    while the local store passed the object along. Both refuse it now, naming the entry."""
+    from rlflow.errors import SpecError
+
+    params = {"w": np.zeros(3, np.float32), "name": np.array("text"), "tags": leaf}   # (strings are bytes)
+    with pytest.raises(SpecError, match=r"params\['tags'\]': expected a numpy array of numbers or bools.*" + why):
+        store = dict(_stores())[kind](params)
+        try:
+            store.publish(params, 0)
+        finally:
+            if kind == "shared":
+                store.close()
+
+
+def test_a_torch_tensor_that_requires_grad_is_named():
+    import torch
+
+    from rlflow.errors import SpecError
+
+    params = [np.zeros(2, np.float32), torch.zeros(2, requires_grad=True)]
+    with pytest.raises(SpecError, match=r"'params\[1\]': expected a numpy array.*detach\(\).cpu\(\).numpy\(\).*"
+                                        r"got Tensor \(RuntimeError"):
+        ParamStore().publish(params, 0)
