@@ -239,6 +239,11 @@ def extras_specs_of(policy: Policy, env_spec, first_step) -> dict:
     states = capture_rng()
     try:
         _, extras = split_policy_output(probe.act_step(first_step))
+    except Exception as e:          # the user's error, with why the call came before any parameters
+        e.add_note(f"(rlflow called {type(policy).__name__}.act once on the first reset's observations, "
+                   f"on a copy of the policy and before any parameters were set, to learn the shapes of "
+                   f"its extras; a policy with an extras_specs(env_spec) method is not called so)")
+        raise
     finally:
         restore_rng(states)
     return specs_lib.from_extras(extras)

@@ -204,3 +204,49 @@ def test_extras_that_are_not_a_dict_are_named():
     with pytest.raises(UsageError, match=r"policy output 'extras': expected a dict .*got int 5"):
         actor.step()
     venv.close()
+
+
+class NeedsParamsPolicy(rf.Policy):
+    """Acts only once it has parameters."""
+
+    def __init__(self, spec):
+        self.w = None
+
+    def act(self, obs):
+        if self.w is None:
+            raise RuntimeError("act before set_params")
+        return np.zeros(len(obs), np.int64)
+
+    def set_params(self, params):
+        self.w = params
+
+
+class NeedsParamsPolicyWithSpecs(NeedsParamsPolicy):
+    def extras_specs(self, env_spec):
+        return {}
+
+
+def test_the_extras_probe_before_any_parameters_says_so_and_extras_specs_skips_it():
+    """A policy that cannot act before set_params failed at start-up with its own error, in a
+    call nothing had mentioned: the error now says what the call was and how to skip it."""
+    def table(specs):
+        return rf.Table(capacity=1_000, sampler=rf.selectors.Uniform(), remover=rf.selectors.Fifo(),
+                        rate_limiter=rf.rate_limiters.MinSize(8), specs=specs)
+
+    class Learner(rf.Learner):
+        def step(self, batch):
+            return {}
+
+        def get_params(self):
+            return [np.ones(2, np.float32)]
+
+    def exp(policy):
+        return rf.Experiment(env="CartPole-v1", policy=policy, learner=lambda spec: Learner(),
+                             adder=rf.adders.Transition(0.99), table=table, num_envs=2, batch_size=4)
+
+    with pytest.raises(RuntimeError, match="act before set_params") as info:
+        rf.run(exp(NeedsParamsPolicy), max_env_steps=20, progress=False)
+    assert any("before any parameters were set" in n and "extras_specs(env_spec)" in n
+               for n in getattr(info.value, "__notes__", []))
+    r = rf.run(exp(NeedsParamsPolicyWithSpecs), max_env_steps=20, progress=False)
+    assert r.figures["env_steps"] >= 20
