@@ -50,9 +50,11 @@ def usable_dir(name: str, directory) -> str:
     before a run starts: a path that cannot be used is a UsageError naming `name`, not an error at
     the first save, after the run's work."""
     try:
-        d = os.fspath(directory)
+        d = os.fsdecode(os.fspath(directory))     # bytes paths as str: the file names joined to it are
     except TypeError:
         raise UsageError(mismatch("run", name, "a path (str or os.PathLike)", repr(directory))) from None
+    if not d:
+        raise UsageError(mismatch("run", name, "a directory path (None: none)", repr(directory)))
     try:
         os.makedirs(d, exist_ok=True)
     except OSError as e:
@@ -110,8 +112,11 @@ class Logger:
         self._csv_file = None
         self._csv = None
         self._tb = None
-        if directory:
-            usable_dir("log_dir", directory)
+        if directory is not None:
+            self.directory = directory = usable_dir("log_dir", directory)
+            if os.path.isdir(self.csv_path):      # refused now, not at the first row after the run's work
+                raise UsageError(mismatch("run", "log_dir", "a directory where figures.csv can be written",
+                                          f"{directory!r}, where figures.csv is a directory"))
             earlier = os.path.exists(self.csv_path)
             if keep_rows_upto is not None:
                 self._keep_old_rows(keep_rows_upto)

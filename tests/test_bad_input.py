@@ -307,13 +307,27 @@ def test_learner_metrics_scalars_of_any_kind_are_figures():
     import decimal
     import fractions
 
-    r = _metrics_run({"a": 1, "b": np.float32(2.5), "c": np.array([3.0]), "d": (w * 4).sum(),
-                      "e": np.arange(3), "f": "text", "g": decimal.Decimal("1.5"), "h": fractions.Fraction(1, 4),
-                      "i": np.timedelta64(3, "s")})
+    from rlflow.runtime import common
+
+    common._SKIPPED_METRICS.clear()
+    with pytest.warns(RuntimeWarning) as seen:
+        r = _metrics_run({"a": 1, "b": np.float32(2.5), "c": np.array([3.0]), "d": (w * 4).sum(),
+                          "e": np.arange(3), "f": "text", "g": decimal.Decimal("1.5"), "h": fractions.Fraction(1, 4),
+                          "i": np.timedelta64(3, "s"), "j": 10 ** 400})
     row = r.history[-1]
     assert (row["a"], row["b"], row["c"], row["d"], row["g"], row["h"]) == (1.0, 2.5, 3.0, 4.0, 1.5, 0.25)
-    assert "e" not in row and "f" not in row and "i" not in row
+    # the rest is left out, each named once (a huge int raised OverflowError out of the run)
+    left_out = [str(w.message) for w in seen if "is not a real scalar" in str(w.message)]
+    assert sorted(m.split("'")[1] for m in left_out) == ["e", "f", "i", "j"], left_out
+    assert "learner metric 'e' (ndarray of shape (3,))" in " ".join(left_out)
+    assert not {"e", "f", "i", "j"} & set(row)
     assert _metrics_run(None).figures["learner_steps"] > 0
+
+
+def test_learner_metric_names_that_are_not_str_are_named():
+    """{0: 1.0} crashed the first figures row with "'int' object has no attribute 'startswith'"."""
+    with pytest.raises(UsageError, match=r"learner metrics 'name': expected a str.*got 0 \(int\)"):
+        _metrics_run({"loss": 1.0, 0: 1.0})
 
 
 def test_nested_data_or_specs_for_a_flat_table_point_at_flatten():

@@ -80,6 +80,21 @@ def test_a_log_dir_that_cannot_be_made_names_log_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="'log_dir'.*file"):
         Logger(str(tmp_path / "file"), progress_every=None)
+    # refused when the run starts, not with an IsADirectoryError at its first row, after its work
+    (tmp_path / "d" / "figures.csv").mkdir(parents=True)
+    with pytest.raises(UsageError, match="'log_dir'.*where figures.csv is a directory"):
+        Logger(str(tmp_path / "d"), progress_every=None)
+    for empty in ("", 0):            # "" was taken as no log_dir: nothing written, no word
+        with pytest.raises(UsageError, match="'log_dir'"):
+            Logger(empty, progress_every=None)
+
+
+def test_a_bytes_log_dir_is_a_path(tmp_path):
+    """A bytes log_dir made its directory, then failed joining str file names to it."""
+    log = Logger(str(tmp_path / "b").encode(), progress_every=None)
+    log.write({"env_steps": 1.0, "x": 2.0})
+    log.close()
+    assert (tmp_path / "b" / "figures.csv").read_text().splitlines()[0] == "env_steps,x"
 
 
 def test_progress_line_shows_each_actors_param_lag_and_queue_depth():

@@ -109,7 +109,7 @@ def check_options(checkpoint_dir, checkpoint_every, resume) -> Optional[int]:
 
 def find(directory) -> str:
     """The complete checkpoint that `directory` names (a checkpoint dir, or one with LATEST)."""
-    d = os.path.abspath(os.fspath(directory))
+    d = os.path.abspath(os.fsdecode(os.fspath(directory)))
     if os.path.exists(os.path.join(d, "run.pkl")):
         return d
     latest = os.path.join(d, LATEST)
@@ -212,7 +212,7 @@ def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int 
     final checkpoint): the newest one before it goes once this one is in place if it was taken at
     the same learner step (a periodic checkpoint the run ended on), so the `keep` kept are
     distinct steps."""
-    directory = os.path.abspath(os.fspath(directory))
+    directory = os.path.abspath(os.fsdecode(os.fspath(directory)))
     os.makedirs(directory, exist_ok=True)
     previous = None
     if supersede:

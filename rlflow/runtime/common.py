@@ -58,6 +58,10 @@ class LearnerDriver:
         else:
             raise UsageError(mismatch("learner", "step() result", "a dict of metrics name -> number (or None)",
                                       f"{type(metrics).__name__} {metrics!r:.80}"))
+        for k in metrics:
+            if type(k) is not str:      # the figures' columns are names (an int key crashed the first row)
+                raise UsageError(mismatch("learner metrics", "name", "a str (step() returns a dict name -> "
+                                          "number)", f"{k!r} ({type(k).__name__})"))
         priorities = metrics.pop("priorities", None)
         if priorities is not None:
             priorities = np.asarray(priorities, dtype=np.float64)
@@ -194,8 +198,12 @@ def reserved(name: str) -> bool:
     return name in RESERVED or name.startswith(("param_lag_", "queue_depth_"))
 
 
+_SKIPPED_METRICS: set = set()      # names already warned about (once per process)
+
+
 def scalar_metrics(metrics: dict) -> dict:
-    """The learner's metrics that are scalars, as floats (for the figures); the rest is left out."""
+    """The learner's metrics that are real scalars, as floats (for the figures); the rest is left
+    out, with a warning the first time a name is."""
     out = {}
     for k, v in metrics.items():
         try:
@@ -207,8 +215,15 @@ def scalar_metrics(metrics: dict) -> dict:
             a = np.asarray(v)
             if a.size == 1 and a.dtype.kind in "biuf":
                 out[k] = float(a.reshape(()))
-        except (TypeError, ValueError, RuntimeError):
-            continue
+                continue
+        except (TypeError, ValueError, RuntimeError, OverflowError):     # 10 ** 400 has no float
+            pass
+        if k not in _SKIPPED_METRICS:
+            _SKIPPED_METRICS.add(k)
+            shape = f" of shape {np.shape(v)}" if isinstance(v, np.ndarray) or hasattr(v, "shape") else ""
+            warnings.warn(f"rlflow: learner metric {k!r} ({type(v).__name__}{shape}) is not a real scalar that "
+                          f"a float holds: it is left out of the figures, CSV and TensorBoard", RuntimeWarning,
+                          stacklevel=2)
     return out
 
 
