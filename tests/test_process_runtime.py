@@ -19,6 +19,7 @@ import textwrap
 import time
 import uuid
 
+import gymnasium as gym
 import numpy as np
 import pytest
 
@@ -1548,3 +1549,72 @@ def test_a_run_ending_at_max_env_steps_learns_all_its_rate_limiter_allows(num_ac
     assert not r.table.can_sample(exp.batch_size), r.table.stats()      # nothing left to learn
     if r.figures["env_steps"] == local.figures["env_steps"]:     # (2 actors may overshoot by a step)
         assert r.learner.steps == local.learner.steps, (r.learner.steps, local.learner.steps)
+
+
+class SlowCloseEnv(gym.Env):
+    """CartPole-like dynamics do not matter here: its close() takes 0.8 s and leaves a file."""
+    observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(2, np.float32), 1.0, False, False, {}
+
+    def close(self):
+        time.sleep(0.8)
+        with open(os.path.join(self.folder, f"{os.getpid()}-{uuid.uuid4().hex}"), "w"):
+            pass
+
+
+class SlowCloseFactory:
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __call__(self):
+        return SlowCloseEnv(self.folder)
+
+
+def test_the_end_of_a_run_waits_for_the_actors_envs_to_close(tmp_path):
+    """5 envs whose close() takes 0.8 s each: the stop's 3 s grace SIGTERMed the actor in the
+    middle of closing them (2 or 3 of 5 closed), and nothing said so. Every close now runs."""
+    exp = rf.Experiment(env=SlowCloseFactory(str(tmp_path)), policy=RandomPolicy, learner=CountingLearner,
+                        adder=rf.adders.Transition(discount=0.99), table=minsize_table, num_envs=5,
+                        batch_size=16)
+    t = time.monotonic()
+    r = rf.run(exp, backend="process", max_env_steps=500, progress=False)
+    # the final figures' clock stopped when the run did, not after the actor's 4 s of closing
+    assert r.figures["wall_time"] < time.monotonic() - t - 3.0
+    in_actor = [n for n in os.listdir(tmp_path) if not n.startswith(f"{os.getpid()}-")]
+    assert len(in_actor) == 5, in_actor
+
+
+# the test's process (actor processes import this module afresh, and inherit the environment)
+MAIN_PID = int(os.environ.setdefault("RLFLOW_TEST_MAIN_PID", str(os.getpid())))
+
+
+class SlowEvalPolicy(RandomPolicy):
+    """Its set_params takes 0.5 s in the learner's process: there only the evaluations call it."""
+
+    def set_params(self, params):
+        if os.getpid() == MAIN_PID:
+            time.sleep(0.5)
+
+
+def test_evaluation_time_is_out_of_the_rates_as_on_local():
+    """The local runtime leaves evaluations out of its rows' rates; the process runtime, whose
+    actors wait during them, counted them (949 env steps/s against ~9k around them)."""
+    exp = experiment(policy=SlowEvalPolicy, table=minsize_table, eval_every=300, eval_episodes=2)
+    r = rf.run(exp, backend="process", max_env_steps=1_500, progress=False, progress_every=0.2)
+    assert r.figures["eval_seconds"] >= 2.0
+    spent, last = 0.0, 0
+    for row in r.history:            # each row's interval, as its env-step rate says
+        if row["env_steps"] > last and row["env_steps_per_s"] > 0:
+            spent += (row["env_steps"] - last) / row["env_steps_per_s"]
+        last = row["env_steps"]
+    assert spent <= r.figures["wall_time"] - r.figures["eval_seconds"] + 0.3, (spent, r.figures)

@@ -157,11 +157,12 @@ class Figures:
         self._paused += seconds
 
     def row(self, env_steps, learner_steps, table, episodes, episode_return, extra=None,
-            metrics=None) -> dict:
+            metrics=None, now: Optional[float] = None) -> dict:
         """The figures row; the learner's scalar `metrics` join it under their own names, except
         names the run's figures use (RESERVED and the row's own keys), which get "learner/" in
-        front: a learner's "env_steps" metric never hides the run's counter."""
-        now = time.monotonic()
+        front: a learner's "env_steps" metric never hides the run's counter. `now`: the row's
+        time.monotonic() (the moment a run stopped; default: now)."""
+        now = time.monotonic() if now is None else now
         t, e, l = self._last
         dt = max(now - t - self._paused, 1e-9)
         self._paused = 0.0

@@ -147,7 +147,7 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
             ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes, final=True,
                             in_flight=carried)
         final = dict(history[-1]) if history else {}
-        final["wall_time"] = time.monotonic() - t0
+        final["wall_time"] = history[-1]["wall_time"] if history else time.monotonic() - t0
         final["startup_seconds"] = t0 - start
         final["eval_seconds"] = evaluator.seconds if evaluator else 0.0
         return RunResult(learner=learner, table=table, figures=final, history=history,

@@ -141,7 +141,7 @@ from rlflow.runtime.transport import Receiver, Ring, RingWriter, slot_bytes
 from rlflow.sync import ParamClient
 
 # columns of the per-actor stats rows (float64, written by the actor process)
-ENV_STEPS, ITEMS, EPISODES, RETURN, VERSION, READY, BLOCKED, READY_AT, UNSENT, BEAT, NSTATS = range(11)
+ENV_STEPS, ITEMS, EPISODES, RETURN, VERSION, READY, BLOCKED, READY_AT, UNSENT, BEAT, CLOSING, NSTATS = range(12)
 STOP = 0                         # control flag: 1 = every actor should stop
 ENV_LIMIT = 1                    # control: the run's max_env_steps (all actors together), -1 for none
 EVAL_AT = 2                      # control: env steps (all actors) of the next evaluation, -1 for none:
@@ -298,6 +298,8 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         sys.exit(1)
     finally:
         if venv is not None:
+            if row is not None:
+                row[CLOSING] = time.monotonic()      # the stop waits for the envs' close() a while longer
             close_or_warn(venv, f"actor {index}'s vector env")
 
 
@@ -792,7 +794,10 @@ class _ProcessRun:
                     elapsed = now - t0
                 next_eval = (env_steps // exp.eval_every + 1) * exp.eval_every
                 train_time = elapsed - self.evaluator.seconds
+                before = self.evaluator.seconds
                 eval_return = self.evaluator(learner.get_params(), env_steps, elapsed)
+                # the actors held at the evaluation's env step: out of the rates, as on local
+                figures.exclude(self.evaluator.seconds - before)
                 self.control.arrays["control"][EVAL_AT] = next_eval      # the actors go on
                 evaluated = True
                 if exp.target_return is not None and eval_return >= exp.target_return and solved_at is None:
@@ -810,12 +815,14 @@ class _ProcessRun:
                 env_steps = self._catch_up(batches, driver, stats)
             if stop and solved_at is None:
                 self._learn_what_was_drawn(driver)
+            stopped_at = None
             if stop:
+                stopped_at = time.monotonic()   # the last row's clock: stopping the actors is not running
                 env_steps = self._wind_down()
             if evaluated or stop or figures.due(progress_every):
                 row = figures.row(env_steps, driver.steps, table, int(stats[:, EPISODES].sum()),
                                   self._mean_return(), {"eval_return": eval_return, **self._live(driver.steps)},
-                                  scalar_metrics(driver.last_metrics))
+                                  scalar_metrics(driver.last_metrics), now=stopped_at)
                 history.append(row)
                 self.logger.write(row, force=True)   # due: the progress line too
             if stop:
@@ -830,7 +837,7 @@ class _ProcessRun:
             self._checkpoint(checkpoint_dir, driver, resumes, final=True)
         final = dict(history[-1]) if history else {}
         final["env_steps"] = int(stats[:, ENV_STEPS].sum())
-        final["wall_time"] = time.monotonic() - t0
+        final["wall_time"] = history[-1]["wall_time"] if history else time.monotonic() - t0
         final["startup_seconds"] = t0 - start
         final["eval_seconds"] = self.evaluator.seconds if self.evaluator else 0.0
         final["actor_restarts"] = sum(h.restarts for h in self.actors)
@@ -1079,7 +1086,7 @@ class _ProcessRun:
             base = {"env_steps": int(stats[h.index, ENV_STEPS]), "episodes": int(stats[h.index, EPISODES]),
                     "items": items - lost, "rng_state": None}
             stats[h.index, ITEMS] = items - lost
-            stats[h.index, READY] = 0
+            stats[h.index, READY] = stats[h.index, CLOSING] = 0
             self._start_actor(h, base)
 
     def _gated_insert(self, items, timeout=None, then=None):
@@ -1148,12 +1155,26 @@ class _ProcessRun:
                 self.items_lost += lost
                 stats[h.index, ITEMS] -= lost
 
+    CLOSE_GRACE = 10.0       # seconds an actor closing its envs gets beyond the stop's grace
+
     def _stop_actors(self, grace: float = 3.0):
+        stats = None
         if self.control is not None and self.control.arrays:
             self.control.arrays["control"][STOP] = 1
-        procs = [h.process for h in self.actors if h.process is not None and h.process._popen is not None]
+            stats = self.control.arrays["stats"]
+        handles = [h for h in self.actors if h.process is not None and h.process._popen is not None]
+        procs = [h.process for h in handles]
         deadline = time.monotonic() + grace
         for p in procs:
+            try:
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
+            except ValueError:
+                pass
+        # an actor that left its loop and is closing its envs (a user env's slow close()) is not
+        # cut short at `grace`: its envs' close() runs to its end, up to CLOSE_GRACE more
+        closing = [h.process for h in handles if stats is not None and stats[h.index, CLOSING] > 0]
+        deadline = time.monotonic() + self.CLOSE_GRACE
+        for p in closing:
             try:
                 p.join(timeout=max(0.0, deadline - time.monotonic()))
             except ValueError:
