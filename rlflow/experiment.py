@@ -6,7 +6,8 @@
                     backend="local", max_env_steps=50_000)
     result.learner, result.figures, result.evals
 
-The same Experiment runs unchanged on every backend: "local" (one process, deterministic for a seed),
+The same Experiment runs unchanged on every backend: "local" (one process, deterministic for a seed
+unless env_backend="pool", whose steps return whichever envs finished first),
 "process" (actors in processes, shared memory). Components are given either as objects or as
 factories; factories are what crosses into other processes:
 

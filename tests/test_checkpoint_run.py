@@ -457,3 +457,25 @@ def test_a_local_run_inserts_the_items_a_process_checkpoint_held(tmp_path):
     after = [tuple(r) for r in data["obs"].tolist()]
     assert len(after) == len(set(after))
     assert after[len(saved["obs"]):len(saved["obs"]) + len(held)] == held
+
+
+@MP
+def test_a_local_resume_of_held_items_stops_at_max_learner_steps_and_keeps_the_rest(tmp_path):
+    """Inserting a process checkpoint's in-flight items on local learned while the limiter refused
+    them, past max_learner_steps (limit 101: 285-301 learner steps). It stops at the limit now, and
+    the items it could not insert stay in its own checkpoint."""
+    d = str(tmp_path / "ck")
+    rf.run(stamp_experiment(), backend="process", num_actors=2, max_learner_steps=100, progress=False,
+           checkpoint_dir=d)
+    first = ckpt.load_run(d)
+    held = rows_of(first.in_flight)
+    assert held
+    limit = first.counters["learner_steps"] + 1
+    b = rf.run(stamp_experiment(), backend="local", max_learner_steps=limit, progress=False, resume=d,
+               checkpoint_dir=d)
+    assert b.figures["learner_steps"] == limit
+    after = ckpt.load_run(d)
+    _, data, _ = by_key(os.path.join(after.path, "table"))
+    inserted = [tuple(r) for r in data["obs"].tolist()]
+    # every held item is in the table or still held, once, in order
+    assert inserted[len(inserted) - len(held) + len(rows_of(after.in_flight)):] + rows_of(after.in_flight) == held

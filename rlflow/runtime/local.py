@@ -1,4 +1,5 @@
-"""The local runtime: actor, table and learner in one process, one thread, deterministic for a seed.
+"""The local runtime: actor, table and learner in one process, one thread, deterministic for a seed
+(except with env_backend="pool": its steps return whichever envs finished first).
 
     actor.reset()
     while not done:
@@ -67,7 +68,9 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
         def learn_once():
             driver.step()
 
-        def insert(items):
+        def insert(items, bounded=False):
+            """Into the table, learning while the rate limiter refuses it. `bounded`: not past
+            max_learner_steps (returns False, the items not inserted, where that would be needed)."""
             n = len(next(iter(items.values())))
             while not table.can_insert(n):
                 why = table.never_goes_ahead("insert", n)
@@ -78,8 +81,11 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
                                      f"items nor a sample of {exp.batch_size} ({table._why_sample(exp.batch_size)}; "
                                      f"table stats {table.stats()}); this configuration deadlocks "
                                      f"in one thread")
+                if bounded and max_learner_steps is not None and driver.steps >= max_learner_steps:
+                    return False
                 learn_once()
             table.insert(items)
+            return True
 
         actor.sink = insert
         free_running = getattr(table.rate_limiter, "samples_per_insert", None) is None
@@ -98,9 +104,9 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
         # taken: they go in first (kept for the next checkpoint if this run takes no step)
         carried = [] if resumed is None else list(resumed.in_flight)
         if not at_limit:
-            while carried:
-                insert(carried[0])
+            while carried and insert(carried[0], bounded=True):
                 carried.pop(0)
+            at_limit = limits.reached(actor.env_steps, driver.steps, 0.0)   # the learning they took
         while True:
             if not at_limit:
                 actor.step()
