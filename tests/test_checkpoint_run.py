@@ -414,7 +414,8 @@ def test_a_checkpoint_holds_the_items_in_the_actors_rings_and_a_resume_inserts_t
     (up to a ring per actor): a resumed run never had them. Now the checkpoint holds them, once,
     and the resumed run inserts them before any new item."""
     d = str(tmp_path / "ck")
-    a = rf.run(stamp_experiment(), backend="process", num_actors=2, max_env_steps=1_200, progress=False,
+    # (a run that ends at max_env_steps learns all its limiter allows first, and the rings drain)
+    a = rf.run(stamp_experiment(), backend="process", num_actors=2, max_learner_steps=150, progress=False,
                checkpoint_dir=d, receiver=receiver)
     state = ckpt.load_run(d)
     held = state.in_flight
@@ -426,12 +427,18 @@ def test_a_checkpoint_holds_the_items_in_the_actors_rings_and_a_resume_inserts_t
     assert state.table.stats()["inserts"] + n_held <= a.figures["actor_items"]
     assert a.figures["items_in_flight"] >= n_held
     assert a.figures["actor_items"] == state.table.stats()["inserts"] + a.figures["items_in_flight"]
+    # what the checkpoint holds neither in its table nor in flight (a step an actor was still
+    # publishing, or could not publish at the stop) is counted lost in it
+    assert (sum(x["items"] for x in state.counters["actors"]) ==
+            state.table.stats()["inserts"] + n_held + state.counters["items_lost"])
     saved_keys, saved, saved_next = by_key(os.path.join(state.path, "table"))
     before = [tuple(r) for r in saved["obs"].tolist()]
     assert not set(before) & set(rows_of(held))
 
-    b = rf.run(stamp_experiment(), backend="process", num_actors=2, max_env_steps=2_000, progress=False,
+    b = rf.run(stamp_experiment(), backend="process", num_actors=2, max_learner_steps=300, progress=False,
                checkpoint_dir=d, resume=d, receiver=receiver)
+    assert b.figures["actor_items"] == (b.table.stats()["inserts"] + b.figures["items_in_flight"]
+                                        + b.figures["items_lost"])
     b.table.save(str(tmp_path / "after"))
     keys, data, _ = by_key(tmp_path / "after")
     after = [tuple(r) for r in data["obs"].tolist()]
@@ -446,12 +453,12 @@ def test_a_checkpoint_holds_the_items_in_the_actors_rings_and_a_resume_inserts_t
 def test_a_local_run_inserts_the_items_a_process_checkpoint_held(tmp_path):
     """A process run's checkpoint resumed on the local backend: the in-flight items go in first."""
     d = str(tmp_path / "ck")
-    rf.run(stamp_experiment(), backend="process", num_actors=1, max_env_steps=800, progress=False,
+    rf.run(stamp_experiment(), backend="process", num_actors=1, max_learner_steps=100, progress=False,
            checkpoint_dir=d)
     state = ckpt.load_run(d)
     held = rows_of(state.in_flight)
     _, saved, saved_next = by_key(os.path.join(state.path, "table"))
-    b = rf.run(stamp_experiment(), backend="local", max_env_steps=1_200, progress=False, resume=d)
+    b = rf.run(stamp_experiment(), backend="local", max_learner_steps=200, progress=False, resume=d)
     b.table.save(str(tmp_path / "after"))
     keys, data, _ = by_key(tmp_path / "after")
     after = [tuple(r) for r in data["obs"].tolist()]
@@ -479,3 +486,46 @@ def test_a_local_resume_of_held_items_stops_at_max_learner_steps_and_keeps_the_r
     inserted = [tuple(r) for r in data["obs"].tolist()]
     # every held item is in the table or still held, once, in order
     assert inserted[len(inserted) - len(held) + len(rows_of(after.in_flight)):] + rows_of(after.in_flight) == held
+
+
+@MP
+def test_resumed_actors_wait_until_the_held_items_are_in(tmp_path):
+    """The actors of a resumed run filled fresh rings while the checkpoint's held items still
+    waited for the rate limiter: each short resumed run held a ring per actor more (204 -> 312 ->
+    548 -> 656 -> 764 items). They now hold until those items are in."""
+    d = str(tmp_path / "ck")
+    rf.run(stamp_experiment(), backend="process", num_actors=2, max_learner_steps=60, progress=False,
+           checkpoint_dir=d)
+    held = [len(rows_of(ckpt.load_run(d).in_flight))]
+    for limit in (70, 80):
+        rf.run(stamp_experiment(), backend="process", num_actors=2, max_learner_steps=limit, progress=False,
+               checkpoint_dir=d, resume=d)
+        held.append(len(rows_of(ckpt.load_run(d).in_flight)))
+    assert held[0] > 0 and held[2] <= held[1] <= held[0], held
+
+
+def test_two_runs_never_write_checkpoints_into_one_directory(tmp_path):
+    """Two runs given one checkpoint_dir pruned each other's checkpoints and failed with errors of
+    damaged files or a full disk. The second is refused, naming the process that writes there."""
+    d = tmp_path / "ck"
+    d.mkdir()
+    with ckpt.claimed(str(d)):          # as a running run holds it
+        with pytest.raises(UsageError, match=rf"'checkpoint_dir'.*where process {os.getpid()} does"):
+            rf.run(experiment(), max_env_steps=200, progress=False, checkpoint_dir=str(d))
+    rf.run(experiment(), max_env_steps=200, progress=False, checkpoint_dir=str(d))     # free again
+    assert sorted(p.name for p in d.iterdir()) == ["LATEST", "ckpt-000001"]       # no lock file left
+
+
+def test_a_checkpoint_pruned_while_read_says_so(tmp_path, monkeypatch):
+    d = str(tmp_path / "ck")
+    rf.run(experiment(), max_env_steps=200, progress=False, checkpoint_dir=d)
+    from rlflow.replay import Table
+
+    def vanish(path):                   # another run pruned it under the reader
+        import shutil
+        shutil.rmtree(os.path.dirname(path))
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(Table, "load", staticmethod(vanish))
+    with pytest.raises(UsageError, match="'resume'.*was removed while it was read"):
+        ckpt.load_run(d)

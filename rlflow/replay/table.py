@@ -970,6 +970,20 @@ def fast_insert(items):
         with self._lock:
             return not self._closed and n <= self.capacity and self.rate_limiter.can_insert(n)
 
+    def wait_for_insert(self, n: int, timeout: float) -> bool:
+        """Wait until an insert of n would go ahead (`can_insert(n)`), at most `timeout` seconds;
+        returns whether it would. Inserts nothing: a caller that must take its own lock before
+        inserting waits here, without holding that lock."""
+        n = _positive_int("n", n)
+        timeout = _check_timeout(timeout)
+        with self._lock:
+            try:
+                self._wait(lambda: n <= self.capacity and self.rate_limiter.can_insert(n), timeout,
+                           lambda: self._why_insert(n))
+            except Timeout:
+                return False
+            return True
+
     def never_goes_ahead(self, kind: str, n: int) -> str | None:
         """Why an insert (`kind="insert"`) or a sample (`"sample"`) of n items can never go ahead
         in this table, whatever else happens (more than its capacity, or more than its rate limiter

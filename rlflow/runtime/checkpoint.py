@@ -43,6 +43,7 @@ figures counts them with the rings' items; they are not in the checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -227,8 +228,8 @@ def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int 
     name = f"ckpt-{seq:06d}"
     tmp = os.path.join(directory, f".tmp-{name}-{uuid.uuid4().hex}")
     learner_state = learner.state_dict()   # the user's errors stay theirs (outside the write's handling)
-    os.mkdir(tmp)
     try:
+        os.mkdir(tmp)
         with open(os.path.join(tmp, "learner.pkl"), "wb") as f:
             pickle.dump(learner_state, f, protocol=pickle.HIGHEST_PROTOCOL)
         table.save(os.path.join(tmp, "table"))
@@ -310,6 +311,58 @@ def _jsonable(v):
     return v
 
 
+LOCK_NAME = ".rlflow-run.lock"
+
+
+@contextlib.contextmanager
+def claimed(checkpoint_dir):
+    """Hold `checkpoint_dir` for one run (an exclusive flock on a lock file in it, removed at the
+    end): a second run given the same directory is a UsageError naming the process that writes
+    there. (Two runs in one directory each pruned the other's checkpoints, and failed with errors
+    that spoke of damaged files or a full disk.) Where flock is not supported it goes on unheld."""
+    if checkpoint_dir is None:
+        yield
+        return
+    import fcntl
+
+    path = os.path.join(os.path.abspath(os.fsdecode(os.fspath(checkpoint_dir))), LOCK_NAME)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise UsageError(mismatch("run", "checkpoint_dir", "a directory no other running run writes its "
+                                      "checkpoints into", f"{os.path.dirname(path)!r}, where process {other} "
+                                      "does (resume= may read it once that run has stopped)")) from None
+        except OSError:               # no flock on this filesystem: unheld, as before
+            os.close(fd)
+            fd = None
+            break
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:    # not a file the last holder removed
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    if fd is None:
+        yield
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        try:
+            os.unlink(path)           # while held: whoever opens it next opens a new file
+        except OSError:
+            pass
+        os.close(fd)
+
+
 # ---- reading -----------------------------------------------------------------------------------
 def load_run(directory) -> RunState:
     from rlflow.replay import Table
@@ -329,10 +382,25 @@ def load_run(directory) -> RunState:
     except UsageError:
         raise
     except Exception as e:         # truncated, corrupt or missing: name the file
+        _check_not_pruned(path, directory)
         raise damaged(os.path.join(path, reading), e) from e
-    table = Table.load(os.path.join(path, "table"))     # names a damaged file of its own
+    try:
+        table = Table.load(os.path.join(path, "table"))     # names a damaged file of its own
+    except Exception:
+        _check_not_pruned(path, directory)
+        raise
     return RunState(path=path, counters=counters, rng=rng, learner_state=learner_state, table=table,
                     adder=meta.get("adder"), in_flight=list(meta.get("in_flight") or []))
+
+
+def _check_not_pruned(path, directory) -> None:
+    """A checkpoint that went away while it was read was pruned by a run writing into its
+    directory (not damaged): a UsageError that says so."""
+    if not os.path.isdir(path):
+        raise UsageError(mismatch("run", "resume", "a checkpoint directory no running run prunes",
+                                  f"{os.fspath(directory)!r}, whose {os.path.basename(path)} was removed while "
+                                  "it was read (a run writing checkpoints there keeps the newest two; "
+                                  "resume from it once that run has stopped)")) from None
 
 
 def resumed_table(state: Optional[RunState], built, adder):

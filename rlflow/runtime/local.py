@@ -36,8 +36,14 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
     `max_restarts` is accepted so a call runs unchanged on either backend; one process has no actor
     process to restart."""
     start = time.monotonic()
-    exp = experiment
     checkpoint_every = ckpt.check_options(checkpoint_dir, checkpoint_every, resume)
+    with ckpt.claimed(checkpoint_dir):       # no other run writes checkpoints there while this one does
+        return _run(experiment, start, max_env_steps, max_learner_steps, max_seconds, log_dir, progress,
+                    progress_every, checkpoint_dir, checkpoint_every, resume)
+
+
+def _run(exp, start, max_env_steps, max_learner_steps, max_seconds, log_dir, progress, progress_every,
+         checkpoint_dir, checkpoint_every, resume) -> RunResult:
     resumed = ckpt.load_run(resume) if resume is not None else None
     seed_all(exp.seed)
     venv = make_venv(exp)

@@ -485,6 +485,8 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
 
     run = _ProcessRun(exp, actor_exp, ctx, num_actors, max_restarts, prefetch, receiver, queue_slots,
                       slot_rows, actor_threads, actor_timeout)
+    claim = ckpt.claimed(checkpoint_dir)
+    claim.__enter__()                    # no other run writes checkpoints there while this one does
     old_handlers = _install_signal_handlers()
     _LIVE_RUNS.add(run)
     try:
@@ -501,6 +503,7 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
             _restore_signal_handlers(old_handlers)
             if old_handlers is not None:
                 _signalled.clear()       # this run's signals were raised: none is left for a later run
+            claim.__exit__(None, None, None)
 
 
 _signalled: list = []            # SIGINT / SIGTERM received by this run's process, newest last
@@ -613,6 +616,7 @@ class _ProcessRun:
         # items a resumed checkpoint held in flight (in the actors' rings when it was taken): they
         # go into the table before the rings' new ones, as the rate limiter admits them
         self.carried: collections.deque = collections.deque()
+        self.carried_hold = None         # the actors' EVAL_AT once they are in (None: not holding)
 
     # ---- set-up ------------------------------------------------------------------------------
     def _on_thread_error(self, e):
@@ -708,6 +712,14 @@ class _ProcessRun:
         self.control.arrays["control"][ENV_LIMIT] = env_limit
         next_eval = (base_env_steps // exp.eval_every + 1) * exp.eval_every if exp.eval_every else None
         self.control.arrays["control"][EVAL_AT] = -1 if next_eval is None else next_eval
+        if self.carried:
+            # the actors hold (as for an evaluation) until the checkpoint's in-flight items are in:
+            # new items go after them, and a run resumed again and again does not pile up a ring
+            # per actor of new ones beside the old each time
+            self.control.arrays["control"][EVAL_AT] = base_env_steps
+            self.carried_hold = -1 if next_eval is None else next_eval
+        if resumed is not None:
+            self.items_lost = int(resumed.counters.get("items_lost", 0))
         for h, b in zip(self.actors, bases):
             stats[h.index, ENV_STEPS], stats[h.index, EPISODES] = b["env_steps"], b["episodes"]
             stats[h.index, ITEMS] = b["items"]
@@ -765,6 +777,11 @@ class _ProcessRun:
         while True:
             if _signalled:
                 _check_signals()
+            if self.carried_hold is not None and not at_limit:
+                with self.insert_gate:
+                    if self._insert_carried():          # all in: the actors go on
+                        self.control.arrays["control"][EVAL_AT] = self.carried_hold
+                        self.carried_hold = None
             sample = None if at_limit else self._ready_batch(batches)
             if sample is None and not at_limit:
                 w = time.monotonic()
@@ -1089,16 +1106,23 @@ class _ProcessRun:
             stats[h.index, READY] = stats[h.index, CLOSING] = 0
             self._start_actor(h, base)
 
-    def _gated_insert(self, items, timeout=None, then=None):
+    def _gated_insert(self, items, timeout=0.2, then=None):
         """A receiver thread's insert (`then()`: its slot's release); a checkpoint holds the gate,
-        so the table it saves, the rings' items it saves and the counters it reads are one moment's."""
-        with self.insert_gate:
-            while self.carried:           # a resume's in-flight items go first
-                self.table.insert(self.carried[0], timeout=timeout)
-                self.carried.popleft()
-            self.table.insert(items, timeout=timeout)
-            if then is not None:
-                then()
+        so the table it saves, the rings' items it saves and the counters it reads are one moment's.
+        The wait for the rate limiter is outside the gate (the learner, which alone can end it,
+        takes the gate for its checkpoints: receivers waiting inside it starved them, ~0.5 s a
+        checkpoint per actor). Timeout after `timeout` seconds, as Table.insert."""
+        n = len(next(iter(items.values())))
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.table.wait_for_insert(n, max(0.0, deadline - time.monotonic())):
+                raise Timeout(f"insert of {n} items: the rate limiter refused for {timeout:g} s")
+            with self.insert_gate:
+                if self.table.can_insert(n):        # receivers take turns here: still admitted
+                    self.table.insert(items, timeout=0)
+                    if then is not None:
+                        then()
+                    return
 
     def _insert_carried(self) -> bool:
         """The checkpoint's in-flight items, oldest first, as far as the table takes them now.
@@ -1129,6 +1153,12 @@ class _ProcessRun:
                     "resumes": resumes,
                     "actors": [{"env_steps": int(stats[i, ENV_STEPS]), "episodes": int(stats[i, EPISODES]),
                                 "items": int(stats[i, ITEMS]), "rng_state": None} for i in range(len(stats))]}
+        # rows an actor counted and had not published yet (it waits for ring space with them, or a
+        # stop left them unsent): they are in neither the table nor the rings, so a resume from this
+        # checkpoint has lost them, and counts them so (actor items = inserts + in flight + lost)
+        cut = sum(self._unpublished(h, stats) + int(stats[h.index, UNSENT])
+                  for h in self.actors if h.ring is not None)
+        counters["items_lost"] = self.items_lost + cut
         ckpt.save_run(directory, learner=self.learner, table=self.table, counters=counters,
                       rng=ckpt.capture_rng(), supersede=final, adder=self.exp.adder,
                       in_flight=self._in_flight_items())
