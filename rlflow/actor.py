@@ -253,26 +253,47 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
         counted[wanted:] = True            # rows of envs past `episodes` are not counted
     returns: list[float] = []
     lengths: list[int] = []
-    # A game counts whole, once every agent row of its env has ended (a single-agent env's game is
-    # its one row's episode): counting agent-episodes as they ended took the early leavers of
-    # games still running and dropped their teammates.
+    # A game counts whole, once every agent row of its env that takes part has ended (a single-agent
+    # env's game is its one row's episode): counting agent-episodes as they ended took the early
+    # leavers of games still running and dropped their teammates. A row takes part once it was
+    # alive; PettingZoo lets a game begin with fewer agents than possible_agents, and a row
+    # of an agent that sits a game out never ends in it (waiting for it hung the evaluation): a
+    # game also ends when every row seen alive so far has ended in it, or when one of its rows
+    # ends again (its env is in its next game by then).
     games: dict[int, dict] = {}      # env -> {row: (return, length)} of its game's ended agents
-    while len(returns) < wanted:
+    seen = np.zeros(venv.num_envs, bool)      # rows alive at some step so far
+    seen[step.env_ids if step.alive is None else step.env_ids[step.alive]] = True
+    played = 0                                 # games counted
+
+    def close(e):
+        nonlocal played
+        game = games.pop(e)
+        for row in sorted(game):
+            returns.append(game[row][0])
+            lengths.append(game[row][1])
+        if one_each:
+            counted[e * per_env:(e + 1) * per_env] = True
+        played += 1
+
+    while played < episodes:
         actions, _ = split_policy_output(policy.act_step(step))
         step = venv.step(np.asarray(actions))
+        seen[step.env_ids if step.alive is None else step.env_ids[step.alive]] = True
         for r, ret, length in zip(*stats.update(step)):
-            if counted[r]:
+            seen[r] = True
+            if counted[r] or played >= episodes:
                 continue
-            game = games.setdefault(r // per_env, {})
-            game.setdefault(r, (float(ret), int(length)))
-            if len(game) < per_env:
-                continue
-            for row in sorted(game):
-                returns.append(game[row][0])
-                lengths.append(game[row][1])
-                counted[row] = one_each
-            del games[r // per_env]
-    r = np.asarray(returns[:wanted], dtype=np.float64)
+            e = r // per_env
+            if r in games.get(e, ()):        # its env went on to its next game: the last is over
+                close(e)
+                if counted[r] or played >= episodes:
+                    continue
+            game = games.setdefault(e, {})
+            game[r] = (float(ret), int(length))
+            rows = range(e * per_env, (e + 1) * per_env)
+            if len(game) == per_env or all(x in game or not seen[x] for x in rows):
+                close(e)
+    r = np.asarray(returns, dtype=np.float64)
     return {"mean_return": float(r.mean()), "std_return": float(r.std()), "min_return": float(r.min()),
-            "max_return": float(r.max()), "mean_length": float(np.mean(lengths[:wanted])),
+            "max_return": float(r.max()), "mean_length": float(np.mean(lengths)),
             "episodes": episodes}

@@ -749,3 +749,55 @@ def test_multi_agent_actions_out_of_range_in_acting_rows_are_named(cls, good, ba
     with pytest.raises(SpecError, match=r"actions\[2\].*agent 'a2'"):
         venv.step(acts)
     venv.close()
+
+
+class _SitsOut(ParallelEnv):
+    """possible_agents a, b, c; c plays every `every`-th game (never with every=0); every game lasts
+    3 steps, each agent gets 1 a step."""
+    metadata = {"name": "sits_out"}
+    every = 0
+
+    def __init__(self):
+        self.possible_agents = ["a", "b", "c"]
+        self.agents = []
+        self.games = 0
+
+    def observation_space(self, agent):
+        return spaces.Box(-1, 1, (2,), np.float32)
+
+    def action_space(self, agent):
+        return spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        self.games += 1
+        plays = self.every and self.games % self.every == 0
+        self.agents, self.t = (["a", "b", "c"] if plays else ["a", "b"]), 0
+        return {g: np.zeros(2, np.float32) for g in self.agents}, {g: {} for g in self.agents}
+
+    def step(self, actions):
+        self.t += 1
+        obs = {g: np.full(2, self.t / 10, np.float32) for g in self.agents}
+        trunc = {g: self.t >= 3 for g in self.agents}
+        out = (obs, {g: 1.0 for g in self.agents}, {g: False for g in self.agents}, trunc, {g: {} for g in obs})
+        if self.t >= 3:
+            self.agents = []
+        return out
+
+
+class _SitsOutEveryOther(_SitsOut):
+    every = 2
+
+
+@pytest.mark.parametrize("env", [_SitsOut, _SitsOutEveryOther])
+@pytest.mark.parametrize("num_envs,episodes", [(2, 2), (1, 3), (4, 2)])
+def test_evaluate_counts_games_an_agent_sat_out(env, num_envs, episodes):
+    """A game that began with fewer agents than possible_agents never counted (the absent agent's
+    row never ends): rf.evaluate, and every run with eval_every, hung."""
+    class Zero(rf.Policy):
+        def act(self, obs):
+            return np.zeros(len(obs), np.int64)
+
+    with rf.envs.make(env, num_envs=num_envs) as venv:
+        out = rf.evaluate(Zero(), venv, episodes=episodes)
+    assert out["episodes"] == episodes
+    assert out["mean_return"] == 3.0 and out["mean_length"] == 3.0
