@@ -267,7 +267,16 @@ def build_table(experiment: Experiment, env_spec, extras_specs):
 
 
 def fresh_adder(experiment: Experiment) -> Adder:
-    return copy.deepcopy(experiment.adder)
+    """A copy of the experiment's adder, as built: an rlflow adder the user already fed (a 4-env
+    vector env's steps, then a run of 2 envs) forgets those rows and specs ("expected 4 rows" from
+    a run's first reset), as the Experiment's adder is a template, not a stream."""
+    from rlflow.adders.base import RowAdder
+
+    adder = copy.deepcopy(experiment.adder)
+    if isinstance(adder, RowAdder) and adder.obs_specs is not None:
+        adder._declared_obs = adder._declared_action = adder._declared_extras = None
+        adder._clear()           # rows and specs are the run's (per-row state is made at its first add)
+    return adder
 
 
 # --------------------------------------------------------------------------------------------------

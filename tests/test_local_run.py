@@ -387,3 +387,21 @@ def test_max_seconds_holds_between_the_learner_steps_of_one_vector_step():
     r = rf.run(exp, max_seconds=0.5, progress=False)
     assert r.figures["wall_time"] < 1.5, r.figures["wall_time"]
     assert r.figures["learner_steps"] > 0
+
+
+def test_an_adder_used_by_hand_runs_as_a_fresh_one(tmp_path):
+    """An adder fed a 4-env vector env by hand (as README's first example does), then given to an
+    Experiment of 2 envs, failed the run with "add_first 'env_ids': expected 4 rows". The
+    Experiment's adder is a template: the run starts from it as built (the same run, byte for byte)."""
+    used = rf.adders.NStepTransition(n=3, discount=0.99)
+    with rf.envs.make("CartPole-v1", num_envs=4) as venv:
+        used.add_first(venv.reset(seed=0))
+        used.add(np.zeros(4, np.int64), venv.step(np.zeros(4, np.int64)))
+
+    def run(adder, name):
+        exp = experiment(num_envs=2)
+        exp.adder = adder
+        rf.run(exp, max_env_steps=300, progress=False).table.save(str(tmp_path / name))
+        return {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
+
+    assert run(used, "used") == run(rf.adders.NStepTransition(n=3, discount=0.99), "fresh")
