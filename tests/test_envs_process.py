@@ -1053,3 +1053,31 @@ def test_sys_exit_in_an_env_closes_the_vector_env_instead_of_a_hang(inline):
     while any(_alive(p) for p in pids) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(_alive(p) for p in pids)
+
+
+class _SlowCloseCartPole(gym.Wrapper):
+    def __init__(self):
+        super().__init__(gym.make("CartPole-v1"))
+
+    def close(self):
+        time.sleep(1.0)
+        super().close()
+
+
+def test_ctrl_c_during_close_still_reaps_every_worker():
+    """A Ctrl-C that landed while close() joined the workers (an env whose close() takes 1 s) left
+    them unreaped or running, and close() ran once only: nothing reaped them until the parent
+    exited. The shutdown finishes first now; the KeyboardInterrupt follows it."""
+    import threading
+
+    venv = rf.envs.make(_SlowCloseCartPole, num_envs=4, backend="process", workers=2, inline=False)
+    venv.reset(seed=0)
+    pids = venv.pids
+    threading.Timer(0.4, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        venv.close()
+    assert venv.closed
+    for pid in pids:           # reaped: not even a zombie left
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        assert not _alive(pid)

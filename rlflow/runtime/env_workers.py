@@ -735,7 +735,28 @@ class ProcessVectorEnv(VectorEnv):
 
 def _shutdown(procs, downs, ups, block, bells):
     """Stop and reap every worker, close the pipes and bells, free the shared block. Safe to call
-    twice. (A worker waits on its bell and its pipe: the close command goes down the pipe.)"""
+    twice. (A worker waits on its bell and its pipe: the close command goes down the pipe.)
+    Ctrl-C waits until it is done: it runs once (a weakref finalizer), and a KeyboardInterrupt in
+    its joins left workers running or unreaped, with nothing that would ever reap them."""
+    came = []
+    old = None
+    if threading.current_thread() is threading.main_thread():    # (Python handles signals only there)
+        try:
+            old = signal.signal(signal.SIGINT, lambda signum, frame: came.append(frame))
+        except (ValueError, TypeError):
+            old = None
+    try:
+        return _shutdown_now(procs, downs, ups, block, bells)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+            if came and callable(old):
+                old(signal.SIGINT, came[-1])       # the Ctrl-C that came: KeyboardInterrupt, now
+            elif came and old == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
+def _shutdown_now(procs, downs, ups, block, bells):
     for c in downs:
         try:
             os.write(c.fileno(), _CLOSE)
