@@ -1081,3 +1081,24 @@ def test_ctrl_c_during_close_still_reaps_every_worker():
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         assert not _alive(pid)
+
+
+def _unpickle_fails():
+    raise RuntimeError("cannot rebuild the factory here")
+
+
+class _FactoryThatFailsToUnpickle:
+    def __call__(self):
+        return gym.make("CartPole-v1")
+
+    def __reduce__(self):
+        return (_unpickle_fails, ())
+
+
+def test_a_factory_that_fails_to_unpickle_in_a_worker_shows_its_traceback():
+    """Spawned workers unpickled their env factories before any rlflow code ran: the parent saw
+    'died (exit code 1)' for 'envs 0..3' (a range no worker had yet), and no traceback."""
+    with pytest.raises(WorkerError, match="cannot rebuild the factory here") as info:
+        rf.envs.make(_FactoryThatFailsToUnpickle(), num_envs=4, backend="process", workers=2,
+                     start_method="spawn")
+    assert "_unpickle_fails" in str(info.value)

@@ -1024,3 +1024,23 @@ def test_save_and_load_go_on_where_the_directory_lock_is_refused(tmp_path, monke
     assert len(Table.load(os.path.join(parent, "t"))) == 3
     monkeypatch.undo()
     assert os.listdir(parent) == ["t"]                     # the replaced one is gone, found by name
+
+
+def test_a_queue_emptied_by_delete_takes_batches_again():
+    """Items deleted unread still counted as waiting: an emptied Table.queue(4) refused every
+    batch for ever ('6 > max_diff = 4; waiting for samples') with nothing left to sample."""
+    t = Table.queue(4, specs={"x": rf.specs.ArraySpec((), np.float32)})
+    keys = t.insert({"x": np.arange(4, dtype=np.float32)})
+    assert t.delete(keys) == 4 and len(t) == 0
+    t.insert({"x": np.arange(4, dtype=np.float32)}, timeout=0)       # a whole batch again
+    assert t.sample(2, timeout=0)["x"].tolist() == [0.0, 1.0]
+    t.delete(t.insert({"x": np.zeros(2, np.float32)}, timeout=0))      # read ones stay read
+    assert not t.can_insert(3) and t.can_insert(2)
+
+
+def test_fewer_reads_per_item_than_samples_per_insert_is_refused():
+    """max_times_sampled=1 with 2 samples per insert must deadlock (the reads can never keep up);
+    it was accepted, and a run of batched inserts hung after 6 steps."""
+    with pytest.raises(UsageError, match="'max_times_sampled': expected >= the rate limiter's samples_per_insert = 2"):
+        Table(100, rate_limiter=rate_limiters.SampleToInsertRatio(2.0, 4, error_buffer=4.0), max_times_sampled=1)
+    Table(100, rate_limiter=rate_limiters.SampleToInsertRatio(2.0, 4, error_buffer=4.0), max_times_sampled=2)

@@ -282,3 +282,9 @@ class Queue(RateLimiter):
     def config(self) -> dict:
         return {"size": self.queue_size}
 
+    def on_delete_unread(self, n: int) -> None:
+        """n items left the table unread (deleted): they no longer wait to be read, as if read.
+        (Counted as unread for ever, they shrank the queue for good: an emptied Table.queue(4)
+        never took a batch again.)"""
+        self.samples += n
+

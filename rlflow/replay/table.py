@@ -217,6 +217,12 @@ class Table:
             raise UsageError(
                 f"table would deadlock: rate limiter min_size_to_sample={min_size} > capacity={capacity}, "
                 f"so sampling could never start")
+        spi = getattr(rate_limiter, "samples_per_insert", None)
+        if max_times_sampled and spi is not None and spi > max_times_sampled:
+            raise UsageError(mismatch("argument", "max_times_sampled", f">= the rate limiter's samples_per_insert "
+                                      f"= {spi:g} (or 0: no limit): each item read at most {max_times_sampled} "
+                                      f"time(s) cannot give {spi:g} samples per insert, and the table would "
+                                      "deadlock", repr(max_times_sampled)))
         queue_size = getattr(rate_limiter, "queue_size", None)
         if queue_size is not None and queue_size > capacity:
             raise UsageError(mismatch("argument", "rate_limiter", f"a Queue of size <= capacity = {capacity} "
@@ -831,6 +837,9 @@ def fast_insert(items):
         self._slot_key[slots] = -1
         if self.max_times_sampled:
             self._budget -= int((self.max_times_sampled - self._times[slots]).sum())
+            unread = getattr(self.rate_limiter, "on_delete_unread", None)
+            if unread is not None:              # a queue: an item deleted unread leaves its place
+                unread(int(np.count_nonzero(self._times[slots] == 0)))
             self._times[slots] = 0  # a free slot always has times 0 and priority 1: inserts rely on it
         self._prio[slots] = 1.0
         nf = self._nfree

@@ -413,7 +413,7 @@ class ProcessVectorEnv(VectorEnv):
         self._local = None
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._downs, self._ups,
                                            self._block, self._bells)
-        self._env_bounds = [(0, n)] * workers       # until each worker is given its slice
+        self._env_bounds = [None] * workers         # until each worker is given its slice
         cpus = usable_cpus() if pin else []
         try:
             # every worker gets every factory and waits for its slice: the inline split needs the
@@ -428,8 +428,12 @@ class ProcessVectorEnv(VectorEnv):
                 # fork: the child inherits every parent end so far (and the other workers' bells)
                 inherited = (self._downs + self._ups + [down_w, up_r] + [b for bs in self._bells for b in bs]
                              if method == "fork" else [])
+                # spawned workers get the env factories as bytes, unpickled in the worker's own
+                # error handling: a factory that fails to unpickle there is reported with its
+                # traceback (it killed the process before its code ran: exit code 1, no traceback)
+                fns = list(env_fns) if method == "fork" else pickle.dumps(list(env_fns))
                 p = ctx.Process(target=_worker_main, name=f"rlflow-env-worker-{w}", daemon=True,
-                                args=(w, cls, list(env_fns), layout, self._block.handle(),
+                                args=(w, cls, fns, layout, self._block.handle(),
                                       down_r, up_w, inherited, not self.inline, self.spin, bells,
                                       threading.current_thread() is threading.main_thread()))
                 with child_threads(1):  # W workers share the cores: one math-library thread each
@@ -553,12 +557,13 @@ class ProcessVectorEnv(VectorEnv):
         p = self._procs[w]
         p.join(timeout=1.0)
         code, pid = p.exitcode, p.pid
-        e0, e1 = self._env_bounds[w]
+        envs = ("no envs yet" if self._env_bounds[w] is None
+                else f"envs {self._env_bounds[w][0]}..{self._env_bounds[w][1] - 1}")
         self._abort()
         raise WorkerDied(f"the worker process {what} (exit code {code}"
                           f"{', signal ' + signal.Signals(-code).name if code and code < 0 else ''}"
                           f"{', signal SIGTERM' if code == 128 + signal.SIGTERM else ''})",
-                          "", f"env worker {w} (envs {e0}..{e1 - 1}, pid {pid})")
+                          "", f"env worker {w} ({envs}, pid {pid})")
 
     # ---- VectorEnv ----------------------------------------------------------------------------------
     def _reset(self, seed):
@@ -887,6 +892,8 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
     try:
         block = SharedArrays.attach(handle)
         down_words, up_words = block.arrays["down"][w], block.arrays["up"][w]    # this worker's words
+        if isinstance(env_fns, bytes):
+            env_fns = pickle.loads(env_fns)
         poller = select.poll()
         for fd in (rfd, bell_down):
             if fd is not None:
