@@ -328,6 +328,7 @@ def test_learner_metric_names_that_are_not_str_are_named():
     """{0: 1.0} crashed the first figures row with "'int' object has no attribute 'startswith'"."""
     with pytest.raises(UsageError, match=r"learner metrics 'name': expected a str.*got 0 \(int\)"):
         _metrics_run({"loss": 1.0, 0: 1.0})
+    assert _metrics_run({np.str_("loss"): 2.0}).history[-1]["loss"] == 2.0      # str subclasses are names
 
 
 def test_nested_data_or_specs_for_a_flat_table_point_at_flatten():

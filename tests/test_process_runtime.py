@@ -1537,14 +1537,15 @@ def one_to_one_table(specs):
                     rate_limiter=rf.rate_limiters.SampleToInsertRatio(1.0, 64, 64.0), specs=specs)
 
 
-@pytest.mark.parametrize("num_actors", [1, 2])
-def test_a_run_ending_at_max_env_steps_learns_all_its_rate_limiter_allows(num_actors):
+@pytest.mark.parametrize("num_actors,receiver", [(1, "inline"), (2, "inline"), (2, "thread")])
+def test_a_run_ending_at_max_env_steps_learns_all_its_rate_limiter_allows(num_actors, receiver):
     """A slow learner under a samples-per-insert limiter: the process run stopped up to a ring plus
     the error buffer short of the learning the limiter allowed (80 learner steps where the local
     runtime made 93), unless an evaluation fell on the last step. It now ends where local does."""
     exp = experiment(learner=FiveMsLearner, table=one_to_one_table, num_envs=4, warmup_steps=0)
     local = rf.run(exp, backend="local", max_env_steps=1_500, progress=False)
-    r = rf.run(exp, backend="process", num_actors=num_actors, max_env_steps=1_500, progress=False)
+    r = rf.run(exp, backend="process", num_actors=num_actors, max_env_steps=1_500, progress=False,
+               receiver=receiver)
     assert r.figures["items_in_flight"] == 0
     assert not r.table.can_sample(exp.batch_size), r.table.stats()      # nothing left to learn
     if r.figures["env_steps"] == local.figures["env_steps"]:     # (2 actors may overshoot by a step)

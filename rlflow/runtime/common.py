@@ -59,7 +59,7 @@ class LearnerDriver:
             raise UsageError(mismatch("learner", "step() result", "a dict of metrics name -> number (or None)",
                                       f"{type(metrics).__name__} {metrics!r:.80}"))
         for k in metrics:
-            if type(k) is not str:      # the figures' columns are names (an int key crashed the first row)
+            if not isinstance(k, str):      # the figures' columns are names (an int key crashed the first row)
                 raise UsageError(mismatch("learner metrics", "name", "a str (step() returns a dict name -> "
                                           "number)", f"{k!r} ({type(k).__name__})"))
         priorities = metrics.pop("priorities", None)

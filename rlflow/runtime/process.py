@@ -844,7 +844,7 @@ class _ProcessRun:
                 self.logger.write(row, force=True)   # due: the progress line too
             if stop:
                 break
-        self._stop_actors()
+        self._stop_actors(close_grace=self.CLOSE_GRACE)
         self._count_killed_at_stop()
         self._stop_threads()
         # published and not inserted, and rows a stop left unpublished in a step's write
@@ -887,7 +887,7 @@ class _ProcessRun:
         far as its rate limiter admits (receiver="inline"; receiver threads insert on their own
         until stopped). Returns the env steps then: the last row and the final figures count the
         same steps (with max_seconds the actors step on until they see the stop)."""
-        self._stop_actors()
+        self._stop_actors(close_grace=self.CLOSE_GRACE)
         if self.inline:
             self._pump(drain=True)
         return int(self.control.arrays["stats"][:, ENV_STEPS].sum())
@@ -936,9 +936,22 @@ class _ProcessRun:
         evaluates up to ring + error buffer items (~50 learner steps on DQN/CartPole) short of
         that. Returns the env steps then (the actors hold at the evaluation's env step)."""
         self.catching_up = True
+        give_up = time.monotonic() + 10.0
         try:
-            while (sample := self._ready_batch(batches)) is not None:
-                driver.step(sample)
+            while time.monotonic() < give_up:
+                sample = self._ready_batch(batches)
+                if sample is not None:
+                    driver.step(sample)
+                    continue
+                if self.inline:            # the pump moved all the table takes: nothing more comes
+                    break
+                # receiver threads may still be inserting what the rings hold, a sampler thread
+                # drawing what the table gives: wait for them while either can go ahead
+                heads = [n for n in (r.head_rows() for r in self._readers()) if n is not None]
+                if not ((heads and self.table.can_insert(min(heads)))
+                        or (self.sampler is not None and self.table.can_sample(self.exp.batch_size))):
+                    break
+                time.sleep(0.0005)
         finally:
             self.catching_up = False
         return int(stats[:, ENV_STEPS].sum())
@@ -1187,7 +1200,7 @@ class _ProcessRun:
 
     CLOSE_GRACE = 10.0       # seconds an actor closing its envs gets beyond the stop's grace
 
-    def _stop_actors(self, grace: float = 3.0):
+    def _stop_actors(self, grace: float = 3.0, close_grace: float = 0.0):
         stats = None
         if self.control is not None and self.control.arrays:
             self.control.arrays["control"][STOP] = 1
@@ -1200,10 +1213,11 @@ class _ProcessRun:
                 p.join(timeout=max(0.0, deadline - time.monotonic()))
             except ValueError:
                 pass
-        # an actor that left its loop and is closing its envs (a user env's slow close()) is not
-        # cut short at `grace`: its envs' close() runs to its end, up to CLOSE_GRACE more
-        closing = [h.process for h in handles if stats is not None and stats[h.index, CLOSING] > 0]
-        deadline = time.monotonic() + self.CLOSE_GRACE
+        # at a run's normal end, an actor that left its loop and is closing its envs (a user env's
+        # slow close()) is not cut short at `grace`: its envs' close() runs to its end, up to
+        # `close_grace` more (not after Ctrl-C, SIGTERM or an error: those stop within seconds)
+        closing = [h.process for h in handles if close_grace and stats is not None and stats[h.index, CLOSING] > 0]
+        deadline = time.monotonic() + close_grace
         for p in closing:
             try:
                 p.join(timeout=max(0.0, deadline - time.monotonic()))
