@@ -233,7 +233,10 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
     least `episodes` envs, envs 0..episodes-1 each play exactly one, and every agent row of those
     envs counts; with fewer, games count whole, in the order their last agent ends. The figures
     are over agent-episodes (as the runs' `episodes` and mean return are): `mean_return` is the
-    mean of each agent's return over those games; `episodes` says the games."""
+    mean of each agent's return over those games; `episodes` says the games. A game counts the
+    agents that took part (PettingZoo lets a game begin with fewer than possible_agents); with
+    fewer envs than games, an env whose games have different sets of agents may count one agent's
+    episode of a later game in an earlier game (with at least `episodes` envs, never)."""
     if not isinstance(policy, Policy):
         raise UsageError(mismatch("evaluate", "policy", "an rf.Policy", type(policy).__name__))
     if not hasattr(venv, "reset") or not hasattr(venv, "num_envs"):

@@ -1044,3 +1044,5 @@ def test_fewer_reads_per_item_than_samples_per_insert_is_refused():
     with pytest.raises(UsageError, match="'max_times_sampled': expected >= the rate limiter's samples_per_insert = 2"):
         Table(100, rate_limiter=rate_limiters.SampleToInsertRatio(2.0, 4, error_buffer=4.0), max_times_sampled=1)
     Table(100, rate_limiter=rate_limiters.SampleToInsertRatio(2.0, 4, error_buffer=4.0), max_times_sampled=2)
+    # inserts that never block cannot deadlock, whatever the ratio
+    Table(100, rate_limiter=rate_limiters.RateLimiter(4.0, 1, -float("inf"), float("inf")), max_times_sampled=1)

@@ -218,7 +218,8 @@ class Table:
                 f"table would deadlock: rate limiter min_size_to_sample={min_size} > capacity={capacity}, "
                 f"so sampling could never start")
         spi = getattr(rate_limiter, "samples_per_insert", None)
-        if max_times_sampled and spi is not None and spi > max_times_sampled:
+        if (max_times_sampled and spi is not None and spi > max_times_sampled
+                and math.isfinite(getattr(rate_limiter, "max_diff", math.inf))):
             raise UsageError(mismatch("argument", "max_times_sampled", f">= the rate limiter's samples_per_insert "
                                       f"= {spi:g} (or 0: no limit): each item read at most {max_times_sampled} "
                                       f"time(s) cannot give {spi:g} samples per insert, and the table would "

@@ -314,6 +314,16 @@ def _jsonable(v):
 LOCK_NAME = ".rlflow-run.lock"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def claimed(checkpoint_dir):
     """Hold `checkpoint_dir` for one run (an exclusive flock on a lock file in it, removed at the
@@ -335,6 +345,11 @@ def claimed(checkpoint_dir):
                 other = os.read(fd, 32).decode(errors="replace").strip() or "?"
             finally:
                 os.close(fd)
+            if other.isdigit() and not _pid_alive(int(other)):
+                # held by a forked child (an env worker) of a run that died: it follows its parent
+                # within moments; the run that wrote there is gone, so go on unheld
+                fd = None
+                break
             raise UsageError(mismatch("run", "checkpoint_dir", "a directory no other running run writes its "
                                       "checkpoints into", f"{os.path.dirname(path)!r}, where process {other} "
                                       "does (resume= may read it once that run has stopped)")) from None

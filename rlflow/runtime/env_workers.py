@@ -745,7 +745,9 @@ def _shutdown(procs, downs, ups, block, bells):
     its joins left workers running or unreaped, with nothing that would ever reap them."""
     came = []
     old = None
-    if threading.current_thread() is threading.main_thread():    # (Python handles signals only there)
+    # (Python handles signals in the main thread only; a handler not set from Python, None, could
+    # not be put back: then nothing is swapped)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None:
         try:
             old = signal.signal(signal.SIGINT, lambda signum, frame: came.append(frame))
         except (ValueError, TypeError):
