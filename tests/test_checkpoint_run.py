@@ -529,3 +529,20 @@ def test_a_checkpoint_pruned_while_read_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(Table, "load", staticmethod(vanish))
     with pytest.raises(UsageError, match="'resume'.*was removed while it was read"):
         ckpt.load_run(d)
+
+
+def test_a_local_resume_carries_the_lost_count_on(tmp_path):
+    """A process checkpoint's items_lost (rows counted and never published) was dropped by a local
+    resume's checkpoint: a later process resume's figures said 0 lost."""
+    import pickle
+
+    d, d2 = str(tmp_path / "a"), str(tmp_path / "b")
+    rf.run(experiment(), max_env_steps=200, progress=False, checkpoint_dir=d)
+    run_pkl = os.path.join(ckpt.find(d), "run.pkl")
+    with open(run_pkl, "rb") as f:
+        meta = pickle.load(f)
+    meta["counters"]["items_lost"] = 5          # as a process run that lost 5 rows would have saved
+    with open(run_pkl, "wb") as f:
+        pickle.dump(meta, f)
+    rf.run(experiment(), max_env_steps=400, progress=False, checkpoint_dir=d2, resume=d)
+    assert ckpt.load_run(d2).counters["items_lost"] == 5

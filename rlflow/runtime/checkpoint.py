@@ -489,8 +489,10 @@ def resume_local(state: Optional[RunState], learner, actor, driver) -> int:
 
 
 def save_local(directory, learner, table, actor, driver, store, resumes: int, final: bool = False,
-               in_flight=()) -> str:
-    counters = {"env_steps": int(actor.env_steps), "learner_steps": int(driver.steps),
+               in_flight=(), items_lost: int = 0) -> str:
+    """`items_lost`: what a process run's checkpoint counted lost before this run resumed it (carried
+    on, so that items = inserts + in flight + lost holds along a chain of resumes)."""
+    counters = {"items_lost": int(items_lost), "env_steps": int(actor.env_steps), "learner_steps": int(driver.steps),
                 "episodes": int(actor.stats.episodes), "param_version": int(store.latest_version()),
                 "resumes": int(resumes),
                 "actors": [{"env_steps": int(actor.env_steps), "episodes": int(actor.stats.episodes),

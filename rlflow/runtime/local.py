@@ -109,6 +109,7 @@ def _run(exp, start, max_env_steps, max_learner_steps, max_seconds, log_dir, pro
         # a process run's checkpoint may hold items its actors had made and the table had not
         # taken: they go in first (kept for the next checkpoint if this run takes no step)
         carried = [] if resumed is None else list(resumed.in_flight)
+        lost = 0 if resumed is None else int(resumed.counters.get("items_lost", 0))
         if not at_limit:
             while carried and insert(carried[0], bounded=True):
                 carried.pop(0)
@@ -142,7 +143,8 @@ def _run(exp, start, max_env_steps, max_learner_steps, max_seconds, log_dir, pro
                     solved_at, solved_time = actor.env_steps, train_time
             if next_ckpt is not None and driver.steps >= next_ckpt:
                 next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every
-                ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes, in_flight=carried)
+                ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes, in_flight=carried,
+                                items_lost=lost)
             stop = (limits.reached(actor.env_steps, driver.steps, elapsed) or solved_at is not None)
             row = None
             if evaluated or stop or figures.due(progress_every):
@@ -157,7 +159,7 @@ def _run(exp, start, max_env_steps, max_learner_steps, max_seconds, log_dir, pro
                 break
         if checkpoint_dir is not None:
             ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes, final=True,
-                            in_flight=carried)
+                            in_flight=carried, items_lost=lost)
         final = dict(history[-1]) if history else {}
         final["wall_time"] = history[-1]["wall_time"] if history else time.monotonic() - t0
         final["startup_seconds"] = t0 - start
