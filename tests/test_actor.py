@@ -98,6 +98,23 @@ class RandomPolicyForEval(rf.Policy):
         return np.zeros(len(obs), np.int64)
 
 
+def _small_table(specs):
+    return rf.Table(capacity=1_000, sampler=rf.selectors.Uniform(), remover=rf.selectors.Fifo(),
+                    rate_limiter=rf.rate_limiters.MinSize(8), specs=specs)
+
+
+def _learner_with(params):
+    """A learner class that learns nothing and publishes `params`."""
+    class Learner(rf.Learner):
+        def step(self, batch):
+            return {}
+
+        def get_params(self):
+            return params
+
+    return Learner
+
+
 def test_an_uncopyable_policy_probed_for_its_extras_is_a_warning():
     """The extras probe calls a copy of the policy; one that cannot be copied is called itself,
     before the run, which a recurrent policy's first stored state shows: that is now said."""
@@ -110,16 +127,8 @@ def test_an_uncopyable_policy_probed_for_its_extras_is_a_warning():
         def act(self, obs):
             return np.zeros(len(obs), np.int64), {"v": np.zeros(len(obs), np.float32)}
 
-    def table(specs):
-        return rf.Table(capacity=1_000, sampler=rf.selectors.Uniform(), remover=rf.selectors.Fifo(),
-                        rate_limiter=rf.rate_limiters.MinSize(8), specs=specs)
-
-    class Learner(rf.Learner):
-        def step(self, batch):
-            return {}
-
-        def get_params(self):
-            return None
+    table = _small_table
+    Learner = _learner_with(None)
 
     with rf.envs.make("CartPole-v1", 2) as venv:
         policy = Locked(venv.spec)
@@ -229,16 +238,8 @@ class NeedsParamsPolicyWithSpecs(NeedsParamsPolicy):
 def test_the_extras_probe_before_any_parameters_says_so_and_extras_specs_skips_it():
     """A policy that cannot act before set_params failed at start-up with its own error, in a
     call nothing had mentioned: the error now says what the call was and how to skip it."""
-    def table(specs):
-        return rf.Table(capacity=1_000, sampler=rf.selectors.Uniform(), remover=rf.selectors.Fifo(),
-                        rate_limiter=rf.rate_limiters.MinSize(8), specs=specs)
-
-    class Learner(rf.Learner):
-        def step(self, batch):
-            return {}
-
-        def get_params(self):
-            return [np.ones(2, np.float32)]
+    table = _small_table
+    Learner = _learner_with([np.ones(2, np.float32)])
 
     def exp(policy):
         return rf.Experiment(env="CartPole-v1", policy=policy, learner=lambda spec: Learner(),

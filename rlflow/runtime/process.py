@@ -1207,22 +1207,12 @@ class _ProcessRun:
             stats = self.control.arrays["stats"]
         handles = [h for h in self.actors if h.process is not None and h.process._popen is not None]
         procs = [h.process for h in handles]
-        deadline = time.monotonic() + grace
-        for p in procs:
-            try:
-                p.join(timeout=max(0.0, deadline - time.monotonic()))
-            except ValueError:
-                pass
+        _join_within(procs, grace)
         # at a run's normal end, an actor that left its loop and is closing its envs (a user env's
         # slow close()) is not cut short at `grace`: its envs' close() runs to its end, up to
         # `close_grace` more (not after Ctrl-C, SIGTERM or an error: those stop within seconds)
-        closing = [h.process for h in handles if close_grace and stats is not None and stats[h.index, CLOSING] > 0]
-        deadline = time.monotonic() + close_grace
-        for p in closing:
-            try:
-                p.join(timeout=max(0.0, deadline - time.monotonic()))
-            except ValueError:
-                pass
+        _join_within([h.process for h in handles if close_grace and stats is not None
+                      and stats[h.index, CLOSING] > 0], close_grace)
         for p in procs:
             try:
                 if p.exitcode is None:
@@ -1347,6 +1337,16 @@ class _ProcessRun:
             if self.logger is not None:
                 self.logger.close()
             unlink_semaphore(self.wake)       # no actor starts any more: its name can go
+
+
+def _join_within(procs, seconds: float) -> None:
+    """Wait for `procs` to exit, all of them within one deadline `seconds` from now."""
+    deadline = time.monotonic() + seconds
+    for p in procs:
+        try:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        except ValueError:          # closed already
+            pass
 
 
 def _track(block):
