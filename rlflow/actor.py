@@ -21,6 +21,7 @@ from gymnasium import spaces
 
 from rlflow.core import Adder, Policy, Step
 from rlflow.errors import UsageError, is_int, mismatch
+from rlflow.specs import batch_rows
 
 
 def split_policy_output(out):
@@ -206,7 +207,7 @@ class Actor:
         if self.adder is not None:
             items = self.adder.add(actions, step, extras)
             if items:
-                n = len(next(iter(items.values())))
+                n = batch_rows(items)
                 if n and self.sink is not None:
                     self.sink(items)
                     self.items_added += n

@@ -187,6 +187,11 @@ def unflatten(flat: Mapping[str, Any], prefix: str):
     return out
 
 
+def batch_rows(items: Mapping[str, Any]) -> int:
+    """The rows of a batch of items (dict field -> array with a leading batch axis)."""
+    return len(next(iter(items.values())))
+
+
 def zeros(spec: Spec, batch_shape=()):
     """Zero arrays shaped like `spec` (nested like it) with `batch_shape` in front."""
     if isinstance(spec, ArraySpec):

@@ -194,6 +194,17 @@ def save(table, directory) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                      # alive, another user's
+        return True
+    return True
+
+
 def _writer_alive(tail: str) -> bool:
     """Whether the process that named a '.tmp-<pid>-<hex>' folder may still be writing it."""
     pid = tail.split("-", 1)[0]
@@ -202,13 +213,7 @@ def _writer_alive(tail: str) -> bool:
     pid = int(pid)
     if pid == os.getpid():
         return True                      # another thread's save may be running
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:                      # alive, another user's
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def _fsync_dir_files(d):

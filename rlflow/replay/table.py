@@ -978,7 +978,10 @@ def fast_insert(items):
         capacity: such an insert raises)."""
         n = _positive_int("n", n)
         with self._lock:
-            return not self._closed and n <= self.capacity and self.rate_limiter.can_insert(n)
+            return not self._closed and self._insert_ok(n)
+
+    def _insert_ok(self, n: int) -> bool:
+        return n <= self.capacity and self.rate_limiter.can_insert(n)
 
     def wait_for_insert(self, n: int, timeout: float) -> bool:
         """Wait until an insert of n would go ahead (`can_insert(n)`), at most `timeout` seconds;
@@ -988,8 +991,7 @@ def fast_insert(items):
         timeout = _check_timeout(timeout)
         with self._lock:
             try:
-                self._wait(lambda: n <= self.capacity and self.rate_limiter.can_insert(n), timeout,
-                           lambda: self._why_insert(n))
+                self._wait(lambda: self._insert_ok(n), timeout, lambda: self._why_insert(n))
             except Timeout:
                 return False
             return True

@@ -58,7 +58,8 @@ import numpy as np
 
 from rlflow.errors import UsageError, is_int, mismatch
 from rlflow.logging import usable_dir
-from rlflow.replay.checkpoint import damaged
+from rlflow.replay.checkpoint import damaged, pid_alive
+from rlflow.specs import batch_rows
 
 LATEST = "LATEST"
 FORMAT = 1
@@ -234,7 +235,7 @@ def save_run(directory, *, learner, table, counters: dict, rng: dict, keep: int 
             pickle.dump(learner_state, f, protocol=pickle.HIGHEST_PROTOCOL)
         table.save(os.path.join(tmp, "table"))
         in_flight = [dict(items) for items in in_flight]
-        counters = dict(counters, items_in_flight=sum(len(next(iter(i.values()))) for i in in_flight if i))
+        counters = dict(counters, items_in_flight=sum(batch_rows(i) for i in in_flight if i))
         meta = {"format": FORMAT, "counters": counters, "rng": rng, "in_flight": in_flight}
         if adder is not None:
             meta["adder"] = adder_config(adder)
@@ -314,16 +315,6 @@ def _jsonable(v):
 LOCK_NAME = ".rlflow-run.lock"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def claimed(checkpoint_dir):
     """Hold `checkpoint_dir` for one run (an exclusive flock on a lock file in it, removed at the
@@ -345,7 +336,7 @@ def claimed(checkpoint_dir):
                 other = os.read(fd, 32).decode(errors="replace").strip() or "?"
             finally:
                 os.close(fd)
-            if other.isdigit() and not _pid_alive(int(other)):
+            if other.isdigit() and not pid_alive(int(other)):
                 # held by a forked child (an env worker) of a run that died: it follows its parent
                 # within moments; the run that wrote there is gone, so go on unheld
                 fd = None

@@ -221,7 +221,7 @@ def scalar_metrics(metrics: dict) -> dict:
             pass
         if k not in _SKIPPED_METRICS:
             _SKIPPED_METRICS.add(k)
-            shape = f" of shape {np.shape(v)}" if isinstance(v, np.ndarray) or hasattr(v, "shape") else ""
+            shape = f" of shape {tuple(v.shape)}" if hasattr(v, "shape") else ""
             warnings.warn(f"rlflow: learner metric {k!r} ({type(v).__name__}{shape}) is not a real scalar that "
                           f"a float holds: it is left out of the figures, CSV and TensorBoard", RuntimeWarning,
                           stacklevel=2)

@@ -27,6 +27,7 @@ from rlflow.runtime import checkpoint as ckpt
 from rlflow.runtime.common import (Evaluator, Figures, LearnerDriver, Limits, check_batch_size, close_or_warn,
                                    make_logger, scalar_metrics)
 from rlflow.sync import ParamClient, ParamStore
+from rlflow.specs import batch_rows
 
 
 def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None, max_seconds=None,
@@ -77,7 +78,7 @@ def _run(exp, start, max_env_steps, max_learner_steps, max_seconds, log_dir, pro
         def insert(items, bounded=False):
             """Into the table, learning while the rate limiter refuses it. `bounded`: not past
             max_learner_steps (returns False, the items not inserted, where that would be needed)."""
-            n = len(next(iter(items.values())))
+            n = batch_rows(items)
             while not table.can_insert(n):
                 why = table.never_goes_ahead("insert", n)
                 if why is not None:             # more items than the table holds: never

@@ -139,6 +139,7 @@ from rlflow.runtime.shm import SharedArrays, tracked, unlink_semaphore
 from rlflow.runtime.threads import child_threads
 from rlflow.runtime.transport import Receiver, Ring, RingWriter, slot_bytes
 from rlflow.sync import ParamClient
+from rlflow.specs import batch_rows
 
 # columns of the per-actor stats rows (float64, written by the actor process)
 ENV_STEPS, ITEMS, EPISODES, RETURN, VERSION, READY, BLOCKED, READY_AT, UNSENT, BEAT, CLOSING, NSTATS = range(12)
@@ -214,7 +215,7 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
             # the counters first, then the items: the learner's process then never holds (or
             # checkpoints) an item whose step its counters leave out
             row[ENV_STEPS] = actor.env_steps
-            row[ITEMS] = actor.items_added + len(next(iter(items.values())))
+            row[ITEMS] = actor.items_added + batch_rows(items)
             writer.write(items)
             if wait_taken:            # a Queue table's one-slot ring adds no buffering: the next
                 writer.wait_taken()   # items are made with the parameters of after this wait
@@ -849,7 +850,7 @@ class _ProcessRun:
         self._stop_threads()
         # published and not inserted, and rows a stop left unpublished in a step's write
         in_flight = (sum(r.pending_rows() for r in self._readers()) + int(stats[:, UNSENT].sum())
-                     + sum(len(next(iter(items.values()))) for items in self.carried))
+                     + sum(batch_rows(items) for items in self.carried))
         if checkpoint_dir is not None:
             self._checkpoint(checkpoint_dir, driver, resumes, final=True)
         final = dict(history[-1]) if history else {}
@@ -903,7 +904,7 @@ class _ProcessRun:
         (table counters, time) or None."""
         heads = []
         if self.carried:        # a resume's in-flight items wait to go first: the rings follow them
-            heads.append(len(next(iter(self.carried[0].values()))))
+            heads.append(batch_rows(self.carried[0]))
         for h in self.actors if not heads else ():
             readers = [r if self.inline else r.reader for _, r in h.retired if r is not None]
             current = h.reader if self.inline else (h.receiver.reader if h.receiver is not None else None)
@@ -1125,7 +1126,7 @@ class _ProcessRun:
         The wait for the rate limiter is outside the gate (the learner, which alone can end it,
         takes the gate for its checkpoints: receivers waiting inside it starved them, ~0.5 s a
         checkpoint per actor). Timeout after `timeout` seconds, as Table.insert."""
-        n = len(next(iter(items.values())))
+        n = batch_rows(items)
         deadline = time.monotonic() + timeout
         while True:
             if not self.table.wait_for_insert(n, max(0.0, deadline - time.monotonic())):
@@ -1236,7 +1237,7 @@ class _ProcessRun:
 
     def _try_insert(self, items) -> bool:
         # Asking first: a refused insert would build and raise a Timeout, once per learner step.
-        n = len(next(iter(items.values())))
+        n = batch_rows(items)
         if not self.table.can_insert(n):
             why = self.table.never_goes_ahead("insert", n)
             if why is not None:                 # refused for ever: the run could only hang
@@ -1257,7 +1258,7 @@ class _ProcessRun:
         actors publish faster than this thread inserts (a free-running limiter), inserting and
         learning then share the thread about evenly, as a receiver thread shares the interpreter
         with the learner's. `drain` (the actors have stopped): everything the table takes."""
-        if not self._insert_carried():        # a resume's in-flight items go first
+        if self.carried and not self._insert_carried():      # a resume's in-flight items go first
             return 0
         moved = 0
         until = (None if drain or self.catching_up

@@ -37,7 +37,7 @@ import numpy as np
 
 from rlflow.errors import ClosedError, SpecError, Timeout, UsageError, mismatch
 from rlflow.runtime.shm import SharedArrays, tracked, unlink_semaphore
-from rlflow.specs import ArraySpec
+from rlflow.specs import ArraySpec, batch_rows
 
 _HEAD, _TAIL = 0, 1          # counters: slots published (writer), slots consumed (reader)
 
@@ -164,20 +164,19 @@ class RingReader:
 
     def pending_rows(self) -> int:
         """Rows in published slots not yet consumed (call when the writer is stopped)."""
-        c = self._counters
-        return sum(int(self._rows[(self._next + k) % self.ring.slots]) for k in range(int(c[_HEAD] - c[_TAIL])))
+        return sum(int(self._rows[s]) for s in self._pending_slots())
 
     def pending_items(self) -> list[dict]:
         """Copies of the published slots not yet consumed, oldest first (field -> [n, ...] each).
         Safe while the writer runs: it never touches a slot between the tail and the head it had
         published when the head is read here."""
+        return [{name: arr[s, :int(self._rows[s])].copy() for name, arr in self._cols}
+                for s in self._pending_slots()]
+
+    def _pending_slots(self) -> list[int]:
+        """The published slots not yet consumed, oldest first."""
         c = self._counters
-        out = []
-        for k in range(int(c[_HEAD] - c[_TAIL])):
-            s = (self._next + k) % self.ring.slots
-            n = int(self._rows[s])
-            out.append({name: arr[s, :n].copy() for name, arr in self._cols})
-        return out
+        return [(self._next + k) % self.ring.slots for k in range(int(c[_HEAD] - c[_TAIL]))]
 
     def release(self) -> None:
         """Done with the slot from `get`. Consumed slots go back to the writer in batches of half
@@ -346,7 +345,7 @@ class Receiver(threading.Thread):
                     if draining:
                         return
                     continue
-                n = len(next(iter(items.values())))
+                n = batch_rows(items)
                 while True:            # the rate limiter may refuse for a while: wait in steps,
                     try:               # so a stop request is noticed (the table stays open)
                         # the slot is released where it was inserted (under the run's checkpoint
