@@ -283,8 +283,13 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
         actions, _ = split_policy_output(policy.act_step(step))
         step = venv.step(np.asarray(actions))
         seen[step.env_ids if step.alive is None else step.env_ids[step.alive]] = True
-        for r, ret, length in zip(*stats.update(step)):
+        ended = list(zip(*stats.update(step)))
+        # every row that ended in this step took part, alive or not (a poker player whose opponent
+        # folded at once wins without a move): all are marked before any game is judged complete
+        for r, _, _ in ended:
             seen[r] = True
+        touched = []                         # envs with rows ended in this step, in order
+        for r, ret, length in ended:
             if counted[r] or played >= episodes:
                 continue
             e = r // per_env
@@ -292,8 +297,13 @@ def evaluate(policy: Policy, venv, episodes: int, seed: int = 0) -> dict:
                 close(e)
                 if counted[r] or played >= episodes:
                     continue
-            game = games.setdefault(e, {})
-            game[r] = (float(ret), int(length))
+            games.setdefault(e, {})[r] = (float(ret), int(length))
+            if e not in touched:
+                touched.append(e)
+        for e in touched:
+            game = games.get(e)
+            if game is None or played >= episodes:
+                continue
             rows = range(e * per_env, (e + 1) * per_env)
             if len(game) == per_env or all(x in game or not seen[x] for x in rows):
                 close(e)

@@ -801,3 +801,73 @@ def test_evaluate_counts_games_an_agent_sat_out(env, num_envs, episodes):
         out = rf.evaluate(Zero(), venv, episodes=episodes)
     assert out["episodes"] == episodes
     assert out["mean_return"] == 3.0 and out["mean_length"] == 3.0
+
+
+class _FoldFirst(rf.Policy):
+    """Leduc hold'em: fold whenever folding is legal (player_0 folds at its first move, so player_1
+    wins +0.5 without ever acting)."""
+
+    def act_step(self, step):
+        m = step.action_mask
+        return np.where(m[:, 2] == 1, 2, np.argmax(m, axis=1)).astype(np.int64)
+
+
+@pytest.mark.parametrize("num_envs, games", [(8, 4), (2, 4), (1, 3)])
+@pytest.mark.parametrize("backend", ["serial", "process"])
+def test_evaluate_counts_a_player_that_won_without_a_move(backend, num_envs, games):
+    """A poker player whose opponent folded at once ends the game without ever being alive: it was
+    left out (8 envs, 4 games: mean -0.5, only the losers). Zero-sum: every game's two players
+    average 0, as a reference loop over PettingZoo's agent_iter says."""
+    leduc = pytest.importorskip("pettingzoo.classic.leduc_holdem_v4")
+    kw = {"workers": 1} if backend == "process" else {}
+    with rf.envs.make(leduc.env, num_envs=num_envs, backend=backend, **kw) as venv:
+        out = rf.evaluate(_FoldFirst(), venv, games, seed=0)
+    assert out["episodes"] == games
+    assert out["mean_return"] == 0.0 and out["min_return"] == -0.5 and out["max_return"] == 0.5, out
+    assert out["mean_length"] == 0.5, out          # the folder moved once, the winner never
+
+
+class _OwnRng(ParallelEnv):
+    """Keeps its generator across unseeded resets (as gymnasium envs do); deep copies copy it."""
+    metadata = {"name": "own_rng_v0"}
+    possible_agents = ["a0", "a1"]
+
+    def observation_space(self, agent):
+        return spaces.Box(0, 1, (2,), np.float64)
+
+    def action_space(self, agent):
+        return spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        if seed is not None or not hasattr(self, "rng"):
+            self.rng = np.random.default_rng(seed)
+        self.agents = list(self.possible_agents)
+        self.t = 0
+        return {g: self.rng.random(2) for g in self.agents}, {g: {} for g in self.agents}
+
+    def step(self, actions):
+        self.t += 1
+        obs = {g: self.rng.random(2) for g in actions}
+        end = {g: self.t == 5 for g in actions}
+        self.agents = [] if self.t == 5 else self.agents
+        return obs, {g: 0.0 for g in actions}, end, {g: False for g in actions}, {g: {} for g in actions}
+
+
+@pytest.mark.parametrize("backend", ["serial", "process"])
+def test_copies_of_a_reset_pettingzoo_instance_play_their_own_episodes(backend):
+    """Copies of a PettingZoo instance that was reset with a seed kept its generator: on an unseeded
+    reset every copy played the same episodes (as the docstring of make promises otherwise). Each
+    copy now draws a seed of its own at its first unseeded reset; seeded resets stay seeded."""
+    inst = _OwnRng()
+    inst.reset(seed=0)
+    kw = {"workers": 2, "inline": False} if backend == "process" else {}
+    with rf.envs.make(inst, num_envs=3, backend=backend, **kw) as venv:
+        step = venv.reset()
+        obs = [step.obs.reshape(3, 2, 2)]
+        for _ in range(12):                      # through two autoresets
+            step = venv.step(np.ones(len(step), np.int64))
+            obs.append(step.obs.reshape(3, 2, 2))
+        o = np.stack(obs)
+        assert not np.array_equal(o[:, 1], o[:, 2]), "copies 1 and 2 played the same episodes"
+        first = venv.reset(seed=5).obs.copy()
+        assert np.array_equal(venv.reset(seed=5).obs, first)

@@ -125,11 +125,19 @@ class CopyOf:
 def fresh_random_state(env) -> None:
     """Give a copied Gymnasium env (and its spaces) a random generator of its own: a deep copy of
     an instance that was reset already carries the original's seeded generator, and N copies then
-    play N identical episodes (each autoreset too). A seeded `reset(seed=...)` reseeds it anyway."""
+    play N identical episodes (each autoreset too). A seeded `reset(seed=...)` reseeds it anyway.
+    A copied PettingZoo env is marked `rlflow_unseeded_copy`: its first reset without a seed gets
+    a seed drawn from the OS (rlflow.envs.pettingzoo)."""
     import gymnasium as gym
 
     inner = getattr(env, "unwrapped", None)
     if not isinstance(inner, gym.Env):
+        # a PettingZoo env keeps its generators where each env likes (np_random, a randomizer...):
+        # its vector env gives it a seed of its own at its first unseeded reset instead
+        try:
+            env.rlflow_unseeded_copy = True
+        except Exception:        # an env refusing attributes keeps the instance's state
+            pass
         return
     inner._np_random = None                # drawn afresh from the OS on first use (gymnasium)
     for space in (inner.action_space, inner.observation_space):
