@@ -85,3 +85,23 @@ def is_real(value) -> bool:
 def is_int(value) -> bool:
     """An integer for an int argument: a Python or numpy integer, not a bool (True is no count)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def error_text(exc: BaseException) -> str:
+    """"Type: message" of an exception, also for one whose str() raises."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception as e:              # noqa: BLE001 - a broken __str__ is the user's
+        return f"{type(exc).__name__}: <its str() raised {type(e).__name__}>"
+
+
+def clip_report(text: str, limit: int) -> str:
+    """`text` cut to about `limit` characters, a third from its start and the rest from its end,
+    the cut said where it is: an error report crossing a pipe stays far below the pipe's buffer
+    (a sender blocked on a full pipe, whose reader waits for it to exit, hung the run)."""
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    tail = limit - head
+    return (f"{text[:head]}\n[... {len(text) - limit:,} characters of this report cut: reports between "
+            f"processes are kept under {limit:,} characters ...]\n{text[-tail:]}")

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from rlflow.errors import SpecError, UsageError, mismatch
+from rlflow.errors import SpecError, UsageError, is_int, is_real, mismatch
 
 
 def copy_params(params):
@@ -227,10 +227,16 @@ class ParamClient:
 
     def __init__(self, store, every_learner_steps: int = 1, every_seconds: Optional[float] = None,
                  clock=time.monotonic):
-        if every_learner_steps is not None and every_learner_steps < 0:
-            raise UsageError(mismatch("ParamClient", "every_learner_steps", ">= 0", every_learner_steps))
-        if every_seconds is not None and every_seconds < 0:
-            raise UsageError(mismatch("ParamClient", "every_seconds", ">= 0 or None", every_seconds))
+        if every_learner_steps is not None and (not is_int(every_learner_steps) or every_learner_steps < 0):
+            raise UsageError(mismatch("ParamClient", "every_learner_steps", "an int >= 0 or None",
+                                      repr(every_learner_steps)))
+        if every_seconds is not None and (not is_real(every_seconds) or not every_seconds >= 0):
+            raise UsageError(mismatch("ParamClient", "every_seconds", "a number of seconds >= 0 or None",
+                                      repr(every_seconds)))
+        if every_learner_steps is None and every_seconds is None:
+            raise UsageError(mismatch("ParamClient", "every_learner_steps / every_seconds", "at least one of "
+                                      "them (with neither, no pull after the first would ever be due)",
+                                      "None for both"))
         self.store = store
         self.every_learner_steps = every_learner_steps
         self.every_seconds = every_seconds

@@ -122,6 +122,29 @@ def test_worker_exception_is_worker_error_and_cleans_up(inline, where):
     assert not any(_alive(p) for p in pids)
 
 
+class LongError(Scripted):
+    def step(self, action):
+        if int(action) == 4:
+            raise RuntimeError("boom from the env " + "y" * 300_000)
+        return super().step(action)
+
+
+@pytest.mark.parametrize("backend", ["process", "pool"])
+def test_a_worker_exception_with_a_long_message_is_reported_clipped(backend):
+    """A worker's report is clipped to a size its pipe holds, its start (file, line) and end kept."""
+    kw = {"batch_size": 2} if backend == "pool" else {}
+    venv = rf.envs.make(LongError, 4, backend=backend, workers=2, inline=False, **kw)
+    step = venv.reset(seed=0)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        for _ in range(5):
+            step = venv.step(np.full(len(step), 4))
+    assert time.monotonic() - t0 < 20
+    tb = info.value.remote_traceback
+    assert "boom from the env" in tb and "in step" in tb and "characters of this report cut" in tb
+    assert venv.closed
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_BATCH is Linux's")
 @pytest.mark.parametrize("backend,inline", [("process", False), ("pool", True)])
 def test_workers_run_under_sched_batch_without_an_inline_slice(backend, inline):

@@ -542,6 +542,51 @@ def test_user_exception_in_an_actor_shows_its_traceback(policy, env, text, where
     assert "actor 0" in info.value.where
 
 
+class LongMessagePolicy(RandomPolicy):
+    """Raises with a 200 KB message: more than a pipe holds."""
+
+    def act(self, obs):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 20:
+            raise ValueError("boom with a long message " + "x" * 200_000 + " its end")
+        return super().act(obs)
+
+
+class _BadStr(Exception):
+    def __str__(self):
+        raise TypeError("no str")
+
+
+class BadStrPolicy(RandomPolicy):
+    def act(self, obs):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 20:
+            raise _BadStr("x")
+        return super().act(obs)
+
+
+@pytest.mark.parametrize("policy,text", [(LongMessagePolicy, "boom with a long message"),
+                                         (BadStrPolicy, "_BadStr")])
+def test_an_actor_error_with_a_long_or_unprintable_message_shows_its_traceback(policy, text):
+    """An actor's report of a 100 KB message filled its pipe: the actor blocked in the send, the
+    learner read the pipe only once the actor had exited, and after actor_timeout the actor was
+    killed as hung and restarted, the traceback lost. An exception whose str() raises lost its
+    report too (the actor exited 1, "died", restarted). Reports are now clipped, str() guarded."""
+    exp = rf.Experiment(env="CartPole-v1", policy=policy, learner=CountingLearner,
+                        adder=rf.adders.Transition(discount=0.99), table=minsize_table, num_envs=2,
+                        batch_size=16)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=text) as info:
+        rf.run(exp, backend="process", num_actors=1, max_env_steps=100_000, progress=False,
+               actor_timeout=60, max_restarts=0)
+    assert time.monotonic() - t0 < 30
+    tb = info.value.remote_traceback
+    assert "in act" in tb and __file__.rsplit("/", 1)[-1] in tb
+    if policy is LongMessagePolicy:
+        assert "characters of this report cut" in tb and tb.rstrip().endswith("its end")
+        assert len(str(info.value)) < 30_000
+
+
 def test_learner_exception_propagates_as_it_is():
     exp = experiment(learner=RaisingLearner, table=minsize_table)
     with pytest.raises(KeyError, match="boom in the user's learner"):

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -185,3 +187,18 @@ def test_a_torch_tensor_that_requires_grad_is_named():
     with pytest.raises(SpecError, match=r"'params\[1\]': expected a numpy array.*detach\(\).cpu\(\).numpy\(\).*"
                                         r"got Tensor \(RuntimeError"):
         ParamStore().publish(params, 0)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"every_learner_steps": None, "every_seconds": None}, "every_learner_steps / every_seconds"),
+    ({"every_learner_steps": 2.5}, "every_learner_steps"),
+    ({"every_learner_steps": True}, "every_learner_steps"),
+    ({"every_learner_steps": -1}, "every_learner_steps"),
+    ({"every_learner_steps": None, "every_seconds": float("nan")}, "every_seconds"),
+    ({"every_seconds": "1"}, "every_seconds"),
+])
+def test_param_client_refuses_pacing_that_would_freeze_or_is_no_count(kwargs, field):
+    """None for both froze the parameters after the first pull, NaN seconds too; 2.5 and True
+    steps were taken."""
+    with pytest.raises(UsageError, match=f"'{re.escape(field)}': expected"):
+        ParamClient(ParamStore(), **kwargs)

@@ -138,7 +138,7 @@ from collections import deque
 import numpy as np
 
 from rlflow.envs.vector import Layout, ObsBuffer, VectorEnv
-from rlflow.errors import UsageError, WorkerDied, WorkerError, mismatch
+from rlflow.errors import UsageError, WorkerDied, WorkerError, clip_report, mismatch
 from rlflow.runtime.children import batch_scheduling, die_with_parent, pin as pin_to, usable_cpus
 from rlflow.runtime.shm import SharedArrays
 from rlflow.runtime.threads import child_threads
@@ -856,7 +856,7 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
 
     def reply_error(exc, when="step"):
         index = getattr(exc, "rlflow_env_index", None)
-        payload = pickle.dumps((traceback.format_exc(), index, when))
+        payload = pickle.dumps((clip_report(traceback.format_exc(), 16_000), index, when))
         try:
             os.write(wfd, _ERR)
             up.send_bytes(payload)

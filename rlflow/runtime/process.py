@@ -126,7 +126,8 @@ import numpy as np
 from rlflow.actor import Actor
 from rlflow.adders.base import RowAdder
 from rlflow.core import Learner, Policy, Sample
-from rlflow.errors import ClosedError, Timeout, UsageError, WorkerDied, WorkerError, is_int, is_real, mismatch
+from rlflow.errors import (ClosedError, Timeout, UsageError, WorkerDied, WorkerError, clip_report, error_text, is_int,
+                           is_real, mismatch)
 from rlflow.replay import rate_limiters
 from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
                                make_venv, seed_all)
@@ -293,7 +294,7 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         if isinstance(exc, SystemExit) and _TERMINATED or isinstance(exc, KeyboardInterrupt):
             raise                    # SIGTERM: the process ends with 128 + 15, which says so
         try:                         # user code's error (a SystemExit in a policy included)
-            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            conn.send(("error", clip_report(error_text(exc), 4_000), clip_report(traceback.format_exc(), 16_000)))
         except Exception:
             pass
         sys.exit(1)
