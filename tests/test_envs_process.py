@@ -1125,3 +1125,61 @@ def test_a_factory_that_fails_to_unpickle_in_a_worker_shows_its_traceback():
         rf.envs.make(_FactoryThatFailsToUnpickle(), num_envs=4, backend="process", workers=2,
                      start_method="spawn")
     assert "_unpickle_fails" in str(info.value)
+
+
+_CTRL_C_IN_FORK = r'''
+import os, signal, sys, time
+import rlflow as rf
+fired = []
+
+def ctrl_c_inside_fork():            # as a Ctrl-C landing while os.fork runs its after-fork hooks
+    if not fired:
+        fired.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+
+os.register_at_fork(after_in_parent=ctrl_c_inside_fork)
+try:
+    if sys.argv[1] == "envs":
+        venv = rf.envs.make("CartPole-v1", 4, backend="process", workers=2, inline=False, start_method="fork")
+        print("made", flush=True)
+        venv.close()
+    else:
+        import numpy as np
+
+        class Random(rf.Policy):
+            def __init__(self, spec):
+                pass
+
+            def act(self, obs):
+                return np.zeros(len(obs), np.int64)
+
+        class Idle(rf.Learner):
+            def __init__(self, spec):
+                pass
+
+            def step(self, batch):
+                return {}
+
+        def table(specs):
+            return rf.Table(capacity=1000, sampler=rf.selectors.Uniform(), remover=rf.selectors.Fifo(),
+                            rate_limiter=rf.rate_limiters.MinSize(10), specs=specs)
+
+        exp = rf.Experiment(env="CartPole-v1", policy=Random, learner=Idle, table=table, batch_size=4,
+                            adder=rf.adders.Transition(discount=0.99))
+        rf.run(exp, backend="process", num_actors=1, max_env_steps=300_000, progress=False, start_method="fork")
+        print("ran", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+'''
+
+
+@pytest.mark.parametrize("what", ["envs", "run"])
+def test_a_ctrl_c_during_a_fork_is_not_lost(what):
+    """A Ctrl-C that came while os.fork ran its after-fork hooks was dropped by Python ("Exception
+    ignored in ... KeyboardInterrupt"): the program went on as if no key was pressed (a loop making
+    vector envs never stopped). SIGINT is held while a child starts and raised after."""
+    out = subprocess.run([sys.executable, "-c", _CTRL_C_IN_FORK, what], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "interrupted", (out.stdout, out.stderr[-2000:])
+    assert "Exception ignored" not in out.stderr

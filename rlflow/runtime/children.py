@@ -19,9 +19,11 @@ vector env's `pin`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
 
 
 def die_with_parent() -> None:
@@ -56,3 +58,29 @@ def pin(pid: int, cpu: int) -> None:
         os.sched_setaffinity(pid, {cpu})
     except (AttributeError, OSError):  # pragma: no cover - not Linux, or refused
         pass
+
+
+@contextlib.contextmanager
+def sigint_blocked():
+    """SIGINT blocked (held pending, not lost) in this thread while a child process starts; the
+    pending Ctrl-C is delivered here when the block ends. Without it, a Ctrl-C that came while
+    `os.fork` ran its after-fork hooks (logging's) was dropped by Python ("Exception ignored in
+    _releaseLock"), and the program went on as if no key was pressed; a spawned child printed a
+    KeyboardInterrupt traceback from its imports. The child inherits the mask (through exec too):
+    it ignores SIGINT, then unblocks it (`unblock_sigint`)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_sigint() -> None:
+    """In a child: Ctrl-C is the parent's to handle; SIGINT ignored, and unblocked (it was blocked
+    while the child started: `sigint_blocked`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -139,7 +139,8 @@ import numpy as np
 
 from rlflow.envs.vector import Layout, ObsBuffer, VectorEnv
 from rlflow.errors import UsageError, WorkerDied, WorkerError, clip_report, mismatch
-from rlflow.runtime.children import batch_scheduling, die_with_parent, pin as pin_to, usable_cpus
+from rlflow.runtime.children import (batch_scheduling, die_with_parent, ignore_sigint, pin as pin_to, sigint_blocked,
+                                     usable_cpus)
 from rlflow.runtime.shm import SharedArrays
 from rlflow.runtime.threads import child_threads
 
@@ -436,7 +437,9 @@ class ProcessVectorEnv(VectorEnv):
                                 args=(w, cls, fns, layout, self._block.handle(),
                                       down_r, up_w, inherited, not self.inline, self.spin, bells,
                                       threading.current_thread() is threading.main_thread()))
-                with child_threads(1):  # W workers share the cores: one math-library thread each
+                # W workers share the cores: one math-library thread each; a Ctrl-C during the
+                # start is held until it is done, then raised here
+                with child_threads(1), sigint_blocked():
                     p.start()
                 down_r.close()         # the worker holds the only write end of its up pipe:
                 up_w.close()           # its death reads as EOF
@@ -835,7 +838,7 @@ def _worker_sigterm(signum, frame):
 
 def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, spin, bells=(None, None),
                  made_by_main_thread=True):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C is the parent's to handle
+    ignore_sigint()                                   # Ctrl-C is the parent's to handle
     # SIGTERM (a whole process group stopped: Slurm, systemd, a container) ends the worker quietly;
     # forked from an actor it had the actor's handler, whose exit was reported as an env's error
     signal.signal(signal.SIGTERM, _worker_sigterm)

@@ -132,7 +132,7 @@ from rlflow.replay import rate_limiters
 from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
-from rlflow.runtime.children import die_with_parent
+from rlflow.runtime.children import die_with_parent, ignore_sigint, sigint_blocked
 from rlflow.runtime.common import (Evaluator, Figures, LearnerDriver, Limits, check_batch_size, close_or_warn,
                                    make_logger, scalar_metrics)
 from rlflow.runtime.params import SharedParamStore
@@ -179,9 +179,7 @@ def _wait_for_store(store_conn, should_stop):
 
 def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, control_handle, conn,
                 parent_pid, base, store_conn=None):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C is the parent's to handle
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})   # blocked while it started
+    ignore_sigint()                                    # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, _sigterm_exit)       # so `finally` closes the env workers
     die_with_parent()
     # The process that started this one: the learner's ("spawn", "fork") or the fork server's
@@ -559,23 +557,6 @@ def _install_signal_handlers():
     return signal.signal(signal.SIGTERM, _on_signal), old_int
 
 
-@contextlib.contextmanager
-def _sigint_blocked(on: bool = True):
-    """SIGINT blocked (held pending, not lost) in this thread while an actor process starts: the
-    child inherits the mask, through exec too ("spawn"), so a Ctrl-C while it imports and unpickles
-    the experiment waits until `_actor_main` ignores SIGINT and unblocks it (it printed a
-    KeyboardInterrupt traceback from the child's imports). Here the pending Ctrl-C is delivered
-    when the block ends."""
-    if not on or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def _ignore_signals():
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -641,7 +622,7 @@ class _ProcessRun:
                   self.store, self.control.handle(), child_end, os.getpid(),
                   dict(base, wait_taken=self.wait_taken), store_recv))
         try:
-            with child_threads(self.actor_threads), _sigint_blocked(self.ctx.get_start_method() == "spawn"):
+            with child_threads(self.actor_threads), sigint_blocked():
                 p.start()
             h.started_at = time.monotonic()
         finally:
