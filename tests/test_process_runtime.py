@@ -734,9 +734,11 @@ class ThreadsRecordingFactory:
 
 
 @pytest.mark.parametrize("actor_threads, user_env, expected", [
-    (1, None, "1,1,1"), (2, None, "2,2,2"), (None, None, "-,-,-"), (1, "3", "3,1,1")])
+    (1, None, "1,1,1"), (2, None, "2,2,2"), (None, None, "-,-,-"), (1, "3", "3,-,-")])
 def test_actor_processes_get_one_math_library_thread_unless_told(tmp_path, monkeypatch, actor_threads,
                                                                  user_env, expected):
+    # a user who set one variable chose the threads: no other is set (torch read MKL_NUM_THREADS=1 over
+    # the user's OMP_NUM_THREADS=3)
     for v in THREAD_VARS:
         monkeypatch.delenv(v, raising=False)
     if user_env is not None:                    # the user's own setting wins

@@ -2,7 +2,7 @@
 
 Each such process gets OMP_NUM_THREADS, MKL_NUM_THREADS and OPENBLAS_NUM_THREADS = `threads` in its
 environment (what PyTorch, numpy's BLAS and most numerical libraries read when they load), unless the
-user's environment sets the variable already. Several processes each running a thread pool as large
+user's environment sets any of them already (then none is changed). Several processes each running a thread pool as large
 as the machine oversubscribe the cores: on 2 cores, an actor whose policy ran PyTorch with the
 default 2 threads slowed the learner beside it by about 25% (DQN on CartPole). Ray's workers get the
 same default.
@@ -40,7 +40,9 @@ def child_threads(threads: Optional[int]) -> Iterator[None]:
         yield
         return
     with _lock:
-        added = [v for v in THREAD_VARS if v not in os.environ]
+        # a user who set any of them chose the threads: setting the others would override the
+        # choice (torch reads MKL_NUM_THREADS=1 over OMP_NUM_THREADS=2)
+        added = [] if any(v in os.environ for v in THREAD_VARS) else list(THREAD_VARS)
         for v in added:
             os.environ[v] = str(int(threads))
         try:
