@@ -1130,20 +1130,42 @@ class _ProcessRun:
             carried.popleft()
         return True
 
-    def _in_flight_items(self) -> list:
-        """What a checkpoint saves besides the table: the items published into the rings and not
-        inserted yet (and those a resume carried that are still waiting), oldest first per ring."""
-        out = list(self.carried)
-        for reader in self._readers():
-            out.extend(reader.pending_items())
-        return out
-
     def _checkpoint(self, directory, driver, resumes, final=False):
         with self.insert_gate:            # receiver threads wait: counters >= what the table holds
             self._checkpoint_now(directory, driver, resumes, final)
 
+    def _stats_now(self) -> np.ndarray:
+        """A copy of the actors' stats rows in which no actor was between its two counter stores
+        (env steps, then items): two copies in a row that agree on both (a copy takes longer than
+        the gap between the stores, so both cannot fall into one gap)."""
+        live = self.control.arrays["stats"]
+        last = live.copy()
+        for _ in range(100):
+            now = live.copy()
+            if np.array_equal(now[:, [ENV_STEPS, ITEMS]], last[:, [ENV_STEPS, ITEMS]]):
+                return now
+            last = now
+        return last
+
     def _checkpoint_now(self, directory, driver, resumes, final):
-        stats = self.control.arrays["stats"]
+        # the rings first, each as of one read of its head, then the counters: the actors count a
+        # step before they publish it, so every item saved in flight is counted, and what was
+        # counted but published after the snapshot is in `cut` below (items_lost). (Counters read
+        # first left the items published meanwhile saved but uncounted: a resume then held more
+        # items than its env steps made.)
+        in_flight = list(self.carried)
+        published = {}                    # actor index -> rows its live ring had published, at the snapshot
+        for h in self.actors:
+            current = h.reader if self.inline else h.receiver
+            for ring, rec in h.retired + [(h.ring, current)]:
+                reader = rec if self.inline or rec is None else rec.reader
+                if reader is None:
+                    continue
+                items, rows = reader.snapshot()
+                in_flight.extend(items)
+                if ring is h.ring:
+                    published[h.index] = rows
+        stats = self._stats_now()
         counters = {"env_steps": int(stats[:, ENV_STEPS].sum()), "learner_steps": driver.steps,
                     "episodes": int(stats[:, EPISODES].sum()), "param_version": self.store.latest_version(),
                     "resumes": resumes,
@@ -1152,20 +1174,21 @@ class _ProcessRun:
         # rows an actor counted and had not published yet (it waits for ring space with them, or a
         # stop left them unsent): they are in neither the table nor the rings, so a resume from this
         # checkpoint has lost them, and counts them so (actor items = inserts + in flight + lost)
-        cut = sum(self._unpublished(h, stats) + int(stats[h.index, UNSENT])
+        cut = sum(self._unpublished(h, stats, published.get(h.index)) + int(stats[h.index, UNSENT])
                   for h in self.actors if h.ring is not None)
         counters["items_lost"] = self.items_lost + cut
         ckpt.save_run(directory, learner=self.learner, table=self.table, counters=counters,
-                      rng=ckpt.capture_rng(), supersede=final, adder=self.exp.adder,
-                      in_flight=self._in_flight_items())
+                      rng=ckpt.capture_rng(), supersede=final, adder=self.exp.adder, in_flight=in_flight)
 
     # ---- shutting down -----------------------------------------------------------------------
     @staticmethod
-    def _unpublished(h, stats) -> int:
-        """Rows actor h's incarnation counted (ITEMS) but neither published into its ring nor
-        reported as UNSENT (a stop's in-flight rows): what it took with it when it was killed."""
+    def _unpublished(h, stats, published=None) -> int:
+        """Rows actor h's incarnation counted (ITEMS) but neither published into its ring (by now,
+        or as of a snapshot's `published` rows) nor reported as UNSENT (a stop's in-flight rows):
+        what it took with it when it was killed."""
         items = int(stats[h.index, ITEMS])
-        return max(0, items - h.items_at_start - h.ring.published_rows() - int(stats[h.index, UNSENT]))
+        published = h.ring.published_rows() if published is None else published
+        return max(0, items - h.items_at_start - published - int(stats[h.index, UNSENT]))
 
     def _count_killed_at_stop(self) -> None:
         """An actor the stop had to kill (it did not stop within the grace period: stuck in user

@@ -173,10 +173,25 @@ class RingReader:
         return [{name: arr[s, :int(self._rows[s])].copy() for name, arr in self._cols}
                 for s in self._pending_slots()]
 
-    def _pending_slots(self) -> list[int]:
-        """The published slots not yet consumed, oldest first."""
+    def _pending_slots(self, head: Optional[int] = None) -> list[int]:
+        """The published slots not yet consumed (up to `head`, else the head now), oldest first."""
         c = self._counters
-        return [(self._next + k) % self.ring.slots for k in range(int(c[_HEAD] - c[_TAIL]))]
+        head = int(c[_HEAD]) if head is None else head
+        return [(self._next + k) % self.ring.slots for k in range(head - int(c[_TAIL]))]
+
+    def snapshot(self) -> tuple[list[dict], int]:
+        """(`pending_items()`, the rows the writer had published in all) as of one read of the head,
+        while the writer runs: a slot published after the copies is in neither. (Read apart, a
+        checkpoint's in-flight items held slots its published count, read before them, did not.)"""
+        c, cum = self._counters, self.ring.block.arrays["_cum"]
+        while True:
+            head = int(c[_HEAD])
+            published = int(cum[head & 1])
+            if int(c[_HEAD]) - head < 2:      # the writer rewrites cum[head & 1] only for head + 2
+                break
+        items = [{name: arr[s, :int(self._rows[s])].copy() for name, arr in self._cols}
+                 for s in self._pending_slots(head)]
+        return items, published
 
     def release(self) -> None:
         """Done with the slot from `get`. Consumed slots go back to the writer in batches of half
