@@ -89,8 +89,10 @@ class Experiment:
             if not is_int(v) or v < 0:
                 raise UsageError(mismatch("Experiment", name, "an int >= 0", repr(v)))
         if not isinstance(self.adder, Adder):
-            raise UsageError(mismatch("Experiment", "adder", "an rf.Adder (e.g. rf.adders.Transition)",
-                                      type(self.adder).__name__))
+            got = (f"the class {self.adder.__name__} itself (make one: {self.adder.__name__}(...))"
+                   if isinstance(self.adder, type) and issubclass(self.adder, Adder) else type(self.adder).__name__)
+            raise UsageError(mismatch("Experiment", "adder", "an rf.Adder (e.g. rf.adders.Transition(discount=0.99))",
+                                      got))
         if not is_int(self.seed) \
                 or not 0 <= self.seed <= 2**62:
             # envs are seeded seed + i (+ offsets per actor and resume): non-negative, within int64
@@ -300,13 +302,16 @@ def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Option
     log_dir           write figures.csv (and TensorBoard files when tensorboardX is installed)
     progress          print a progress line every `progress_every` seconds (stderr)
     checkpoint_dir    write whole-run checkpoints here (learner state, table, counters, RNG states)
-    checkpoint_every  ... every this many learner steps (and at the end of the run)
+    checkpoint_every  ... every this many learner steps (and when the run ends at a limit or its
+                      target; not when Ctrl-C, SIGTERM or an error stops it)
     resume            a checkpoint directory to carry on from: counters and table continue exactly
     max_restarts      how many times a dead actor process is restarted before the run fails
     backend_options   backend="process" only: start_method ("spawn"), receiver ("inline" | "thread"),
                       prefetch (batches drawn ahead of the learner: 4 at once by default),
                       queue_slots, slot_rows,
-                      actor_threads (math-library threads per actor process, default 1)
+                      actor_threads (math-library threads per actor process, default 1),
+                      actor_timeout (seconds an actor may go without progress before it is killed
+                      as hung and restarted, default 300)
     """
     if not isinstance(experiment, Experiment):
         raise UsageError(mismatch("run", "experiment", "an rf.Experiment", type(experiment).__name__))

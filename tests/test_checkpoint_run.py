@@ -574,3 +574,31 @@ def test_every_periodic_checkpoint_of_a_process_run_counts_exactly_what_it_holds
             assert held == c["env_steps"] == c["actors"][0]["items"], (trial, name, inserts, c)
             seen += 1
     assert seen >= 4
+
+
+class _NoStateLearner(rf.Learner):
+    def __init__(self, spec):
+        pass
+
+    def step(self, batch):
+        return {}
+
+
+@pytest.mark.parametrize("backend", ["local", "process"])
+def test_checkpoints_of_a_learner_without_state_dict_warn(tmp_path, backend):
+    """rf.Learner's state_dict is empty: checkpoints of a learner that keeps it hold no learner, and a
+    resume built it afresh without a word."""
+    exp = rf.Experiment(env="CartPole-v1", policy=RandomPolicy, learner=_NoStateLearner,
+                        adder=rf.adders.Transition(discount=0.99), table=minsize_table, batch_size=8)
+    with pytest.warns(RuntimeWarning, match="_NoStateLearner does not define state_dict"):
+        rf.run(exp, backend=backend, max_env_steps=300, checkpoint_dir=str(tmp_path / "c"), progress=False)
+    import warnings as w
+    with w.catch_warnings():
+        w.simplefilter("error", RuntimeWarning)      # no checkpoints: nothing to say
+        rf.run(exp, backend=backend, max_env_steps=300, progress=False)
+
+
+def test_an_adder_class_given_for_an_adder_says_so():
+    with pytest.raises(UsageError, match=r"'adder'.*got the class Transition itself \(make one: Transition\(...\)\)"):
+        rf.Experiment(env="CartPole-v1", policy=RandomPolicy, learner=CountingLearner, adder=rf.adders.Transition,
+                      table=minsize_table, batch_size=8)

@@ -195,6 +195,16 @@ figures, on any backend): a learner metric of one of these names, or of a per-ac
 ("param_lag_<i>", "queue_depth_<i>"), is logged as "learner/<name>" on every backend."""
 
 
+def warn_unsaved_learner(learner, checkpoint_dir) -> None:
+    """A RuntimeWarning when checkpoints are written for a learner whose class keeps rf.Learner's
+    empty state_dict: its checkpoints hold the counters and the table, and a resume would start
+    the learner afresh."""
+    if checkpoint_dir is not None and type(learner).state_dict is Learner.state_dict:
+        warnings.warn(f"the learner {type(learner).__name__} does not define state_dict / load_state_dict: "
+                      "checkpoints hold the counters and the table but not the learner, which a resume "
+                      "builds afresh", RuntimeWarning, stacklevel=3)
+
+
 def reserved(name: str) -> bool:
     return name in RESERVED or name.startswith(("param_lag_", "queue_depth_"))
 

@@ -25,7 +25,7 @@ from rlflow.experiment import (Experiment, RunResult, build, build_table, extras
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
 from rlflow.runtime.common import (Evaluator, Figures, LearnerDriver, Limits, check_batch_size, close_or_warn,
-                                   make_logger, scalar_metrics)
+                                   make_logger, scalar_metrics, warn_unsaved_learner)
 from rlflow.sync import ParamClient, ParamStore
 from rlflow.specs import batch_rows
 
@@ -54,6 +54,7 @@ def _run(exp, start, max_env_steps, max_learner_steps, max_seconds, log_dir, pro
         spec = venv.spec
         policy = build(exp.policy, Policy, spec)
         learner = build(exp.learner, Learner, spec)
+        warn_unsaved_learner(learner, checkpoint_dir)
         adder = fresh_adder(exp)
         store = ParamStore()
         client = ParamClient(store, every_learner_steps=exp.param_sync_steps,

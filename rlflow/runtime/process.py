@@ -134,7 +134,7 @@ from rlflow.experiment import (Experiment, RunResult, build, build_table, extras
 from rlflow.runtime import checkpoint as ckpt
 from rlflow.runtime.children import die_with_parent, ignore_sigint, sigint_blocked
 from rlflow.runtime.common import (Evaluator, Figures, LearnerDriver, Limits, check_batch_size, close_or_warn,
-                                   make_logger, scalar_metrics)
+                                   make_logger, scalar_metrics, warn_unsaved_learner)
 from rlflow.runtime.params import SharedParamStore
 from rlflow.runtime.shm import SharedArrays, tracked, unlink_semaphore
 from rlflow.runtime.threads import child_threads
@@ -713,6 +713,7 @@ class _ProcessRun:
         table.warm_up()
         _check_signals()
         learner = build(exp.learner, Learner, spec)
+        warn_unsaved_learner(learner, checkpoint_dir)
         self.learner = learner
         _check_signals()
         base_learner_steps = 0
