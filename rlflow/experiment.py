@@ -302,8 +302,9 @@ def run(experiment: Experiment, backend: str = "local", *, max_env_steps: Option
     log_dir           write figures.csv (and TensorBoard files when tensorboardX is installed)
     progress          print a progress line every `progress_every` seconds (stderr)
     checkpoint_dir    write whole-run checkpoints here (learner state, table, counters, RNG states)
-    checkpoint_every  ... every this many learner steps (and when the run ends at a limit or its
-                      target; not when Ctrl-C, SIGTERM or an error stops it)
+    checkpoint_every  ... every this many learner steps (and when the run ends: at a limit, its
+                      target, or a Ctrl-C / SIGTERM, which is held until the checkpoint is written
+                      and raised then; a second one stops at once; an error writes none)
     resume            a checkpoint directory to carry on from: counters and table continue exactly
     max_restarts      how many times a dead actor process is restarted before the run fails
     backend_options   backend="process" only: start_method ("spawn"), receiver ("inline" | "thread"),

@@ -602,3 +602,84 @@ def test_an_adder_class_given_for_an_adder_says_so():
     with pytest.raises(UsageError, match=r"'adder'.*got the class Transition itself \(make one: Transition\(...\)\)"):
         rf.Experiment(env="CartPole-v1", policy=RandomPolicy, learner=CountingLearner, adder=rf.adders.Transition,
                       table=minsize_table, batch_size=8)
+
+
+_HELD_STOP = r"""
+import os, sys
+import numpy as np
+import rlflow as rf
+
+class Policy(rf.Policy):
+    def __init__(self, spec):
+        self.calls = 0
+    def act(self, obs):
+        self.calls += 1
+        if self.calls == 200:
+            open(os.environ["READY_FILE"] + str(os.getpid()), "w").close()
+        return np.random.randint(2, size=len(obs))
+
+class Learner(rf.Learner):
+    def __init__(self, spec):
+        self.steps = 0
+    def step(self, batch):
+        self.steps += 1
+        return {}
+    def state_dict(self):
+        return {"steps": self.steps}
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+def table(specs):
+    return rf.Table(capacity=100_000, rate_limiter=rf.rate_limiters.MinSize(10), specs=specs)
+
+if __name__ == "__main__":
+    exp = rf.Experiment(env="CartPole-v1", policy=Policy, learner=Learner,
+                        adder=rf.adders.Transition(discount=0.99), table=table, num_envs=2)
+    kw = {"num_actors": 1} if sys.argv[1] == "process" else {}
+    r = rf.run(exp, backend=sys.argv[1], max_seconds=120, progress=False, checkpoint_dir=sys.argv[2], **kw)
+    print("RUN COMPLETED", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,sig,code", [("local", "SIGINT", None), ("process", "SIGINT", None),
+                                              ("local", "SIGTERM", 143), ("process", "SIGTERM", 143)])
+def test_a_signal_to_a_run_writing_checkpoints_writes_one_first(tmp_path, backend, sig, code):
+    """A run with a checkpoint_dir and no checkpoint_every, stopped by Ctrl-C or SIGTERM (a cluster's
+    preemption), wrote no checkpoint: nothing to resume from. It now stops at its next turn, writes
+    one, then raises the signal's exception (exit 143 for SIGTERM; a KeyboardInterrupt for
+    Ctrl-C); a resume carries on from there."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_HELD_STOP)
+    d = tmp_path / "ckpt"
+    env = dict(os.environ, READY_FILE=str(tmp_path / "ready-"))
+    proc = subprocess.Popen([sys.executable, str(script), backend, str(d)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("ready-*")):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        t = time.monotonic()
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t < 10, "the run took too long to stop"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "RUN COMPLETED" not in out
+    assert "writing a checkpoint" in err, err[-2000:]
+    if code is not None:
+        assert proc.returncode == code, err[-2000:]
+    else:
+        assert "KeyboardInterrupt" in err and proc.returncode != 0, err[-2000:]
+    assert (d / "LATEST").exists(), err[-2000:]
+    c = json.loads((d / (d / "LATEST").read_text().strip() / "run.json").read_text())["counters"]
+    assert c["env_steps"] >= 400 and c["learner_steps"] > 0, c

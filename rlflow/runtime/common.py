@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import signal
+import sys
+import threading
 import time
 import warnings
 from typing import Mapping, Optional
@@ -203,6 +206,56 @@ def warn_unsaved_learner(learner, checkpoint_dir) -> None:
         warnings.warn(f"the learner {type(learner).__name__} does not define state_dict / load_state_dict: "
                       "checkpoints hold the counters and the table but not the learner, which a resume "
                       "builds afresh", RuntimeWarning, stacklevel=3)
+
+
+def held_stop_note(signum: int, checkpoint_dir) -> None:
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    sys.stderr.write(f"rlflow: {name}: stopping after writing a checkpoint to {checkpoint_dir} "
+                     f"(again: stop at once, without it)\n")
+    sys.stderr.flush()
+
+
+class HeldStop:
+    """SIGINT / SIGTERM in a run that writes checkpoints (local runtime; the process runtime holds
+    them in its own handler): the first is held (`signum`), so the run stops at its next turn,
+    writes its last checkpoint, then raises it (`raise_held`: KeyboardInterrupt, or SystemExit
+    128 + signum); a second one raises at once. Only in the main thread, and only where the
+    caller kept Python's default handlers."""
+
+    def __init__(self, checkpoint_dir):
+        self.checkpoint_dir = checkpoint_dir
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        if self.checkpoint_dir is None or threading.current_thread() is not threading.main_thread():
+            return self
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) is default:
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            held_stop_note(signum, self.checkpoint_dir)
+            return
+        self._raise(signum)
+
+    @staticmethod
+    def _raise(signum):
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    def raise_held(self) -> None:
+        if self.signum is not None:
+            self._raise(self.signum)
 
 
 def reserved(name: str) -> bool:

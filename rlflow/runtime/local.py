@@ -25,7 +25,7 @@ from rlflow.experiment import (Experiment, RunResult, build, build_table, extras
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
 from rlflow.runtime.common import (Evaluator, Figures, LearnerDriver, Limits, check_batch_size, close_or_warn,
-                                   make_logger, scalar_metrics, warn_unsaved_learner)
+                                   HeldStop, make_logger, scalar_metrics, warn_unsaved_learner)
 from rlflow.sync import ParamClient, ParamStore
 from rlflow.specs import batch_rows
 
@@ -38,13 +38,15 @@ def run_local(experiment: Experiment, max_env_steps=None, max_learner_steps=None
     process to restart."""
     start = time.monotonic()
     checkpoint_every = ckpt.check_options(checkpoint_dir, checkpoint_every, resume)
-    with ckpt.claimed(checkpoint_dir):       # no other run writes checkpoints there while this one does
+    # no other run writes checkpoints there while this one does; a Ctrl-C / SIGTERM is held until
+    # the run has written its last checkpoint
+    with ckpt.claimed(checkpoint_dir), HeldStop(checkpoint_dir) as held:
         return _run(experiment, start, max_env_steps, max_learner_steps, max_seconds, log_dir, progress,
-                    progress_every, checkpoint_dir, checkpoint_every, resume)
+                    progress_every, checkpoint_dir, checkpoint_every, resume, held)
 
 
 def _run(exp, start, max_env_steps, max_learner_steps, max_seconds, log_dir, progress, progress_every,
-         checkpoint_dir, checkpoint_every, resume) -> RunResult:
+         checkpoint_dir, checkpoint_every, resume, held) -> RunResult:
     resumed = ckpt.load_run(resume) if resume is not None else None
     seed_all(exp.seed)
     venv = make_venv(exp)
@@ -117,7 +119,7 @@ def _run(exp, start, max_env_steps, max_learner_steps, max_seconds, log_dir, pro
                 carried.pop(0)
             at_limit = limits.reached(actor.env_steps, driver.steps, 0.0)   # the learning they took
         while True:
-            if not at_limit:
+            if not at_limit and held.signum is None:
                 actor.step()
                 if free_running:
                     if table.can_sample(exp.batch_size):
@@ -147,7 +149,8 @@ def _run(exp, start, max_env_steps, max_learner_steps, max_seconds, log_dir, pro
                 next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every
                 ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes, in_flight=carried,
                                 items_lost=lost)
-            stop = (limits.reached(actor.env_steps, driver.steps, elapsed) or solved_at is not None)
+            stop = (limits.reached(actor.env_steps, driver.steps, elapsed) or solved_at is not None
+                    or held.signum is not None)
             row = None
             if evaluated or stop or figures.due(progress_every):
                 row = figures.row(actor.env_steps, driver.steps, table, actor.stats.episodes,
@@ -162,6 +165,7 @@ def _run(exp, start, max_env_steps, max_learner_steps, max_seconds, log_dir, pro
         if checkpoint_dir is not None:
             ckpt.save_local(checkpoint_dir, learner, table, actor, driver, store, resumes, final=True,
                             in_flight=carried, items_lost=lost)
+        held.raise_held()                     # a Ctrl-C / SIGTERM held for the checkpoint stops it now
         final = dict(history[-1]) if history else {}
         final["wall_time"] = history[-1]["wall_time"] if history else time.monotonic() - t0
         final["startup_seconds"] = t0 - start

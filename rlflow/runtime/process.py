@@ -134,7 +134,7 @@ from rlflow.experiment import (Experiment, RunResult, build, build_table, extras
 from rlflow.runtime import checkpoint as ckpt
 from rlflow.runtime.children import die_with_parent, ignore_sigint, sigint_blocked
 from rlflow.runtime.common import (Evaluator, Figures, LearnerDriver, Limits, check_batch_size, close_or_warn,
-                                   make_logger, scalar_metrics, warn_unsaved_learner)
+                                   held_stop_note, make_logger, scalar_metrics, warn_unsaved_learner)
 from rlflow.runtime.params import SharedParamStore
 from rlflow.runtime.shm import SharedArrays, tracked, unlink_semaphore
 from rlflow.runtime.threads import child_threads
@@ -487,7 +487,7 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
                       slot_rows, actor_threads, actor_timeout)
     claim = ckpt.claimed(checkpoint_dir)
     claim.__enter__()                    # no other run writes checkpoints there while this one does
-    old_handlers = _install_signal_handlers()
+    old_handlers = _install_signal_handlers(checkpoint_dir)
     _LIVE_RUNS.add(run)
     try:
         result = run.run(max_env_steps, max_learner_steps, max_seconds, log_dir, progress, progress_every,
@@ -500,6 +500,7 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
             run.shutdown()
         finally:
             _LIVE_RUNS.discard(run)
+            _held_for.clear()
             _restore_signal_handlers(old_handlers)
             if old_handlers is not None:
                 _signalled.clear()       # this run's signals were raised: none is left for a later run
@@ -528,8 +529,15 @@ def _stop_live_runs():
             pass
 
 
+_held_for: list = []             # the checkpoint_dir of a run that holds its first signal (see _ProcessRun.run)
+
+
 def _on_signal(signum, frame):
     _signalled.append(signum)
+    if _held_for and len(_signalled) == 1:
+        # a run writing checkpoints stops at its next turn and writes one first; again: at once
+        held_stop_note(signum, _held_for[0])
+        return
     _raise_for(signum)
 
 
@@ -547,10 +555,11 @@ def _check_signals():
         _raise_for(_signalled.pop())
 
 
-def _install_signal_handlers():
+def _install_signal_handlers(checkpoint_dir=None):
     if threading.current_thread() is not threading.main_thread():
         return None
     _signalled.clear()
+    _held_for[:] = [] if checkpoint_dir is None else [checkpoint_dir]
     old_int = signal.getsignal(signal.SIGINT)
     if old_int is signal.default_int_handler:     # a handler of the caller's own stays in place
         signal.signal(signal.SIGINT, _on_signal)
@@ -758,9 +767,13 @@ class _ProcessRun:
         stalled_at = None
         # a resumed run may begin at its limits: then it takes no step, and the loop writes its row
         at_limit = limits.reached(base_env_steps, driver.steps, 0.0)
+        interrupted = False              # a held Ctrl-C / SIGTERM: stop, write the checkpoint, then raise it
         while True:
             if _signalled:
-                _check_signals()
+                if _held_for and len(_signalled) == 1:
+                    interrupted = True
+                else:
+                    _check_signals()
             if self.carried_hold is not None and not at_limit:
                 with self.insert_gate:
                     if self._insert_carried():          # all in: the actors go on
@@ -806,8 +819,8 @@ class _ProcessRun:
             if next_ckpt is not None and driver.steps >= next_ckpt:
                 next_ckpt = (driver.steps // checkpoint_every + 1) * checkpoint_every
                 self._checkpoint(checkpoint_dir, driver, resumes)
-            stop = limits.reached(env_steps, driver.steps, elapsed) or solved_at is not None
-            if (stop and ratio is not None and solved_at is None and not evaluated
+            stop = limits.reached(env_steps, driver.steps, elapsed) or solved_at is not None or interrupted
+            if (stop and not interrupted and ratio is not None and solved_at is None and not evaluated
                     and max_env_steps is not None and env_steps >= max_env_steps
                     and not limits.reached(0, driver.steps, elapsed)):
                 # the env steps are done: the learner takes every step the rate limiter allows on
@@ -819,7 +832,7 @@ class _ProcessRun:
             stopped_at = None
             if stop:
                 stopped_at = time.monotonic()   # the last row's clock: stopping the actors is not running
-                env_steps = self._wind_down()
+                env_steps = self._wind_down(interrupted)
             if evaluated or stop or figures.due(progress_every):
                 row = figures.row(env_steps, driver.steps, table, int(stats[:, EPISODES].sum()),
                                   self._mean_return(), {"eval_return": eval_return, **self._live(driver.steps)},
@@ -828,7 +841,7 @@ class _ProcessRun:
                 self.logger.write(row, force=True)   # due: the progress line too
             if stop:
                 break
-        self._stop_actors(close_grace=self.CLOSE_GRACE)
+        self._stop_actors(close_grace=0.0 if interrupted else self.CLOSE_GRACE)
         self._count_killed_at_stop()
         self._stop_threads()
         # published and not inserted, and rows a stop left unpublished in a step's write
@@ -866,12 +879,12 @@ class _ProcessRun:
             while self.sampler.held:
                 driver.step(self.sampler.held.pop(0))
 
-    def _wind_down(self) -> int:
+    def _wind_down(self, interrupted: bool = False) -> int:
         """At the run's end: stop the actors, then move what they published into the table, as
         far as its rate limiter admits (receiver="inline"; receiver threads insert on their own
         until stopped). Returns the env steps then: the last row and the final figures count the
         same steps (with max_seconds the actors step on until they see the stop)."""
-        self._stop_actors(close_grace=self.CLOSE_GRACE)
+        self._stop_actors(close_grace=0.0 if interrupted else self.CLOSE_GRACE)
         if self.inline:
             self._pump(drain=True)
         return int(self.control.arrays["stats"][:, ENV_STEPS].sum())
