@@ -180,8 +180,10 @@ def test_pool_mode_worker_killed_mid_step_is_worker_error():
         victim = venv.pids[1 - int(step.env_ids[0]) // 2]
         os.kill(victim, signal.SIGKILL)
         pids = venv.pids
+        t0 = time.monotonic()
         with pytest.raises(WorkerError, match="died.*SIGKILL"):
-            for _ in range(4):
+            # within a few steps (on a loaded machine the other worker may answer a few times first)
+            while time.monotonic() - t0 < 10.0:
                 step = venv.step(np.zeros(len(step), np.int64))
         assert venv.closed and not any(_alive(p) for p in pids)
 
