@@ -96,12 +96,15 @@ def error_text(exc: BaseException) -> str:
 
 
 def clip_report(text: str, limit: int) -> str:
-    """`text` cut to about `limit` characters, a third from its start and the rest from its end,
+    """`text` cut to about `limit` bytes of UTF-8, a third from its start and the rest from its end,
     the cut said where it is: an error report crossing a pipe stays far below the pipe's buffer
-    (a sender blocked on a full pipe, whose reader waits for it to exit, hung the run)."""
-    if len(text) <= limit:
+    (a sender blocked on a full pipe, whose reader waits for it to exit, hung the run; bytes, not
+    characters: 20,000 four-byte characters overfilled a 64 KiB pipe)."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
         return text
     head = limit // 3
     tail = limit - head
-    return (f"{text[:head]}\n[... {len(text) - limit:,} characters of this report cut: reports between "
-            f"processes are kept under {limit:,} characters ...]\n{text[-tail:]}")
+    return (f"{raw[:head].decode('utf-8', 'ignore')}\n[... {len(raw) - limit:,} bytes of this report cut: "
+            f"reports between processes are kept under {limit:,} bytes ...]\n"
+            f"{raw[-tail:].decode('utf-8', 'ignore')}")

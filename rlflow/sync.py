@@ -233,10 +233,10 @@ class ParamClient:
         if every_seconds is not None and (not is_real(every_seconds) or not every_seconds >= 0):
             raise UsageError(mismatch("ParamClient", "every_seconds", "a number of seconds >= 0 or None",
                                       repr(every_seconds)))
-        if every_learner_steps is None and every_seconds is None:
+        if every_learner_steps is None and (every_seconds is None or every_seconds == float("inf")):
             raise UsageError(mismatch("ParamClient", "every_learner_steps / every_seconds", "at least one of "
                                       "them (with neither, no pull after the first would ever be due)",
-                                      "None for both"))
+                                      f"every_learner_steps=None, every_seconds={every_seconds!r}"))
         self.store = store
         self.every_learner_steps = every_learner_steps
         self.every_seconds = every_seconds

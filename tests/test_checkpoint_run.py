@@ -633,22 +633,28 @@ def table(specs):
     return rf.Table(capacity=100_000, rate_limiter=rf.rate_limiters.MinSize(10), specs=specs)
 
 if __name__ == "__main__":
+    backend = sys.argv[1]
     exp = rf.Experiment(env="CartPole-v1", policy=Policy, learner=Learner,
-                        adder=rf.adders.Transition(discount=0.99), table=table, num_envs=2)
-    kw = {"num_actors": 1} if sys.argv[1] == "process" else {}
-    r = rf.run(exp, backend=sys.argv[1], max_seconds=120, progress=False, checkpoint_dir=sys.argv[2], **kw)
+                        adder=rf.adders.Transition(discount=0.99), table=table, num_envs=2,
+                        env_backend="process" if backend == "local-process-envs" else "serial")
+    kw = {"num_actors": 2, "max_restarts": 0} if backend == "process" else {}
+    r = rf.run(exp, backend=backend.split("-")[0], max_seconds=120, progress=False, checkpoint_dir=sys.argv[2],
+               **kw)
     print("RUN COMPLETED", flush=True)
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,sig,code", [("local", "SIGINT", None), ("process", "SIGINT", None),
-                                              ("local", "SIGTERM", 143), ("process", "SIGTERM", 143)])
-def test_a_signal_to_a_run_writing_checkpoints_writes_one_first(tmp_path, backend, sig, code):
+@pytest.mark.parametrize("backend,sig,code,group", [
+    ("local", "SIGINT", None, False), ("process", "SIGINT", None, False), ("local", "SIGTERM", 143, False),
+    ("process", "SIGTERM", 143, False), ("process", "SIGTERM", 143, True), ("local-process-envs", "SIGTERM", 143, True)])
+def test_a_signal_to_a_run_writing_checkpoints_writes_one_first(tmp_path, backend, sig, code, group):
     """A run with a checkpoint_dir and no checkpoint_every, stopped by Ctrl-C or SIGTERM (a cluster's
     preemption), wrote no checkpoint: nothing to resume from. It now stops at its next turn, writes
     one, then raises the signal's exception (exit 143 for SIGTERM; a KeyboardInterrupt for
-    Ctrl-C); a resume carries on from there."""
+    Ctrl-C); a resume carries on from there. `group`: SIGTERM to the whole process group (a cluster's
+    preemption): the actors (or env workers) exit 143 too, which is the stop, not a death to restart
+    (the process run failed with max_restarts=0, or restarted them during the stop)."""
     import signal
     import subprocess
     import sys
@@ -658,7 +664,7 @@ def test_a_signal_to_a_run_writing_checkpoints_writes_one_first(tmp_path, backen
     d = tmp_path / "ckpt"
     env = dict(os.environ, READY_FILE=str(tmp_path / "ready-"))
     proc = subprocess.Popen([sys.executable, str(script), backend, str(d)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=group)
     try:
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob("ready-*")):
@@ -667,7 +673,10 @@ def test_a_signal_to_a_run_writing_checkpoints_writes_one_first(tmp_path, backen
             time.sleep(0.1)
         time.sleep(0.5)
         t = time.monotonic()
-        proc.send_signal(getattr(signal, sig))
+        if group:
+            os.killpg(proc.pid, getattr(signal, sig))
+        else:
+            proc.send_signal(getattr(signal, sig))
         out, err = proc.communicate(timeout=30)
         assert time.monotonic() - t < 10, "the run took too long to stop"
     finally:
@@ -683,3 +692,27 @@ def test_a_signal_to_a_run_writing_checkpoints_writes_one_first(tmp_path, backen
     assert (d / "LATEST").exists(), err[-2000:]
     c = json.loads((d / (d / "LATEST").read_text().strip() / "run.json").read_text())["counters"]
     assert c["env_steps"] >= 400 and c["learner_steps"] > 0, c
+
+
+def test_held_stop_holds_only_while_armed_and_raises_what_it_held(tmp_path):
+    """HeldStop (the local runtime's): unarmed (start-up, close after the last checkpoint) a Ctrl-C
+    raises at once (one during the envs' close after the checkpoint was held and then dropped:
+    the run returned as if never stopped); armed, the first is held, raise_held raises it."""
+    import signal
+
+    from rlflow.runtime.common import HeldStop
+
+    with HeldStop(str(tmp_path)) as held:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+        held.arm()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        assert held.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            held.raise_held()
+        with pytest.raises(KeyboardInterrupt):      # disarmed by raise_held: at once again
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

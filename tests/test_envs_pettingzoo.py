@@ -871,3 +871,15 @@ def test_copies_of_a_reset_pettingzoo_instance_play_their_own_episodes(backend):
         assert not np.array_equal(o[:, 1], o[:, 2]), "copies 1 and 2 played the same episodes"
         first = venv.reset(seed=5).obs.copy()
         assert np.array_equal(venv.reset(seed=5).obs, first)
+
+
+def test_copies_of_an_instance_stay_reproducible_after_a_seeded_reset():
+    """A copy drew a seed of its own at its first unseeded reset even after a seeded one: two
+    identical programs (reset(seed=3), then reset()) differed."""
+    def program():
+        inst = _OwnRng()
+        inst.reset(seed=0)
+        with rf.envs.make(inst, num_envs=3) as venv:
+            venv.reset(seed=3)
+            return venv.reset().obs.copy()
+    assert np.array_equal(program(), program())

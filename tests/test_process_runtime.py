@@ -565,7 +565,19 @@ class BadStrPolicy(RandomPolicy):
         return super().act(obs)
 
 
+class LongWideMessagePolicy(RandomPolicy):
+    """Raises with 20,000 four-byte characters: 80 KB, more than a pipe holds, though fewer
+    characters than the report keeps."""
+
+    def act(self, obs):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 20:
+            raise ValueError("boom with a long message " + "\U0001F600" * 20_000 + " its end")
+        return super().act(obs)
+
+
 @pytest.mark.parametrize("policy,text", [(LongMessagePolicy, "boom with a long message"),
+                                         (LongWideMessagePolicy, "boom with a long message"),
                                          (BadStrPolicy, "_BadStr")])
 def test_an_actor_error_with_a_long_or_unprintable_message_shows_its_traceback(policy, text):
     """An actor's report of a 100 KB message filled its pipe: the actor blocked in the send, the
@@ -582,8 +594,8 @@ def test_an_actor_error_with_a_long_or_unprintable_message_shows_its_traceback(p
     assert time.monotonic() - t0 < 30
     tb = info.value.remote_traceback
     assert "in act" in tb and __file__.rsplit("/", 1)[-1] in tb
-    if policy is LongMessagePolicy:
-        assert "characters of this report cut" in tb and tb.rstrip().endswith("its end")
+    if policy is not BadStrPolicy:
+        assert "bytes of this report cut" in tb and tb.rstrip().endswith("its end")
         assert len(str(info.value)) < 30_000
 
 
@@ -1683,3 +1695,81 @@ def test_evaluation_time_is_out_of_the_rates_as_on_local():
             spent += (row["env_steps"] - last) / row["env_steps_per_s"]
         last = row["env_steps"]
     assert spent <= r.figures["wall_time"] - r.figures["eval_seconds"] + 0.3, (spent, r.figures)
+
+
+def test_a_ring_snapshot_counts_only_the_rows_of_its_slots():
+    """RingReader.snapshot read the head, then its published-rows entry, and took the pair if the
+    head had moved on by less than 2; the writer rewrites that entry in the write after the next,
+    before it moves the head: a writer paused there made a snapshot of 1 slot (3 rows) count 9."""
+    import multiprocessing as mp
+    import threading
+
+    from rlflow.runtime.transport import Ring, RingWriter
+    from rlflow.specs import ArraySpec
+
+    ring = Ring({"x": ArraySpec((), np.float32)}, slot_rows=4, slots=8, ctx=mp.get_context("spawn"))
+    try:
+        reader = ring.reader()
+        w = RingWriter(ring.writer_args(), trusted=True)
+        w.write({"x": np.arange(3, dtype=np.float32)})          # head 1, 3 rows
+        go, paused = threading.Event(), threading.Event()
+
+        class WriterCounters:        # the writer stops just before it moves the head to 3
+            def __init__(self, a):
+                self.a = a
+
+            def __getitem__(self, k):
+                return self.a[k]
+
+            def __setitem__(self, k, v):
+                if k == 0 and v == 3:
+                    paused.set()
+                    time.sleep(1.0)
+                self.a[k] = v
+
+        class ReaderCounters:        # the reader stops between its head read and its rows read
+            def __init__(self, a):
+                self.a, self.n = a, 0
+
+            def __getitem__(self, k):
+                v = self.a[k]
+                if k == 0:
+                    self.n += 1
+                    if self.n == 1:
+                        go.set()
+                        paused.wait(5)
+                return v
+
+        w._counters = WriterCounters(w._counters)
+        reader._counters = ReaderCounters(reader._counters)
+
+        def writer():
+            go.wait()
+            w.write({"x": np.arange(4, dtype=np.float32)})      # head 2, 7 rows
+            w.write({"x": np.arange(2, dtype=np.float32)})      # rows for head 3 (9), then the head
+        t = threading.Thread(target=writer)
+        t.start()
+        items, published = reader.snapshot()
+        t.join()
+        assert published == sum(len(i["x"]) for i in items), (len(items), published)
+    finally:
+        ring.close()
+
+
+def test_a_process_run_in_a_thread_leaves_the_main_runs_held_stop_armed():
+    """A process run in another thread cleared the module's held-stop state on its way out, which
+    a run in the main thread had armed: that run's next Ctrl-C stopped it without its checkpoint."""
+    import threading
+
+    from rlflow.runtime import process as proc_rt
+
+    proc_rt._held_for[:] = ["some/dir"]
+    try:
+        exp = experiment(table=minsize_table)
+        t = threading.Thread(target=rf.run, args=(exp,), kwargs=dict(backend="process", max_env_steps=300,
+                                                                     progress=False))
+        t.start()
+        t.join(60)
+        assert proc_rt._held_for == ["some/dir"]
+    finally:
+        proc_rt._held_for.clear()

@@ -195,6 +195,7 @@ def test_a_torch_tensor_that_requires_grad_is_named():
     ({"every_learner_steps": True}, "every_learner_steps"),
     ({"every_learner_steps": -1}, "every_learner_steps"),
     ({"every_learner_steps": None, "every_seconds": float("nan")}, "every_seconds"),
+    ({"every_learner_steps": None, "every_seconds": float("inf")}, "every_learner_steps / every_seconds"),
     ({"every_seconds": "1"}, "every_seconds"),
 ])
 def test_param_client_refuses_pacing_that_would_freeze_or_is_no_count(kwargs, field):

@@ -229,13 +229,13 @@ class _AgentBatched(_InPlace):
         return actions.tolist() if self._scalar_actions else actions.copy()
 
     def _seed(self, seed, e):
+        env = self.envs[e]
+        fresh = getattr(env, "rlflow_unseeded_copy", False)   # a copy of an instance, never reset here
+        if fresh:
+            env.rlflow_unseeded_copy = False
         if seed is not None:
             return seed + self.seed_offset + e
-        env = self.envs[e]
-        if getattr(env, "rlflow_unseeded_copy", False):    # a copy of an instance: its own seed
-            env.rlflow_unseeded_copy = False
-            return int(np.random.SeedSequence().generate_state(1)[0] >> 1)
-        return None
+        return int(np.random.SeedSequence().generate_state(1)[0] >> 1) if fresh else None
 
 
 class ParallelVectorEnv(_AgentBatched):

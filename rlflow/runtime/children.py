@@ -61,7 +61,7 @@ def pin(pid: int, cpu: int) -> None:
 
 
 @contextlib.contextmanager
-def sigint_blocked():
+def sigint_blocked(start_method: str | None = None):
     """SIGINT blocked (held pending, not lost) in this thread while a child process starts; the
     pending Ctrl-C is delivered here when the block ends. Without it, a Ctrl-C that came while
     `os.fork` ran its after-fork hooks (logging's) was dropped by Python ("Exception ignored in
@@ -71,6 +71,12 @@ def sigint_blocked():
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
+    if start_method in ("spawn", "forkserver"):
+        # multiprocessing starts its resource tracker on the first such start, and unblocks SIGINT
+        # when it has: started first, it leaves the block in place
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield

@@ -225,7 +225,14 @@ class HeldStop:
     def __init__(self, checkpoint_dir):
         self.checkpoint_dir = checkpoint_dir
         self.signum = None
+        self.armed = False          # held only while the run's loop goes on (`arm` / `disarm`)
         self._old = {}
+
+    def arm(self) -> None:
+        self.armed = bool(self._old)
+
+    def disarm(self) -> None:
+        self.armed = False
 
     def __enter__(self):
         if self.checkpoint_dir is None or threading.current_thread() is not threading.main_thread():
@@ -241,11 +248,20 @@ class HeldStop:
         self._old = {}
 
     def _handler(self, signum, frame):
-        if self.signum is None:
+        if self.armed and self.signum is None:
             self.signum = signum
             held_stop_note(signum, self.checkpoint_dir)
             return
         self._raise(signum)
+
+    def came(self, wait: float = 0.5) -> bool:
+        """Whether a signal is held, waiting up to `wait` seconds for one (armed only): a SIGTERM
+        to the whole process group ends the env workers too, maybe before this process's handler
+        ran; their deaths are then the run's stop, not a failure."""
+        end = time.monotonic() + wait
+        while self.armed and self.signum is None and time.monotonic() < end:
+            time.sleep(0.01)
+        return self.signum is not None
 
     @staticmethod
     def _raise(signum):
@@ -254,6 +270,7 @@ class HeldStop:
         raise SystemExit(128 + signum)
 
     def raise_held(self) -> None:
+        self.armed = False          # from here on a signal is raised at once
         if self.signum is not None:
             self._raise(self.signum)
 

@@ -439,7 +439,7 @@ class ProcessVectorEnv(VectorEnv):
                                       threading.current_thread() is threading.main_thread()))
                 # W workers share the cores: one math-library thread each; a Ctrl-C during the
                 # start is held until it is done, then raised here
-                with child_threads(1), sigint_blocked():
+                with child_threads(1), sigint_blocked(method):
                     p.start()
                 down_r.close()         # the worker holds the only write end of its up pipe:
                 up_w.close()           # its death reads as EOF

@@ -20,7 +20,7 @@ import time
 
 from rlflow.actor import Actor
 from rlflow.core import Learner, Policy
-from rlflow.errors import UsageError
+from rlflow.errors import UsageError, WorkerDied
 from rlflow.experiment import (Experiment, RunResult, build, build_table, extras_specs_of, fresh_adder,
                                make_venv, seed_all)
 from rlflow.runtime import checkpoint as ckpt
@@ -118,9 +118,15 @@ def _run(exp, start, max_env_steps, max_learner_steps, max_seconds, log_dir, pro
             while carried and insert(carried[0], bounded=True):
                 carried.pop(0)
             at_limit = limits.reached(actor.env_steps, driver.steps, 0.0)   # the learning they took
+        held.arm()                            # a Ctrl-C / SIGTERM from here on: checkpoint, then raise
         while True:
             if not at_limit and held.signum is None:
-                actor.step()
+                try:
+                    actor.step()
+                except WorkerDied:
+                    if not held.came():       # a group SIGTERM ended the env workers: the stop
+                        raise
+                    continue
                 if free_running:
                     if table.can_sample(exp.batch_size):
                         learn_once()

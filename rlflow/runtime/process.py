@@ -487,7 +487,7 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
                       slot_rows, actor_threads, actor_timeout)
     claim = ckpt.claimed(checkpoint_dir)
     claim.__enter__()                    # no other run writes checkpoints there while this one does
-    old_handlers = _install_signal_handlers(checkpoint_dir)
+    old_handlers = _install_signal_handlers()
     _LIVE_RUNS.add(run)
     try:
         result = run.run(max_env_steps, max_learner_steps, max_seconds, log_dir, progress, progress_every,
@@ -500,7 +500,8 @@ def run_process(experiment: Experiment, num_actors: int = 1, max_env_steps=None,
             run.shutdown()
         finally:
             _LIVE_RUNS.discard(run)
-            _held_for.clear()
+            if old_handlers is not None:     # this run's (a run in another thread never arms it)
+                _held_for.clear()
             _restore_signal_handlers(old_handlers)
             if old_handlers is not None:
                 _signalled.clear()       # this run's signals were raised: none is left for a later run
@@ -555,11 +556,11 @@ def _check_signals():
         _raise_for(_signalled.pop())
 
 
-def _install_signal_handlers(checkpoint_dir=None):
+def _install_signal_handlers():
     if threading.current_thread() is not threading.main_thread():
         return None
     _signalled.clear()
-    _held_for[:] = [] if checkpoint_dir is None else [checkpoint_dir]
+    _held_for.clear()              # armed by the run's main loop (a signal in start-up stops at once)
     old_int = signal.getsignal(signal.SIGINT)
     if old_int is signal.default_int_handler:     # a handler of the caller's own stays in place
         signal.signal(signal.SIGINT, _on_signal)
@@ -631,7 +632,7 @@ class _ProcessRun:
                   self.store, self.control.handle(), child_end, os.getpid(),
                   dict(base, wait_taken=self.wait_taken), store_recv))
         try:
-            with child_threads(self.actor_threads), sigint_blocked():
+            with child_threads(self.actor_threads), sigint_blocked(self.ctx.get_start_method()):
                 p.start()
             h.started_at = time.monotonic()
         finally:
@@ -768,6 +769,8 @@ class _ProcessRun:
         # a resumed run may begin at its limits: then it takes no step, and the loop writes its row
         at_limit = limits.reached(base_env_steps, driver.steps, 0.0)
         interrupted = False              # a held Ctrl-C / SIGTERM: stop, write the checkpoint, then raise it
+        if checkpoint_dir is not None and threading.current_thread() is threading.main_thread():
+            _held_for[:] = [checkpoint_dir]      # from here on, the first signal is held (_on_signal)
         while True:
             if _signalled:
                 if _held_for and len(_signalled) == 1:
@@ -849,6 +852,8 @@ class _ProcessRun:
                      + sum(batch_rows(items) for items in self.carried))
         if checkpoint_dir is not None:
             self._checkpoint(checkpoint_dir, driver, resumes, final=True)
+        if threading.current_thread() is threading.main_thread():
+            _held_for.clear()            # written: a signal from now on (or held) is raised at once
         final = dict(history[-1]) if history else {}
         final["env_steps"] = int(stats[:, ENV_STEPS].sum())
         final["wall_time"] = history[-1]["wall_time"] if history else time.monotonic() - t0
@@ -1032,6 +1037,18 @@ class _ProcessRun:
                 keep.append((ring, rec))
             h.retired = keep
 
+    @staticmethod
+    def _stopping_by_signal(wait: float = 0.5) -> bool:
+        """Whether this process got SIGINT / SIGTERM too, waiting up to `wait` seconds for it: a
+        stop sent to the whole process group reaches the actors as well, which then exit 143, maybe
+        before this process's handler ran (held or raised). Their deaths are no failure to restart."""
+        end = time.monotonic() + wait
+        while not _signalled:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.01)
+        return True
+
     def _supervise(self):
         if self.exiting:                 # the interpreter is exiting: no restarts
             return
@@ -1076,6 +1093,8 @@ class _ProcessRun:
             if message is not None and message[0] == "error":
                 raise WorkerError(message[1], message[2], where)
             code = p.exitcode
+            if code in (-signal.SIGTERM, 128 + signal.SIGTERM) and self._stopping_by_signal():
+                continue                 # SIGTERM to the process group: the run's own stop, not a death
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             if code == 128 + signal.SIGTERM:
                 how = f"signal SIGTERM, exit code {code}"

@@ -187,8 +187,8 @@ class RingReader:
         while True:
             head = int(c[_HEAD])
             published = int(cum[head & 1])
-            if int(c[_HEAD]) - head < 2:      # the writer rewrites cum[head & 1] only for head + 2
-                break
+            if int(c[_HEAD]) == head:         # the head unmoved: cum[head & 1] was head's (the writer
+                break                         # rewrites it in the write after head + 1, before its head store)
         items = [{name: arr[s, :int(self._rows[s])].copy() for name, arr in self._cols}
                  for s in self._pending_slots(head)]
         return items, published
