@@ -1773,3 +1773,19 @@ def test_a_process_run_in_a_thread_leaves_the_main_runs_held_stop_armed():
         assert proc_rt._held_for == ["some/dir"]
     finally:
         proc_rt._held_for.clear()
+
+
+def test_a_callers_own_sigterm_handler_stays_in_place_as_on_local():
+    """The process run replaced a caller's SIGTERM handler for the run (the run stopped with 143
+    and the handler never ran) while the local run left it, as it leaves a SIGINT handler."""
+    import threading
+
+    got = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        r = rf.run(experiment(table=minsize_table), backend="process", max_seconds=3.5, progress=False)
+        assert got == [signal.SIGTERM] and r.figures["env_steps"] > 0
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, old)

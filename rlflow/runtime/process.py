@@ -564,7 +564,10 @@ def _install_signal_handlers():
     old_int = signal.getsignal(signal.SIGINT)
     if old_int is signal.default_int_handler:     # a handler of the caller's own stays in place
         signal.signal(signal.SIGINT, _on_signal)
-    return signal.signal(signal.SIGTERM, _on_signal), old_int
+    old_term = signal.getsignal(signal.SIGTERM)
+    if old_term is signal.SIG_DFL:                # so does a SIGTERM handler of the caller's (as on local)
+        signal.signal(signal.SIGTERM, _on_signal)
+    return old_term, old_int
 
 
 def _ignore_signals():
@@ -575,8 +578,9 @@ def _ignore_signals():
 
 def _restore_signal_handlers(old):
     if old is not None:
-        signal.signal(signal.SIGTERM, old[0])
-        signal.signal(signal.SIGINT, old[1])
+        for sig, handler in ((signal.SIGTERM, old[0]), (signal.SIGINT, old[1])):
+            if handler is not None:          # None: set outside Python, nothing to put back
+                signal.signal(sig, handler)
 
 
 class _ProcessRun:
@@ -940,7 +944,7 @@ class _ProcessRun:
         self.catching_up = True
         give_up = time.monotonic() + 10.0
         try:
-            while time.monotonic() < give_up:
+            while time.monotonic() < give_up and not _signalled:    # a held Ctrl-C / SIGTERM: stop now
                 sample = self._ready_batch(batches)
                 if sample is not None:
                     driver.step(sample)
@@ -1207,8 +1211,15 @@ class _ProcessRun:
         # rows an actor counted and had not published yet (it waits for ring space with them, or a
         # stop left them unsent): they are in neither the table nor the rings, so a resume from this
         # checkpoint has lost them, and counts them so (actor items = inserts + in flight + lost)
-        cut = sum(self._unpublished(h, stats, published.get(h.index)) + int(stats[h.index, UNSENT])
-                  for h in self.actors if h.ring is not None)
+        cut = 0
+        for h in self.actors:
+            if h.ring is None:
+                continue
+            lost = self._unpublished(h, stats, published.get(h.index)) + int(stats[h.index, UNSENT])
+            # out of the actor's items, as a restart and a stop take them out: per actor, items =
+            # inserts + in flight; env steps = inserts + in flight + items_lost
+            counters["actors"][h.index]["items"] -= lost
+            cut += lost
         counters["items_lost"] = self.items_lost + cut
         ckpt.save_run(directory, learner=self.learner, table=self.table, counters=counters,
                       rng=ckpt.capture_rng(), supersede=final, adder=self.exp.adder, in_flight=in_flight)
