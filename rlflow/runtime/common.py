@@ -226,6 +226,7 @@ class HeldStop:
         self.checkpoint_dir = checkpoint_dir
         self.signum = None
         self.armed = False          # held only while the run's loop goes on (`arm` / `disarm`)
+        self._raised = False
         self._old = {}
 
     def arm(self) -> None:
@@ -243,9 +244,12 @@ class HeldStop:
         return self
 
     def __exit__(self, *exc):
+        self.armed = False
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
+        if self.signum is not None and not self._raised and exc[0] is None:
+            self._raise(self.signum)      # held and not raised yet (the run left its loop some other way)
 
     def _handler(self, signum, frame):
         if self.armed and self.signum is None:
@@ -272,6 +276,7 @@ class HeldStop:
     def raise_held(self) -> None:
         self.armed = False          # from here on a signal is raised at once
         if self.signum is not None:
+            self._raised = True
             self._raise(self.signum)
 
 

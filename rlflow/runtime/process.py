@@ -572,8 +572,11 @@ def _install_signal_handlers():
 
 def _ignore_signals():
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # a handler set outside Python (None: an embedding program's) is left alone: nothing
+            # could put it back after the clean-up
+            if signal.getsignal(sig) is not None:
+                signal.signal(sig, signal.SIG_IGN)
 
 
 def _restore_signal_handlers(old):
@@ -1210,7 +1213,7 @@ class _ProcessRun:
                                 "items": int(stats[i, ITEMS]), "rng_state": None} for i in range(len(stats))]}
         # rows an actor counted and had not published yet (it waits for ring space with them, or a
         # stop left them unsent): they are in neither the table nor the rings, so a resume from this
-        # checkpoint has lost them, and counts them so (actor items = inserts + in flight + lost)
+        # checkpoint has lost them, and counts them so (env steps = inserts + in flight + lost; the actors' items leave them out)
         cut = 0
         for h in self.actors:
             if h.ring is None:
