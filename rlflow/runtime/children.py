@@ -67,7 +67,7 @@ def sigint_blocked(start_method: str | None = None):
     `os.fork` ran its after-fork hooks (logging's) was dropped by Python ("Exception ignored in
     _releaseLock"), and the program went on as if no key was pressed; a spawned child printed a
     KeyboardInterrupt traceback from its imports. The child inherits the mask (through exec too):
-    it ignores SIGINT, then unblocks it (`unblock_sigint`)."""
+    it ignores SIGINT, then unblocks it (`ignore_sigint`)."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return

@@ -208,6 +208,23 @@ def warn_unsaved_learner(learner, checkpoint_dir) -> None:
                       "builds afresh", RuntimeWarning, stacklevel=3)
 
 
+def raise_for_signal(signum: int):
+    """The exception a SIGINT / SIGTERM stops a run with: KeyboardInterrupt, or SystemExit(128 + signum)."""
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+def wait_until(done, seconds: float, poll: float = 0.01) -> bool:
+    """`done()` as soon as it is true, polling every `poll` seconds for up to `seconds`."""
+    end = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() >= end:
+            return False
+        time.sleep(poll)
+    return True
+
+
 def held_stop_note(signum: int, checkpoint_dir) -> None:
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     sys.stderr.write(f"rlflow: {name}: stopping after writing a checkpoint to {checkpoint_dir} "
@@ -225,15 +242,12 @@ class HeldStop:
     def __init__(self, checkpoint_dir):
         self.checkpoint_dir = checkpoint_dir
         self.signum = None
-        self.armed = False          # held only while the run's loop goes on (`arm` / `disarm`)
+        self.armed = False          # held only while the run's loop goes on (`arm`; `raise_held` ends it)
         self._raised = False
         self._old = {}
 
     def arm(self) -> None:
         self.armed = bool(self._old)
-
-    def disarm(self) -> None:
-        self.armed = False
 
     def __enter__(self):
         if self.checkpoint_dir is None or threading.current_thread() is not threading.main_thread():
@@ -249,35 +263,26 @@ class HeldStop:
             signal.signal(sig, old)
         self._old = {}
         if self.signum is not None and not self._raised and exc[0] is None:
-            self._raise(self.signum)      # held and not raised yet (the run left its loop some other way)
+            raise_for_signal(self.signum)  # held and not raised yet (the run left its loop some other way)
 
     def _handler(self, signum, frame):
         if self.armed and self.signum is None:
             self.signum = signum
             held_stop_note(signum, self.checkpoint_dir)
             return
-        self._raise(signum)
+        raise_for_signal(signum)
 
     def came(self, wait: float = 0.5) -> bool:
         """Whether a signal is held, waiting up to `wait` seconds for one (armed only): a SIGTERM
         to the whole process group ends the env workers too, maybe before this process's handler
         ran; their deaths are then the run's stop, not a failure."""
-        end = time.monotonic() + wait
-        while self.armed and self.signum is None and time.monotonic() < end:
-            time.sleep(0.01)
-        return self.signum is not None
-
-    @staticmethod
-    def _raise(signum):
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
+        return self.armed and wait_until(lambda: self.signum is not None, wait)
 
     def raise_held(self) -> None:
         self.armed = False          # from here on a signal is raised at once
         if self.signum is not None:
             self._raised = True
-            self._raise(self.signum)
+            raise_for_signal(self.signum)
 
 
 def reserved(name: str) -> bool:

@@ -134,7 +134,8 @@ from rlflow.experiment import (Experiment, RunResult, build, build_table, extras
 from rlflow.runtime import checkpoint as ckpt
 from rlflow.runtime.children import die_with_parent, ignore_sigint, sigint_blocked
 from rlflow.runtime.common import (Evaluator, Figures, LearnerDriver, Limits, check_batch_size, close_or_warn,
-                                   held_stop_note, make_logger, scalar_metrics, warn_unsaved_learner)
+                                   held_stop_note, make_logger, raise_for_signal, scalar_metrics,
+                                   wait_until, warn_unsaved_learner)
 from rlflow.runtime.params import SharedParamStore
 from rlflow.runtime.shm import SharedArrays, tracked, unlink_semaphore
 from rlflow.runtime.threads import child_threads
@@ -164,7 +165,7 @@ _TERMINATED = []                     # an actor's SIGTERM came (its SystemExit i
 
 def _sigterm_exit(signum, frame):
     _TERMINATED.append(signum)
-    _raise_for(signum)               # SystemExit(128 + signum), as in the learner's process
+    raise_for_signal(signum)               # SystemExit(128 + signum), as in the learner's process
 
 
 def _wait_for_store(store_conn, should_stop):
@@ -539,13 +540,7 @@ def _on_signal(signum, frame):
         # a run writing checkpoints stops at its next turn and writes one first; again: at once
         held_stop_note(signum, _held_for[0])
         return
-    _raise_for(signum)
-
-
-def _raise_for(signum):
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SystemExit(128 + signum)
+    raise_for_signal(signum)
 
 
 def _check_signals():
@@ -553,7 +548,7 @@ def _check_signals():
     ctypes callback (numba loading its compiled kernels at start-up) Python prints such an
     exception and drops it, and the run would go on. Called where the run loops and waits."""
     if _signalled:
-        _raise_for(_signalled.pop())
+        raise_for_signal(_signalled.pop())
 
 
 def _install_signal_handlers():
@@ -1049,12 +1044,7 @@ class _ProcessRun:
         """Whether this process got SIGINT / SIGTERM too, waiting up to `wait` seconds for it: a
         stop sent to the whole process group reaches the actors as well, which then exit 143, maybe
         before this process's handler ran (held or raised). Their deaths are no failure to restart."""
-        end = time.monotonic() + wait
-        while not _signalled:
-            if time.monotonic() >= end:
-                return False
-            time.sleep(0.01)
-        return True
+        return wait_until(lambda: bool(_signalled), wait)
 
     def _supervise(self):
         if self.exiting:                 # the interpreter is exiting: no restarts
@@ -1195,16 +1185,13 @@ class _ProcessRun:
         # items than its env steps made.)
         in_flight = list(self.carried)
         published = {}                    # actor index -> rows its live ring had published, at the snapshot
-        for h in self.actors:
-            current = h.reader if self.inline else h.receiver
-            for ring, rec in h.retired + [(h.ring, current)]:
-                reader = rec if self.inline or rec is None else rec.reader
-                if reader is None:
-                    continue
-                items, rows = reader.snapshot()
-                in_flight.extend(items)
-                if ring is h.ring:
-                    published[h.index] = rows
+        for h, ring, reader in self._ring_readers():
+            if reader is None:
+                continue
+            items, rows = reader.snapshot()
+            in_flight.extend(items)
+            if ring is h.ring:
+                published[h.index] = rows
         stats = self._stats_now()
         counters = {"env_steps": int(stats[:, ENV_STEPS].sum()), "learner_steps": driver.steps,
                     "episodes": int(stats[:, EPISODES].sum()), "param_version": self.store.latest_version(),
@@ -1281,11 +1268,15 @@ class _ProcessRun:
             except ValueError:
                 pass
 
+    def _ring_readers(self, actors=None):
+        """(actor handle, ring, its reader or None) of every ring of `actors` (all), each actor's
+        retired ones (of its earlier incarnations) first, then its live one."""
+        for h in self.actors if actors is None else actors:
+            for ring, rec in h.retired + [(h.ring, h.reader if self.inline else h.receiver)]:
+                yield h, ring, (rec if self.inline or rec is None else rec.reader)
+
     def _readers(self):
-        for h in self.actors:
-            for _, rec in h.retired + [(h.ring, h.reader if self.inline else h.receiver)]:
-                if rec is not None:
-                    yield rec if self.inline else rec.reader
+        return (reader for _, _, reader in self._ring_readers() if reader is not None)
 
     def _try_insert(self, items) -> bool:
         # Asking first: a refused insert would build and raise a Timeout, once per learner step.
@@ -1368,9 +1359,7 @@ class _ProcessRun:
         finally:
             self._stop_threads()
             for h in self.actors:
-                current = h.reader if self.inline else h.receiver
-                for ring, rec in h.retired + [(h.ring, current)]:
-                    reader = rec if self.inline or rec is None else rec.reader
+                for _, ring, reader in self._ring_readers([h]):
                     if reader is not None:
                         reader.close()       # its views go first: the ring's close unmaps it
                     if ring is not None:

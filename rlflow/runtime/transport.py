@@ -166,13 +166,6 @@ class RingReader:
         """Rows in published slots not yet consumed (call when the writer is stopped)."""
         return sum(int(self._rows[s]) for s in self._pending_slots())
 
-    def pending_items(self) -> list[dict]:
-        """Copies of the published slots not yet consumed, oldest first (field -> [n, ...] each).
-        Safe while the writer runs: it never touches a slot between the tail and the head it had
-        published when the head is read here."""
-        return [{name: arr[s, :int(self._rows[s])].copy() for name, arr in self._cols}
-                for s in self._pending_slots()]
-
     def _pending_slots(self, head: Optional[int] = None) -> list[int]:
         """The published slots not yet consumed (up to `head`, else the head now), oldest first."""
         c = self._counters
@@ -180,9 +173,11 @@ class RingReader:
         return [(self._next + k) % self.ring.slots for k in range(head - int(c[_TAIL]))]
 
     def snapshot(self) -> tuple[list[dict], int]:
-        """(`pending_items()`, the rows the writer had published in all) as of one read of the head,
-        while the writer runs: a slot published after the copies is in neither. (Read apart, a
-        checkpoint's in-flight items held slots its published count, read before them, did not.)"""
+        """(copies of the published slots not yet consumed, oldest first, field -> [n, ...] each; the
+        rows the writer had published in all) as of one read of the head, safe while the writer runs
+        (it never touches a slot between the tail and that head): a slot published after is in
+        neither. (Read apart, a checkpoint's in-flight items held slots its published count, read
+        before them, did not.)"""
         c, cum = self._counters, self.ring.block.arrays["_cum"]
         while True:
             head = int(c[_HEAD])
