@@ -14,7 +14,7 @@ import rlflow as rf
 from rlflow.errors import UsageError
 from rlflow.runtime import checkpoint as ckpt
 
-from test_process_runtime import CountingLearner, RandomPolicy, minsize_table
+from test_process_runtime import CountingLearner, RandomPolicy, minsize_table, wait_for_markers
 
 
 def big_table(specs):
@@ -670,11 +670,7 @@ def test_a_signal_to_a_run_writing_checkpoints_writes_one_first(tmp_path, backen
     proc = subprocess.Popen([sys.executable, str(script), backend, str(d)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=group)
     try:
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob("ready-*")):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the run did not start"
-            time.sleep(0.1)
+        wait_for_markers(proc, tmp_path, "ready-*")
         time.sleep(0.5)
         t = time.monotonic()
         if group:

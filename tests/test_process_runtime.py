@@ -845,6 +845,16 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def wait_for_markers(proc, folder, pattern, count=1, what="the run did not start", poll=0.1, seconds=60):
+    """Wait until `count` files matching `pattern` are in `folder` (a subprocess run's processes
+    write them when they reach a point), failing with the subprocess's stderr if it exits first."""
+    deadline = time.monotonic() + seconds
+    while len(list(folder.glob(pattern))) < count:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, what
+        time.sleep(poll)
+
+
 def _family(marker):
     """pids of live processes whose environment holds the marker."""
     out = []
@@ -881,11 +891,8 @@ def test_signal_stops_the_run_and_leaves_nothing_behind(tmp_path, sig, env_backe
     proc = subprocess.Popen([sys.executable, str(script), env_backend], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=phase == "group")
     try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("starting-*" if phase == "starting" else "ready-*"))) < 2:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "actors did not start"
-            time.sleep(0.1)
+        wait_for_markers(proc, tmp_path, "starting-*" if phase == "starting" else "ready-*", 2,
+                         "actors did not start")
         family = set(_family(marker))
         assert proc.pid in family and len(family) >= 3
         time.sleep(0.3)
@@ -1472,11 +1479,7 @@ def test_ctrl_c_while_an_actor_imports_prints_no_traceback(tmp_path):
     proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob("importing-*")):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the actor did not start importing"
-            time.sleep(0.05)
+        wait_for_markers(proc, tmp_path, "importing-*", what="the actor did not start importing", poll=0.05)
         time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=30)
