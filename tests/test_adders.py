@@ -321,6 +321,109 @@ def test_transition_short_path_matches_reference(num_envs, seed, switch_at, pool
         assert a._fast is not None and a._fast[0] is env._all_ids    # the short path was in use
 
 
+class LendingSink:
+    """A sink that lends buffers, as a process actor's ring does: `reserve` hands out arrays full
+    of a stale marker (a field left unwritten would show) and refuses now and then (None: the
+    caller then writes the adder's items); `commit` keeps a copy of what was written."""
+
+    def __init__(self, specs, seed, refuse=0.2):
+        self.specs, self.rng, self.refuse = specs, np.random.default_rng(seed), refuse
+        self.items, self.lent, self.commits, self.cancels = [], None, 0, 0
+
+    def reserve(self, n):
+        if self.rng.random() < self.refuse:
+            return None
+        self.lent = {k: np.full((n,) + s.shape, 77, s.dtype) for k, s in self.specs.items()}
+        return self.lent
+
+    def commit(self, n):
+        assert all(len(v) == n for v in self.lent.values())
+        self.items.append({k: v.copy() for k, v in self.lent.items()})
+        self.lent = None
+        self.commits += 1
+
+    def cancel(self):
+        self.lent = None
+        self.cancels += 1
+
+    def __call__(self, items):
+        self.items.append(items)
+
+
+@SETTINGS
+@given(num_envs=st.integers(1, 6), seed=st.integers(0, 2**31 - 1), switch_at=st.one_of(st.none(), st.integers(0, 30)),
+       pool=st.booleans(), resets=st.lists(st.integers(1, 40), max_size=2), steps=st.integers(1, 60),
+       refuse=st.sampled_from([0.0, 0.3]))
+def test_transition_add_into_a_lending_sink_matches_reference(num_envs, seed, switch_at, pool, resets, steps, refuse):
+    """`add_into` writes the usual steps' items straight into the sink's buffers; the steps it does
+    not take (None: multi-agent or pool steps, a refused reserve) go through `add`. Together they
+    are the reference's items, with resets in between."""
+    env = FakeVectorEnv(num_envs, seed=seed, p_terminate=0.2, p_truncate=0.1)
+    policy, a, rec = ActionsOnly(seed + 1), adders.Transition(0.9), Recorder()
+    sink = LendingSink(a.item_specs(env.spec), seed, refuse)
+    expected = []
+    step = env.reset(seed=seed)
+    a.add_first(step)
+    rec.add_first(step)
+    for i in range(steps):
+        if i in resets:
+            expected += ref_nstep(rec, 1, 0.9)
+            step, rec = env.reset(), Recorder()
+            a.add_first(step)
+            rec.add_first(step)
+        if i == switch_at:
+            env.pool, env.multi_agent = pool, True
+        actions, _ = policy.act_step(step)
+        step = env.step(actions)
+        if a.add_into(actions, step, {}, sink) is None:
+            sink(a.add(actions, step, {}))
+        rec.add(actions, step, {})
+    expected += ref_nstep(rec, 1, 0.9)
+    merged = {k: np.concatenate([o[k] for o in sink.items]) for k in sink.items[0]}
+    for k, s in a._specs.items():
+        assert merged[k].dtype == s.dtype and merged[k].shape[1:] == s.shape, k
+    assert_same_items(merged, expected)
+    if refuse == 0.0 and (switch_at is None or switch_at >= steps) and steps >= 3 and not resets:
+        assert sink.commits >= steps - 2          # every full step after the first two went straight in
+
+
+def test_transition_add_into_takes_only_the_usual_steps():
+    """add_into leaves alone (None, nothing consumed) what `add` must check or handle: extras, wrong
+    action dtypes, multi-agent steps, other adders; a failing write gives the slot back."""
+    env = FakeVectorEnv(3, seed=0)
+    a = adders.Transition(0.9)
+    sink = LendingSink(a.item_specs(env.spec), 0, refuse=0.0)
+    step = env.reset()
+    a.add_first(step)
+    actions = np.zeros(3, np.int64)
+    for _ in range(3):
+        step = env.step(actions)
+        if a.add_into(actions, step, {}, sink) is None:
+            sink(a.add(actions, step, {}))
+    assert sink.commits >= 1
+    step = env.step(actions)
+    assert a.add_into(actions.astype(np.int32), step, {}, sink) is None
+    assert a.add_into(actions, step, {"v": np.zeros(3, np.float32)}, sink) is None
+    assert a.add_into(actions, rf.Step(**{**vars(step), "obs": step.obs[:, :3]}), {}, sink) is None
+    assert a.add_into(actions, rf.Step(**{**vars(step), "terminated": step.terminated.astype(np.int8)}), {},
+                      sink) is None
+    with pytest.raises(SpecError, match="step 'terminated'"):    # add then checks it, as before
+        a.add(actions, rf.Step(**{**vars(step), "terminated": step.terminated.astype(np.int8)}), {})
+    n = sink.commits
+
+    class Broken(LendingSink):       # lends a buffer of the wrong shape: the write fails
+        def reserve(self, n):
+            return {k: np.zeros((n + 1,) + s.shape, s.dtype) for k, s in self.specs.items()}
+    broken = Broken(a.item_specs(env.spec), 0)
+    with pytest.raises(ValueError):
+        a.add_into(actions, step, {}, broken)
+    assert broken.cancels == 1 and broken.commits == 0 and sink.commits == n
+    nstep = adders.NStepTransition(2, 0.9)
+    nstep.add_first(env.reset())
+    for _ in range(3):
+        assert nstep.add_into(actions, env.step(actions), {}, sink) is None
+
+
 def test_transition_short_path_checks_like_the_general_one():
     env = FakeVectorEnv(3, seed=0)
     a = adders.Transition(0.9)

@@ -1792,3 +1792,45 @@ def test_a_callers_own_sigterm_handler_stays_in_place_as_on_local():
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_a_ring_slot_lent_by_reserve_is_published_by_commit():
+    """reserve lends the next free slot's arrays (only for a whole slot), commit publishes them as
+    write does, cancel gives the slot back unpublished, and a stop while the ring is full raises
+    ClosedError with the rows counted as unsent."""
+    import multiprocessing as mp
+
+    from rlflow.errors import ClosedError
+    from rlflow.runtime.transport import Ring, RingWriter
+    from rlflow.specs import ArraySpec
+
+    specs = {"x": ArraySpec((2,), np.float32), "a": ArraySpec((), np.int64)}
+    ring = Ring(specs, slot_rows=3, slots=2, ctx=mp.get_context("spawn"))
+    try:
+        stop = [False]
+        reader = ring.reader()
+        w = RingWriter(ring.writer_args(), should_stop=lambda: stop[0], poll=0.01, trusted=True)
+        assert w.reserve(2) is None                       # not a whole slot: write the items
+        out = w.reserve(3)
+        out["x"][...] = np.arange(6, dtype=np.float32).reshape(3, 2)
+        out["a"][...] = [4, 5, 6]
+        w.commit(3)
+        w.write({"x": np.ones((3, 2), np.float32), "a": np.array([7, 8, 9])})
+        got = reader.get(1.0)
+        assert got["x"].tolist() == [[0, 1], [2, 3], [4, 5]] and got["a"].tolist() == [4, 5, 6]
+        reader.release()
+        assert reader.get(1.0)["a"].tolist() == [7, 8, 9]
+        reader.release()
+        assert ring.published_rows() == 6 and ring.depth() == 0
+        w.reserve(3)
+        w.cancel()                                        # nothing published, the slot is free again
+        assert reader.get(0.05) is None and ring.published_rows() == 6
+        for v in (1, 2):                                  # fill both slots
+            w.reserve(3)["a"][...] = v
+            w.commit(3)
+        stop[0] = True
+        with pytest.raises(ClosedError):
+            w.reserve(3)
+        assert w.unsent == 3 and ring.depth() == 2 and ring.published_rows() == 12
+    finally:
+        ring.close()

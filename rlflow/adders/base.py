@@ -27,6 +27,7 @@ from rlflow.errors import SpecError, UsageError, is_real, mismatch
 from rlflow.specs import ArraySpec, EnvSpec, check_values_fit, flatten
 
 _EMPTY: dict = {}
+_BOOL = np.dtype(np.bool_)
 
 
 def unit_float(owner: str, name: str, value) -> float:
@@ -400,24 +401,49 @@ class RowAdder(Adder):
         observation array and one action array of the exact specs, no extras. The same checks
         as the general path (shapes and dtypes of the flags, the observations and the actions),
         only fewer calls; returns None where any differs, and `add` takes the general path."""
-        ids, rows, obs_shape, obs_dtype, act_dtype, act_shape = fast
-        obs, final, reward, term = step.obs, step.final_obs, step.reward, step.terminated
-        trunc = step.truncated
-        if (not self._fast_full or extras or step.alive is not None or type(actions) is not np.ndarray
-                or actions.dtype != act_dtype
-                or actions.shape != act_shape or type(obs) is not np.ndarray or obs.shape != obs_shape
-                or type(final) is not np.ndarray or final.shape != obs_shape
-                or (obs.dtype != obs_dtype and obs.dtype.kind != obs_dtype.kind)
-                or (final.dtype != obs_dtype and final.dtype.kind != obs_dtype.kind)
-                or getattr(reward, "shape", None) != rows or getattr(term, "shape", None) != rows
-                or getattr(trunc, "shape", None) != rows or term.dtype != np.bool_ or trunc.dtype != np.bool_):
+        if not self._fast_ok(fast, actions, step, extras):
             return None
         self._full_call = True
-        items = self._full_add({"action": actions}, _EMPTY, reward, term, {"obs": obs}, {"obs": final})
+        items = self._full_add({"action": actions}, _EMPTY, step.reward, step.terminated, {"obs": step.obs},
+                               {"obs": step.final_obs})
         if items is not None:
-            self._prev_ids = ids
+            self._prev_ids = fast[0]
             self._prev_alive = None
         return items
+
+    def _fast_ok(self, fast, actions, step: Step, extras) -> bool:
+        """Whether `step` is the usual one `_fast_add` (and `add_into`) take (see `_fast_add`).
+        Identity before equality: a dtype compares with itself far faster than with another."""
+        if extras or step.alive is not None or not self._fast_full:
+            return False
+        ids, rows, obs_shape, obs_dtype, act_dtype, act_shape = fast
+        obs, final, reward, term, trunc = step.obs, step.final_obs, step.reward, step.terminated, step.truncated
+        nd = np.ndarray
+        if not (type(actions) is nd and type(obs) is nd and type(final) is nd and type(term) is nd
+                and type(trunc) is nd and getattr(reward, "shape", None) == rows and actions.shape == act_shape
+                and obs.shape == obs_shape and final.shape == obs_shape and term.shape == rows
+                and trunc.shape == rows):
+            return False
+        b = _BOOL
+        return ((actions.dtype is act_dtype or actions.dtype == act_dtype)
+                and (obs.dtype is obs_dtype or obs.dtype.kind == obs_dtype.kind)
+                and (final.dtype is obs_dtype or final.dtype.kind == obs_dtype.kind)
+                and (term.dtype is b or term.dtype == b) and (trunc.dtype is b or trunc.dtype == b))
+
+    def add_into(self, actions, step: Step, extras, sink) -> Optional[int]:
+        """`add`, with the items written straight into the buffers `sink.reserve(n)` lends (field ->
+        array [n, ...] in the item specs) and handed over by `sink.commit(n)`: no item arrays are
+        made. Returns the rows written, or None where this step is not one the adder writes so
+        (then call `add` and hand its items to the sink; nothing was consumed). rlflow's process
+        runtime writes its actors' items into their shared-memory rings this way."""
+        fast = self._fast
+        if not (fast is not None and step.__class__ is Step and step.env_ids is fast[0] and self._prev_full
+                and self._started and self._allocated and self._fast_ok(fast, actions, step, extras)):
+            return None
+        return self._full_add_into(fast[0], actions, step, sink)
+
+    def _full_add_into(self, ids, actions, step: Step, sink) -> Optional[int]:
+        return None         # the adders that write their items straight into a sink override this
 
     def _partial_add(self, prev_ids, prev_alive, act, ext, ids, alive, obs, final, reward, term, trunc, done, out):
         """The row rule of rf.Step for any subset of rows and any alive mask (see the module doc)."""

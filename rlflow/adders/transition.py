@@ -134,6 +134,38 @@ class NStepTransition(RowAdder):
             self._obs[k] = np.array(a, dtype=specs[k].dtype)[:, None]
         return out
 
+    def _full_add_into(self, ids, actions, step, sink):
+        """`_full_add`'s plain case written straight into the buffers `sink.reserve` lends: each
+        value is copied once, into the sink's memory (see RowAdder.add_into)."""
+        if not self._plain:
+            return None
+        n = len(ids)
+        out = sink.reserve(n)
+        if out is None:
+            return None
+        buf = self._obs["obs"]
+        try:
+            out["obs"][...] = buf[:, 0]
+            out["action"][...] = actions
+            out["reward"][...] = step.reward
+            disc = out["discount"]
+            disc[...] = self._disc_n
+            term = step.terminated
+            if np.count_nonzero(term):
+                disc[term] = 0.0
+            out["next_obs"][...] = step.final_obs
+        except BaseException:
+            sink.cancel()
+            raise
+        # the ring's next observation, in place: this buffer was never handed out (`_full_add`
+        # hands out its buffer and takes a fresh one)
+        buf[:, 0] = step.obs
+        self._full_call = True
+        self._prev_ids = ids
+        self._prev_alive = None
+        sink.commit(n)
+        return n
+
     def _start(self, rows, obs, new_episode) -> None:
         if self._lockstep():
             self._h = h = (self._h + 1) % self.n

@@ -178,6 +178,39 @@ def _wait_for_store(store_conn, should_stop):
     return store
 
 
+class _Publisher:
+    """An actor's sink: its items into its ring, written whole (`__call__`) or by the adder straight
+    into a slot (`reserve`, `commit`). The counters first, then the items: the learner's process
+    then never holds (or checkpoints) an item whose step its counters leave out."""
+
+    def __init__(self, row, writer, wait_taken: bool):
+        self.row, self.writer, self.wait_taken = row, writer, wait_taken
+        self.actor = None
+
+    def _count(self, n: int) -> None:
+        row, actor = self.row, self.actor
+        row[ENV_STEPS] = actor.env_steps
+        row[ITEMS] = actor.items_added + n
+
+    def __call__(self, items) -> None:
+        self._count(batch_rows(items))
+        self.writer.write(items)
+        if self.wait_taken:              # a Queue table's one-slot ring adds no buffering: the next
+            self.writer.wait_taken()     # items are made with the parameters of after this wait
+
+    def reserve(self, n: int):
+        self._count(n)
+        return self.writer.reserve(n)
+
+    def cancel(self) -> None:
+        self.writer.cancel()
+
+    def commit(self, n: int) -> None:
+        self.writer.commit(n)
+        if self.wait_taken:
+            self.writer.wait_taken()
+
+
 def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, control_handle, conn,
                 parent_pid, base, store_conn=None):
     ignore_sigint()                                    # Ctrl-C is the parent's to handle
@@ -210,18 +243,9 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
             store.for_reader(index)           # its reads pin their buffer (rlflow.runtime.params)
         client = ParamClient(store, every_learner_steps=exp.param_sync_steps,
                              every_seconds=exp.param_sync_seconds)
-        wait_taken = bool(base.get("wait_taken"))
-        def publish(items):
-            # the counters first, then the items: the learner's process then never holds (or
-            # checkpoints) an item whose step its counters leave out
-            row[ENV_STEPS] = actor.env_steps
-            row[ITEMS] = actor.items_added + batch_rows(items)
-            writer.write(items)
-            if wait_taken:            # a Queue table's one-slot ring adds no buffering: the next
-                writer.wait_taken()   # items are made with the parameters of after this wait
-
-        actor = Actor(policy, venv, adder, sink=publish, warmup_steps=exp.warmup_steps, seed=seed,
-                      param_client=client)
+        publish = _Publisher(row, writer, bool(base.get("wait_taken")))
+        actor = publish.actor = Actor(policy, venv, adder, sink=publish, warmup_steps=exp.warmup_steps,
+                                      seed=seed, param_client=client)
         if base.get("rng_state") is not None:
             actor.rng.bit_generator.state = base["rng_state"]
         actor.env_steps = int(base["env_steps"])

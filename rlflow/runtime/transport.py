@@ -236,6 +236,7 @@ class RingWriter:
         self._cum = a["_cum"]
         self._cols = [(name, a[f"f{i}"], specs[name]) for i, name in enumerate(fields)]
         self._views = [[(name, arr[s]) for name, arr, _ in self._cols] for s in range(slots)]
+        self._slot_dicts = [dict(v) for v in self._views]          # reserve's: field -> slot view
         self._head = int(self._counters[_HEAD])
         self._published = int(self._cum[self._head & 1])
         self._next = 0
@@ -309,18 +310,41 @@ class RingWriter:
             else:
                 for name, view in self._views[s]:
                     view[:k] = items[name] if whole else items[name][start:start + k]
-            self._rows[s] = k
-            self._next = s + 1 if s + 1 < self.slots else 0
-            self._published += k                 # the total as of the head about to be (module doc)
-            self._cum[(self._head + 1) & 1] = self._published
-            self._head += 1                      # this writer alone moves the head
-            self._counters[_HEAD] = self._head
-            self.full.release()
-            if self.wake is not None:
-                self.wake.release()
+            self.commit(k)
             start += k
 
     __call__ = write
+
+    def reserve(self, n: int):
+        """The next free slot's arrays (field -> [n, ...] views into shared memory) for the caller to
+        fill and `commit(n)` (or `cancel()`); None unless `n` fills one slot exactly (then `write`
+        the items). Waits for a free slot as `write` does (ClosedError when the run stops, with
+        `unsent` = n)."""
+        if n != self.slot_rows:
+            return None
+        try:
+            self._acquire()
+        except ClosedError:
+            self.unsent = n
+            raise
+        return self._slot_dicts[self._next]
+
+    def cancel(self) -> None:
+        """Give back the slot `reserve` took, unpublished."""
+        self.free.release()
+
+    def commit(self, n: int) -> None:
+        """Publish the slot `reserve` lent, now filled with `n` rows."""
+        s = self._next
+        self._rows[s] = n
+        self._next = s + 1 if s + 1 < self.slots else 0
+        self._published += n                 # the total as of the head about to be (module doc)
+        self._cum[(self._head + 1) & 1] = self._published
+        self._head += 1                      # this writer alone moves the head
+        self._counters[_HEAD] = self._head
+        self.full.release()
+        if self.wake is not None:
+            self.wake.release()
 
 
 class Receiver(threading.Thread):
