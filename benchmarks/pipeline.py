@@ -4,6 +4,9 @@
     a table with a MinSize limiter, a learner that only consumes batches) on backend="process" with
     one actor, beside the bare vector env (the same one) stepped with random actions in one process.
     Target: env steps/s with the pipeline >= 0.8x the bare env's (the data flow costs < 20%).
+    Each pipeline phase sits between two bare env phases and is compared with their mean: the
+    host's speed drifts within minutes (a CartPole step 6 to 12 us here), and bracketing cancels
+    a steady drift that one bare phase before each pipeline phase would count as overhead.
 (2) DQN on CartPole-v1 (examples/dqn.py's experiment, rl-zoo hyperparameters): training wall time
     and env steps until the greedy policy's mean return over 20 episodes reaches 475, for the process
     backend, the local backend and Stable-Baselines3 with the same hyperparameters (the SB3 side is
@@ -103,21 +106,23 @@ def print_header(header):
     return header
 
 
-def flow(seconds, rounds=5):
+def flow(seconds, rounds=7):
     print(f"(1) data flow overhead, CartPole-v1, random actions, Transition adder, MinSize table, learner "
-          f"consuming 256-batches, process runtime with 1 actor; {rounds} interleaved rounds of bare env "
-          f"({seconds:.0f} s) then pipeline ({seconds:.0f} s steady state), median of the per-round ratios")
+          f"consuming 256-batches, process runtime with 1 actor; {rounds} rounds of pipeline ({seconds:.0f} s "
+          f"steady state), each between two bare env phases ({seconds:.0f} s), against their mean (the host's "
+          f"speed drifts: bracketing cancels a steady drift); median of the per-round ratios")
     print_header(f"{'envs/actor':>10} | {'bare env steps/s':>16} | {'pipeline env steps/s':>20} | "
                  f"{'learner batches/s':>17} | {'ratio':>6} | target >= 0.80")
     out = []
     for num_envs in (16, 64):
-        bares, pipes, learns, ratios = [], [], [], []
-        for _ in range(rounds):           # load on the machine drifts alike for both within a round
-            bares.append(bare_env_rate("CartPole-v1", num_envs, "serial", seconds))
+        bares = [bare_env_rate("CartPole-v1", num_envs, "serial", seconds)]
+        pipes, learns, ratios = [], [], []
+        for _ in range(rounds):
             env_rate, learn_rate, _ = pipeline_rate("CartPole-v1", num_envs, "serial", seconds)
+            bares.append(bare_env_rate("CartPole-v1", num_envs, "serial", seconds))
             pipes.append(env_rate)
             learns.append(learn_rate)
-            ratios.append(env_rate / bares[-1])
+            ratios.append(env_rate / (0.5 * (bares[-2] + bares[-1])))
         ratio = float(np.median(ratios))
         out.append(ratio)
         print(f"{num_envs:>10} | {np.median(bares):>16,.0f} | {np.median(pipes):>20,.0f} | "
