@@ -245,7 +245,9 @@ class ParamClient:
         self._last_pull = -float("inf")
 
     def due(self) -> bool:
-        latest = self.store.latest_version()
+        return self._due(self.store.latest_version())
+
+    def _due(self, latest: int) -> bool:
         if latest <= self.version:
             return False
         if self.version < 0:
@@ -257,10 +259,11 @@ class ParamClient:
     def poll(self):
         """`(version, params)` if a newer version is due, else None. A store holding no parameters
         (the learner's get_params returns None) is followed by version only: nothing to hand over."""
-        if not self.due():
+        latest = self.store.latest_version()
+        if not self._due(latest):
             return None
         if getattr(self.store, "empty", False):
-            self.version = max(self.version, self.store.latest_version())
+            self.version = latest            # > self.version: _due says so
             self._last_pull = self._clock()
             return None
         version, params = self.store.read()

@@ -270,9 +270,10 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
         all_stats = control.arrays["stats"]
         limit = int(flags[ENV_LIMIT])
         alone = len(all_stats) == 1
+        monotonic, step, stats = time.monotonic, actor.step, actor.stats
         while flags[STOP] == 0:
             k += 1
-            row[BEAT] = time.monotonic()                 # the heartbeat (actor_timeout)
+            row[BEAT] = monotonic()                      # the heartbeat (actor_timeout)
             if not k & 255 and os.getppid() != ppid:     # orphaned (PDEATHSIG covers Linux)
                 break
             hold = flags[EVAL_AT]
@@ -287,14 +288,14 @@ def _actor_main(index, incarnation, exp, seed, extras_specs, ring_args, store, c
                     pull_params()
                     time.sleep(0.0002)
                     continue
-            actor.step()
+            step()
             pull_params()
             row[ENV_STEPS] = actor.env_steps
             row[ITEMS] = actor.items_added
-            if actor.stats.episodes != episodes:
-                episodes = actor.stats.episodes
+            if stats.episodes != episodes:
+                episodes = stats.episodes
                 row[EPISODES] = episodes
-                row[RETURN] = actor.stats.mean_return()
+                row[RETURN] = stats.mean_return()
             if writer.blocked_seconds != blocked:
                 blocked = row[BLOCKED] = writer.blocked_seconds
     except ClosedError:                                  # the run is stopping
