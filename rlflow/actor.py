@@ -87,6 +87,7 @@ def _random_floats(space: spaces.Box, n: int, rng: np.random.Generator) -> np.nd
     return np.clip(out, low, high).astype(space.dtype)
 
 
+_UNSET = object()
 _NONE_ENDED = (np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64))
 
 
@@ -163,10 +164,8 @@ class Actor:
         self._act_dtype = venv.spec.action.dtype
         self.adder = adder
         self.sink = sink
-        # a sink that lends buffers (`reserve`/`commit`, as a process actor's ring does) takes the
-        # items of an adder that can write into them (`add_into`) with no item arrays made
-        self._add_into = (getattr(adder, "add_into", None)
-                          if sink is not None and hasattr(sink, "reserve") and hasattr(sink, "commit") else None)
+        self._into_adder = self._into_sink = _UNSET     # what `_add_into` was chosen for
+        self._add_into = None
         self.warmup_steps = int(warmup_steps)
         self.seed = seed
         self.param_client = param_client
@@ -213,19 +212,34 @@ class Actor:
         self.stats.update(step)
         taken = len(prev) if prev.alive is None else int(np.count_nonzero(prev.alive))
         self.env_steps += taken
-        if self.adder is not None:
-            if self._add_into is not None:
-                n = self._add_into(actions, step, extras, self.sink)
+        adder = self.adder
+        if adder is not None:
+            sink = self.sink
+            into = self._add_into
+            if adder is not self._into_adder or sink is not self._into_sink:
+                into = self._choose_add_into()
+            if into is not None:
+                n = into(actions, step, extras, sink)
                 if n is not None:
                     self.items_added += n
                     return taken
-            items = self.adder.add(actions, step, extras)
+            items = adder.add(actions, step, extras)
             if items:
                 n = batch_rows(items)
-                if n and self.sink is not None:
-                    self.sink(items)
+                if n and sink is not None:
+                    sink(items)
                     self.items_added += n
         return taken
+
+    def _choose_add_into(self):
+        """A sink that lends buffers (`reserve`/`commit`/`cancel`, as a process actor's ring does)
+        takes the items of an adder that can write into them (`add_into`), with no item arrays
+        made; chosen again whenever `adder` or `sink` is replaced."""
+        adder, sink = self.adder, self.sink
+        lends = sink is not None and all(hasattr(sink, a) for a in ("reserve", "commit", "cancel"))
+        self._add_into = getattr(adder, "add_into", None) if lends else None
+        self._into_adder, self._into_sink = adder, sink
+        return self._add_into
 
     def update_params(self) -> bool:
         """Pull new parameters through the param client if due. Returns whether the policy changed."""

@@ -139,6 +139,103 @@ def test_a_sink_that_lends_buffers_gets_the_items_a_plain_sink_gets():
     assert (plain["discount"] == 0).any()          # terminations were among them
 
 
+class _Lending:
+    """A sink that lends buffers (reserve/commit/cancel), keeping what was written or handed over."""
+
+    def __init__(self, specs):
+        self.specs, self.got, self.commits = specs, [], 0
+
+    def reserve(self, n):
+        self.lent = {k: np.full((n,) + s.shape, -7, s.dtype) for k, s in self.specs.items()}
+        return self.lent
+
+    def commit(self, n):
+        self.got.append(self.lent)
+        self.commits += 1
+
+    def cancel(self):
+        raise AssertionError("no write failed")
+
+    def __call__(self, items):
+        self.got.append(items)
+
+
+class _ZeroPolicy(rf.Policy):
+    def act(self, obs):
+        return np.zeros(len(obs), np.int64)
+
+
+class _TenfoldRewards(rf.adders.Transition):
+    def add(self, actions, step, extras=None):
+        items = super().add(actions, step, extras)
+        if items:
+            items["reward"] = items["reward"] * 10
+        return items
+
+
+class _WithStepCount(rf.adders.Transition):
+    def _item_fields(self):
+        return {**super()._item_fields(), "k": rf.specs.ArraySpec((), np.int64)}
+
+    def _full_add(self, *args):
+        items = super()._full_add(*args)
+        if items is not None:
+            items["k"] = np.full(len(items["obs"]), 5, np.int64)
+        return items
+
+    def add(self, actions, step, extras=None):
+        items = super().add(actions, step, extras)
+        if "k" not in items:
+            items["k"] = np.full(len(items["obs"]), 5, np.int64)
+        return items
+
+
+@pytest.mark.parametrize("make_adder", [_TenfoldRewards, _WithStepCount])
+def test_an_adder_subclass_that_makes_its_items_otherwise_is_fed_through_add(make_adder):
+    """A Transition subclass with its own add / fields: a lending sink gets its items, not the
+    ones the base class would write into the buffers."""
+    venv = rf.envs.make("CartPole-v1", 3)
+    adder = make_adder(0.99)
+    sink = _Lending(adder.item_specs(venv.spec))
+    actor = rf.Actor(_ZeroPolicy(), venv, adder, sink=sink)
+    actor.reset()
+    for _ in range(20):
+        actor.step()
+    venv.close()
+    assert sink.commits == 0 and len(sink.got) == 20
+    if make_adder is _TenfoldRewards:
+        assert all((g["reward"] == 10.0).all() for g in sink.got)
+    else:
+        assert all((g["k"] == 5).all() for g in sink.got)
+
+
+def test_replacing_the_actors_sink_or_adder_takes_effect_at_the_next_step():
+    venv = rf.envs.make("CartPole-v1", 3)
+    adder = rf.adders.Transition(0.99)
+    lending = _Lending(adder.item_specs(venv.spec))
+    actor = rf.Actor(_ZeroPolicy(), venv, adder, sink=lending)
+    actor.reset()
+    for _ in range(5):
+        actor.step()
+    assert lending.commits >= 3
+    plain, lent = [], lending.commits
+    actor.sink = plain.append                   # a plain callable now: handed item arrays
+    for _ in range(5):
+        actor.step()
+    assert len(plain) == 5 and lending.commits == lent
+    other = rf.adders.Transition(0.5)
+    other.item_specs(venv.spec)
+    actor.adder = other
+    actor.reset()
+    actor.sink = lending
+    before = lending.commits
+    for _ in range(5):
+        actor.step()
+    venv.close()
+    assert lending.commits > before
+    assert all(np.isin(g["discount"], [0.0, 0.5]).all() for g in lending.got[-3:])    # the new adder's
+
+
 @pytest.mark.parametrize("episodes", [2.5, None, "3", True, 0])
 def test_evaluate_checks_episodes(episodes):
     with rf.envs.make("CartPole-v1", 2) as venv:

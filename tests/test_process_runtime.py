@@ -1832,5 +1832,33 @@ def test_a_ring_slot_lent_by_reserve_is_published_by_commit():
         with pytest.raises(ClosedError):
             w.reserve(3)
         assert w.unsent == 3 and ring.depth() == 2 and ring.published_rows() == 12
+        # a writer that checks items (not `trusted`) lends no slot: its items go through write
+        assert RingWriter(ring.writer_args()).reserve(3) is None
+    finally:
+        ring.close()
+
+
+def test_an_actors_publisher_counts_a_cancelled_slot_out_again():
+    """The process actor's sink counts the rows before they are published; a write into a lent
+    slot that fails gives the slot back and takes the rows out of the count again."""
+    import multiprocessing as mp
+    import types
+
+    from rlflow.runtime.process import ITEMS, ENV_STEPS, NSTATS, _Publisher
+    from rlflow.runtime.transport import Ring, RingWriter
+    from rlflow.specs import ArraySpec
+
+    ring = Ring({"a": ArraySpec((), np.int64)}, slot_rows=2, slots=1, ctx=mp.get_context("spawn"))
+    try:
+        row = np.zeros(NSTATS)
+        pub = _Publisher(row, RingWriter(ring.writer_args(), trusted=True), wait_taken=False)
+        pub.actor = types.SimpleNamespace(env_steps=10, items_added=4)
+        pub.reserve(2)["a"][...] = 1
+        assert row[ITEMS] == 6 and row[ENV_STEPS] == 10
+        pub.cancel()
+        assert row[ITEMS] == 4
+        pub.reserve(2)                           # the slot is free again
+        pub.commit(2)
+        assert row[ITEMS] == 6 and ring.published_rows() == 2
     finally:
         ring.close()

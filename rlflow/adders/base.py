@@ -438,12 +438,17 @@ class RowAdder(Adder):
         runtime writes its actors' items into their shared-memory rings this way."""
         fast = self._fast
         if not (fast is not None and step.__class__ is Step and step.env_ids is fast[0] and self._prev_full
-                and self._started and self._allocated and self._fast_ok(fast, actions, step, extras)):
+                and self._started and self._allocated and self._writes_into()
+                and self._fast_ok(fast, actions, step, extras)):
             return None
         return self._full_add_into(fast[0], actions, step, sink)
 
+    def _writes_into(self) -> bool:
+        """Whether `add_into` may write this adder's items (the adders that can override it)."""
+        return False
+
     def _full_add_into(self, ids, actions, step: Step, sink) -> Optional[int]:
-        return None         # the adders that write their items straight into a sink override this
+        return None
 
     def _partial_add(self, prev_ids, prev_alive, act, ext, ids, alive, obs, final, reward, term, trunc, done, out):
         """The row rule of rf.Step for any subset of rows and any alive mask (see the module doc)."""

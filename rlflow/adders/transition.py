@@ -134,6 +134,17 @@ class NStepTransition(RowAdder):
             self._obs[k] = np.array(a, dtype=specs[k].dtype)[:, None]
         return out
 
+    def _writes_into(self) -> bool:
+        # a subclass that makes its items otherwise (its own add, _full_add or fields) is fed
+        # through `add`: `_full_add_into` writes what this class's `_full_add` makes
+        w = self.__dict__.get("_into_ok")
+        if w is None:
+            cls = type(self)
+            w = self._into_ok = (cls.add is RowAdder.add and cls._fast_add is RowAdder._fast_add
+                                 and cls._full_add is NStepTransition._full_add
+                                 and cls._item_fields is NStepTransition._item_fields)
+        return w
+
     def _full_add_into(self, ids, actions, step, sink):
         """`_full_add`'s plain case written straight into the buffers `sink.reserve` lends: each
         value is copied once, into the sink's memory (see RowAdder.add_into)."""
@@ -154,12 +165,12 @@ class NStepTransition(RowAdder):
             if np.count_nonzero(term):
                 disc[term] = 0.0
             out["next_obs"][...] = step.final_obs
+            # the ring's next observation, in place: this buffer was never handed out (`_full_add`
+            # hands out its buffer and takes a fresh one)
+            buf[:, 0] = step.obs
         except BaseException:
             sink.cancel()
             raise
-        # the ring's next observation, in place: this buffer was never handed out (`_full_add`
-        # hands out its buffer and takes a fresh one)
-        buf[:, 0] = step.obs
         self._full_call = True
         self._prev_ids = ids
         self._prev_alive = None

@@ -204,6 +204,7 @@ class _Publisher:
 
     def cancel(self) -> None:
         self.writer.cancel()
+        self.row[ITEMS] = self.actor.items_added       # those rows were not published after all
 
     def commit(self, n: int) -> None:
         self.writer.commit(n)

@@ -317,10 +317,10 @@ class RingWriter:
 
     def reserve(self, n: int):
         """The next free slot's arrays (field -> [n, ...] views into shared memory) for the caller to
-        fill and `commit(n)` (or `cancel()`); None unless `n` fills one slot exactly (then `write`
-        the items). Waits for a free slot as `write` does (ClosedError when the run stops, with
-        `unsent` = n)."""
-        if n != self.slot_rows:
+        fill and `commit(n)` (or `cancel()`); None unless `n` fills one slot exactly and the writer
+        is `trusted` (then `write` the items). Waits for a free slot as `write` does (ClosedError
+        when the run stops, with `unsent` = n)."""
+        if n != self.slot_rows or not self._trusted:     # an untrusted writer checks items: `write`
             return None
         try:
             self._acquire()
