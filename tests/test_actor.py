@@ -86,59 +86,6 @@ def test_actions_reach_the_adder_as_the_env_applied_them():
     assert got and all(items["action"].dtype == specs["action"].dtype == np.int64 for items in got)
 
 
-def test_a_sink_that_lends_buffers_gets_the_items_a_plain_sink_gets():
-    """A sink with reserve/commit (a process actor's ring) takes the Transition adder's items
-    straight into its buffers: the same items, in the same order, as a sink handed item arrays,
-    through terminations, truncations and a warm-up."""
-    class Random(rf.Policy):
-        def __init__(self):
-            self.rng = np.random.default_rng(1)
-
-        def act(self, obs):
-            return self.rng.integers(2, size=len(obs))
-
-    class Lending:
-        def __init__(self, specs, n):
-            self.specs, self.n, self.got, self.commits = specs, n, [], 0
-
-        def reserve(self, n):
-            if n != self.n:
-                return None
-            self.lent = {k: np.full((n,) + s.shape, -7, s.dtype) for k, s in self.specs.items()}
-            return self.lent
-
-        def commit(self, n):
-            self.got.append(self.lent)
-            self.commits += 1
-
-        def cancel(self):
-            raise AssertionError("no write failed")
-
-        def __call__(self, items):
-            self.got.append(items)
-
-    runs = []
-    for lend in (False, True):
-        venv = rf.envs.make("CartPole-v1", 5, max_episode_steps=25)
-        adder = rf.adders.Transition(0.99)
-        sink = Lending(adder.item_specs(venv.spec), 5) if lend else []
-        actor = rf.Actor(Random(), venv, adder, sink=sink if lend else sink.append, warmup_steps=40, seed=3)
-        actor.reset()
-        for _ in range(200):
-            actor.step()
-        venv.close()
-        got = sink.got if lend else sink
-        runs.append(({k: np.concatenate([g[k] for g in got]) for k in got[0]}, actor.items_added))
-        if lend:
-            assert sink.commits >= 190
-    (plain, n_plain), (lent, n_lent) = runs
-    assert n_plain == n_lent == len(plain["obs"]) == 5 * 200
-    for k in plain:
-        assert lent[k].dtype == plain[k].dtype
-        np.testing.assert_array_equal(lent[k], plain[k], err_msg=k)
-    assert (plain["discount"] == 0).any()          # terminations were among them
-
-
 class _Lending:
     """A sink that lends buffers (reserve/commit/cancel), keeping what was written or handed over."""
 
@@ -158,6 +105,39 @@ class _Lending:
 
     def __call__(self, items):
         self.got.append(items)
+
+
+def test_a_sink_that_lends_buffers_gets_the_items_a_plain_sink_gets():
+    """A sink with reserve/commit (a process actor's ring) takes the Transition adder's items
+    straight into its buffers: the same items, in the same order, as a sink handed item arrays,
+    through terminations, truncations and a warm-up."""
+    class Random(rf.Policy):
+        def __init__(self):
+            self.rng = np.random.default_rng(1)
+
+        def act(self, obs):
+            return self.rng.integers(2, size=len(obs))
+
+    runs = []
+    for lend in (False, True):
+        venv = rf.envs.make("CartPole-v1", 5, max_episode_steps=25)
+        adder = rf.adders.Transition(0.99)
+        sink = _Lending(adder.item_specs(venv.spec)) if lend else []
+        actor = rf.Actor(Random(), venv, adder, sink=sink if lend else sink.append, warmup_steps=40, seed=3)
+        actor.reset()
+        for _ in range(200):
+            actor.step()
+        venv.close()
+        got = sink.got if lend else sink
+        runs.append(({k: np.concatenate([g[k] for g in got]) for k in got[0]}, actor.items_added))
+        if lend:
+            assert sink.commits >= 190
+    (plain, n_plain), (lent, n_lent) = runs
+    assert n_plain == n_lent == len(plain["obs"]) == 5 * 200
+    for k in plain:
+        assert lent[k].dtype == plain[k].dtype
+        np.testing.assert_array_equal(lent[k], plain[k], err_msg=k)
+    assert (plain["discount"] == 0).any()          # terminations were among them
 
 
 class _ZeroPolicy(rf.Policy):

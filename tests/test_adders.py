@@ -288,6 +288,29 @@ class ActionsOnly:
         return self.rng.integers(0, 3, len(step)), {}
 
 
+def _drive_transitions(env, a, seed, steps, resets, switch_at, pool, feed):
+    """Random actions into `env`; each step goes to `feed(actions, step)` (which feeds adder `a`)
+    and to the reference; `resets` restart every row (add_first drops open transitions), and at
+    `switch_at` the env turns multi-agent (pool mode if `pool`). Returns the reference's items."""
+    policy, rec, expected = ActionsOnly(seed + 1), Recorder(), []
+    step = env.reset(seed=seed)
+    a.add_first(step)
+    rec.add_first(step)
+    for i in range(steps):
+        if i in resets:
+            expected += ref_nstep(rec, 1, 0.9)
+            step, rec = env.reset(), Recorder()
+            a.add_first(step)
+            rec.add_first(step)
+        if i == switch_at:
+            env.pool, env.multi_agent = pool, True
+        actions, _ = policy.act_step(step)
+        step = env.step(actions)
+        feed(actions, step)
+        rec.add(actions, step, {})
+    return expected + ref_nstep(rec, 1, 0.9)
+
+
 @SETTINGS
 @given(num_envs=st.integers(1, 6), seed=st.integers(0, 2**31 - 1), switch_at=st.one_of(st.none(), st.integers(0, 30)),
        pool=st.booleans(), resets=st.lists(st.integers(1, 40), max_size=2), steps=st.integers(1, 60))
@@ -297,24 +320,9 @@ def test_transition_short_path_matches_reference(num_envs, seed, switch_at, pool
     (rows not alive, with the same env_ids array or, in pool mode, others), the items are still the
     reference's."""
     env = FakeVectorEnv(num_envs, seed=seed, p_terminate=0.2, p_truncate=0.1)
-    policy, a, rec = ActionsOnly(seed + 1), adders.Transition(0.9), Recorder()
-    got, expected = [], []
-    step = env.reset(seed=seed)
-    a.add_first(step)
-    rec.add_first(step)
-    for i in range(steps):
-        if i in resets:                     # a new episode everywhere: add_first drops open transitions
-            expected += ref_nstep(rec, 1, 0.9)
-            step, rec = env.reset(), Recorder()
-            a.add_first(step)
-            rec.add_first(step)
-        if i == switch_at:
-            env.pool, env.multi_agent = pool, True
-        actions, _ = policy.act_step(step)
-        step = env.step(actions)
-        got.append(a.add(actions, step, {}))
-        rec.add(actions, step, {})
-    expected += [tr for tr in ref_nstep(rec, 1, 0.9)]
+    a, got = adders.Transition(0.9), []
+    expected = _drive_transitions(env, a, seed, steps, resets, switch_at, pool,
+                                  lambda actions, step: got.append(a.add(actions, step, {})))
     merged = {k: np.concatenate([o[k] for o in got]) for k in got[0]}
     assert_same_items(merged, expected)
     if switch_at is None or switch_at >= steps:
@@ -359,26 +367,13 @@ def test_transition_add_into_a_lending_sink_matches_reference(num_envs, seed, sw
     not take (None: multi-agent or pool steps, a refused reserve) go through `add`. Together they
     are the reference's items, with resets in between."""
     env = FakeVectorEnv(num_envs, seed=seed, p_terminate=0.2, p_truncate=0.1)
-    policy, a, rec = ActionsOnly(seed + 1), adders.Transition(0.9), Recorder()
+    a = adders.Transition(0.9)
     sink = LendingSink(a.item_specs(env.spec), seed, refuse)
-    expected = []
-    step = env.reset(seed=seed)
-    a.add_first(step)
-    rec.add_first(step)
-    for i in range(steps):
-        if i in resets:
-            expected += ref_nstep(rec, 1, 0.9)
-            step, rec = env.reset(), Recorder()
-            a.add_first(step)
-            rec.add_first(step)
-        if i == switch_at:
-            env.pool, env.multi_agent = pool, True
-        actions, _ = policy.act_step(step)
-        step = env.step(actions)
+
+    def feed(actions, step):
         if a.add_into(actions, step, {}, sink) is None:
             sink(a.add(actions, step, {}))
-        rec.add(actions, step, {})
-    expected += ref_nstep(rec, 1, 0.9)
+    expected = _drive_transitions(env, a, seed, steps, resets, switch_at, pool, feed)
     merged = {k: np.concatenate([o[k] for o in sink.items]) for k in sink.items[0]}
     for k, s in a._specs.items():
         assert merged[k].dtype == s.dtype and merged[k].shape[1:] == s.shape, k
