@@ -774,3 +774,45 @@ def test_a_held_signal_stops_the_final_catch_up(tmp_path):
     assert sent is not None, "the learner was never caught up"
     assert time.monotonic() - sent < 5.0
     assert (tmp_path / "c" / "LATEST").exists()
+
+
+class _SlowItems(dict):
+    """Items whose first read by the ring writer takes 0.3 s: the actor has counted the step (its
+    counters go first) and publishes its items late."""
+
+    def __getitem__(self, k):
+        if not getattr(self, "waited", False):
+            self.waited = True
+            time.sleep(0.3)
+        return dict.__getitem__(self, k)
+
+
+class _LastItemsLate(rf.adders.Transition):
+    """Publishes the items of its `late_at`-th call late (a subclass with its own add: the actor
+    hands its items to the ring's write)."""
+
+    def __init__(self, discount, late_at):
+        super().__init__(discount)
+        self.late_at, self.calls = late_at, 0
+
+    def add(self, actions, step, extras=None):
+        items = super().add(actions, step, extras)
+        self.calls += 1
+        return _SlowItems(items) if self.calls == self.late_at else items
+
+
+@MP
+def test_the_end_of_a_run_learns_from_the_items_of_its_last_step_published_late(tmp_path):
+    """The env steps are done when the actor counts its last step; its items may still be on
+    their way into the ring. The learner's last steps (the catch-up the rate limiter allows) take
+    them too: the run's final checkpoint leaves no step to the run that resumes it (which took one
+    more, 121 after 120, when the catch-up ended before the last items came)."""
+    d = str(tmp_path / "ckpt")
+    exp = rf.Experiment(env="CartPole-v1", policy=RandomPolicy, learner=CountingLearner,
+                        adder=_LastItemsLate(0.99, late_at=250), table=big_table, num_envs=4,
+                        batch_size=16, warmup_steps=100, seed=0)
+    a = rf.run(exp, backend="process", max_env_steps=1_000, progress=False, checkpoint_dir=d)
+    saved = ckpt.load_run(d)
+    assert saved.counters["env_steps"] == a.figures["env_steps"] == 1_000
+    b = rf.run(exp, backend="process", max_env_steps=1_000, progress=False, resume=d)
+    assert b.learner.steps == saved.counters["learner_steps"] == a.learner.steps

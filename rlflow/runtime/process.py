@@ -959,6 +959,8 @@ class _ProcessRun:
                              f"backend reports the same)")
         return since
 
+    MID_PUBLICATION_WAIT = 0.5     # seconds the catch-up waits for an actor's counted, unpublished items
+
     def _catch_up(self, batches, driver, stats) -> int:
         """Before an evaluation (rate-limited tables): the items the actors published so far go
         into the table and the learner takes every step the rate limiter allows on them, as the
@@ -967,11 +969,19 @@ class _ProcessRun:
         that. Returns the env steps then (the actors hold at the evaluation's env step)."""
         self.catching_up = True
         give_up = time.monotonic() + 10.0
+        mid_until = time.monotonic() + self.MID_PUBLICATION_WAIT
         try:
             while time.monotonic() < give_up and not _signalled:    # a held Ctrl-C / SIGTERM: stop now
                 sample = self._ready_batch(batches)
                 if sample is not None:
                     driver.step(sample)
+                    continue
+                if time.monotonic() < mid_until and self._mid_publication(stats):
+                    # an actor counted its last step and is still writing its items: they come at
+                    # once (within MID_PUBLICATION_WAIT, a blocked writer aside), and the learner's
+                    # steps on them belong before the evaluation or the end (a run that ended so
+                    # left steps to take to the run that resumed it)
+                    time.sleep(0.0005)
                     continue
                 if self.inline:            # the pump moved all the table takes: nothing more comes
                     break
@@ -985,6 +995,16 @@ class _ProcessRun:
         finally:
             self.catching_up = False
         return int(stats[:, ENV_STEPS].sum())
+
+    def _mid_publication(self, stats) -> bool:
+        """Whether a running actor counted rows it has not published yet while its ring has room
+        for them: it is between its counters and its items (`_Publisher`), and they come at once."""
+        for h in self.actors:
+            ring = h.ring
+            if (ring is not None and h.process is not None and h.process.is_alive()
+                    and self._unpublished(h, stats) > 0 and ring.depth() < ring.slots):
+                return True
+        return False
 
     def _ready_batch(self, batches):
         """A batch that can be had now, else None; a receiver or sampler thread's error first."""
