@@ -585,7 +585,28 @@ class ProcessVectorEnv(VectorEnv):
 
     def _step(self, actions):
         try:
-            return self._step_workers(actions)
+            if self.pool:
+                return self._step_workers(actions)
+            # sync mode, on every step's critical path: one call level, the inline slice stepped here
+            if actions is not self._actions:        # (check_actions may have written them there)
+                np.copyto(self._actions, actions)
+            for w in range(self.num_workers):
+                self._send(w, _STEP)
+            local = self._local
+            if local is not None:
+                try:
+                    local.step_rows(self._local_actions)
+                except BaseException as exc:
+                    self._local_failed(exc)
+            # what needs no worker's results is done first (while a worker may still step)
+            lengths = self._count_lengths() if self._plain else None
+            up, seq = self._up_rows, self._seq
+            for w in range(self.num_workers):
+                if not _BELLS or up[w][0] != seq[w]:      # else done already: the common case
+                    self._recv(w)
+            if lengths is not None:
+                return self._make_full_step(self.arrays, self._obs, self._final, lengths=lengths)
+            return self._make_step(self.arrays, self._obs, self._final)
         except KeyboardInterrupt:
             self._abort()
             raise
@@ -613,23 +634,8 @@ class ProcessVectorEnv(VectorEnv):
         return self._make_step(self.arrays, self._obs, self._final)
 
     def _step_workers(self, actions):
-        if not self.pool:
-            if actions is not self._actions:        # (check_actions may have written them there)
-                np.copyto(self._actions, actions)
-            for w in range(self.num_workers):
-                self._send(w, _STEP)
-            if self._local is not None:
-                self._run_local(self._local.step_rows, self._local_actions)
-            # what needs no worker's results is done first (while a worker may still step)
-            lengths = self._count_lengths() if self._plain else None
-            up, seq = self._up_rows, self._seq
-            for w in range(self.num_workers):
-                if not _BELLS or up[w][0] != seq[w]:      # else done already: the common case
-                    self._recv(w)
-            if lengths is not None:
-                return self._make_full_step(self.arrays, self._obs, self._final, lengths=lengths)
-            return self._make_step(self.arrays, self._obs, self._final)
-        # pool mode: actions belong to the rows of the slices returned last
+        # pool mode (sync mode is stepped in `_step`): actions belong to the rows of the slices
+        # returned last
         local = self.num_workers           # the inline slice's number, if there is one
         passed = self._local_pending       # its actions came before the last call, which passed it over
         j = 0
@@ -722,16 +728,21 @@ class ProcessVectorEnv(VectorEnv):
     def _run_local(self, fn, arg):
         try:
             fn(arg)
-        except Exception as exc:
-            index = getattr(exc, "rlflow_env_index", None)
-            tb = traceback.format_exc()
-            self._abort()
-            raise WorkerError("an environment raised an exception", tb,
-                              "inline slice (this process)" + ("" if index is None else f", env {index}")
-                              ) from exc
-        except BaseException:           # SystemExit, Ctrl-C...: the workers' replies are out of step
-            self._abort()
-            raise
+        except BaseException as exc:
+            self._local_failed(exc)
+
+    def _local_failed(self, exc: BaseException):
+        """Called in the `except` block of the inline slice's step or reset: close this vector env
+        (the workers' replies are out of step) and raise WorkerError naming the env, or re-raise
+        what is no env error (SystemExit, Ctrl-C...)."""
+        tb = traceback.format_exc() if isinstance(exc, Exception) else None
+        self._abort()
+        if tb is None:
+            raise exc
+        index = getattr(exc, "rlflow_env_index", None)
+        raise WorkerError("an environment raised an exception", tb,
+                          "inline slice (this process)" + ("" if index is None else f", env {index}")
+                          ) from exc
 
     def _close(self):
         errors = self._finalizer() or []         # what the workers' envs raised in their close()
