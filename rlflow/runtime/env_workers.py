@@ -385,6 +385,8 @@ class ProcessVectorEnv(VectorEnv):
             raise UsageError(mismatch("argument", "start_method", "'fork', 'spawn' or 'forkserver'",
                                       repr(method)))
         self.start_method = method
+        # sync mode of plain rows with words: workers reply in two phases (see _await_stepped)
+        self._two_phase = bool(_BELLS and getattr(cls, "stepped_hook", False))
         if method != "fork":
             _check_picklable(env_fns, method, defaulted=start_method is None)
         ctx = mp.get_context(method)
@@ -535,6 +537,29 @@ class ProcessVectorEnv(VectorEnv):
                             self._up_bell_fds, time.monotonic_ns() + self._spin_ns)
         return not pipes and up[0] == seq
 
+    def _await_stepped(self, w):
+        """Two-phase replies (`_two_phase`): wait (spin, then block) until worker w has written
+        its rows but for its autoresets' obs (up word 2 = the step's seq, posted without a bell)
+        or has replied; an error report or end-of-file raises here. Blocked past the spin, only
+        the reply's bell wakes this process: at worst this waits for the reply, as without two
+        phases.
+
+        What that gains: a worker whose envs ended resets them (~5 us each, CartPole) while this
+        process copies its rows and counts the episode statistics, instead of before (16 CartPoles,
+        1 worker + inline: ~1.5 us less a step, the worker's resets off the critical path)."""
+        up, seq = self._up_rows[w], self._seq[w]
+        pipes = _await_word(lambda: up[2] == seq or up[0] == seq or up[0] == -seq, self._pollers[w],
+                            self._up_bell_fds, time.monotonic_ns() + self._spin_ns)
+        if pipes or up[0] == -seq:
+            self._recv(w)              # raises the worker's error, or its death
+
+    def _await_replies(self):
+        """Wait for every worker's reply to the last command (raising its error or death)."""
+        up, seq = self._up_rows, self._seq
+        for w in range(self.num_workers):
+            if up[w][0] != seq[w]:
+                self._recv(w)
+
     def _recv(self, w):
         if _BELLS:
             if self._acked(w):
@@ -601,6 +626,14 @@ class ProcessVectorEnv(VectorEnv):
             # what needs no worker's results is done first (while a worker may still step)
             lengths = self._count_lengths() if self._plain else None
             up, seq = self._up_rows, self._seq
+            if lengths is not None and self._two_phase:
+                # the Step is built from each worker's rows as soon as they are written, all but
+                # obs while the worker resets the envs that ended (`_await_stepped`)
+                for w in range(self.num_workers):
+                    if up[w][2] != seq[w] and up[w][0] != seq[w]:
+                        self._await_stepped(w)
+                return self._make_full_step(self.arrays, self._obs, self._final, lengths=lengths,
+                                            obs_ready=self._await_replies)
             for w in range(self.num_workers):
                 if not _BELLS or up[w][0] != seq[w]:      # else done already: the common case
                     self._recv(w)
@@ -911,6 +944,9 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
         seq = want
         return _MSG.get(down_words[0] & 0xFF, b"?")
 
+    def stepped():
+        up_words[2] = seq       # the rows are written but for the autoresets' obs (see _await_stepped)
+
     def done():
         nonlocal deadline
         if bell_up is None:
@@ -943,12 +979,16 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
         seeds = block.arrays["seed"]
         venv = cls(env_fns[e0:e1], layout=layout, arrays=arrays, seed_offset=e0)
         del env_fns
+        two_phase = bell_up is not None and getattr(venv, "stepped_hook", False)
         actions = arrays["actions"]
         done()
         while True:
             msg = receive()
             if msg == _STEP:
-                venv.step_rows(actions)
+                if two_phase:
+                    venv.step_rows(actions, stepped)
+                else:
+                    venv.step_rows(actions)
             elif msg == _RESET:
                 seed = int(seeds[w])
                 venv.reset_rows(None if seed == _NO_SEED else seed)
