@@ -98,6 +98,8 @@ def test_a_discrete_action_out_of_range_is_a_spec_error_and_the_env_goes_on(back
         venv.reset(seed=0)
         with pytest.raises(SpecError, match=r"actions\[2\]': expected an action of Discrete\(2\) \(in \[0, 1\]\), got 5"):
             venv.step(np.array([0, 1, 5, 0]))
+        with pytest.raises(SpecError, match=r"actions\[1\]': expected an action of Discrete\(2\) \(in \[0, 1\]\), got -1"):
+            venv.step(np.array([0, -1, 1, 0]))                  # negative: not an index from the end
         assert len(venv.step(np.array([0, 1, 1, 0]))) == 4      # nothing was sent: it goes on
 
 

@@ -564,3 +564,70 @@ def test_dict_keys_that_join_into_one_leaf_name_are_an_error():
     with pytest.raises(SpecError, match=r"observation_space.*'obs/a/b'") as err:
         rf.envs.make(Slashed, num_envs=2)
     assert "('a/b',)" in str(err.value) and "('a', 'b')" in str(err.value)
+
+
+class _DiscreteOf(gym.Env):
+    """A one-step env whose Discrete action space is given (n, start, dtype)."""
+
+    observation_space = spaces.Box(-1, 1, (2,), np.float32)
+
+    def __init__(self, n=2, start=0, dtype=np.int64):
+        self.action_space = spaces.Discrete(n, start=start, dtype=dtype)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(2, np.float32), 0.0, False, False, {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 6), start=st.sampled_from([0, 0, 0, -2, 3]),
+       space_dtype=st.sampled_from([np.int64, np.int32, np.int8, np.uint8]),
+       given_dtype=st.sampled_from([np.int64, np.int32, np.int16, np.int8, np.uint8, np.uint64]),
+       values=st.lists(st.integers(-300, 300) | st.sampled_from([-1, 0, 1, 2, 5, -2**31]), min_size=1, max_size=6))
+def test_discrete_actions_are_checked_as_a_per_element_reference_says(n, start, space_dtype, given_dtype, values):
+    """check_actions (one take() on arange(n) for [0, n) int spaces, min / max otherwise) accepts
+    exactly the actions that a per-element check accepts, returns them in the space's dtype, and
+    names the first action out of range."""
+    if space_dtype is np.uint8 and start < 0:
+        return
+    info = np.iinfo(given_dtype)
+    values = [v for v in values if info.min <= v <= info.max] or [max(start, 0)]
+    a = np.array(values, given_dtype)
+    with rf.envs.make(_DiscreteOf, len(a), n=n, start=start, dtype=space_dtype) as venv:
+        ok = [start <= int(v) < start + n for v in a]
+        if all(ok):
+            got = venv.check_actions(a, len(a))
+            assert got.dtype == np.dtype(space_dtype) and got.tolist() == a.tolist()
+            return
+        with pytest.raises(SpecError) as err:
+            venv.check_actions(a, len(a))
+        space_info = np.iinfo(space_dtype)
+        if all(space_info.min <= int(v) <= space_info.max for v in a):      # else the cast check speaks
+            assert f"actions[{ok.index(False)}]" in str(err.value)
+
+
+def test_serial_step_rows_calls_stepped_once_the_rows_are_written_and_before_the_autoresets():
+    """`stepped` (the process backend's first reply) sees every row's reward, flags and final_obs,
+    and the obs of the rows that go on; the rows that ended still hold their last obs until reset."""
+    from test_envs_process import Tagged
+
+    with rf.envs.make(Tagged, 3) as venv:
+        venv.reset(seed=0)
+        seen = []
+
+        def stepped():
+            seen.append({k: venv.arrays[k].copy() for k in ("obs", "final_obs", "terminated", "truncated")})
+
+        for _ in range(12):
+            venv.step_rows(np.array([1, 2, 3]), stepped)
+            assert len(seen) == 1
+            at = seen.pop()
+            done = venv.arrays["terminated"] | venv.arrays["truncated"]
+            np.testing.assert_array_equal(at["terminated"], venv.arrays["terminated"])
+            np.testing.assert_array_equal(at["final_obs"], venv.arrays["final_obs"])
+            np.testing.assert_array_equal(at["obs"], at["final_obs"])            # no row reset yet
+            np.testing.assert_array_equal(at["obs"][~done], venv.arrays["obs"][~done])
+            assert (venv.arrays["obs"][done, 2] == 0).all()                      # reset since: t = 0

@@ -406,8 +406,6 @@ class ProcessVectorEnv(VectorEnv):
         self._seq = [1] * workers          # the seq of the last command (1: a worker's attach reply)
         self._spin_ns = int(self.spin * 1e9)
         self._actions = self.arrays["actions"]
-        if self.batch_size == n and self._actions.shape == (n * rpe,) + self._act_shape:
-            self._act_out = self._actions
         self._obs = ObsBuffer(layout, self.arrays, "obs")
         self._final = ObsBuffer(layout, self.arrays, "final_obs")
 
@@ -613,8 +611,7 @@ class ProcessVectorEnv(VectorEnv):
             if self.pool:
                 return self._step_workers(actions)
             # sync mode, on every step's critical path: one call level, the inline slice stepped here
-            if actions is not self._actions:        # (check_actions may have written them there)
-                np.copyto(self._actions, actions)
+            np.copyto(self._actions, actions)
             for w in range(self.num_workers):
                 self._send(w, _STEP)
             local = self._local
