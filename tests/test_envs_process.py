@@ -1185,3 +1185,30 @@ def test_a_ctrl_c_during_a_fork_is_not_lost(what):
                          timeout=120)
     assert out.stdout.strip() == "interrupted", (out.stdout, out.stderr[-2000:])
     assert "Exception ignored" not in out.stderr
+
+
+class ResetBoom(Tagged):
+    """Env 0's first autoreset raises (after its step's rows are written: a worker's first reply)."""
+
+    def reset(self, seed=None, options=None):
+        if seed is None and getattr(self, "tag", None) == 0:
+            raise RuntimeError("boom in the autoreset")
+        return super().reset(seed=seed, options=options)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_an_exception_in_a_workers_autoreset_is_a_worker_error_naming_the_env(inline):
+    """In sync mode a worker replies twice (its rows, then its autoresets): an env that raises in
+    its autoreset is raised after the first reply all the same, naming the env, and the vector
+    env is closed with no worker left."""
+    venv = rf.envs.make(ResetBoom, 4, backend="process", workers=1 + (not inline), inline=inline)
+    pids = venv.pids
+    assert venv.slices[0][0] == 0 and venv._two_phase
+    venv.reset(seed=0)
+    with pytest.raises(WorkerError) as info:
+        for _ in range(20):                       # env 0's episode ends within 6 steps
+            venv.step(np.zeros(4, np.int64))
+    assert "boom in the autoreset" in info.value.remote_traceback
+    assert "env worker 0" in info.value.where and "env 0" in info.value.where
+    assert venv.closed
+    assert not any(_alive(p) for p in pids)
