@@ -13,6 +13,12 @@ one shared-memory block. A step is:
     wait for up word w ◀─────────────────── up word w = "done" (+ its bell), or write "e" + the
     Step = copies of the shared rows         pickled traceback to its up pipe
 
+Two-phase replies (sync mode of plain single-agent rows, with the words below): the worker first
+posts "stepped" (up[w, 2] = the step's seq, no bell) once reward, flags, final_obs and the obs of
+the envs that go on are written, then resets its envs that ended and posts "done". The parent copies
+everything but obs in between, so a worker's autoresets (~5 us each on CartPole, a step's largest
+variable cost) run beside the parent's Step building instead of before it (`_await_stepped`).
+
 Nothing is pickled per step. Seeds for `reset` travel in a small shared array beside the rows.
 On Linux x86-64 commands and replies are words in the shared block, and eventfd "bells" wake a
 side that blocked (see _BELLS and the words note below it); elsewhere the command or reply is one
