@@ -922,10 +922,11 @@ class SerialVectorEnv(_InPlace):
             self._checked_outputs = True
             t_any, r_any = any(term_l), any(trunc_l)
         ended = t_any or r_any
+        hit = False                  # a native time limit truncated a row (not in trunc_l)
         if self._limit is not None:
             self._t += 1
             if self._t >= self._deadline and self._time_limits(trunc):
-                ended = r_any = True
+                ended = r_any = hit = True
         self._flags_set = (t_any, r_any)
         if self._final_arr is not None:                # final_obs = obs: the true last obs where done
             np.copyto(self._final_arr, self._obs_arr)
@@ -935,7 +936,11 @@ class SerialVectorEnv(_InPlace):
             stepped()
         if ended:
             began, t = (self._began, self._t) if self._limit is not None else (None, 0)
-            for i in np.flatnonzero(term | trunc).tolist():
+            # the rows that ended: from the env's own flags in Python where they say it all
+            # (~3x faster than numpy's three calls for a few rows)
+            rows = (np.flatnonzero(term | trunc).tolist() if hit else
+                    [i for i, (x, y) in enumerate(zip(term_l, trunc_l)) if x or y])
+            for i in rows:
                 if began is not None:
                     began[i] = t
                 try:
