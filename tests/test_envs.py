@@ -71,8 +71,13 @@ def test_serial_matches_reference(n, seed, steps, data):
         np.testing.assert_array_equal(step.obs, ref_first)
         np.testing.assert_array_equal(step.final_obs, ref_first)
         assert not step.done.any() and (step.reward == 0).all()
+        ret, length = np.zeros(n), np.zeros(n, np.int64)          # episode statistics, by hand
         for acts, (o, r, te, tr, fo) in zip(actions, ref):
             step = venv.step(np.array(acts))
+            ret, length = ret + r, length + 1
+            np.testing.assert_array_equal(step.info["episode_return"], ret.astype(np.float32))
+            np.testing.assert_array_equal(step.info["episode_length"], length)
+            ret[te | tr], length[te | tr] = 0, 0
             np.testing.assert_array_equal(step.obs, o)
             np.testing.assert_array_equal(step.reward, r)
             np.testing.assert_array_equal(step.terminated, te)

@@ -68,6 +68,7 @@ def _assert_same(a, b):
             else:
                 np.testing.assert_array_equal(x, y, err_msg=f)
         np.testing.assert_array_equal(s.info["episode_return"], t.info["episode_return"])
+        np.testing.assert_array_equal(s.info["episode_length"], t.info["episode_length"])
 
 
 @pytest.mark.parametrize("env,n,workers,inline", [(Tagged, 7, 3, False), (Tagged, 4, 1, True),
