@@ -1213,3 +1213,28 @@ def test_an_exception_in_a_workers_autoreset_is_a_worker_error_naming_the_env(in
     assert "env worker 0" in info.value.where and "env 0" in info.value.where
     assert venv.closed
     assert not any(_alive(p) for p in pids)
+
+
+class _OwnStepRows(SerialVectorEnv):
+    """A subclass with a step_rows of its own (no `stepped` parameter)."""
+
+    def step_rows(self, actions):
+        super().step_rows(actions)
+
+
+def test_two_phase_replies_only_for_a_step_rows_that_takes_the_hook():
+    from rlflow.runtime.env_workers import _BELLS, _takes_stepped
+
+    assert _takes_stepped(SerialVectorEnv) and not _takes_stepped(_OwnStepRows)
+    from rlflow.envs.pettingzoo import AECVectorEnv, ParallelVectorEnv
+    assert not _takes_stepped(ParallelVectorEnv) and not _takes_stepped(AECVectorEnv)
+    fns = [lambda i=i: Tagged(i) for i in range(4)]
+    layout = SerialVectorEnv.layout_of(Tagged(0))
+    with SerialVectorEnv(fns) as serial:
+        ref = _run(serial, 3, np.ones((30, 4), np.int64))
+    with ProcessVectorEnv(_OwnStepRows, fns, layout, workers=1, inline=True, start_method="fork") as venv:
+        assert venv._two_phase is False
+        _assert_same(ref, _run(venv, 3, np.ones((30, 4), np.int64)))
+    with ProcessVectorEnv(SerialVectorEnv, fns, layout, workers=1, inline=True, start_method="fork") as venv:
+        assert venv._two_phase is _BELLS
+        _assert_same(ref, _run(venv, 3, np.ones((30, 4), np.int64)))

@@ -224,6 +224,16 @@ def _check_picklable(env_fns, method: str, defaulted: bool) -> None:
                 f"{env!r:.100} ({type(exc).__name__}: {exc})")) from None
 
 
+def _takes_stepped(cls) -> bool:
+    """Whether `cls.step_rows` takes the `stepped` hook of a two-phase reply: its class says so
+    (`stepped_hook = True` beside the step_rows it defines; a subclass with a step_rows of its own
+    says nothing, and gets one-phase replies)."""
+    for c in cls.__mro__:
+        if "step_rows" in vars(c):
+            return bool(vars(c).get("stepped_hook", False))
+    return False
+
+
 def _poll_for(poller, seconds: float) -> list:
     """Poll until a registered fd is readable (or closed) or `seconds` have passed; returns the
     last poll's (fd, event) list (empty: nothing readable yet). Between polls the process yields
@@ -392,7 +402,7 @@ class ProcessVectorEnv(VectorEnv):
                                       repr(method)))
         self.start_method = method
         # sync mode of plain rows with words: workers reply in two phases (see _await_stepped)
-        self._two_phase = bool(_BELLS and getattr(cls, "stepped_hook", False))
+        self._two_phase = bool(_BELLS and _takes_stepped(cls))
         if method != "fork":
             _check_picklable(env_fns, method, defaulted=start_method is None)
         ctx = mp.get_context(method)
@@ -982,7 +992,7 @@ def _worker_main(w, cls, env_fns, layout, handle, down, up, inherited, batch, sp
         seeds = block.arrays["seed"]
         venv = cls(env_fns[e0:e1], layout=layout, arrays=arrays, seed_offset=e0)
         del env_fns
-        two_phase = bell_up is not None and getattr(venv, "stepped_hook", False)
+        two_phase = bell_up is not None and _takes_stepped(type(venv))
         actions = arrays["actions"]
         done()
         while True:
