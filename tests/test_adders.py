@@ -714,3 +714,33 @@ def test_extras_that_would_wrap_or_overflow_in_their_spec_dtype_are_refused(make
         a.add(acts, env.step(acts), {"w": np.array([300, 300]), "f": np.zeros(2, np.float32)})
     with pytest.raises(SpecError, match=r"extras field 'f'.*float32.*1e\+39"):
         a.add(acts, env.step(acts), {"w": np.zeros(2, np.int8), "f": np.array([1e39, 0.0])})
+
+
+def test_the_usual_steps_short_path_checks_values_as_the_general_path_does():
+    """A step of the usual shape whose obs, final_obs or reward has another dtype of the same kind
+    (float64 obs for a float32 spec, float64 rewards) takes the general path, which refuses values
+    the cast would change (1e39 into float32 is inf) and takes the others; add_into leaves it."""
+    env = FakeVectorEnv(3, seed=0)
+    a = adders.Transition(0.9)
+    sink = LendingSink(a.item_specs(env.spec), 0, refuse=0.0)
+    step = env.reset()
+    a.add_first(step)
+    actions = np.zeros(3, np.int64)
+    for _ in range(3):                           # the usual steps: the short path is armed
+        step = env.step(actions)
+        if a.add_into(actions, step, {}, sink) is None:
+            sink(a.add(actions, step, {}))
+    assert sink.commits >= 1
+    for field in ("obs", "final_obs", "reward"):
+        step = env.step(actions)
+        big = getattr(step, field).astype(np.float64)
+        big[1] = 1e39
+        bad = rf.Step(**{**vars(step), field: big})
+        assert a.add_into(actions, bad, {}, sink) is None
+        with pytest.raises(SpecError, match="'(obs|reward)'"):
+            a.add(actions, bad, {})
+        fine = rf.Step(**{**vars(step), field: getattr(step, field).astype(np.float64)})
+        assert a.add_into(actions, fine, {}, sink) is None           # checked by add: it goes on
+        items = a.add(actions, fine, {})
+        key = {"obs": "next_obs", "final_obs": "next_obs", "reward": "reward"}[field]
+        np.testing.assert_array_equal(items[key], getattr(step, field if field != "obs" else "final_obs"))

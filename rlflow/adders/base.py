@@ -28,6 +28,7 @@ from rlflow.specs import ArraySpec, EnvSpec, check_values_fit, flatten
 
 _EMPTY: dict = {}
 _BOOL = np.dtype(np.bool_)
+_F32 = np.dtype(np.float32)
 
 
 def unit_float(owner: str, name: str, value) -> float:
@@ -420,14 +421,17 @@ class RowAdder(Adder):
         obs, final, reward, term, trunc = step.obs, step.final_obs, step.reward, step.terminated, step.truncated
         nd = np.ndarray
         if not (type(actions) is nd and type(obs) is nd and type(final) is nd and type(term) is nd
-                and type(trunc) is nd and getattr(reward, "shape", None) == rows and actions.shape == act_shape
+                and type(trunc) is nd and type(reward) is nd and reward.shape == rows and actions.shape == act_shape
                 and obs.shape == obs_shape and final.shape == obs_shape and term.shape == rows
                 and trunc.shape == rows):
             return False
-        b = _BOOL
+        # exact dtypes: another of the same kind (float64 obs or rewards for float32 items) goes to
+        # the general path, which refuses the values its cast would change (1e39 -> inf)
+        b, f32 = _BOOL, _F32
         return ((actions.dtype is act_dtype or actions.dtype == act_dtype)
-                and (obs.dtype is obs_dtype or obs.dtype.kind == obs_dtype.kind)
-                and (final.dtype is obs_dtype or final.dtype.kind == obs_dtype.kind)
+                and (obs.dtype is obs_dtype or obs.dtype == obs_dtype)
+                and (final.dtype is obs_dtype or final.dtype == obs_dtype)
+                and (reward.dtype is f32 or reward.dtype == f32)
                 and (term.dtype is b or term.dtype == b) and (trunc.dtype is b or trunc.dtype == b))
 
     def add_into(self, actions, step: Step, extras, sink) -> Optional[int]:
