@@ -636,3 +636,30 @@ def test_serial_step_rows_calls_stepped_once_the_rows_are_written_and_before_the
             np.testing.assert_array_equal(at["obs"], at["final_obs"])            # no row reset yet
             np.testing.assert_array_equal(at["obs"][~done], venv.arrays["obs"][~done])
             assert (venv.arrays["obs"][done, 2] == 0).all()                      # reset since: t = 0
+
+
+def test_a_subclass_that_sets_a_flag_itself_sees_it_cleared_at_the_next_step():
+    """step_rows skips writing an all-False flag array that it left all False; a subclass whose own
+    step_rows sets a flag (its own time limit) must not have that True kept for later steps."""
+    from rlflow.envs.vector import SerialVectorEnv
+
+    class CutAt3(SerialVectorEnv):
+        n = 0
+
+        def step_rows(self, actions):
+            super().step_rows(actions)
+            self.n += 1
+            if self.n == 3:                          # row 0 is cut here and starts over
+                self.arrays["truncated"][0] = True
+                self._obs.write(0, self.envs[0].reset()[0])
+
+    tags = iter(range(2))
+    with CutAt3([lambda: Scripted(next(tags), max_len=50)] * 2) as venv:
+        venv.reset(seed=0)
+        flags, lengths = [], []
+        for _ in range(6):
+            s = venv.step(np.zeros(2, np.int64))
+            flags.append(s.truncated.tolist())
+            lengths.append(int(s.info["episode_length"][0]))
+    assert flags == [[False, False]] * 2 + [[True, False]] + [[False, False]] * 3
+    assert lengths == [1, 2, 3, 1, 2, 3]

@@ -1238,3 +1238,64 @@ def test_two_phase_replies_only_for_a_step_rows_that_takes_the_hook():
     with ProcessVectorEnv(SerialVectorEnv, fns, layout, workers=1, inline=True, start_method="fork") as venv:
         assert venv._two_phase is _BELLS
         _assert_same(ref, _run(venv, 3, np.ones((30, 4), np.int64)))
+
+
+class _SlowAt3(gym.Env):
+    """Env 0 (reset with seed 0: a worker's) takes 0.3 s over its 3rd step (`where="step"`), or
+    ends its episode there and takes 0.3 s over the autoreset (`where="reset"`: after its worker's
+    first reply of the two)."""
+    observation_space = gym.spaces.Box(-10, 10, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, where="step"):
+        self.t = 0
+        self.slow = False
+        self.where = where
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self.slow = seed == 0
+        elif self.slow and self.where == "reset":
+            time.sleep(0.3)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        if self.t == 3 and self.slow and self.where == "step":
+            time.sleep(0.3)
+        return np.zeros(1, np.float32), 1.0, self.t == 3 and self.where == "reset", False, {}
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="SIGALRM timers")
+@pytest.mark.parametrize("inline", [False, True])
+@pytest.mark.parametrize("where", ["step", "reset"])
+def test_an_exception_while_waiting_for_a_worker_leaves_the_episode_totals_as_they_were(inline, where):
+    """An exception raised in this process while it waits for a worker (a SIGALRM handler's
+    TimeoutError), for its rows or for its autoresets, leaves the vector env open, as before, and
+    its episode totals as they were before that step."""
+    def alarm(signum, frame):
+        raise TimeoutError("alarm")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    try:
+        with rf.envs.make(_SlowAt3, 4, backend="process", workers=1, inline=inline, spin=0.0,
+                          where=where) as venv:
+            assert venv.slices[0][0] == 0                 # env 0 is the worker's
+            venv.reset(seed=0)
+            seen = []
+            for t in range(6):
+                if t == 2:
+                    signal.setitimer(signal.ITIMER_REAL, 0.05)
+                try:
+                    s = venv.step(np.zeros(4, np.int64))
+                except TimeoutError:
+                    assert not venv.closed
+                    continue
+                seen.append((s.info["episode_length"][0], s.info["episode_return"][0]))
+            # the interrupted step is not counted (as when its Step was never made): env 0's totals
+            # go on from where they were, lengths and returns together
+            assert seen == [(k, float(k)) for k in range(1, 6)], seen
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

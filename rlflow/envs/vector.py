@@ -585,38 +585,52 @@ class VectorEnv:
         given, is called before `obs` is read, once everything else is (the process backend waits
         there for its workers' autoresets)."""
         # two branches, not `rows = slice(None)`: indexing seven arrays with it costs ~0.7 us a step
-        if rows is None:
-            reward, terminated = arrays["reward"].copy(), arrays["terminated"].copy()
-            truncated = arrays["truncated"].copy()
-            ret, length, ids = self._ret, self._len, self._all_ids
-            o, f = None, final.arrays[0].copy()       # obs last (see `obs_ready`)
-        else:
+        if rows is not None:
             reward, terminated = arrays["reward"][rows].copy(), arrays["terminated"][rows].copy()
             truncated = arrays["truncated"][rows].copy()
             ret, length = self._ret[rows], self._len[rows]          # views: updated in place
             o, f = obs.arrays[0][rows].copy(), final.arrays[0][rows].copy()
-        ret += reward
-        if lengths is None:
+            ret += reward
             length += 1
-            lengths = length.copy()
-        info = {"episode_return": ret.astype(np.float32), "episode_length": lengths}
-        if np.count_nonzero(terminated) or np.count_nonzero(truncated):
-            ended = terminated | truncated
-            ret[ended] = 0.0
-            length[ended] = 0
-        if o is None:
+            info = {"episode_return": ret.astype(np.float32), "episode_length": length.copy()}
+            if np.count_nonzero(terminated) or np.count_nonzero(truncated):
+                ended = terminated | truncated
+                ret[ended] = 0.0
+                length[ended] = 0
+        else:
+            reward, terminated = arrays["reward"].copy(), arrays["terminated"].copy()
+            truncated = arrays["truncated"].copy()
+            f = final.arrays[0].copy()
+            # the totals are new arrays (`_count_lengths` changes nothing): a step that raises in
+            # the caller's waits before, or in `obs_ready()`, leaves them as they were
+            before = self._ret
+            self._ret = ret = before + reward    # (info holds its own float32 copy)
+            if lengths is None:
+                lengths = self._count_lengths()
+            info = {"episode_return": ret.astype(np.float32), "episode_length": lengths}
+            length = self._len
+            np.copyto(length, lengths)           # (not the info array itself: it is the caller's)
+            if np.count_nonzero(terminated) or np.count_nonzero(truncated):
+                ended = terminated | truncated
+                ret[ended] = 0.0
+                length[ended] = 0
             if obs_ready is not None:
-                obs_ready()
+                try:
+                    obs_ready()
+                except BaseException:            # no Step is made: the totals go back
+                    self._ret = before
+                    np.subtract(lengths, 1, out=length)
+                    raise
             o = obs.arrays[0].copy()
         # positional: half the cost of keywords (Step's field order: obs, reward, terminated,
         # truncated, final_obs, env_ids, alive, action_mask, info)
-        return Step(o, reward, terminated, truncated, f, ids, None, None, info)
+        return Step(o, reward, terminated, truncated, f, self._all_ids if rows is None else ids, None, None, info)
 
     def _count_lengths(self) -> np.ndarray:
         """Every row's episode length after the step being made (+1: it needs none of the step's
-        results), for `_make_full_step(lengths=...)`."""
-        self._len += 1
-        return self._len.copy()
+        results), for `_make_full_step(lengths=...)`; a new array: nothing is changed until the
+        Step is made."""
+        return self._len + 1
 
     # ---- what a subclass implements -------------------------------------------------------------
     def _reset(self, seed) -> Step:
@@ -774,7 +788,10 @@ class SerialVectorEnv(_InPlace):
         return Layout(env.observation_space, env.action_space)
 
     def _setup(self):
-        self._flags_set = (True, True)          # may the terminated / truncated arrays hold a True
+        # may the terminated / truncated arrays hold a True: tracked only where this class's own
+        # step_rows is the only writer of the flags (a subclass's step_rows may set one itself)
+        self._own_flags = type(self).step_rows is SerialVectorEnv.step_rows
+        self._flags_set = (True, True)
         self._obs_arr = self._final_arr = None  # one obs array: final_obs is copied in one call
         if self._obs.flat:
             self._obs_arr, self._final_arr = self._obs.arrays[0], self._final.arrays[0]
@@ -815,7 +832,7 @@ class SerialVectorEnv(_InPlace):
         a["reward"][:] = 0
         a["terminated"][:] = False
         a["truncated"][:] = False
-        self._flags_set = (False, False)
+        self._flags_set = (False, False) if self._own_flags else (True, True)
         if self._limit is not None:
             self._began = [self._t] * len(self._began)
             self._deadline = self._t + int(self._limit.min())
@@ -927,7 +944,8 @@ class SerialVectorEnv(_InPlace):
             self._t += 1
             if self._t >= self._deadline and self._time_limits(trunc):
                 ended = r_any = hit = True
-        self._flags_set = (t_any, r_any)
+        if self._own_flags:
+            self._flags_set = (t_any, r_any)
         if self._final_arr is not None:                # final_obs = obs: the true last obs where done
             np.copyto(self._final_arr, self._obs_arr)
         else:

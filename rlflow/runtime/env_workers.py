@@ -229,8 +229,8 @@ def _takes_stepped(cls) -> bool:
     (`stepped_hook = True` beside the step_rows it defines; a subclass with a step_rows of its own
     says nothing, and gets one-phase replies)."""
     for c in cls.__mro__:
-        if "step_rows" in vars(c):
-            return bool(vars(c).get("stepped_hook", False))
+        if "step_rows" in vars(c):       # (and a subclass may turn it off: stepped_hook = False)
+            return bool(vars(c).get("stepped_hook", False)) and bool(getattr(cls, "stepped_hook", False))
     return False
 
 
