@@ -1226,6 +1226,7 @@ def test_two_phase_replies_only_for_a_step_rows_that_takes_the_hook():
     from rlflow.runtime.env_workers import _BELLS, _takes_stepped
 
     assert _takes_stepped(SerialVectorEnv) and not _takes_stepped(_OwnStepRows)
+    assert not _takes_stepped(type("NoHook", (SerialVectorEnv,), {"stepped_hook": False}))
     from rlflow.envs.pettingzoo import AECVectorEnv, ParallelVectorEnv
     assert not _takes_stepped(ParallelVectorEnv) and not _takes_stepped(AECVectorEnv)
     fns = [lambda i=i: Tagged(i) for i in range(4)]
