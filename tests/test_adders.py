@@ -382,20 +382,26 @@ def test_transition_add_into_a_lending_sink_matches_reference(num_envs, seed, sw
         assert sink.commits >= steps - 2          # every full step after the first two went straight in
 
 
-def test_transition_add_into_takes_only_the_usual_steps():
-    """add_into leaves alone (None, nothing consumed) what `add` must check or handle: extras, wrong
-    action dtypes, multi-agent steps, other adders; a failing write gives the slot back."""
+def _armed_transition():
+    """A Transition adder on a 3-row FakeVectorEnv after three usual steps (its short path armed,
+    items written into a LendingSink): (env, adder, sink, actions)."""
     env = FakeVectorEnv(3, seed=0)
     a = adders.Transition(0.9)
     sink = LendingSink(a.item_specs(env.spec), 0, refuse=0.0)
-    step = env.reset()
-    a.add_first(step)
+    a.add_first(env.reset())
     actions = np.zeros(3, np.int64)
     for _ in range(3):
         step = env.step(actions)
         if a.add_into(actions, step, {}, sink) is None:
             sink(a.add(actions, step, {}))
     assert sink.commits >= 1
+    return env, a, sink, actions
+
+
+def test_transition_add_into_takes_only_the_usual_steps():
+    """add_into leaves alone (None, nothing consumed) what `add` must check or handle: extras, wrong
+    action dtypes, multi-agent steps, other adders; a failing write gives the slot back."""
+    env, a, sink, actions = _armed_transition()
     step = env.step(actions)
     assert a.add_into(actions.astype(np.int32), step, {}, sink) is None
     assert a.add_into(actions, step, {"v": np.zeros(3, np.float32)}, sink) is None
@@ -720,17 +726,7 @@ def test_the_usual_steps_short_path_checks_values_as_the_general_path_does():
     """A step of the usual shape whose obs, final_obs or reward has another dtype of the same kind
     (float64 obs for a float32 spec, float64 rewards) takes the general path, which refuses values
     the cast would change (1e39 into float32 is inf) and takes the others; add_into leaves it."""
-    env = FakeVectorEnv(3, seed=0)
-    a = adders.Transition(0.9)
-    sink = LendingSink(a.item_specs(env.spec), 0, refuse=0.0)
-    step = env.reset()
-    a.add_first(step)
-    actions = np.zeros(3, np.int64)
-    for _ in range(3):                           # the usual steps: the short path is armed
-        step = env.step(actions)
-        if a.add_into(actions, step, {}, sink) is None:
-            sink(a.add(actions, step, {}))
-    assert sink.commits >= 1
+    env, a, sink, actions = _armed_transition()
     for field in ("obs", "final_obs", "reward"):
         step = env.step(actions)
         big = getattr(step, field).astype(np.float64)
