@@ -103,6 +103,17 @@ class NStepTransition(RowAdder):
     def _fast_full(self) -> bool:
         return self.n == 1 and self._lock
 
+    def _full_discount(self, terminated, out=None) -> np.ndarray:
+        """A full call's item discounts: gamma^n per row, 0 where the episode terminated (into
+        `out` where given, else a new array)."""
+        if out is None:
+            out = self._disc_n.copy()
+        else:
+            out[...] = self._disc_n
+        if np.count_nonzero(terminated):
+            out[terminated] = 0.0
+        return out
+
     def _full_add(self, act, ext, reward, terminated, obs, final):
         if self._plain is None:
             self._plain = (list(self.obs_specs) == ["obs"] and list(self.action_specs) == ["action"]
@@ -111,21 +122,15 @@ class NStepTransition(RowAdder):
             buf = self._obs["obs"]
             o_dt = buf.dtype
             a_dt = self.action_specs["action"].dtype
-            disc = self._disc_n.copy()
-            if np.count_nonzero(terminated):
-                disc[terminated] = 0.0
             out = {"obs": buf[:, 0], "action": np.array(act["action"], dtype=a_dt),
-                   "reward": np.array(reward, dtype=np.float32), "discount": disc,
+                   "reward": np.array(reward, dtype=np.float32), "discount": self._full_discount(terminated),
                    "next_obs": np.array(final["obs"], dtype=o_dt)}
             self._obs["obs"] = np.array(obs["obs"], dtype=o_dt)[:, None]
             return out
         out = {k: b[:, 0] for k, b in self._obs.items()}
         out.update({k: np.array(act[k], dtype=s.dtype) for k, s in self.action_specs.items()})
         out["reward"] = np.array(reward, dtype=np.float32)
-        disc = self._disc_n.copy()
-        if np.count_nonzero(terminated):
-            disc[terminated] = 0.0
-        out["discount"] = disc
+        out["discount"] = self._full_discount(terminated)
         specs = self.obs_specs
         for k, a in final.items():
             out["next_" + k] = np.array(a, dtype=specs[k].dtype)
@@ -159,11 +164,7 @@ class NStepTransition(RowAdder):
             out["obs"][...] = buf[:, 0]
             out["action"][...] = actions
             out["reward"][...] = step.reward
-            disc = out["discount"]
-            disc[...] = self._disc_n
-            term = step.terminated
-            if np.count_nonzero(term):
-                disc[term] = 0.0
+            self._full_discount(step.terminated, out["discount"])
             out["next_obs"][...] = step.final_obs
             # the ring's next observation, in place: this buffer was never handed out (`_full_add`
             # hands out its buffer and takes a fresh one)

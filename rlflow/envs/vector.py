@@ -276,6 +276,9 @@ class ObsBuffer:
                 raise err
 
     def copy_to(self, other: "ObsBuffer"):
+        if self.flat:                    # one array: one call (on every serial step's path)
+            np.copyto(other.arrays[0], self.arrays[0])
+            return
         for a, b in zip(self.arrays, other.arrays):
             np.copyto(b, a)
 
@@ -585,35 +588,32 @@ class VectorEnv:
         given, is called before `obs` is read, once everything else is (the process backend waits
         there for its workers' autoresets)."""
         # two branches, not `rows = slice(None)`: indexing seven arrays with it costs ~0.7 us a step
-        if rows is not None:
-            reward, terminated = arrays["reward"][rows].copy(), arrays["terminated"][rows].copy()
-            truncated = arrays["truncated"][rows].copy()
-            ret, length = self._ret[rows], self._len[rows]          # views: updated in place
-            o, f = obs.arrays[0][rows].copy(), final.arrays[0][rows].copy()
-            ret += reward
-            length += 1
-            info = {"episode_return": ret.astype(np.float32), "episode_length": length.copy()}
-            if np.count_nonzero(terminated) or np.count_nonzero(truncated):
-                ended = terminated | truncated
-                ret[ended] = 0.0
-                length[ended] = 0
-        else:
+        if rows is None:
             reward, terminated = arrays["reward"].copy(), arrays["terminated"].copy()
             truncated = arrays["truncated"].copy()
-            f = final.arrays[0].copy()
+            o, f, ids = None, final.arrays[0].copy(), self._all_ids      # obs last (see `obs_ready`)
             # the totals are new arrays (`_count_lengths` changes nothing): a step that raises in
             # the caller's waits before, or in `obs_ready()`, leaves them as they were
             before = self._ret
             self._ret = ret = before + reward    # (info holds its own float32 copy)
             if lengths is None:
                 lengths = self._count_lengths()
-            info = {"episode_return": ret.astype(np.float32), "episode_length": lengths}
             length = self._len
             np.copyto(length, lengths)           # (not the info array itself: it is the caller's)
-            if np.count_nonzero(terminated) or np.count_nonzero(truncated):
-                ended = terminated | truncated
-                ret[ended] = 0.0
-                length[ended] = 0
+        else:
+            reward, terminated = arrays["reward"][rows].copy(), arrays["terminated"][rows].copy()
+            truncated = arrays["truncated"][rows].copy()
+            o, f = obs.arrays[0][rows].copy(), final.arrays[0][rows].copy()
+            ret, length = self._ret[rows], self._len[rows]          # views: updated in place
+            ret += reward
+            length += 1
+            lengths = length.copy()
+        info = {"episode_return": ret.astype(np.float32), "episode_length": lengths}
+        if np.count_nonzero(terminated) or np.count_nonzero(truncated):
+            ended = terminated | truncated
+            ret[ended] = 0.0
+            length[ended] = 0
+        if o is None:
             if obs_ready is not None:
                 try:
                     obs_ready()
@@ -624,7 +624,7 @@ class VectorEnv:
             o = obs.arrays[0].copy()
         # positional: half the cost of keywords (Step's field order: obs, reward, terminated,
         # truncated, final_obs, env_ids, alive, action_mask, info)
-        return Step(o, reward, terminated, truncated, f, self._all_ids if rows is None else ids, None, None, info)
+        return Step(o, reward, terminated, truncated, f, ids, None, None, info)
 
     def _count_lengths(self) -> np.ndarray:
         """Every row's episode length after the step being made (+1: it needs none of the step's
@@ -792,9 +792,6 @@ class SerialVectorEnv(_InPlace):
         # step_rows is the only writer of the flags (a subclass's step_rows may set one itself)
         self._own_flags = type(self).step_rows is SerialVectorEnv.step_rows
         self._flags_set = (True, True)
-        self._obs_arr = self._final_arr = None  # one obs array: final_obs is copied in one call
-        if self._obs.flat:
-            self._obs_arr, self._final_arr = self._obs.arrays[0], self._final.arrays[0]
         limits = [getattr(e, "rlflow_time_limit", None) for e in self.envs]
         self._limit = None
         if any(lim is not None for lim in limits):
@@ -946,10 +943,7 @@ class SerialVectorEnv(_InPlace):
                 ended = r_any = hit = True
         if self._own_flags:
             self._flags_set = (t_any, r_any)
-        if self._final_arr is not None:                # final_obs = obs: the true last obs where done
-            np.copyto(self._final_arr, self._obs_arr)
-        else:
-            self._obs.copy_to(self._final)
+        self._obs.copy_to(self._final)                 # final_obs = obs: the true last obs where done
         if stepped is not None:
             stepped()
         if ended:

@@ -569,10 +569,11 @@ class ProcessVectorEnv(VectorEnv):
             self._recv(w)              # raises the worker's error, or its death
 
     def _await_replies(self):
-        """Wait for every worker's reply to the last command (raising its error or death)."""
+        """Wait for every worker's reply to the last command (raising its error or death). With
+        words, a worker whose word says done already (the common case) is not waited on."""
         up, seq = self._up_rows, self._seq
         for w in range(self.num_workers):
-            if up[w][0] != seq[w]:
+            if not _BELLS or up[w][0] != seq[w]:
                 self._recv(w)
 
     def _recv(self, w):
@@ -648,9 +649,7 @@ class ProcessVectorEnv(VectorEnv):
                         self._await_stepped(w)
                 return self._make_full_step(self.arrays, self._obs, self._final, lengths=lengths,
                                             obs_ready=self._await_replies)
-            for w in range(self.num_workers):
-                if not _BELLS or up[w][0] != seq[w]:      # else done already: the common case
-                    self._recv(w)
+            self._await_replies()
             if lengths is not None:
                 return self._make_full_step(self.arrays, self._obs, self._final, lengths=lengths)
             return self._make_step(self.arrays, self._obs, self._final)
